@@ -1,0 +1,423 @@
+//! Load-aware node choice over a cached ranking.
+//!
+//! Use it to pick which node serves a request. Choosing has two parts:
+//!
+//! - The **ranking** orders the eligible nodes for each model (healthy, not draining, serving it)
+//!   by slow signals: the node's time-to-first-byte average divided by its weight, ties kept in
+//!   pool order. It is cached and rebuilt only when the pool changes or after a short TTL, and
+//!   the request path reads it without locks.
+//! - The **pick** uses live load: the node with the lowest `(in flight + 1) / max concurrency`,
+//!   ties to the better rank. With equal load, consecutive requests get the same node; under
+//!   concurrency load spreads in proportion to capacity. For fleets above
+//!   [`FULL_SCAN_LIMIT`] nodes the pick is power of two choices: the best-ranked node against
+//!   one other, so its cost stays constant.
+//!
+//! The choice is attached as a [`SelectedNode`] request extension holding the node's slot. If a
+//! [`TimeoutWaitLayer`](crate::timeout_wait::TimeoutWaitLayer) before it already holds a slot,
+//! the pick moves there only to a node with room, so the wait layer's guarantee holds. Without one,
+//! the slot is taken even on a full node (the node queues it). No node for the model answers 404;
+//! no node up answers 503. The layer never reads the body and is generic over body types.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use crate::body::ResponseBody;
+use crate::error::{RouterError, retry_delay};
+use crate::future::ResponseFuture;
+use crate::pool::{Eligible, Node, NodePool, PoolSnapshot, SelectedNode, SlotBound, least_loaded};
+use crate::request_info::RequestInfo;
+
+/// Fleets up to this size get an exact least-loaded pick; larger ones get power of two choices.
+pub const FULL_SCAN_LIMIT: usize = 16;
+
+/// Settings for [`CachedSelectLayer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SelectConfig {
+    /// How long a ranking is used before it is rebuilt from fresh latency figures. Default 1 s.
+    pub ranking_ttl: Duration,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        Self {
+            ranking_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Eligible nodes per model, best first.
+#[derive(Debug)]
+struct Ranking {
+    generation: u64,
+    built_at: Instant,
+    by_model: HashMap<Arc<str>, Arc<[Arc<Node>]>>,
+    any: Arc<[Arc<Node>]>,
+    wildcard: Arc<[Arc<Node>]>,
+}
+
+impl Ranking {
+    fn build(snapshot: &PoolSnapshot) -> Self {
+        let rank = |nodes: &[Arc<Node>]| -> Arc<[Arc<Node>]> {
+            let mut ranked = nodes.to_vec();
+            // Stable: equal scores keep pool order.
+            ranked.sort_by_key(|n| score(n));
+            ranked.into()
+        };
+        let list = |model: Option<&str>| match snapshot.eligible(model) {
+            Eligible::Nodes(nodes) => rank(nodes),
+            _ => Arc::from(Vec::new()),
+        };
+        let by_model = snapshot
+            .models()
+            .into_iter()
+            .map(|m| {
+                let ranked = list(Some(&m));
+                (m, ranked)
+            })
+            .collect();
+        let wildcard: Vec<Arc<Node>> = snapshot
+            .nodes()
+            .iter()
+            .filter(|n| n.is_eligible() && n.models().is_empty())
+            .cloned()
+            .collect();
+        Self {
+            generation: snapshot.generation(),
+            built_at: Instant::now(),
+            by_model,
+            any: list(None),
+            wildcard: rank(&wildcard),
+        }
+    }
+
+    fn nodes(&self, model: Option<&str>) -> &[Arc<Node>] {
+        match model {
+            None => &self.any,
+            Some(m) => self.by_model.get(m).unwrap_or(&self.wildcard),
+        }
+    }
+}
+
+/// Lower is better: expected time to first byte per unit of weight, in microseconds. A node with
+/// no measurement yet scores 0, so new nodes get tried.
+fn score(node: &Node) -> u64 {
+    let ttfb = node.state().ttfb_ewma().map_or(0, |d| d.as_micros() as u64);
+    ttfb / u64::from(node.weight().max(1))
+}
+
+/// The ranking cache and the pick; shared by all clones of one layer.
+#[derive(Debug)]
+pub struct NodeSelector {
+    pool: NodePool,
+    config: SelectConfig,
+    ranking: ArcSwap<Ranking>,
+    builds: AtomicU64,
+    second_choice: AtomicU64,
+}
+
+impl NodeSelector {
+    /// A selector over `pool`.
+    pub fn new(pool: NodePool, config: SelectConfig) -> Self {
+        let ranking = Ranking::build(&pool.snapshot());
+        Self {
+            pool,
+            config,
+            ranking: ArcSwap::from_pointee(ranking),
+            builds: AtomicU64::new(1),
+            second_choice: AtomicU64::new(0),
+        }
+    }
+
+    /// How many times the ranking was built. For tests and metrics.
+    pub fn ranking_builds(&self) -> u64 {
+        self.builds.load(Ordering::Relaxed)
+    }
+
+    fn ranking(&self) -> arc_swap::Guard<Arc<Ranking>> {
+        let ranking = self.ranking.load();
+        let generation = self.pool.snapshot().generation();
+        if ranking.generation == generation && ranking.built_at.elapsed() < self.config.ranking_ttl
+        {
+            return ranking;
+        }
+        // Concurrent rebuilds are harmless: each builds the same thing from the same snapshot.
+        self.ranking
+            .store(Arc::new(Ranking::build(&self.pool.snapshot())));
+        self.builds.fetch_add(1, Ordering::Relaxed);
+        self.ranking.load()
+    }
+
+    /// Chooses a node for `model` and takes a slot on it. `held` is a slot an earlier layer
+    /// took within capacity; the choice then only moves to a node with room.
+    pub fn select(
+        &self,
+        model: Option<&str>,
+        held: Option<SelectedNode>,
+    ) -> Result<SelectedNode, RouterError> {
+        let ranking = self.ranking();
+        let ranked = ranking.nodes(model);
+        if ranked.is_empty() {
+            // The ranking may be a moment behind; the snapshot has the final word.
+            return Err(match self.pool.snapshot().eligible(model) {
+                Eligible::UnknownModel => {
+                    RouterError::ModelNotFound(model.unwrap_or_default().to_owned())
+                }
+                _ => RouterError::NoNodeAvailable {
+                    retry_after: retry_delay(1, 0.0),
+                },
+            });
+        }
+        match held {
+            Some(held) if held.within_capacity() => {
+                let best = self.pick(ranked, SlotBound::WithinCapacity, Some(&held));
+                match best {
+                    Some(node) if !Arc::ptr_eq(node.state(), held.node().state()) => {
+                        let moved = self
+                            .pool
+                            .acquire(node, SlotBound::WithinCapacity)
+                            .and_then(SelectedNode::new);
+                        // The old slot is given back as `held` drops, once the new one is ours.
+                        Ok(moved.unwrap_or(held))
+                    }
+                    _ => Ok(held),
+                }
+            }
+            _ => {
+                let node = self
+                    .pick(ranked, SlotBound::MayExceed, None)
+                    .ok_or(RouterError::Internal)?;
+                self.pool
+                    .acquire(node, SlotBound::MayExceed)
+                    .and_then(SelectedNode::new)
+                    .ok_or(RouterError::Internal)
+            }
+        }
+    }
+
+    /// Exact least-loaded over small fleets; the best-ranked node against one rotating other
+    /// (plus the node already held, if any) over large ones.
+    fn pick<'a>(
+        &self,
+        ranked: &'a [Arc<Node>],
+        bound: SlotBound,
+        held: Option<&'a SelectedNode>,
+    ) -> Option<&'a Arc<Node>> {
+        let held_state = held.map(|h| &**h.node().state());
+        if ranked.len() <= FULL_SCAN_LIMIT {
+            return least_loaded(ranked, bound, held_state);
+        }
+        // A Weyl sequence spreads the second choice evenly without a random number generator.
+        let step = self
+            .second_choice
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let other = 1 + (step % (ranked.len() as u64 - 1)) as usize;
+        let candidates = [
+            Some(&ranked[0]),
+            Some(&ranked[other]),
+            held.map(|h| h.node()),
+        ];
+        least_loaded(candidates.into_iter().flatten(), bound, held_state)
+    }
+}
+
+/// Chooses the node for each request; see the module docs.
+#[derive(Debug, Clone)]
+pub struct CachedSelectLayer {
+    selector: Arc<NodeSelector>,
+}
+
+impl CachedSelectLayer {
+    /// A layer choosing among `pool`'s nodes.
+    pub fn new(pool: NodePool, config: SelectConfig) -> Self {
+        Self {
+            selector: Arc::new(NodeSelector::new(pool, config)),
+        }
+    }
+
+    /// The selector shared by the services this layer makes.
+    pub fn selector(&self) -> &Arc<NodeSelector> {
+        &self.selector
+    }
+}
+
+impl<S> Layer<S> for CachedSelectLayer {
+    type Service = CachedSelect<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CachedSelect {
+            inner,
+            selector: self.selector.clone(),
+        }
+    }
+}
+
+/// The service made by [`CachedSelectLayer`].
+#[derive(Debug, Clone)]
+pub struct CachedSelect<S> {
+    inner: S,
+    selector: Arc<NodeSelector>,
+}
+
+impl<S, B, ResB> Service<Request<B>> for CachedSelect<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let held = request.extensions_mut().remove::<SelectedNode>();
+        let model = request
+            .extensions()
+            .get::<RequestInfo>()
+            .and_then(|i| i.model.clone());
+        match self.selector.select(model.as_deref(), held) {
+            Ok(selected) => {
+                request.extensions_mut().insert(selected);
+                ResponseFuture::called(self.inner.call(request))
+            }
+            Err(error) => ResponseFuture::rejected(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::pool::NodeSpec;
+
+    use super::*;
+
+    fn pool(nodes: &[(&str, usize)]) -> NodePool {
+        NodePool::from_specs(nodes.iter().map(|(id, max)| {
+            NodeSpec::new(*id, format!("http://127.0.0.1:1/{id}"))
+                .models(["m"])
+                .max_concurrency(*max)
+        }))
+        .unwrap()
+    }
+
+    fn id(selected: &SelectedNode) -> String {
+        selected.node().id().to_owned()
+    }
+
+    #[test]
+    fn test_cached_node_selection() {
+        let pool = pool(&[("a", 4), ("b", 4), ("c", 4)]);
+        let selector = NodeSelector::new(pool, SelectConfig::default());
+        let first = id(&selector.select(Some("m"), None).unwrap());
+        for _ in 0..100 {
+            assert_eq!(id(&selector.select(Some("m"), None).unwrap()), first);
+        }
+        assert_eq!(
+            selector.ranking_builds(),
+            1,
+            "the ranking is cached, not rebuilt per call"
+        );
+    }
+
+    #[test]
+    fn the_ranking_is_rebuilt_when_the_pool_changes_and_follows_latency() {
+        let pool = pool(&[("a", 4), ("b", 4)]);
+        let selector = NodeSelector::new(pool.clone(), SelectConfig::default());
+        assert_eq!(id(&selector.select(Some("m"), None).unwrap()), "a");
+        pool.snapshot().nodes()[0]
+            .state()
+            .record_ttfb(Duration::from_millis(500));
+        pool.snapshot().nodes()[1]
+            .state()
+            .record_ttfb(Duration::from_millis(50));
+        // Same generation and inside the TTL: the cached ranking still says a.
+        assert_eq!(id(&selector.select(Some("m"), None).unwrap()), "a");
+        pool.set_draining("c-does-not-exist", true);
+        pool.set_draining("a", false);
+        assert_eq!(id(&selector.select(Some("m"), None).unwrap()), "b");
+        assert_eq!(selector.ranking_builds(), 2);
+    }
+
+    #[test]
+    fn held_load_spreads_in_proportion_to_capacity() {
+        let pool = pool(&[("big", 6), ("small1", 3), ("small2", 3)]);
+        let selector = NodeSelector::new(pool, SelectConfig::default());
+        let held: Vec<_> = (0..12)
+            .map(|_| selector.select(Some("m"), None).unwrap())
+            .collect();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for s in &held {
+            *counts.entry(id(s)).or_default() += 1;
+        }
+        assert_eq!(counts["big"], 6);
+        assert_eq!(counts["small1"], 3);
+        assert_eq!(counts["small2"], 3);
+        assert!(held.iter().all(SelectedNode::within_capacity));
+        let over = selector.select(Some("m"), None).unwrap();
+        assert!(
+            !over.within_capacity(),
+            "a full fleet still gets a node, marked over capacity"
+        );
+    }
+
+    #[test]
+    fn a_slot_held_within_capacity_only_moves_to_a_node_with_room() {
+        let pool = pool(&[("a", 1), ("b", 2)]);
+        let selector = NodeSelector::new(pool.clone(), SelectConfig::default());
+        let snapshot = pool.snapshot();
+        let (a, b) = (&snapshot.nodes()[0], &snapshot.nodes()[1]);
+        let on_a = SelectedNode::new(pool.acquire(a, SlotBound::WithinCapacity).unwrap()).unwrap();
+        // a is full with our own request; b has room, so the pick moves there and frees a.
+        let moved = selector.select(Some("m"), Some(on_a)).unwrap();
+        assert_eq!(id(&moved), "b");
+        assert_eq!((a.state().in_flight(), b.state().in_flight()), (0, 1));
+        // b holds 2/2 now; our slot on a is the only room, so it stays.
+        let _fill = pool.acquire(b, SlotBound::WithinCapacity).unwrap();
+        drop(moved);
+        let _fill2 = pool.acquire(b, SlotBound::WithinCapacity).unwrap();
+        let on_a = SelectedNode::new(pool.acquire(a, SlotBound::WithinCapacity).unwrap()).unwrap();
+        let kept = selector.select(Some("m"), Some(on_a)).unwrap();
+        assert_eq!(id(&kept), "a");
+        assert!(b.state().in_flight() <= b.max_concurrency());
+    }
+
+    #[test]
+    fn unknown_and_unavailable_models_are_told_apart() {
+        let pool = pool(&[("a", 1)]);
+        let selector = NodeSelector::new(pool.clone(), SelectConfig::default());
+        assert!(matches!(
+            selector.select(Some("zzz"), None),
+            Err(RouterError::ModelNotFound(_))
+        ));
+        pool.set_healthy("a", false);
+        assert!(matches!(
+            selector.select(Some("m"), None),
+            Err(RouterError::NoNodeAvailable { .. })
+        ));
+    }
+
+    #[test]
+    fn large_fleets_use_two_choices_and_still_spread() {
+        let nodes: Vec<(String, usize)> = (0..40).map(|i| (format!("n{i}"), 2)).collect();
+        let refs: Vec<(&str, usize)> = nodes.iter().map(|(n, m)| (n.as_str(), *m)).collect();
+        let selector = NodeSelector::new(pool(&refs), SelectConfig::default());
+        let held: Vec<_> = (0..40)
+            .map(|_| selector.select(Some("m"), None).unwrap())
+            .collect();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for s in &held {
+            *counts.entry(id(s)).or_default() += 1;
+        }
+        assert!(counts.values().all(|&c| c <= 2), "{counts:?}");
+    }
+}

@@ -1,0 +1,87 @@
+//! Reusable tower layers for routing OpenAI-compatible LLM traffic.
+//!
+//! Each optimization is a standalone [`tower::Layer`]; stack them with
+//! [`tower::ServiceBuilder`] in any order, in front of [`PooledProxyService`] or your own
+//! service:
+//!
+//! | layer | what it does |
+//! |---|---|
+//! | [`RequestInfoLayer`] | reads the body (bounded), parses only `model` and `stream` |
+//! | [`AdmissionLayer`] | graded backpressure: accept, accept after a delay, or 429 + `Retry-After` |
+//! | [`TimeoutWaitLayer`] | waits FIFO, bounded and with a timeout, for a free node slot |
+//! | [`CachedSelectLayer`] | load-aware node choice over a cached ranking |
+//! | [`PooledProxyService`] | one shared pooled client; streams the answer; holds load until the body ends |
+//!
+//! All layers share one [`NodePool`]: a lock-free snapshot of the nodes plus live load per node.
+//! A request's slot on a node is a [`LoadGuard`] that travels in a [`SelectedNode`] request
+//! extension and then in the response body, so a stream counts as load until its last byte.
+//!
+//! Layers answer rejections themselves, with an HTTP response carrying OpenAI's error shape
+//! (see [`RouterError`]), never with a `Service::Error`: the stack's error type is the inner
+//! service's (`Infallible` for the proxy), so it mounts in axum without `HandleErrorLayer`.
+//! Layers that never read the body ([`AdmissionLayer`], [`TimeoutWaitLayer`],
+//! [`CachedSelectLayer`]) are generic over request and response bodies and also fit tonic or
+//! plain hyper services.
+//!
+//! # Example
+//!
+//! A stack in front of two nodes, mounted in an axum router:
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use axum::Router;
+//! use layers::{
+//!     AdmissionConfig, AdmissionLayer, CachedSelectLayer, ClientConfig, NodePool, NodeSpec,
+//!     PooledProxyService, ProxyConfig, RequestInfoLayer, SelectConfig, TimeoutWaitLayer,
+//!     WaitConfig, build_client,
+//! };
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = NodePool::from_specs([
+//!     NodeSpec::new("gpu-a", "http://127.0.0.1:8001").models(["llama"]).max_concurrency(8),
+//!     NodeSpec::new("gpu-b", "http://127.0.0.1:8002").models(["llama"]).max_concurrency(4),
+//! ])?;
+//! let client = build_client(&ClientConfig::default());
+//!
+//! let stack = ServiceBuilder::new()
+//!     .layer(RequestInfoLayer::default())
+//!     .layer(AdmissionLayer::new(pool.clone(), AdmissionConfig::default()))
+//!     .layer(TimeoutWaitLayer::new(
+//!         pool.clone(),
+//!         WaitConfig { max_waiters: 256, wait_timeout: Duration::from_secs(10) },
+//!     ))
+//!     .layer(CachedSelectLayer::new(pool.clone(), SelectConfig::default()))
+//!     .service(PooledProxyService::new(client, pool, ProxyConfig::default()));
+//!
+//! let app: Router = Router::new()
+//!     .route_service("/v1/chat/completions", stack.clone())
+//!     .route_service("/v1/completions", stack);
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+pub mod admission;
+pub mod body;
+pub mod cached_select;
+pub mod error;
+pub mod future;
+pub mod pool;
+pub mod proxy;
+pub mod request_info;
+pub mod timeout_wait;
+
+pub use admission::{AdmissionConfig, AdmissionDecision, AdmissionLayer, LoadSource, decide};
+pub use body::ResponseBody;
+pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
+pub use error::RouterError;
+pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
+pub use proxy::{
+    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, build_client,
+};
+pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer};
+pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

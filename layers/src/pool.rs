@@ -1,0 +1,1178 @@
+//! The shared node pool: which nodes exist, what they serve, and how loaded they are.
+//!
+//! Every layer in this crate reads the same [`NodePool`]. Readers never lock: the set of nodes is an
+//! immutable [`PoolSnapshot`] behind an [`ArcSwap`], and writers build a new snapshot and swap it
+//! in. Live load lives in a [`NodeState`] per node, shared across snapshots, so that a health flip
+//! or a new node never resets in-flight counts.
+//!
+//! A request that holds a node's slot holds a [`LoadGuard`]. Dropping the guard gives the slot
+//! back; when requests are queued for a slot (see [`crate::timeout_wait`]), the slot is handed
+//! straight to the oldest waiter that can use it, so no wake-up is lost and no newcomer can barge
+//! past the queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use http::uri::{Authority, Scheme, Uri};
+use tokio::sync::oneshot;
+
+/// How a node is described to the pool: the static part that comes from config or registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// A stable identifier. It may appear in logs, the history and the admin API, never on `/v1`.
+    pub id: String,
+    /// Base URL of the node, for example `http://10.0.0.7:8000`. A path prefix is kept.
+    pub base_url: String,
+    /// Models the node serves. An empty list means the node serves any model.
+    pub models: Vec<String>,
+    /// How many requests the node takes at once. At least 1.
+    pub max_concurrency: usize,
+    /// Relative preference among nodes of equal measured latency. At least 1.
+    pub weight: u32,
+    /// Sent as `Authorization: Bearer <key>` to the node instead of the client's credentials.
+    pub api_key: Option<String>,
+    /// Whether the node is healthy. Unhealthy nodes get no new requests.
+    pub healthy: bool,
+    /// Whether the node is draining: it finishes what it has and gets no new requests.
+    pub draining: bool,
+}
+
+impl NodeSpec {
+    /// A healthy node with the given id and base URL, serving any model, with max concurrency 32.
+    pub fn new(id: impl Into<String>, base_url: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            base_url: base_url.into(),
+            models: Vec::new(),
+            max_concurrency: 32,
+            weight: 1,
+            api_key: None,
+            healthy: true,
+            draining: false,
+        }
+    }
+
+    /// Sets the models the node serves.
+    pub fn models<I, M>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        self.models = models.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets the node's maximum concurrency (at least 1).
+    pub fn max_concurrency(mut self, max: usize) -> Self {
+        self.max_concurrency = max;
+        self
+    }
+
+    /// Sets the node's weight (at least 1).
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+}
+
+/// Why a [`NodeSpec`] was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeSpecError {
+    /// The base URL is not an absolute `http://` URL.
+    #[error("node {id}: base URL {url:?} is not an absolute http:// URL")]
+    BadUrl {
+        /// The node's id.
+        id: String,
+        /// The URL as given.
+        url: String,
+    },
+    /// Max concurrency or weight is zero.
+    #[error("node {id}: max_concurrency and weight must be at least 1")]
+    ZeroCapacity {
+        /// The node's id.
+        id: String,
+    },
+    /// Two nodes share an id.
+    #[error("node id {0:?} is used twice")]
+    DuplicateId(String),
+    /// The API key cannot be sent in a header.
+    #[error("node {id}: api_key contains characters not allowed in a header")]
+    BadApiKey {
+        /// The node's id.
+        id: String,
+    },
+}
+
+/// Live, shared measurements of one node. Kept across snapshots for the same node id.
+#[derive(Debug, Default)]
+pub struct NodeState {
+    in_flight: AtomicUsize,
+    latency_ewma_us: AtomicU64,
+    ttfb_ewma_us: AtomicU64,
+    consecutive_failures: AtomicU32,
+    completed: AtomicU64,
+}
+
+impl NodeState {
+    /// Requests currently holding a slot on this node (including streams not yet finished).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Exponentially weighted mean of whole-request latency, if any request completed.
+    pub fn latency_ewma(&self) -> Option<Duration> {
+        micros(self.latency_ewma_us.load(Ordering::Relaxed))
+    }
+
+    /// Exponentially weighted mean of time to first byte, if any was recorded.
+    pub fn ttfb_ewma(&self) -> Option<Duration> {
+        micros(self.ttfb_ewma_us.load(Ordering::Relaxed))
+    }
+
+    /// Failures in a row, reset by the next success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Requests that finished on this node (slot released).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Records the time from sending a request to the node's response headers.
+    pub fn record_ttfb(&self, ttfb: Duration) {
+        ewma_update(&self.ttfb_ewma_us, ttfb);
+    }
+
+    /// Records a successful answer: resets the failure run.
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed attempt (connect error, timeout, 5xx) and returns the run length.
+    pub fn record_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+fn micros(us: u64) -> Option<Duration> {
+    (us > 0).then(|| Duration::from_micros(us))
+}
+
+/// Weight 1/8 for the newest sample: smooth enough to ignore one slow answer, quick enough to
+/// follow a node that slows down within a few dozen requests.
+fn ewma_update(cell: &AtomicU64, sample: Duration) {
+    let sample = u64::try_from(sample.as_micros()).unwrap_or(u64::MAX).max(1);
+    let old = cell.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        // Racing writers may lose a sample; the mean stays a mean.
+        old - old / 8 + sample / 8
+    };
+    cell.store(new.max(1), Ordering::Relaxed);
+}
+
+/// One node as seen in a snapshot: its static description plus its shared live state.
+pub struct Node {
+    id: Arc<str>,
+    scheme: Scheme,
+    authority: Authority,
+    path_prefix: Arc<str>,
+    models: Box<[Arc<str>]>,
+    max_concurrency: usize,
+    weight: u32,
+    authorization: Option<HeaderValue>,
+    healthy: bool,
+    draining: bool,
+    state: Arc<NodeState>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Leave out the API key; the address is fine for operators' logs.
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("authority", &self.authority)
+            .field("models", &self.models)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("in_flight", &self.state.in_flight())
+            .field("healthy", &self.healthy)
+            .field("draining", &self.draining)
+            .finish()
+    }
+}
+
+impl Node {
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The models the node serves; empty means any model.
+    pub fn models(&self) -> &[Arc<str>] {
+        &self.models
+    }
+
+    /// Whether the node serves `model` (`None` asks for any node).
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        match model {
+            None => true,
+            Some(m) => self.models.is_empty() || self.models.iter().any(|x| &**x == m),
+        }
+    }
+
+    /// The node's max concurrency.
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+
+    /// The node's weight.
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Whether the node is healthy.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Healthy and not draining: the node may get new requests.
+    pub fn is_eligible(&self) -> bool {
+        self.healthy && !self.draining
+    }
+
+    /// The node's live state.
+    pub fn state(&self) -> &Arc<NodeState> {
+        &self.state
+    }
+
+    /// The `Authorization` value to send to this node, if it has its own key.
+    pub fn authorization(&self) -> Option<&HeaderValue> {
+        self.authorization.as_ref()
+    }
+
+    /// The URI of `path_and_query` on this node.
+    pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let mut pq = String::with_capacity(self.path_prefix.len() + path_and_query.len());
+        pq.push_str(&self.path_prefix);
+        pq.push_str(path_and_query);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+
+    /// The node's base URL (scheme, host, port and path prefix). For operators only.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.path_prefix)
+    }
+
+    /// Whether a slot is free right now.
+    pub fn has_free_slot(&self) -> bool {
+        self.state.in_flight() < self.max_concurrency
+    }
+
+    /// Takes a slot if one is free (never exceeds max concurrency).
+    fn try_take_slot(&self) -> bool {
+        self.state
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_concurrency).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a slot regardless of max concurrency (the node may queue it). Returns whether the
+    /// slot is within max concurrency.
+    fn take_slot_unbounded(&self) -> bool {
+        self.state.in_flight.fetch_add(1, Ordering::AcqRel) < self.max_concurrency
+    }
+
+    fn from_spec(spec: &NodeSpec, state: Arc<NodeState>) -> Result<Self, NodeSpecError> {
+        let bad_url = || NodeSpecError::BadUrl {
+            id: spec.id.clone(),
+            url: spec.base_url.clone(),
+        };
+        if spec.max_concurrency == 0 || spec.weight == 0 {
+            return Err(NodeSpecError::ZeroCapacity {
+                id: spec.id.clone(),
+            });
+        }
+        let uri = Uri::from_str(spec.base_url.trim()).map_err(|_| bad_url())?;
+        let scheme = uri.scheme().cloned().ok_or_else(bad_url)?;
+        if scheme != Scheme::HTTP {
+            return Err(bad_url());
+        }
+        let authority = uri.authority().cloned().ok_or_else(bad_url)?;
+        let path_prefix: Arc<str> = uri.path().trim_end_matches('/').into();
+        let authorization = match &spec.api_key {
+            None => None,
+            Some(key) => Some(
+                HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map(|mut v| {
+                        v.set_sensitive(true);
+                        v
+                    })
+                    .map_err(|_| NodeSpecError::BadApiKey {
+                        id: spec.id.clone(),
+                    })?,
+            ),
+        };
+        Ok(Self {
+            id: spec.id.as_str().into(),
+            scheme,
+            authority,
+            path_prefix,
+            models: spec.models.iter().map(|m| Arc::from(m.as_str())).collect(),
+            max_concurrency: spec.max_concurrency,
+            weight: spec.weight,
+            authorization,
+            healthy: spec.healthy,
+            draining: spec.draining,
+            state,
+        })
+    }
+
+    fn to_spec(&self) -> NodeSpec {
+        NodeSpec {
+            id: self.id.to_string(),
+            base_url: self.base_url(),
+            models: self.models.iter().map(|m| m.to_string()).collect(),
+            max_concurrency: self.max_concurrency,
+            weight: self.weight,
+            api_key: None,
+            healthy: self.healthy,
+            draining: self.draining,
+        }
+    }
+}
+
+/// Which nodes may take a request for a model, right now.
+#[derive(Debug)]
+pub enum Eligible<'a> {
+    /// These nodes may take it (at least one).
+    Nodes(&'a [Arc<Node>]),
+    /// Some node serves the model, but none is healthy and undrained.
+    NoneAvailable,
+    /// No node in the pool serves the model.
+    UnknownModel,
+}
+
+/// An immutable view of the pool. Cheap to load; never changes once built.
+#[derive(Debug, Default)]
+pub struct PoolSnapshot {
+    generation: u64,
+    nodes: Box<[Arc<Node>]>,
+    eligible_any: Box<[Arc<Node>]>,
+    eligible_by_model: HashMap<Arc<str>, Box<[Arc<Node>]>>,
+    /// Nodes that serve any model: eligible for models no listed node names.
+    eligible_wildcard: Box<[Arc<Node>]>,
+    has_wildcard: bool,
+    known_models: HashMap<Arc<str>, ()>,
+    capacity: usize,
+}
+
+impl PoolSnapshot {
+    fn build(generation: u64, nodes: Vec<Arc<Node>>) -> Self {
+        let eligible_any: Box<[Arc<Node>]> =
+            nodes.iter().filter(|n| n.is_eligible()).cloned().collect();
+        let has_wildcard = nodes.iter().any(|n| n.models.is_empty());
+        let eligible_wildcard = eligible_any
+            .iter()
+            .filter(|n| n.models.is_empty())
+            .cloned()
+            .collect();
+        let mut known_models = HashMap::new();
+        for m in nodes.iter().flat_map(|n| n.models.iter()) {
+            known_models.insert(m.clone(), ());
+        }
+        let eligible_by_model = known_models
+            .keys()
+            .map(|m| {
+                let list: Box<[Arc<Node>]> = eligible_any
+                    .iter()
+                    .filter(|n| n.serves(Some(m)))
+                    .cloned()
+                    .collect();
+                (m.clone(), list)
+            })
+            .collect();
+        let capacity = eligible_any.iter().map(|n| n.max_concurrency).sum();
+        Self {
+            generation,
+            nodes: nodes.into_boxed_slice(),
+            eligible_any,
+            eligible_by_model,
+            eligible_wildcard,
+            has_wildcard,
+            known_models,
+            capacity,
+        }
+    }
+
+    /// Increases by one with every change to the pool.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// All nodes, eligible or not, in the order they were given.
+    pub fn nodes(&self) -> &[Arc<Node>] {
+        &self.nodes
+    }
+
+    /// Nodes that may take a request for `model` (`None`: any model).
+    pub fn eligible(&self, model: Option<&str>) -> Eligible<'_> {
+        let (list, known) = match model {
+            // A request that names no model can never be "unknown": it waits for any node.
+            None => (&self.eligible_any, true),
+            Some(m) => match self.eligible_by_model.get(m) {
+                Some(list) => (list, true),
+                None => (&self.eligible_wildcard, self.has_wildcard),
+            },
+        };
+        if !list.is_empty() {
+            Eligible::Nodes(list)
+        } else if known {
+            Eligible::NoneAvailable
+        } else {
+            Eligible::UnknownModel
+        }
+    }
+
+    /// Every model some node names, eligible or not, sorted.
+    pub fn models(&self) -> Vec<Arc<str>> {
+        let mut models: Vec<_> = self.known_models.keys().cloned().collect();
+        models.sort();
+        models
+    }
+
+    /// Sum of max concurrency over healthy, undrained nodes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Requests holding a slot on healthy, undrained nodes.
+    pub fn in_flight(&self) -> usize {
+        self.eligible_any.iter().map(|n| n.state.in_flight()).sum()
+    }
+
+    /// The node with this id.
+    pub fn node(&self, id: &str) -> Option<&Arc<Node>> {
+        self.nodes.iter().find(|n| &*n.id == id)
+    }
+}
+
+/// The pool's load, as admission control sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// Requests holding a slot plus requests queued for one.
+    pub in_use: usize,
+    /// Total slots on the nodes that may take requests.
+    pub capacity: usize,
+    /// How many slots were given back per second, recently (0 when unknown).
+    pub release_rate: f64,
+}
+
+impl Load {
+    /// `in_use / capacity`; infinite when there is no capacity.
+    pub fn utilization(&self) -> f64 {
+        if self.capacity == 0 {
+            f64::INFINITY
+        } else {
+            self.in_use as f64 / self.capacity as f64
+        }
+    }
+}
+
+/// How the pool chooses among nodes when a layer does not bring its own ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotBound {
+    /// Only nodes with a free slot; never exceed max concurrency.
+    WithinCapacity,
+    /// Any eligible node; the least loaded wins even when all are full.
+    MayExceed,
+}
+
+/// Picks the node with the lowest load after adding one request, `(in_flight + 1) / max`.
+/// Ties go to the earlier node in `ranked`, so a ranking decides among equals.
+///
+/// `already_held` names a node on which the caller holds a slot: its load is counted as is.
+pub fn least_loaded<'a>(
+    ranked: impl IntoIterator<Item = &'a Arc<Node>>,
+    bound: SlotBound,
+    already_held: Option<&NodeState>,
+) -> Option<&'a Arc<Node>> {
+    let mut best: Option<(&Arc<Node>, usize, usize)> = None;
+    for node in ranked {
+        let held = already_held.is_some_and(|s| std::ptr::eq(s, &*node.state));
+        let in_flight = node.state.in_flight();
+        let after = if held { in_flight } else { in_flight + 1 };
+        if bound == SlotBound::WithinCapacity && after > node.max_concurrency {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            // after / max < best_after / best_max, without division.
+            Some((_, b_after, b_max)) => after * b_max < b_after * node.max_concurrency,
+        };
+        if better {
+            best = Some((node, after, node.max_concurrency));
+        }
+    }
+    best.map(|(n, _, _)| n)
+}
+
+/// A request's claim on one slot of one node. Dropping it gives the slot back.
+///
+/// Moving the guard into the response body keeps the node's in-flight count up until the body
+/// ends, so a long stream counts as load for its whole length.
+pub struct LoadGuard {
+    slot: Option<Slot>,
+}
+
+impl fmt::Debug for LoadGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadGuard")
+            .field("node", &self.slot.as_ref().map(|s| &s.node.id))
+            .finish()
+    }
+}
+
+impl LoadGuard {
+    /// The node this slot is on.
+    pub fn node(&self) -> Option<&Arc<Node>> {
+        self.slot.as_ref().map(|s| &s.node)
+    }
+
+    /// When the slot was taken.
+    pub fn since(&self) -> Option<Instant> {
+        self.slot.as_ref().map(|s| s.since)
+    }
+
+    /// Whether the slot was taken within the node's max concurrency.
+    pub fn within_capacity(&self) -> bool {
+        self.slot.as_ref().is_some_and(|s| s.within_capacity)
+    }
+
+    fn into_slot(mut self) -> Option<Slot> {
+        self.slot.take()
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            slot.release();
+        }
+    }
+}
+
+/// The node chosen for a request, carried in the request's extensions.
+///
+/// It owns the request's [`LoadGuard`]; the proxy moves it into the response body, so the slot
+/// is held until the last byte. Cloning shares the same guard (extensions must be `Clone`); the
+/// slot is given back when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct SelectedNode {
+    node: Arc<Node>,
+    guard: Arc<LoadGuard>,
+    within_capacity: bool,
+}
+
+impl SelectedNode {
+    /// Wraps a guard; `None` if the guard was already released.
+    pub fn new(guard: LoadGuard) -> Option<Self> {
+        let node = guard.node()?.clone();
+        Some(Self {
+            node,
+            within_capacity: guard.within_capacity(),
+            guard: Arc::new(guard),
+        })
+    }
+
+    /// The chosen node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Whether the slot is known to be within the node's max concurrency.
+    pub fn within_capacity(&self) -> bool {
+        self.within_capacity
+    }
+
+    /// When the slot was taken.
+    pub fn since(&self) -> Option<Instant> {
+        self.guard.since()
+    }
+}
+
+/// A taken slot without drop glue, so the queue can pass it on while holding its lock.
+struct Slot {
+    node: Arc<Node>,
+    shared: Arc<Shared>,
+    since: Instant,
+    within_capacity: bool,
+}
+
+impl Slot {
+    fn into_guard(self) -> LoadGuard {
+        LoadGuard { slot: Some(self) }
+    }
+
+    fn release(self) {
+        let state = &self.node.state;
+        ewma_update(&state.latency_ewma_us, self.since.elapsed());
+        state.completed.fetch_add(1, Ordering::Relaxed);
+        self.shared.released.fetch_add(1, Ordering::Relaxed);
+        // Give the slot back first, then look for waiters. A waiter enqueues by counting itself
+        // first and then trying for a slot, so with both sides SeqCst one of the two sees the
+        // other: the waiter finds this slot free, or this release finds the waiter.
+        state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.shared.waiting.load(Ordering::SeqCst) > 0 {
+            self.shared.dispatch_freed(&self.node);
+        }
+    }
+}
+
+/// A queued request's place in line.
+struct Waiter {
+    seq: u64,
+    tx: oneshot::Sender<LoadGuard>,
+}
+
+/// Waiters per model, in arrival order. `seq` orders them across models.
+#[derive(Default)]
+struct Queue {
+    next_seq: u64,
+    by_model: HashMap<Option<Arc<str>>, VecDeque<Waiter>>,
+    len: usize,
+}
+
+struct Shared {
+    snapshot: ArcSwap<PoolSnapshot>,
+    /// Serializes writers, so that two updates never lose each other's changes.
+    write: Mutex<()>,
+    queue: Mutex<Queue>,
+    waiting: AtomicUsize,
+    released: AtomicU64,
+    rate: Mutex<RateMeter>,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves the queue consistent (every step is a single
+        // push or pop), so a poisoned lock is safe to keep using.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot on `node` was just given back while requests wait: hand it to the oldest waiter
+    /// that can use it.
+    fn dispatch_freed(self: &Arc<Self>, node: &Arc<Node>) {
+        let snapshot = self.snapshot.load();
+        let Some(current) = snapshot
+            .eligible_any
+            .iter()
+            .find(|n| Arc::ptr_eq(&n.state, &node.state))
+        else {
+            return; // The node left the pool or stopped taking requests.
+        };
+        let mut queue = self.queue();
+        while let Some(key) = queue.oldest_for(current) {
+            if !current.try_take_slot() {
+                return; // Someone else took it; the next release will try again.
+            }
+            let slot = Slot {
+                node: current.clone(),
+                shared: self.clone(),
+                since: Instant::now(),
+                within_capacity: true,
+            };
+            if let Err(slot) = queue.hand_to_oldest(&key, slot, &self.waiting) {
+                // That waiter had gone; try the next one with the same slot.
+                current.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(slot);
+                continue;
+            }
+            return;
+        }
+    }
+
+    /// Capacity may have grown (new or recovered node): serve waiters while slots are free.
+    fn dispatch_all(self: &Arc<Self>) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let snapshot = self.snapshot.load();
+        let mut queue = self.queue();
+        let mut full: Vec<Option<Arc<str>>> = Vec::new();
+        loop {
+            let Some(key) = queue.oldest_excluding(&full) else {
+                return;
+            };
+            let eligible = match snapshot.eligible(key.as_deref()) {
+                Eligible::Nodes(list) => list,
+                _ => {
+                    full.push(key);
+                    continue;
+                }
+            };
+            let Some(node) = least_loaded(eligible, SlotBound::WithinCapacity, None) else {
+                full.push(key);
+                continue;
+            };
+            if !node.try_take_slot() {
+                continue;
+            }
+            let slot = Slot {
+                node: node.clone(),
+                shared: self.clone(),
+                since: Instant::now(),
+                within_capacity: true,
+            };
+            if let Err(slot) = queue.hand_to_oldest(&key, slot, &self.waiting) {
+                node.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(slot);
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// The model key of the oldest live waiter that `node` can serve.
+    fn oldest_for(&mut self, node: &Node) -> Option<Option<Arc<str>>> {
+        self.prune();
+        self.by_model
+            .iter()
+            .filter(|(k, q)| !q.is_empty() && node.serves(k.as_deref()))
+            .min_by_key(|(_, q)| q.front().map_or(u64::MAX, |w| w.seq))
+            .map(|(k, _)| k.clone())
+    }
+
+    fn oldest_excluding(&mut self, skip: &[Option<Arc<str>>]) -> Option<Option<Arc<str>>> {
+        self.prune();
+        self.by_model
+            .iter()
+            .filter(|(k, q)| !q.is_empty() && !skip.contains(k))
+            .min_by_key(|(_, q)| q.front().map_or(u64::MAX, |w| w.seq))
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Drops waiters at the front whose receiver is gone (their entry is removed on drop too;
+    /// this only catches the moment between a cancel and its cleanup).
+    fn prune(&mut self) {
+        for q in self.by_model.values_mut() {
+            while q.front().is_some_and(|w| w.tx.is_closed()) {
+                q.pop_front();
+            }
+        }
+    }
+
+    fn hand_to_oldest(
+        &mut self,
+        key: &Option<Arc<str>>,
+        slot: Slot,
+        waiting: &AtomicUsize,
+    ) -> Result<(), Slot> {
+        let Some(waiter) = self.by_model.get_mut(key).and_then(VecDeque::pop_front) else {
+            return Err(slot);
+        };
+        self.len -= 1;
+        waiting.fetch_sub(1, Ordering::SeqCst);
+        match waiter.tx.send(slot.into_guard()) {
+            Ok(()) => Ok(()),
+            // The waiter is gone. Take the slot back without running its release, which would
+            // take the queue lock we hold.
+            Err(guard) => guard.into_slot().map_or(Ok(()), Err),
+        }
+    }
+
+    fn remove(&mut self, key: &Option<Arc<str>>, seq: u64, waiting: &AtomicUsize) {
+        if let Some(q) = self.by_model.get_mut(key)
+            && let Some(pos) = q.iter().position(|w| w.seq == seq)
+        {
+            q.remove(pos);
+            self.len -= 1;
+            waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Measures how fast slots are given back, for `Retry-After`.
+#[derive(Debug)]
+struct RateMeter {
+    at: Instant,
+    count: u64,
+    per_sec: f64,
+}
+
+/// The shared node pool. Cloning is cheap; all clones see the same nodes and load.
+#[derive(Clone)]
+pub struct NodePool {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for NodePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodePool")
+            .field("snapshot", &self.shared.snapshot.load())
+            .field("waiting", &self.waiting())
+            .finish()
+    }
+}
+
+impl Default for NodePool {
+    fn default() -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
+                write: Mutex::new(()),
+                queue: Mutex::new(Queue::default()),
+                waiting: AtomicUsize::new(0),
+                released: AtomicU64::new(0),
+                rate: Mutex::new(RateMeter {
+                    at: Instant::now(),
+                    count: 0,
+                    per_sec: 0.0,
+                }),
+            }),
+        }
+    }
+}
+
+/// What a waiter got from [`NodePool::enqueue`].
+pub(crate) enum Enqueued {
+    /// A slot was free after all.
+    Ready(LoadGuard),
+    /// In line; the guard arrives on the receiver.
+    Waiting(QueueEntry),
+    /// The line is full.
+    Full,
+}
+
+/// A place in the slot queue. Dropping it leaves the queue.
+pub(crate) struct QueueEntry {
+    shared: Arc<Shared>,
+    key: Option<Arc<str>>,
+    seq: u64,
+    pub(crate) rx: oneshot::Receiver<LoadGuard>,
+}
+
+impl Drop for QueueEntry {
+    fn drop(&mut self) {
+        self.shared
+            .queue()
+            .remove(&self.key, self.seq, &self.shared.waiting);
+        // A guard already sent to us is dropped with `rx` after the lock is released, which
+        // passes the slot on to the next waiter.
+    }
+}
+
+impl NodePool {
+    /// An empty pool.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A pool holding these nodes.
+    pub fn from_specs(specs: impl IntoIterator<Item = NodeSpec>) -> Result<Self, NodeSpecError> {
+        let pool = Self::new();
+        pool.set_nodes(specs)?;
+        Ok(pool)
+    }
+
+    /// The current snapshot. Lock-free.
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<PoolSnapshot>> {
+        self.shared.snapshot.load()
+    }
+
+    /// Requests queued for a slot.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the set of nodes. Nodes whose id stays keep their live state and in-flight count.
+    pub fn set_nodes(
+        &self,
+        specs: impl IntoIterator<Item = NodeSpec>,
+    ) -> Result<(), NodeSpecError> {
+        let _write = self.shared.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.shared.snapshot.load();
+        let mut nodes = Vec::new();
+        for spec in specs {
+            if nodes.iter().any(|n: &Arc<Node>| *n.id == *spec.id) {
+                return Err(NodeSpecError::DuplicateId(spec.id));
+            }
+            let state = old
+                .node(&spec.id)
+                .map(|n| n.state.clone())
+                .unwrap_or_default();
+            nodes.push(Arc::new(Node::from_spec(&spec, state)?));
+        }
+        self.shared
+            .snapshot
+            .store(Arc::new(PoolSnapshot::build(old.generation + 1, nodes)));
+        drop(_write);
+        self.shared.dispatch_all();
+        Ok(())
+    }
+
+    /// Changes one node's description (health, draining, models...). Returns false if no node
+    /// has that id.
+    pub fn update_node(&self, id: &str, change: impl FnOnce(&mut NodeSpec)) -> bool {
+        let _write = self.shared.write.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.shared.snapshot.load();
+        let mut change = Some(change);
+        let mut found = false;
+        let mut nodes = Vec::with_capacity(old.nodes.len());
+        for n in old.nodes.iter() {
+            if &*n.id != id {
+                nodes.push(n.clone());
+                continue;
+            }
+            let mut spec = n.to_spec();
+            if let Some(change) = change.take() {
+                change(&mut spec);
+            }
+            // The key is not part of `to_spec`; keep the node's own.
+            let mut updated = match Node::from_spec(&spec, n.state.clone()) {
+                Ok(u) => u,
+                Err(_) => return false,
+            };
+            updated.authorization = n.authorization.clone();
+            nodes.push(Arc::new(updated));
+            found = true;
+        }
+        if found {
+            self.shared
+                .snapshot
+                .store(Arc::new(PoolSnapshot::build(old.generation + 1, nodes)));
+        }
+        drop(_write);
+        if found {
+            self.shared.dispatch_all();
+        }
+        found
+    }
+
+    /// Marks a node healthy or not.
+    pub fn set_healthy(&self, id: &str, healthy: bool) -> bool {
+        self.update_node(id, |s| s.healthy = healthy)
+    }
+
+    /// Marks a node draining or not.
+    pub fn set_draining(&self, id: &str, draining: bool) -> bool {
+        self.update_node(id, |s| s.draining = draining)
+    }
+
+    /// Current load for admission control.
+    pub fn load(&self) -> Load {
+        let snapshot = self.snapshot();
+        Load {
+            in_use: snapshot.in_flight() + self.waiting(),
+            capacity: snapshot.capacity(),
+            release_rate: self.release_rate(),
+        }
+    }
+
+    /// Slots given back per second, smoothed over the last few seconds.
+    pub fn release_rate(&self) -> f64 {
+        let mut meter = self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let elapsed = now.duration_since(meter.at).as_secs_f64();
+        // Re-measure at most every 250 ms so the value reflects a window, not one release.
+        if elapsed >= 0.25 {
+            let count = self.shared.released.load(Ordering::Relaxed);
+            let sample = (count - meter.count) as f64 / elapsed;
+            meter.per_sec = if meter.per_sec == 0.0 {
+                sample
+            } else {
+                0.5 * meter.per_sec + 0.5 * sample
+            };
+            meter.at = now;
+            meter.count = count;
+        }
+        meter.per_sec
+    }
+
+    /// Takes a slot on `node` (from this pool's snapshot).
+    pub fn acquire(&self, node: &Arc<Node>, bound: SlotBound) -> Option<LoadGuard> {
+        let within_capacity = match bound {
+            SlotBound::WithinCapacity => {
+                if !node.try_take_slot() {
+                    return None;
+                }
+                true
+            }
+            SlotBound::MayExceed => node.take_slot_unbounded(),
+        };
+        Some(
+            Slot {
+                node: node.clone(),
+                shared: self.shared.clone(),
+                since: Instant::now(),
+                within_capacity,
+            }
+            .into_guard(),
+        )
+    }
+
+    /// Takes a free slot on the least-loaded node eligible for `model`, if any is free.
+    pub fn try_acquire_free(&self, model: Option<&str>) -> Option<LoadGuard> {
+        let snapshot = self.snapshot();
+        let Eligible::Nodes(nodes) = snapshot.eligible(model) else {
+            return None;
+        };
+        // Two tries: a node picked as free can fill up before we take it.
+        for _ in 0..2 {
+            let node = least_loaded(nodes, SlotBound::WithinCapacity, None)?;
+            if let Some(guard) = self.acquire(node, SlotBound::WithinCapacity) {
+                return Some(guard);
+            }
+        }
+        None
+    }
+
+    /// Queues for a slot unless one is free now. `max_waiters` bounds the queue.
+    pub(crate) fn enqueue(&self, model: Option<&str>, max_waiters: usize) -> Enqueued {
+        let key: Option<Arc<str>> = model.map(Arc::from);
+        let mut queue = self.shared.queue();
+        // Waiters for this model go first; a newcomer only takes a free slot when none wait.
+        let line_empty = queue.by_model.get(&key).is_none_or(VecDeque::is_empty);
+        // Count ourselves before looking for a slot (see `Slot::release`).
+        self.shared.waiting.fetch_add(1, Ordering::SeqCst);
+        if line_empty && let Some(guard) = self.try_acquire_free(model) {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Enqueued::Ready(guard);
+        }
+        if queue.len >= max_waiters {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Enqueued::Full;
+        }
+        let (tx, rx) = oneshot::channel();
+        let seq = queue.next_seq;
+        queue.next_seq += 1;
+        queue
+            .by_model
+            .entry(key.clone())
+            .or_default()
+            .push_back(Waiter { seq, tx });
+        queue.len += 1;
+        Enqueued::Waiting(QueueEntry {
+            shared: self.shared.clone(),
+            key,
+            seq,
+            rx,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, models: &[&str], max: usize) -> NodeSpec {
+        NodeSpec::new(id, format!("http://127.0.0.1:1/{id}"))
+            .models(models.iter().copied())
+            .max_concurrency(max)
+    }
+
+    #[test]
+    fn eligibility_separates_unknown_models_from_unavailable_ones() {
+        let pool = NodePool::from_specs([spec("a", &["m1"], 1), spec("b", &["m2"], 1)]).unwrap();
+        assert!(matches!(pool.snapshot().eligible(Some("m1")), Eligible::Nodes(n) if n.len() == 1));
+        assert!(matches!(
+            pool.snapshot().eligible(Some("nope")),
+            Eligible::UnknownModel
+        ));
+        pool.set_healthy("a", false);
+        assert!(matches!(
+            pool.snapshot().eligible(Some("m1")),
+            Eligible::NoneAvailable
+        ));
+        assert_eq!(pool.snapshot().capacity(), 1);
+    }
+
+    #[test]
+    fn bounded_acquire_never_exceeds_max_concurrency() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 2)]).unwrap();
+        let g1 = pool.try_acquire_free(Some("m")).unwrap();
+        let _g2 = pool.try_acquire_free(Some("m")).unwrap();
+        assert!(pool.try_acquire_free(Some("m")).is_none());
+        drop(g1);
+        assert!(pool.try_acquire_free(Some("m")).is_some());
+    }
+
+    #[test]
+    fn in_flight_survives_a_pool_update() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 2)]).unwrap();
+        let guard = pool.try_acquire_free(Some("m")).unwrap();
+        pool.set_nodes([spec("a", &["m"], 4), spec("b", &["m"], 4)])
+            .unwrap();
+        assert_eq!(pool.snapshot().node("a").unwrap().state().in_flight(), 1);
+        drop(guard);
+        assert_eq!(pool.snapshot().node("a").unwrap().state().in_flight(), 0);
+    }
+
+    #[test]
+    fn least_loaded_weighs_load_by_capacity_and_breaks_ties_by_rank() {
+        let pool = NodePool::from_specs([spec("a", &[], 2), spec("b", &[], 8)]).unwrap();
+        let snap = pool.snapshot();
+        let nodes = snap.nodes();
+        // Idle: adding one costs 1/2 on a and 1/8 on b.
+        assert_eq!(
+            least_loaded(nodes, SlotBound::WithinCapacity, None)
+                .unwrap()
+                .id(),
+            "b"
+        );
+        let same = NodePool::from_specs([spec("x", &[], 4), spec("y", &[], 4)]).unwrap();
+        let snap2 = same.snapshot();
+        assert_eq!(
+            least_loaded(snap2.nodes(), SlotBound::MayExceed, None)
+                .unwrap()
+                .id(),
+            "x"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        assert!(matches!(
+            NodePool::from_specs([NodeSpec::new("a", "ftp://x")]),
+            Err(NodeSpecError::BadUrl { .. })
+        ));
+        assert!(matches!(
+            NodePool::from_specs([NodeSpec::new("a", "http://x").max_concurrency(0)]),
+            Err(NodeSpecError::ZeroCapacity { .. })
+        ));
+        assert!(matches!(
+            NodePool::from_specs([
+                NodeSpec::new("a", "http://x"),
+                NodeSpec::new("a", "http://y")
+            ]),
+            Err(NodeSpecError::DuplicateId(_))
+        ));
+    }
+
+    #[test]
+    fn uri_keeps_the_path_prefix() {
+        let pool = NodePool::from_specs([NodeSpec::new("a", "http://h:9/base/")]).unwrap();
+        let uri = pool.snapshot().nodes()[0]
+            .uri_for("/v1/models?x=1")
+            .unwrap();
+        assert_eq!(uri.to_string(), "http://h:9/base/v1/models?x=1");
+    }
+}

@@ -1,0 +1,269 @@
+//! Reads a request body up to a limit and pulls out the two fields routing needs: `model` and
+//! `stream`.
+//!
+//! Use it in front of the other layers on OpenAI-style POST routes. It answers 413 for a body over
+//! the limit, and 400 for a body that is not a JSON object, has wrong types, or (unless
+//! configured otherwise) names no model. Everything else in the body is skipped, not built into
+//! values. The request goes on with its body buffered as [`Full<Bytes>`] and a [`RequestInfo`]
+//! in its extensions.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::combinators::Collect;
+use http_body_util::{BodyExt, Full, Limited};
+use pin_project_lite::pin_project;
+use serde::Deserialize;
+use tower::{Layer, Service};
+
+use crate::body::ResponseBody;
+use crate::error::RouterError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What routing needs to know about a request, parsed once from its body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestInfo {
+    /// The requested model, if the body names one.
+    pub model: Option<Arc<str>>,
+    /// Whether the client asked for a stream (`"stream": true`).
+    pub stream: bool,
+}
+
+impl RequestInfo {
+    /// Parses `model` and `stream` from a JSON body, skipping every other field.
+    pub fn parse(body: &[u8]) -> Result<Self, RouterError> {
+        #[derive(Deserialize)]
+        struct Probe<'a> {
+            #[serde(borrow, default)]
+            model: Option<Cow<'a, str>>,
+            #[serde(default)]
+            stream: Option<bool>,
+        }
+        let probe: Probe<'_> = serde_json::from_slice(body)
+            .map_err(|e| RouterError::InvalidRequest(format!("invalid JSON body: {e}")))?;
+        Ok(Self {
+            model: probe.model.map(|m| Arc::from(m.as_ref())),
+            stream: probe.stream.unwrap_or(false),
+        })
+    }
+}
+
+/// Settings for [`RequestInfoLayer`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfoConfig {
+    /// Largest body accepted, in bytes. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Answer 400 when the body names no model. Default true.
+    pub require_model: bool,
+}
+
+impl Default for RequestInfoConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            require_model: true,
+        }
+    }
+}
+
+/// Buffers the body (bounded) and attaches a [`RequestInfo`]. See the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfoLayer {
+    config: RequestInfoConfig,
+}
+
+impl RequestInfoLayer {
+    /// A layer with these settings.
+    pub fn new(config: RequestInfoConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl<S> Layer<S> for RequestInfoLayer {
+    type Service = RequestInfoService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestInfoService {
+            inner,
+            config: self.config,
+        }
+    }
+}
+
+/// The service made by [`RequestInfoLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestInfoService<S> {
+    inner: S,
+    config: RequestInfoConfig,
+}
+
+impl<S, B, ResB> Service<Request<B>> for RequestInfoService<S>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>> + Clone,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = RequestInfoFuture<S, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The inner service is called after the body arrives: keep the instance that was made
+        // ready, leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
+        RequestInfoFuture {
+            state: State::Reading {
+                collect: Limited::new(body, self.config.max_body_bytes).collect(),
+                parts: Some(parts),
+                inner: Some(inner),
+                config: self.config,
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RequestInfoService`].
+    pub struct RequestInfoFuture<S, B>
+    where
+        S: Service<Request<Full<Bytes>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<Full<Bytes>>>,
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        Reading {
+            #[pin]
+            collect: Collect<Limited<B>>,
+            parts: Option<http::request::Parts>,
+            inner: Option<S>,
+            config: RequestInfoConfig,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+        },
+    }
+}
+
+impl<S, B, ResB> Future for RequestInfoFuture<S, B>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResB>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Reading {
+                    collect,
+                    parts,
+                    inner,
+                    config,
+                } => {
+                    let collected = ready!(collect.poll(cx));
+                    let (Some(mut parts), Some(mut inner)) = (parts.take(), inner.take()) else {
+                        return Poll::Ready(Ok(RouterError::Internal.into_response()));
+                    };
+                    let bytes = match collected {
+                        Ok(c) => c.to_bytes(),
+                        Err(e) => {
+                            let error = if e.is::<http_body_util::LengthLimitError>() {
+                                RouterError::PayloadTooLarge {
+                                    limit: config.max_body_bytes,
+                                }
+                            } else {
+                                RouterError::InvalidRequest(
+                                    "could not read the request body".into(),
+                                )
+                            };
+                            return Poll::Ready(Ok(error.into_response()));
+                        }
+                    };
+                    let info = match RequestInfo::parse(&bytes) {
+                        Ok(info) if info.model.is_none() && config.require_model => {
+                            return Poll::Ready(Ok(RouterError::MissingModel.into_response()));
+                        }
+                        Ok(info) => info,
+                        Err(error) => return Poll::Ready(Ok(error.into_response())),
+                    };
+                    parts.extensions.insert(info);
+                    let future = inner.call(Request::from_parts(parts, Full::new(bytes)));
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Calling { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_model_and_stream_and_skips_the_rest() {
+        let info = RequestInfo::parse(
+            br#"{"messages":[{"role":"user","content":"hi \"there\""}],"model":"llama","stream":true,"n":{"deep":[1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(info.model.as_deref(), Some("llama"));
+        assert!(info.stream);
+    }
+
+    #[test]
+    fn escaped_model_names_are_decoded() {
+        let info = RequestInfo::parse(br#"{"model":"a\u002fb"}"#).unwrap();
+        assert_eq!(info.model.as_deref(), Some("a/b"));
+        assert!(!info.stream);
+    }
+
+    #[test]
+    fn wrong_types_and_bad_json_are_invalid_requests() {
+        for body in [
+            &br#"{"model":5}"#[..],
+            br#"{"model":"m","stream":"yes"}"#,
+            br#"[1,2]"#,
+            br#"{"model":"m""#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(
+                    RequestInfo::parse(body),
+                    Err(RouterError::InvalidRequest(_))
+                ),
+                "{body:?}"
+            );
+        }
+    }
+}
