@@ -56,7 +56,7 @@ impl RequestInfo {
 }
 
 /// Settings for [`RequestInfoLayer`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestInfoConfig {
     /// Largest body accepted, in bytes. Default 16 MiB.
     pub max_body_bytes: usize,

@@ -1,1 +1,17 @@
-//! placeholder
+//! llm-router: an OpenAI-compatible router in front of LLM inference nodes, built from the
+//! `layers` crate's tower layers.
+//!
+//! [`AppState`] holds what every request shares: the node pool and the one HTTP client.
+//! [`app`] builds the axum application; [`stack`] turns a list of layer names into the
+//! request path, in the order given.
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod demo;
+pub mod discovery;
+pub mod stack;
+pub mod state;
+
+pub use app::app;
+pub use stack::{LayerKind, StackConfig};
+pub use state::AppState;
