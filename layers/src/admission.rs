@@ -22,7 +22,8 @@ use tokio::time::Sleep;
 use tower::{Layer, Service};
 
 use crate::body::ResponseBody;
-use crate::error::{RouterError, retry_delay};
+use crate::error::{ErrorFormat, RouterError, retry_delay};
+use crate::future::ResponseFuture;
 use crate::pool::{Load, NodePool};
 
 /// What admission control does with a request.
@@ -193,8 +194,8 @@ where
             "admission"
         );
         let state = match decision {
-            AdmissionDecision::Accept => State::Calling {
-                future: self.inner.call(request),
+            AdmissionDecision::Accept => State::Ready {
+                future: ResponseFuture::called(self.inner.call(request)),
             },
             AdmissionDecision::AcceptWithDelay(delay) => {
                 let clone = self.inner.clone();
@@ -204,10 +205,13 @@ where
                     request: Some(request),
                 }
             }
-            AdmissionDecision::Reject => State::Rejected {
-                error: Some(RouterError::Overloaded {
-                    retry_after: retry_after(&load, &self.config),
-                }),
+            AdmissionDecision::Reject => State::Ready {
+                future: ResponseFuture::rejected(
+                    RouterError::Overloaded {
+                        retry_after: retry_after(&load, &self.config),
+                    },
+                    ErrorFormat::of(request.headers()),
+                ),
             },
         };
         AdmissionFuture { state }
@@ -231,12 +235,9 @@ pin_project! {
             inner: Option<S>,
             request: Option<Request<B>>,
         },
-        Calling {
+        Ready {
             #[pin]
-            future: S::Future,
-        },
-        Rejected {
-            error: Option<RouterError>,
+            future: ResponseFuture<S::Future>,
         },
     }
 }
@@ -257,20 +258,15 @@ where
                     request,
                 } => {
                     ready!(sleep.poll(cx));
-                    let (Some(mut inner), Some(request)) = (inner.take(), request.take()) else {
-                        return Poll::Ready(Ok(RouterError::Internal.into_response()));
+                    let future = match (inner.take(), request.take()) {
+                        (Some(mut inner), Some(request)) => {
+                            ResponseFuture::called(inner.call(request))
+                        }
+                        _ => ResponseFuture::rejected(RouterError::Internal, ErrorFormat::OpenAi),
                     };
-                    let future = inner.call(request);
-                    this.state.set(State::Calling { future });
+                    this.state.set(State::Ready { future });
                 }
-                StateProj::Calling { future } => {
-                    let response = ready!(future.poll(cx))?;
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
-                }
-                StateProj::Rejected { error } => {
-                    let error = error.take().unwrap_or(RouterError::Internal);
-                    return Poll::Ready(Ok(error.into_response()));
-                }
+                StateProj::Ready { future } => return future.poll(cx),
             }
         }
     }

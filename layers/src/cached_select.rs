@@ -29,7 +29,7 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::body::ResponseBody;
-use crate::error::{RouterError, retry_delay};
+use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
 use crate::pool::{Eligible, Node, NodePool, PoolSnapshot, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
@@ -288,7 +288,7 @@ where
                 request.extensions_mut().insert(selected);
                 ResponseFuture::called(self.inner.call(request))
             }
-            Err(error) => ResponseFuture::rejected(error),
+            Err(error) => ResponseFuture::rejected(error, ErrorFormat::of(request.headers())),
         }
     }
 }

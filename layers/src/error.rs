@@ -9,12 +9,33 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
 /// `retry-after-ms`: the delay in milliseconds, which OpenAI's SDKs honour before `Retry-After`.
 pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// How a rejection is written: OpenAI JSON for HTTP clients, a gRPC status for gRPC clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorFormat {
+    /// An HTTP status with OpenAI's JSON error body.
+    #[default]
+    OpenAi,
+    /// A gRPC trailers-only response: HTTP 200 with `grpc-status` and `grpc-message` headers,
+    /// which gRPC clients read as the call's status.
+    Grpc,
+}
+
+impl ErrorFormat {
+    /// The format a request expects, from its `content-type`.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let grpc = headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc { Self::Grpc } else { Self::OpenAi }
+    }
+}
 
 /// An error the router answers a client with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,13 +196,45 @@ impl RouterError {
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(delay) = self.retry_after() {
-            let millis = delay.as_millis().max(1);
-            // Retry-After only takes whole seconds; round up so clients never come back early.
-            let secs = millis.div_ceil(1000);
-            headers.insert(RETRY_AFTER, HeaderValue::from(secs as u64));
-            headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis as u64));
+        insert_retry_after(headers, self.retry_after());
+        response
+    }
+
+    /// The gRPC status code for this error.
+    pub fn grpc_code(&self) -> u8 {
+        match self {
+            Self::InvalidRequest(_) | Self::MissingModel => 3, // INVALID_ARGUMENT
+            Self::UpstreamTimeout => 4,                        // DEADLINE_EXCEEDED
+            Self::ModelNotFound(_) => 5,                       // NOT_FOUND
+            Self::PayloadTooLarge { .. } | Self::Overloaded { .. } | Self::QueueFull { .. } => 8, // RESOURCE_EXHAUSTED
+            Self::Internal => 13, // INTERNAL
+            Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } | Self::UpstreamUnavailable => {
+                14
+            } // UNAVAILABLE
         }
+    }
+
+    /// The response in `format`.
+    pub fn into_response_as<B: From<Bytes>>(self, format: ErrorFormat) -> Response<B> {
+        match format {
+            ErrorFormat::OpenAi => self.into_response(),
+            ErrorFormat::Grpc => self.into_grpc_response(),
+        }
+    }
+
+    /// A gRPC trailers-only response with this error's status, message and retry delay.
+    pub fn into_grpc_response<B: From<Bytes>>(self) -> Response<B> {
+        let mut response = Response::new(B::from(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(self.grpc_code())),
+        );
+        if let Ok(message) = HeaderValue::from_str(&grpc_percent_encode(&self.to_string())) {
+            headers.insert("grpc-message", message);
+        }
+        insert_retry_after(headers, self.retry_after());
         response
     }
 
@@ -194,6 +247,29 @@ impl RouterError {
         event.extend_from_slice(b"\n\n");
         Bytes::from(event)
     }
+}
+
+fn insert_retry_after(headers: &mut HeaderMap, delay: Option<Duration>) {
+    if let Some(delay) = delay {
+        let millis = delay.as_millis().max(1);
+        // Retry-After only takes whole seconds; round up so clients never come back early.
+        let secs = millis.div_ceil(1000);
+        headers.insert(RETRY_AFTER, HeaderValue::from(secs as u64));
+        headers.insert(RETRY_AFTER_MS, HeaderValue::from(millis as u64));
+    }
+}
+
+/// gRPC's `grpc-message` encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// How long until `excess` more slots come free at `rate` slots per second, clamped to a range a
@@ -239,6 +315,26 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(body["error"]["param"], "model");
         assert_eq!(body["error"]["message"], "the model `x\"y` does not exist");
+    }
+
+    #[test]
+    fn grpc_clients_get_a_trailers_only_status() {
+        let mut request_headers = HeaderMap::new();
+        request_headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert_eq!(ErrorFormat::of(&request_headers), ErrorFormat::Grpc);
+        assert_eq!(ErrorFormat::of(&HeaderMap::new()), ErrorFormat::OpenAi);
+        let response: Response<Bytes> = RouterError::Overloaded {
+            retry_after: Duration::from_millis(300),
+        }
+        .into_response_as(ErrorFormat::Grpc);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "8");
+        assert_eq!(response.headers()[RETRY_AFTER_MS], "300");
+        assert!(response.body().is_empty());
+        assert_eq!(grpc_percent_encode("100% é"), "100%25 %C3%A9");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
-use crate::error::RouterError;
+use crate::error::{ErrorFormat, RouterError};
 
 pin_project! {
     /// Response future of layers that decide at once whether to call the inner service.
@@ -22,7 +22,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F> {
         Called { #[pin] future: F },
-        Rejected { error: Option<RouterError> },
+        Rejected { error: Option<RouterError>, format: ErrorFormat },
     }
 }
 
@@ -34,10 +34,13 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    /// The layer answers with `error`.
-    pub fn rejected(error: RouterError) -> Self {
+    /// The layer answers with `error`, written in `format`.
+    pub fn rejected(error: RouterError, format: ErrorFormat) -> Self {
         Self {
-            kind: Kind::Rejected { error: Some(error) },
+            kind: Kind::Rejected {
+                error: Some(error),
+                format,
+            },
         }
     }
 }
@@ -54,9 +57,9 @@ where
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(ResponseBody::inner)))
             }
-            KindProj::Rejected { error } => {
+            KindProj::Rejected { error, format } => {
                 let error = error.take().unwrap_or(RouterError::Internal);
-                Poll::Ready(Ok(error.into_response()))
+                Poll::Ready(Ok(error.into_response_as(*format)))
             }
         }
     }

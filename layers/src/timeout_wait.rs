@@ -28,7 +28,8 @@ use tokio::time::Sleep;
 use tower::{Layer, Service};
 
 use crate::body::ResponseBody;
-use crate::error::{RouterError, retry_delay};
+use crate::error::{ErrorFormat, RouterError, retry_delay};
+use crate::future::ResponseFuture;
 use crate::pool::{Eligible, Enqueued, LoadGuard, NodePool, QueueEntry, SelectedNode};
 use crate::request_info::RequestInfo;
 
@@ -192,7 +193,7 @@ where
             .get::<SelectedNode>()
             .is_some_and(SelectedNode::within_capacity)
         {
-            return TimeoutWaitFuture::called(self.inner.call(request));
+            return TimeoutWaitFuture::ready(ResponseFuture::called(self.inner.call(request)));
         }
         // A choice made beyond capacity is given up; this layer finds a slot within it.
         request.extensions_mut().remove::<SelectedNode>();
@@ -203,25 +204,23 @@ where
         match start(&self.pool, model.as_deref(), &self.config) {
             Start::Done(WaitResult::Ready(guard)) => {
                 attach(&mut request, guard);
-                TimeoutWaitFuture::called(self.inner.call(request))
+                TimeoutWaitFuture::ready(ResponseFuture::called(self.inner.call(request)))
             }
-            Start::Done(other) => {
-                TimeoutWaitFuture::rejected(self.error_for(other, model.as_deref()))
-            }
+            Start::Done(other) => TimeoutWaitFuture::ready(ResponseFuture::rejected(
+                self.error_for(other, model.as_deref()),
+                ErrorFormat::of(request.headers()),
+            )),
             Start::InLine(entry) => {
-                let clone = self.inner.clone();
+                let clone = TimeoutWait {
+                    inner: self.inner.clone(),
+                    pool: self.pool.clone(),
+                    config: self.config,
+                };
                 TimeoutWaitFuture {
                     state: State::Waiting {
                         sleep: tokio::time::sleep(self.config.wait_timeout),
                         entry: Some(entry),
-                        service: Some(std::mem::replace(
-                            self,
-                            TimeoutWait {
-                                inner: clone,
-                                pool: self.pool.clone(),
-                                config: self.config,
-                            },
-                        )),
+                        service: Some(std::mem::replace(self, clone)),
                         request: Some(request),
                     },
                 }
@@ -254,26 +253,17 @@ pin_project! {
             service: Option<TimeoutWait<S>>,
             request: Option<Request<B>>,
         },
-        Calling {
+        Ready {
             #[pin]
-            future: S::Future,
-        },
-        Rejected {
-            error: Option<RouterError>,
+            future: ResponseFuture<S::Future>,
         },
     }
 }
 
 impl<S: Service<Request<B>>, B> TimeoutWaitFuture<S, B> {
-    fn called(future: S::Future) -> Self {
+    fn ready(future: ResponseFuture<S::Future>) -> Self {
         Self {
-            state: State::Calling { future },
-        }
-    }
-
-    fn rejected(error: RouterError) -> Self {
-        Self {
-            state: State::Rejected { error: Some(error) },
+            state: State::Ready { future },
         }
     }
 }
@@ -295,46 +285,37 @@ where
                     request,
                 } => {
                     let outcome = match entry.as_mut().map(|e| Pin::new(&mut e.rx).poll(cx)) {
-                        Some(Poll::Ready(Ok(guard))) => Ok(guard),
-                        Some(Poll::Ready(Err(_))) | None => Err(WaitResult::NoEligibleNode),
+                        Some(Poll::Ready(Ok(guard))) => WaitResult::Ready(guard),
+                        Some(Poll::Ready(Err(_))) | None => WaitResult::NoEligibleNode,
                         Some(Poll::Pending) => {
                             ready!(sleep.poll(cx));
-                            Err(WaitResult::Timeout)
+                            WaitResult::Timeout
                         }
                     };
                     // Leave the line (a no-op if we were served) before anything else.
                     drop(entry.take());
-                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
-                    else {
-                        this.state.set(State::Rejected {
-                            error: Some(RouterError::Internal),
-                        });
-                        continue;
+                    let future = match (service.take(), request.take()) {
+                        (Some(mut service), Some(mut request)) => match outcome {
+                            WaitResult::Ready(guard) => {
+                                attach(&mut request, guard);
+                                ResponseFuture::called(service.inner.call(request))
+                            }
+                            other => {
+                                let model = request
+                                    .extensions()
+                                    .get::<RequestInfo>()
+                                    .and_then(|i| i.model.clone());
+                                ResponseFuture::rejected(
+                                    service.error_for(other, model.as_deref()),
+                                    ErrorFormat::of(request.headers()),
+                                )
+                            }
+                        },
+                        _ => ResponseFuture::rejected(RouterError::Internal, ErrorFormat::OpenAi),
                     };
-                    match outcome {
-                        Ok(guard) => {
-                            attach(&mut request, guard);
-                            let future = service.inner.call(request);
-                            this.state.set(State::Calling { future });
-                        }
-                        Err(result) => {
-                            let model = request
-                                .extensions()
-                                .get::<RequestInfo>()
-                                .and_then(|i| i.model.clone());
-                            let error = service.error_for(result, model.as_deref());
-                            this.state.set(State::Rejected { error: Some(error) });
-                        }
-                    }
+                    this.state.set(State::Ready { future });
                 }
-                StateProj::Calling { future } => {
-                    let response = ready!(future.poll(cx))?;
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
-                }
-                StateProj::Rejected { error } => {
-                    let error = error.take().unwrap_or(RouterError::Internal);
-                    return Poll::Ready(Ok(error.into_response()));
-                }
+                StateProj::Ready { future } => return future.poll(cx),
             }
         }
     }

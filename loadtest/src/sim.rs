@@ -13,8 +13,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -119,7 +119,11 @@ pub struct SimStats {
     in_flight: AtomicUsize,
     peak_in_flight: AtomicUsize,
     completed: AtomicU64,
+    arrivals: Mutex<Vec<String>>,
 }
+
+/// Most `user` tags kept in the arrival log, so a long benchmark cannot grow it without bound.
+const MAX_ARRIVALS: usize = 100_000;
 
 /// A copy of [`SimStats`] at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -171,6 +175,21 @@ impl SimStats {
     /// Requests answered to the end so far.
     pub fn completed(&self) -> u64 {
         self.completed.load(Ordering::SeqCst)
+    }
+
+    /// The `user` field of each inference request that had one, in the order they arrived
+    /// (the first 100,000).
+    pub fn arrivals(&self) -> Vec<String> {
+        self.arrivals.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    fn note_arrival(&self, body: &Value) {
+        if let Some(tag) = body.get("user").and_then(Value::as_str)
+            && let Ok(mut arrivals) = self.arrivals.lock()
+            && arrivals.len() < MAX_ARRIVALS
+        {
+            arrivals.push(tag.to_owned());
+        }
     }
 }
 
@@ -347,6 +366,7 @@ impl Sim {
     /// request is held until the returned guard drops.
     async fn admit(self: &Arc<Self>, body: &Value) -> Result<Held, Response> {
         let mut held = Held::new(self.stats.clone());
+        self.stats.note_arrival(body);
         let Some(model) = body.get("model").and_then(Value::as_str) else {
             return Err(openai_error(
                 StatusCode::BAD_REQUEST,

@@ -1,1 +1,194 @@
-//! placeholder
+//! Helpers for the end-to-end tests: start real routers and real simulated nodes on loopback, on
+//! ports the OS picks, and talk to them over real HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use layers::{ClientConfig, NodePool, NodeSpec};
+use router::{AppState, StackConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use loadtest::{Overflow, SimConfig, SimNode};
+
+/// A router serving on 127.0.0.1, stopped when dropped.
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    task: JoinHandle<()>,
+}
+
+impl TestRouter {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pool(&self) -> &NodePool {
+        &self.state.pool
+    }
+
+    /// In-flight count the router holds for the node with this id.
+    pub fn in_flight(&self, node_id: &str) -> usize {
+        self.pool()
+            .snapshot()
+            .node(node_id)
+            .map_or(0, |n| n.state().in_flight())
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a router over `specs` with `config`.
+pub async fn start_router(specs: Vec<NodeSpec>, config: StackConfig) -> TestRouter {
+    let pool = NodePool::from_specs(specs).unwrap();
+    let state = AppState::new(pool, &ClientConfig::default());
+    let app = router::app(state.clone(), &config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    TestRouter { addr, state, task }
+}
+
+/// A node spec for a running sim node.
+pub fn spec(id: &str, node: &SimNode, models: &[&str], max_concurrency: usize) -> NodeSpec {
+    NodeSpec::new(id, node.url())
+        .models(models.iter().copied())
+        .max_concurrency(max_concurrency)
+}
+
+/// A stack with only these layers, default settings otherwise.
+pub fn stack(layers: &[router::LayerKind]) -> StackConfig {
+    StackConfig {
+        layers: layers.to_vec(),
+        ..StackConfig::default()
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A plain HTTP client for the tests (its own pool, separate from the router's).
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(usize::MAX)
+        .build_http()
+}
+
+/// A chat request body.
+pub fn chat_body(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    })
+    .to_string()
+}
+
+/// A chat request body carrying a tag in the `user` field.
+pub fn tagged_chat_body(model: &str, tag: &str) -> String {
+    serde_json::json!({
+        "model": model,
+        "user": tag,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    })
+    .to_string()
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends a POST with a JSON body and starts reading the answer.
+pub async fn post_streaming(
+    client: &TestClient,
+    url: &str,
+    body: String,
+) -> http::Response<Incoming> {
+    let request = Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    client.request(request).await.unwrap()
+}
+
+/// Sends a POST with a JSON body and reads the whole answer.
+pub async fn post(client: &TestClient, url: &str, body: String) -> Reply {
+    let response = post_streaming(client, url, body).await;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs `f` with a deadline, failing the test with `what` if it passes.
+pub async fn within<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
+}
+
+/// Reads an SSE body frame by frame, noting when each `data:` event arrived.
+pub async fn read_events(body: &mut Incoming, started: Instant) -> Vec<(Duration, String)> {
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        buffer.push_str(&String::from_utf8_lossy(data));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if let Some(payload) = event.trim().strip_prefix("data: ") {
+                events.push((started.elapsed(), payload.to_owned()));
+            }
+        }
+    }
+    events
+}

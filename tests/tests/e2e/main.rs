@@ -1,1 +1,9 @@
+//! End-to-end tests: real routers and real `llm-sim-node`s on loopback, over real HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod grpc;
+mod pooling;
+mod rejections;
+mod selection;
+mod streaming;
+mod waiting;
