@@ -4,7 +4,9 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::{get, post_service};
+use axum::serve::{ListenerExt, TapIo};
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
 
 use crate::stack::{StackConfig, request_service};
 use crate::state::AppState;
@@ -39,4 +41,15 @@ async fn models(State(state): State<AppState>) -> Json<Value> {
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-router"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// The listener with TCP no-delay on every accepted connection. Off by default in axum; small
+/// SSE events would otherwise wait on Nagle's algorithm and delayed ACKs.
+pub fn nodelay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
+    fn set(stream: &mut tokio::net::TcpStream) {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
+        }
+    }
+    listener.tap_io(set as fn(&mut tokio::net::TcpStream))
 }

@@ -12,6 +12,6 @@ pub mod discovery;
 pub mod stack;
 pub mod state;
 
-pub use app::app;
+pub use app::{app, nodelay};
 pub use stack::{LayerKind, StackConfig};
 pub use state::AppState;

@@ -88,7 +88,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "try: curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n       -d '{{\"model\":\"demo-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
         );
     }
-    axum::serve(listener, app)
+    axum::serve(router::nodelay(listener), app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

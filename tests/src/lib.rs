@@ -59,7 +59,7 @@ pub async fn start_router(specs: Vec<NodeSpec>, config: StackConfig) -> TestRout
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        axum::serve(router::nodelay(listener), app).await.unwrap();
     });
     TestRouter { addr, state, task }
 }
