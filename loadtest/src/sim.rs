@@ -582,7 +582,12 @@ fn stream_answer(
             st.next += 1;
             let mut tail = sse(&st.chunk(None, Some("stop"))).to_vec();
             if st.usage {
-                let usage = json!({"id": st.id, "object": "chat.completion.chunk", "created": st.created, "model": st.model, "choices": [],
+                let object = if st.kind == Kind::Chat {
+                    "chat.completion.chunk"
+                } else {
+                    "text_completion"
+                };
+                let usage = json!({"id": st.id, "object": object, "created": st.created, "model": st.model, "choices": [],
                     "usage": {"prompt_tokens": st.prompt, "completion_tokens": st.tokens, "total_tokens": st.prompt + st.tokens}});
                 tail.extend_from_slice(&sse(&usage));
             }

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod grpc;
+mod ordering;
 mod pooling;
 mod rejections;
 mod selection;
