@@ -410,6 +410,14 @@ impl Sim {
         Ok(held)
     }
 
+    /// Parses the JSON body, then [`Sim::admit`]s the request.
+    async fn parse_and_admit(self: &Arc<Self>, raw: &[u8]) -> Result<(Value, Held), Response> {
+        let body: Value = serde_json::from_slice(raw)
+            .map_err(|e| openai_error(StatusCode::BAD_REQUEST, &e.to_string(), "invalid_json"))?;
+        let held = self.admit(&body).await?;
+        Ok((body, held))
+    }
+
     fn answer_tokens(&self, body: &Value) -> usize {
         let cap = body
             .get("max_tokens")
@@ -460,12 +468,8 @@ async fn completions(State(sim): State<SharedSim>, body: Bytes) -> Response {
 }
 
 async fn generate(sim: SharedSim, raw: Bytes, kind: Kind) -> Response {
-    let body: Value = match serde_json::from_slice(&raw) {
-        Ok(v) => v,
-        Err(e) => return openai_error(StatusCode::BAD_REQUEST, &e.to_string(), "invalid_json"),
-    };
-    let held = match sim.admit(&body).await {
-        Ok(h) => h,
+    let (body, held) = match sim.parse_and_admit(&raw).await {
+        Ok(admitted) => admitted,
         Err(response) => return response,
     };
     let model = body
@@ -610,12 +614,8 @@ fn stream_answer(
 }
 
 async fn embeddings(State(sim): State<SharedSim>, raw: Bytes) -> Response {
-    let body: Value = match serde_json::from_slice(&raw) {
-        Ok(v) => v,
-        Err(e) => return openai_error(StatusCode::BAD_REQUEST, &e.to_string(), "invalid_json"),
-    };
-    let held = match sim.admit(&body).await {
-        Ok(h) => h,
+    let (body, held) = match sim.parse_and_admit(&raw).await {
+        Ok(admitted) => admitted,
         Err(response) => return response,
     };
     let inputs: Vec<String> = match body.get("input") {

@@ -11,6 +11,15 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+async fn check(
+    client: &mut HealthClient<tonic::transport::Channel>,
+) -> Result<tonic_health::pb::HealthCheckResponse, tonic::Status> {
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    client.check(request).await.map(tonic::Response::into_inner)
+}
+
 #[tokio::test]
 async fn admission_layer_guards_a_tonic_health_service() {
     let in_use = Arc::new(AtomicUsize::new(0));
@@ -41,25 +50,16 @@ async fn admission_layer_guards_a_tonic_health_service() {
         .await
         .unwrap();
     let mut client = HealthClient::new(channel);
-    let answer = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.status(), ServingStatus::Serving);
+    assert_eq!(
+        check(&mut client).await.unwrap().status(),
+        ServingStatus::Serving
+    );
 
     // At 90% utilization the layer answers instead of the service, in gRPC's own terms:
     // RESOURCE_EXHAUSTED with a retry delay, not a hang and not SERVING.
     in_use.store(9, Ordering::SeqCst);
     let started = std::time::Instant::now();
-    let status = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let status = check(&mut client).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("capacity"), "{status:?}");
@@ -69,13 +69,9 @@ async fn admission_layer_guards_a_tonic_health_service() {
     );
 
     in_use.store(0, Ordering::SeqCst);
-    let answer = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.status(), ServingStatus::Serving);
+    assert_eq!(
+        check(&mut client).await.unwrap().status(),
+        ServingStatus::Serving
+    );
     server.abort();
 }

@@ -53,10 +53,10 @@ async fn sse_passes_through_unbuffered() {
     );
 }
 
-/// A stream counts as load on its node until the last byte, then gives the slot back.
-#[tokio::test]
-async fn a_stream_holds_its_slot_until_the_last_byte() {
-    let node = SimNode::start(paced(6, 60)).await.unwrap();
+/// Starts a node with `config` behind a router with every layer, opens a stream and reads its
+/// first frame.
+async fn open_stream(config: SimConfig) -> (SimNode, TestRouter, hyper::body::Incoming) {
+    let node = SimNode::start(config).await.unwrap();
     let router = start_router(vec![spec("a", &node, &["m"], 4)], stack(&LayerKind::ALL)).await;
     let response = post_streaming(
         &client(),
@@ -66,8 +66,15 @@ async fn a_stream_holds_its_slot_until_the_last_byte() {
     .await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
-    // Headers and the first event are here; the node is still generating.
     body.frame().await.unwrap().unwrap();
+    (node, router, body)
+}
+
+/// A stream counts as load on its node until the last byte, then gives the slot back.
+#[tokio::test]
+async fn a_stream_holds_its_slot_until_the_last_byte() {
+    // Headers and the first event are here; the node is still generating.
+    let (_node, router, mut body) = open_stream(paced(6, 60)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         router.in_flight("a"),
@@ -86,16 +93,7 @@ async fn a_stream_holds_its_slot_until_the_last_byte() {
 /// A client that goes away mid-stream releases the slot, and the node's request is cancelled.
 #[tokio::test]
 async fn a_client_disconnect_mid_stream_releases_the_slot() {
-    let node = SimNode::start(paced(100, 50)).await.unwrap();
-    let router = start_router(vec![spec("a", &node, &["m"], 4)], stack(&LayerKind::ALL)).await;
-    let response = post_streaming(
-        &client(),
-        &router.url("/v1/chat/completions"),
-        chat_body("m", true),
-    )
-    .await;
-    let mut body = response.into_body();
-    body.frame().await.unwrap().unwrap();
+    let (node, router, body) = open_stream(paced(100, 50)).await;
     assert_eq!(router.in_flight("a"), 1);
     assert_eq!(node.stats().in_flight(), 1);
     drop(body); // The client closes the connection, about 4.9 s before the stream would end.
