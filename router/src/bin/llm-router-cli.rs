@@ -1,0 +1,2 @@
+//! `llm-router-cli`: placeholder, replaced by the CLI work.
+fn main() {}
