@@ -13,6 +13,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -126,6 +128,18 @@ where
     }
 }
 
+/// How many requests admission control accepted, delayed and rejected. Shared by all clones of
+/// one layer; read it for metrics.
+#[derive(Debug, Default)]
+pub struct AdmissionCounters {
+    /// Accepted at once.
+    pub accepted: AtomicU64,
+    /// Accepted after a delay.
+    pub delayed: AtomicU64,
+    /// Rejected with 429.
+    pub rejected: AtomicU64,
+}
+
 /// How long until utilization drops below `reject_at`, at the observed release rate.
 fn retry_after(load: &Load, config: &AdmissionConfig) -> Duration {
     let allowed = (config.reject_at * load.capacity as f64).floor() as usize;
@@ -137,12 +151,28 @@ fn retry_after(load: &Load, config: &AdmissionConfig) -> Duration {
 pub struct AdmissionLayer<L = NodePool> {
     source: L,
     config: AdmissionConfig,
+    counters: Arc<AdmissionCounters>,
 }
 
 impl<L: LoadSource> AdmissionLayer<L> {
     /// A layer reading load from `source`.
     pub fn new(source: L, config: AdmissionConfig) -> Self {
-        Self { source, config }
+        Self {
+            source,
+            config,
+            counters: Arc::default(),
+        }
+    }
+
+    /// Counts decisions into `counters` (for example ones a metrics endpoint reads).
+    pub fn with_counters(mut self, counters: Arc<AdmissionCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// The decision counters.
+    pub fn counters(&self) -> &Arc<AdmissionCounters> {
+        &self.counters
     }
 }
 
@@ -154,6 +184,7 @@ impl<S, L: Clone> Layer<S> for AdmissionLayer<L> {
             inner,
             source: self.source.clone(),
             config: self.config,
+            counters: self.counters.clone(),
         }
     }
 }
@@ -164,6 +195,7 @@ pub struct Admission<S, L = NodePool> {
     inner: S,
     source: L,
     config: AdmissionConfig,
+    counters: Arc<AdmissionCounters>,
 }
 
 impl<S, L, B, ResB> Service<Request<B>> for Admission<S, L>
@@ -193,6 +225,12 @@ where
             capacity = load.capacity,
             "admission"
         );
+        let counter = match decision {
+            AdmissionDecision::Accept => &self.counters.accepted,
+            AdmissionDecision::AcceptWithDelay(_) => &self.counters.delayed,
+            AdmissionDecision::Reject => &self.counters.rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let state = match decision {
             AdmissionDecision::Accept => State::Ready {
                 future: ResponseFuture::called(self.inner.call(request)),

@@ -75,13 +75,15 @@ pub mod proxy;
 pub mod request_info;
 pub mod timeout_wait;
 
-pub use admission::{AdmissionConfig, AdmissionDecision, AdmissionLayer, LoadSource, decide};
+pub use admission::{
+    AdmissionConfig, AdmissionCounters, AdmissionDecision, AdmissionLayer, LoadSource, decide,
+};
 pub use body::ResponseBody;
 pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
 pub use proxy::{
-    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, build_client,
+    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, ServedBy, build_client,
 };
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer};
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

@@ -215,6 +215,11 @@ impl Node {
         &self.id
     }
 
+    /// The node's id, shared.
+    pub fn id_arc(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// The models the node serves; empty means any model.
     pub fn models(&self) -> &[Arc<str>] {
         &self.models

@@ -46,6 +46,11 @@ use crate::error::RouterError;
 use crate::pool::{Eligible, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
 
+/// Which node served a response, in the response's extensions: for history and logs on the
+/// router side. Never sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedBy(pub Arc<str>);
+
 /// The shared HTTP client type: hyper-util's pooled client over plain TCP.
 pub type HttpClient<B = Full<Bytes>> = Client<HttpConnector, B>;
 
@@ -322,6 +327,7 @@ impl Future for ProxyFuture {
                 }
                 let sse = is_event_stream(&headers);
                 parts.headers = headers;
+                parts.extensions.insert(ServedBy(node.id_arc().clone()));
                 let body = ProxyBody::streaming(incoming, selected, *idle_timeout, sse);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }

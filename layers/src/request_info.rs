@@ -5,7 +5,8 @@
 //! the limit, and 400 for a body that is not a JSON object, has wrong types, or (unless
 //! configured otherwise) names no model. Everything else in the body is skipped, not built into
 //! values. The request goes on with its body buffered as [`Full<Bytes>`] and a [`RequestInfo`]
-//! in its extensions.
+//! in its extensions; the response carries the same [`RequestInfo`] back out in its extensions,
+//! for logging and history around the stack.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -166,6 +167,7 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
+            info: Option<RequestInfo>,
         },
     }
 }
@@ -214,12 +216,19 @@ where
                         Ok(info) => info,
                         Err(error) => return Poll::Ready(Ok(error.into_response())),
                     };
-                    parts.extensions.insert(info);
+                    parts.extensions.insert(info.clone());
                     let future = inner.call(Request::from_parts(parts, Full::new(bytes)));
-                    this.state.set(State::Calling { future });
+                    this.state.set(State::Calling {
+                        future,
+                        info: Some(info),
+                    });
                 }
-                StateProj::Calling { future } => {
-                    let response = ready!(future.poll(cx))?;
+                StateProj::Calling { future, info } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    // Outer layers (logging, history) see what was asked for.
+                    if let Some(info) = info.take() {
+                        response.extensions_mut().insert(info);
+                    }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
             }

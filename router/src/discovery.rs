@@ -2,18 +2,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use layers::HttpClient;
 use serde::Deserialize;
 
 /// Why discovery failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    /// The URL could not be built.
-    #[error("bad node URL {0}")]
-    BadUrl(String),
     /// The node did not answer in time or the connection failed.
     #[error("node did not answer: {0}")]
     Unreachable(String),
@@ -34,34 +27,33 @@ struct ModelEntry {
 
 /// Asks the node at `base_url` for its models.
 pub async fn discover_models(
-    client: &HttpClient,
+    client: &reqwest::Client,
     base_url: &str,
+    api_key: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<String>, DiscoveryError> {
     let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
-    let request = Request::get(&url)
-        .body(Full::new(Bytes::new()))
-        .map_err(|_| DiscoveryError::BadUrl(base_url.to_owned()))?;
-    let fetch = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| DiscoveryError::Unreachable(e.to_string()))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| DiscoveryError::Unreachable(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(DiscoveryError::BadAnswer(format!("status {status}")));
-        }
-        let list: ModelList =
-            serde_json::from_slice(&body).map_err(|e| DiscoveryError::BadAnswer(e.to_string()))?;
-        Ok(list.data.into_iter().map(|m| m.id).collect())
-    };
-    tokio::time::timeout(timeout, fetch)
+    let mut request = client.get(&url).timeout(timeout);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
         .await
-        .map_err(|_| DiscoveryError::Unreachable("timed out".into()))?
+        .map_err(|e| DiscoveryError::Unreachable(e.to_string()))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(DiscoveryError::BadAnswer(format!("status {status}")));
+    }
+    let list: ModelList = response
+        .json()
+        .await
+        .map_err(|e| DiscoveryError::BadAnswer(e.to_string()))?;
+    Ok(list.data.into_iter().map(|m| m.id).collect())
+}
+
+/// Whether the node answers `GET /health` with a success status within `timeout`.
+pub async fn check_health(client: &reqwest::Client, base_url: &str, timeout: Duration) -> bool {
+    let url = format!("{}/health", base_url.trim_end_matches('/'));
+    matches!(client.get(&url).timeout(timeout).send().await, Ok(r) if r.status().is_success())
 }

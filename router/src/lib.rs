@@ -6,9 +6,17 @@
 //! request path, in the order given.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod app;
+pub mod auth;
+pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod history;
+pub mod metrics;
+pub mod record;
+pub mod registry;
+pub mod server;
 pub mod stack;
 pub mod state;
 

@@ -23,7 +23,8 @@ use tower::{Layer, ServiceExt};
 use crate::state::AppState;
 
 /// One configurable layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum LayerKind {
     /// [`AdmissionLayer`]: graded backpressure.
     Admission,
@@ -57,6 +58,14 @@ impl fmt::Display for LayerKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown layer {0:?}; known layers: admission, timeout_wait, cached_select")]
 pub struct UnknownLayer(pub String);
+
+impl TryFrom<String> for LayerKind {
+    type Error = UnknownLayer;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
 
 impl FromStr for LayerKind {
     type Err = UnknownLayer;

@@ -1,6 +1,8 @@
 //! [`AppState`]: what all requests share.
 
-use layers::{ClientConfig, HttpClient, NodePool, build_client};
+use std::sync::Arc;
+
+use layers::{AdmissionCounters, ClientConfig, HttpClient, NodePool, build_client};
 
 /// Shared by every request: the node pool and the process's one pooled HTTP client.
 ///
@@ -12,6 +14,8 @@ pub struct AppState {
     pub pool: NodePool,
     /// The one HTTP client used to reach nodes; its connections are pooled and reused.
     pub http_client: HttpClient,
+    /// Admission decisions, for metrics.
+    pub admission: Arc<AdmissionCounters>,
 }
 
 impl AppState {
@@ -20,6 +24,7 @@ impl AppState {
         Self {
             pool,
             http_client: build_client(client),
+            admission: Arc::default(),
         }
     }
 }

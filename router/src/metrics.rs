@@ -1,0 +1,265 @@
+//! `/metrics`: Prometheus (OpenMetrics) text.
+//!
+//! Request counts by model and status, and latency and time-to-first-byte histograms by model,
+//! are kept as requests finish. Gauges (in flight per node, node health, queue length) and the
+//! counters other parts own (admission decisions, history rows) are read when scraped. Model
+//! labels are limited to models the pool knows, so clients cannot grow the label set by sending
+//! made-up names.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use layers::{AdmissionCounters, NodePool};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    status: String,
+}
+
+/// Labels of the histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 5 ms to about 80 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+type HistogramFamily = Family<ModelLabels, Histogram, fn() -> Histogram>;
+
+/// The router's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    ttfb: HistogramFamily,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = HistogramFamily::new_with_constructor(seconds_histogram);
+        let ttfb = HistogramFamily::new_with_constructor(seconds_histogram);
+        registry.register(
+            "llm_router_requests",
+            "Requests answered, by model and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            "llm_router_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            latency.clone(),
+        );
+        registry.register(
+            "llm_router_time_to_first_byte_seconds",
+            "Time from request to the answer's headers",
+            ttfb.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            ttfb,
+        }
+    }
+}
+
+/// The label for `model`: itself if the pool knows it, `other` if not, `none` if absent.
+pub fn model_label(pool: &NodePool, model: Option<&str>) -> String {
+    match model {
+        None => "none".into(),
+        Some(m) if pool.snapshot().models().iter().any(|k| &**k == m) => m.to_owned(),
+        Some(_) => "other".into(),
+    }
+}
+
+/// Counters read at scrape time.
+pub struct Sources<'a> {
+    /// The node pool.
+    pub pool: &'a NodePool,
+    /// Admission decisions.
+    pub admission: &'a AdmissionCounters,
+    /// History rows written.
+    pub history_written: u64,
+    /// History rows dropped.
+    pub history_dropped: u64,
+}
+
+impl Metrics {
+    /// Records one finished request.
+    pub fn observe(&self, model: String, status: u16, latency: Duration, ttfb: Option<Duration>) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                status: status.to_string(),
+            })
+            .inc();
+        let labels = ModelLabels { model };
+        self.latency
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+        if let Some(ttfb) = ttfb {
+            self.ttfb.get_or_create(&labels).observe(ttfb.as_secs_f64());
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self, sources: &Sources<'_>) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        // The encoder ends with `# EOF`; our scrape-time families go before it.
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        let snapshot = sources.pool.snapshot();
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_node_in_flight Requests holding a slot on the node."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_node_in_flight gauge");
+        for node in snapshot.nodes() {
+            let _ = writeln!(
+                out,
+                "llm_router_node_in_flight{{node=\"{}\"}} {}",
+                escape(node.id()),
+                node.state().in_flight()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_node_up Whether the node may take requests (healthy, not draining)."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_node_up gauge");
+        for node in snapshot.nodes() {
+            let _ = writeln!(
+                out,
+                "llm_router_node_up{{node=\"{}\"}} {}",
+                escape(node.id()),
+                u8::from(node.is_eligible())
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_queue_waiting Requests waiting for a free node slot."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_queue_waiting gauge");
+        let _ = writeln!(out, "llm_router_queue_waiting {}", sources.pool.waiting());
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_admission_decisions Admission decisions."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_admission_decisions counter");
+        for (decision, counter) in [
+            ("accept", &sources.admission.accepted),
+            ("delay", &sources.admission.delayed),
+            ("reject", &sources.admission.rejected),
+        ] {
+            let _ = writeln!(
+                out,
+                "llm_router_admission_decisions_total{{decision=\"{decision}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_history_rows Request history rows, written or dropped."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_history_rows counter");
+        let _ = writeln!(
+            out,
+            "llm_router_history_rows_total{{outcome=\"written\"}} {}",
+            sources.history_written
+        );
+        let _ = writeln!(
+            out,
+            "llm_router_history_rows_total{{outcome=\"dropped\"}} {}",
+            sources.history_dropped
+        );
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use layers::NodeSpec;
+
+    use super::*;
+
+    #[test]
+    fn renders_requests_gauges_and_counters() {
+        let pool =
+            NodePool::from_specs([NodeSpec::new("a\"b", "http://127.0.0.1:1").models(["m"])])
+                .unwrap();
+        let metrics = Metrics::default();
+        metrics.observe(
+            model_label(&pool, Some("m")),
+            200,
+            Duration::from_millis(30),
+            Some(Duration::from_millis(5)),
+        );
+        metrics.observe(
+            model_label(&pool, Some("made-up")),
+            404,
+            Duration::from_millis(1),
+            None,
+        );
+        let admission = AdmissionCounters::default();
+        admission.rejected.fetch_add(3, Ordering::Relaxed);
+        let text = metrics.render(&Sources {
+            pool: &pool,
+            admission: &admission,
+            history_written: 2,
+            history_dropped: 1,
+        });
+        assert!(
+            text.contains("llm_router_requests_total{model=\"m\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_router_requests_total{model=\"other\",status=\"404\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("made-up"));
+        assert!(
+            text.contains("llm_router_request_duration_seconds_bucket{le=\"0.04\",model=\"m\"} 1")
+                || text.contains("llm_router_request_duration_seconds_count{model=\"m\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("llm_router_node_in_flight{node=\"a\\\"b\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("llm_router_admission_decisions_total{decision=\"reject\"} 3"));
+        assert!(text.contains("llm_router_history_rows_total{outcome=\"dropped\"} 1"));
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+    }
+}

@@ -1,0 +1,397 @@
+//! Around the whole `/v1` request path: a request id, a tracing span, and when the answer is
+//! over, one history row and the request metrics.
+//!
+//! The request id is the client's `x-request-id` when it sends a sane one, otherwise a new one;
+//! it goes to the node and back to the client. The row is written when the response body ends,
+//! fails, or is dropped because the client went away (then `client_disconnected` is set), so a
+//! stream's latency is its whole length. Token counts come from the `usage` object the node
+//! sends, in a JSON answer or in the last SSE chunk, found by a byte scan rather than by parsing
+//! the body.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use layers::{NodePool, RequestInfo, ServedBy};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::auth::ApiKeyId;
+use crate::history::{History, RequestRecord};
+use crate::metrics::{Metrics, model_label};
+
+/// `x-request-id`.
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// Makes request ids: a random prefix per process and a counter, so ids are unique without a
+/// random draw per request.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let mut seed = [0u8; 8];
+        // Without OS randomness the ids are still unique within the process.
+        let _ = getrandom::fill(&mut seed);
+        Self {
+            prefix: u64::from_le_bytes(seed),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    fn next(&self) -> String {
+        format!(
+            "{:016x}{:08x}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// A client's id is kept if it is short and plain.
+fn sane_request_id(value: &HeaderValue) -> Option<&str> {
+    let s = value.to_str().ok()?;
+    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
+}
+
+/// What the recorder shares.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    /// Where rows go.
+    pub history: History,
+    /// Request metrics.
+    pub metrics: Arc<Metrics>,
+    /// For model labels.
+    pub pool: NodePool,
+    /// Request ids.
+    pub ids: Arc<RequestIds>,
+}
+
+impl<S> Layer<S> for Recorder {
+    type Service = Recorded<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Recorded {
+            inner,
+            recorder: self.clone(),
+        }
+    }
+}
+
+/// The service made by [`Recorder`].
+#[derive(Debug, Clone)]
+pub struct Recorded<S> {
+    inner: S,
+    recorder: Recorder,
+}
+
+impl<S> Service<Request<Body>> for Recorded<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let request_id = match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
+            Some(id) => id.to_owned(),
+            None => self.recorder.ids.next(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            request.headers_mut().insert(REQUEST_ID, value);
+        }
+        let api_key_id = request
+            .extensions()
+            .get::<ApiKeyId>()
+            .map(|k| k.0.to_string());
+        let path = request.uri().path().to_owned();
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            model = tracing::field::Empty,
+            node = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        let future = self.inner.call(request);
+        let recorder = self.recorder.clone();
+        Box::pin(
+            async move {
+                let Ok(mut response) = future.await;
+                let ttfb = started.elapsed();
+                let info = response.extensions().get::<RequestInfo>().cloned();
+                let node_id = response
+                    .extensions()
+                    .get::<ServedBy>()
+                    .map(|s| s.0.to_string());
+                let span = tracing::Span::current();
+                if let Some(model) = info.as_ref().and_then(|i| i.model.as_deref()) {
+                    span.record("model", model);
+                }
+                if let Some(node) = &node_id {
+                    span.record("node", node.as_str());
+                }
+                span.record("status", response.status().as_u16());
+                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(REQUEST_ID, value);
+                }
+                let pending = Pending {
+                    recorder,
+                    started,
+                    record: RequestRecord {
+                        ts_ms,
+                        request_id,
+                        path,
+                        model: info
+                            .as_ref()
+                            .and_then(|i| i.model.as_deref().map(str::to_owned)),
+                        node_id,
+                        status: response.status().as_u16(),
+                        stream: info.as_ref().is_some_and(|i| i.stream),
+                        latency_ms: 0.0,
+                        ttfb_ms: Some(ms(ttfb)),
+                        prompt_tokens: None,
+                        completion_tokens: None,
+                        api_key_id,
+                        client_disconnected: false,
+                    },
+                    ttfb,
+                    span,
+                };
+                Ok(response.map(|body| {
+                    Body::new(RecordedBody {
+                        inner: body,
+                        pending: Some(pending),
+                        usage: UsageScanner::default(),
+                    })
+                }))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Pending {
+    recorder: Recorder,
+    started: Instant,
+    record: RequestRecord,
+    ttfb: Duration,
+    span: tracing::Span,
+}
+
+impl Pending {
+    fn finish(mut self, usage: &UsageScanner, disconnected: bool) {
+        let latency = self.started.elapsed();
+        self.record.latency_ms = ms(latency);
+        self.record.prompt_tokens = usage.prompt_tokens;
+        self.record.completion_tokens = usage.completion_tokens;
+        self.record.client_disconnected = disconnected;
+        let label = model_label(&self.recorder.pool, self.record.model.as_deref());
+        self.recorder
+            .metrics
+            .observe(label, self.record.status, latency, Some(self.ttfb));
+        self.span.in_scope(|| {
+            tracing::info!(
+                status = self.record.status,
+                latency_ms = self.record.latency_ms,
+                prompt_tokens = self.record.prompt_tokens,
+                completion_tokens = self.record.completion_tokens,
+                disconnected,
+                "request finished"
+            );
+        });
+        self.recorder.history.record(self.record);
+    }
+}
+
+/// The response body, watched: usage is scanned, and the row is written at the end.
+struct RecordedBody {
+    inner: Body,
+    pending: Option<Pending>,
+    usage: UsageScanner,
+}
+
+impl HttpBody for RecordedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.usage.scan(data);
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                if let Some(pending) = this.pending.take() {
+                    pending.finish(&this.usage, false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RecordedBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away.
+        if let Some(pending) = self.pending.take() {
+            pending.finish(&self.usage, true);
+        }
+    }
+}
+
+/// Finds `"prompt_tokens": N` and `"completion_tokens": N` in a byte stream split into chunks
+/// at arbitrary places. The last value seen wins (usage comes last in a stream).
+#[derive(Debug, Default)]
+struct UsageScanner {
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+    /// The end of the previous chunk, so a key split across chunks is still found.
+    carry: Vec<u8>,
+}
+
+const CARRY: usize = 40;
+
+impl UsageScanner {
+    fn scan(&mut self, chunk: &[u8]) {
+        if !chunk.contains(&b'_') && self.carry.is_empty() {
+            // No key can end here, but one may start here and end in the next chunk.
+            self.carry = chunk[chunk.len().saturating_sub(CARRY)..].to_vec();
+            return;
+        }
+        let mut window = std::mem::take(&mut self.carry);
+        window.extend_from_slice(chunk);
+        if let Some(v) = last_number_after(&window, b"\"prompt_tokens\"") {
+            self.prompt_tokens = Some(v);
+        }
+        if let Some(v) = last_number_after(&window, b"\"completion_tokens\"") {
+            self.completion_tokens = Some(v);
+        }
+        let keep = window.len().saturating_sub(CARRY);
+        self.carry = window.split_off(keep);
+    }
+}
+
+/// The number after the last complete `key: N` in `window`. A number that runs to the end of the
+/// window may be cut off, so it is left for the next scan (the key is then in the carry).
+fn last_number_after(window: &[u8], key: &[u8]) -> Option<u32> {
+    let mut found = None;
+    let mut start = 0;
+    while let Some(pos) = window[start..].windows(key.len()).position(|w| w == key) {
+        let mut i = start + pos + key.len();
+        while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+            i += 1;
+        }
+        if window.get(i) == Some(&b':') {
+            i += 1;
+            while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+                i += 1;
+            }
+            let digits_start = i;
+            while window.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i > digits_start && i < window.len() {
+                found = std::str::from_utf8(&window[digits_start..i])
+                    .ok()
+                    .and_then(|d| d.parse().ok());
+            }
+        }
+        start += pos + 1;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_found_whole_or_split_across_chunks() {
+        let body = br#"{"id":"x","usage":{"prompt_tokens": 12,"completion_tokens":345,"total_tokens":357}}"#;
+        let mut whole = UsageScanner::default();
+        whole.scan(body);
+        assert_eq!(
+            (whole.prompt_tokens, whole.completion_tokens),
+            (Some(12), Some(345))
+        );
+        for split in 1..body.len() {
+            let mut parts = UsageScanner::default();
+            parts.scan(&body[..split]);
+            parts.scan(&body[split..]);
+            assert_eq!(
+                (parts.prompt_tokens, parts.completion_tokens),
+                (Some(12), Some(345)),
+                "split at {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_last_usage_in_a_stream_wins() {
+        let mut s = UsageScanner::default();
+        s.scan(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n");
+        assert_eq!(s.prompt_tokens, None);
+        s.scan(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n");
+        assert_eq!((s.prompt_tokens, s.completion_tokens), (Some(9), Some(3)));
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_client_ids_are_kept_when_sane() {
+        let ids = RequestIds::default();
+        assert_ne!(ids.next(), ids.next());
+        assert_eq!(
+            sane_request_id(&HeaderValue::from_static("abc-123")),
+            Some("abc-123")
+        );
+        assert_eq!(
+            sane_request_id(&HeaderValue::from_static("has space")),
+            None
+        );
+        assert_eq!(
+            sane_request_id(&HeaderValue::from_str(&"x".repeat(200)).unwrap()),
+            None
+        );
+    }
+}
