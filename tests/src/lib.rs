@@ -192,3 +192,64 @@ pub async fn read_events(body: &mut Incoming, started: Instant) -> Vec<(Duration
     }
     events
 }
+
+/// A whole router (registry, history, auth, admin API) from `config`, on 127.0.0.1 port 0.
+pub async fn start_full(
+    mut config: router::config::Config,
+    options: router::server::StartOptions,
+) -> router::server::Running {
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let listener = TcpListener::bind(config.listen).await.unwrap();
+    router::server::start(config, listener, options)
+        .await
+        .unwrap()
+}
+
+/// A config with fast health checks, no history, and these static nodes.
+pub fn quick_config(nodes: &[(&str, &SimNode, &[&str], usize)]) -> router::config::Config {
+    let mut config = router::config::Config::default();
+    config.history.enabled = false;
+    config.health.interval_ms = 100;
+    config.health.timeout_ms = 500;
+    config.health.eject_base_ms = 200;
+    config.health.eject_max_ms = 800;
+    config.nodes = nodes
+        .iter()
+        .map(|(id, node, models, max)| router::config::NodeConfig {
+            id: Some((*id).to_owned()),
+            url: node.url(),
+            models: Some(models.iter().map(|m| (*m).to_owned()).collect()),
+            max_concurrency: *max,
+            weight: 1,
+            api_key: None,
+        })
+        .collect();
+    config
+}
+
+/// Sends a request with a method, optional bearer token and optional JSON body.
+pub async fn send(
+    client: &TestClient,
+    method: http::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<String>,
+) -> Reply {
+    let mut builder = Request::builder().method(method).uri(url);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    if body.is_some() {
+        builder = builder.header("content-type", "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}

@@ -5,6 +5,7 @@ mod grpc;
 mod ordering;
 mod pooling;
 mod rejections;
+mod router_api;
 mod selection;
 mod streaming;
 mod waiting;
