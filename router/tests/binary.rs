@@ -1,0 +1,153 @@
+//! The real `llm-router` binary: config file, JSON logs, SIGTERM with streams in flight.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use loadtest::{SimConfig, SimNode};
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+async fn wait_healthy(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the router did not start listening on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_streams_finish_flushes_history_and_exits_zero() {
+    let node = SimNode::start(SimConfig {
+        models: vec!["m".into()],
+        ttft_ms: 50,
+        inter_token_ms: 40,
+        tokens: 20,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("history.db");
+    let port = free_port();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+[log]
+format = "json"
+level = "info"
+[history]
+path = "{}"
+flush_interval_ms = 50
+[auth]
+api_keys = [{{ id = "team", sha256 = "{}" }}]
+[shutdown]
+grace_period_ms = 10000
+[[nodes]]
+id = "a"
+url = "{}"
+models = ["m"]
+max_concurrency = 64
+"#,
+        db.display(),
+        router::auth::hash_hex("sk-secret-key"),
+        node.url()
+    );
+    let config_path = dir.path().join("router.toml");
+    std::fs::write(&config_path, config).unwrap();
+
+    let check = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .args(["check-config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
+    });
+    wait_healthy(port).await;
+
+    // 20 streams of about 0.8 s each.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-secret-key")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+            )))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(tokio::spawn(async move {
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        }));
+    }
+    // Every stream is under way; now SIGTERM.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        "no new connection is accepted after SIGTERM"
+    );
+    for stream in streams {
+        let text = stream.await.unwrap();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "a stream was cut: {text:?}");
+    }
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "the router did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+
+    let logs = logs.join().unwrap();
+    let all = logs.join("\n");
+    assert!(!all.contains("sk-secret-key"), "a key reached the logs");
+    let finished: Vec<serde_json::Value> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "request finished")
+        .collect();
+    assert_eq!(finished.len(), 20, "one JSON log line per request");
+    assert!(
+        finished.iter().all(|v| v["span"]["request_id"].as_str().is_some_and(|id| !id.is_empty())),
+        "each carries its request id: {}",
+        finished[0]
+    );
+
+    // The history was flushed before exit: one row per stream.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM requests")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 20);
+}

@@ -1,0 +1,185 @@
+//! The request history, seen through the admin API: one correct row per request, and requests
+//! that keep succeeding while the database fails.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::Method;
+use llm_router_tests::*;
+use router::server::{Running, StartOptions};
+use serde_json::Value;
+use sqlx::Connection;
+
+fn node(models: &[&str]) -> SimConfig {
+    SimConfig {
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+        ttft_ms: 2,
+        inter_token_ms: 1,
+        tokens: 3,
+        ..SimConfig::default()
+    }
+}
+
+async fn router_with_history(db: &std::path::Path, nodes: &[(&str, &SimNode, &[&str], usize)]) -> Running {
+    let mut config = quick_config(nodes);
+    config.history.enabled = true;
+    config.history.path = db.to_owned();
+    config.history.flush_interval_ms = 20;
+    start_full(config, StartOptions { admin_token: Some("admin".into()), ..StartOptions::default() }).await
+}
+
+/// Every row, oldest first, paging through `GET /api/logs`.
+async fn all_rows(client: &TestClient, base: &str) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut url = format!("{base}/api/logs?limit=1000");
+        if let Some(b) = before {
+            url.push_str(&format!("&before_id={b}"));
+        }
+        let page = send(client, Method::GET, &url, Some("admin"), None).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let page = page.json();
+        rows.extend(page["logs"].as_array().unwrap().iter().cloned());
+        match page["next_before_id"].as_i64() {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    rows.reverse();
+    rows
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let chat = SimNode::start(node(&["chat"])).await.unwrap();
+    let embed = SimNode::start(node(&["embed"])).await.unwrap();
+    let router = router_with_history(&dir.path().join("h.db"), &[("c", &chat, &["chat"], 256), ("e", &embed, &["embed"], 256)]).await;
+    let base = format!("http://{}", router.addr);
+    let client = client();
+
+    const N: usize = 1_000;
+    let kinds = ["chat", "chat-stream", "completion", "embedding", "unknown"];
+    let mut sent: HashMap<String, (usize, u16)> = HashMap::new();
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let kind = kinds[i % kinds.len()];
+        let (path, body) = match kind {
+            "chat" => ("/v1/chat/completions", chat_body("chat", false)),
+            "chat-stream" => ("/v1/chat/completions", r#"{"model":"chat","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#.to_owned()),
+            "completion" => ("/v1/completions", r#"{"model":"chat","prompt":"hi"}"#.to_owned()),
+            "embedding" => ("/v1/embeddings", r#"{"model":"embed","input":"hi"}"#.to_owned()),
+            _ => ("/v1/chat/completions", chat_body("nobody-serves-this", false)),
+        };
+        let (client, url) = (client.clone(), format!("{base}{path}"));
+        tasks.push(tokio::spawn(async move { (i, post(&client, &url, body).await) }));
+        // At most 32 in flight.
+        if tasks.len() >= 32 {
+            let (i, reply) = tasks.remove(0).await.unwrap();
+            let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+            assert!(sent.insert(id, (i, reply.status.as_u16())).is_none(), "request ids are unique");
+        }
+    }
+    for task in tasks {
+        let (i, reply) = task.await.unwrap();
+        let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert!(sent.insert(id, (i, reply.status.as_u16())).is_none());
+    }
+    assert_eq!(sent.len(), N);
+    router.services.history.flush().await;
+
+    let rows = all_rows(&client, &base).await;
+    assert_eq!(rows.len(), N, "exactly one row per request");
+    for row in &rows {
+        let id = row["request_id"].as_str().unwrap();
+        let (i, status) = sent.get(id).unwrap_or_else(|| panic!("a row for an unknown request: {row}"));
+        assert_eq!(row["status"], *status, "{row}");
+        let kind = kinds[i % kinds.len()];
+        assert!(row["latency_ms"].as_f64().unwrap() > 0.0);
+        assert_eq!(row["client_disconnected"], false);
+        match kind {
+            "unknown" => {
+                assert_eq!(row["status"], 404);
+                assert!(row["node_id"].is_null());
+            }
+            "embedding" => {
+                assert_eq!((row["model"].as_str(), row["node_id"].as_str()), (Some("embed"), Some("e")));
+                assert!(row["prompt_tokens"].as_u64().unwrap() > 0, "{row}");
+            }
+            _ if *status == 200 => {
+                assert_eq!((row["model"].as_str(), row["node_id"].as_str()), (Some("chat"), Some("c")), "{row}");
+                assert_eq!(row["completion_tokens"], 3, "tokens, from the JSON or the last SSE chunk: {row}");
+                assert_eq!(row["stream"], kind == "chat-stream");
+            }
+            _ => {}
+        }
+    }
+    let stats = send(&client, Method::GET, &format!("{base}/api/stats"), Some("admin"), None).await.json();
+    assert_eq!(stats["total"], N as u64);
+    assert_eq!(stats["history"]["dropped"], 0);
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    let chat = SimNode::start(node(&["chat"])).await.unwrap();
+    let router = router_with_history(&db, &[("c", &chat, &["chat"], 64)]).await;
+    let base = format!("http://{}", router.addr);
+    let client = client();
+    assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+    router.services.history.flush().await;
+
+    // Another process takes the write lock and holds it.
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut locker).await.unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let reply = post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await;
+        assert_eq!(reply.status, 200, "requests never wait on the database");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    router.services.history.flush().await;
+    let metrics = send(&client, Method::GET, &format!("{base}/metrics"), None, None).await.text();
+    assert!(
+        metric(&metrics, "llm_router_history_rows_total{outcome=\"dropped\"}") > 0,
+        "drops are counted"
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    drop(locker);
+
+    let written_before = router.services.history.written();
+    for _ in 0..5 {
+        assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+    }
+    router.services.history.flush().await;
+    assert_eq!(router.services.history.written(), written_before + 5, "writing resumed");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_history_that_cannot_open_does_not_stop_the_router() {
+    let chat = SimNode::start(node(&["chat"])).await.unwrap();
+    // A path no one can create, root included.
+    let router = router_with_history(std::path::Path::new("/proc/llm-router-test/h.db"), &[("c", &chat, &["chat"], 8)]).await;
+    let base = format!("http://{}", router.addr);
+    let client = client();
+    for _ in 0..3 {
+        assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(2), || router.services.history.dropped() == 3).await);
+    let logs = send(&client, Method::GET, &format!("{base}/api/logs"), Some("admin"), None).await;
+    assert_eq!(logs.status, 503);
+    assert_eq!(logs.json()["error"]["code"], "history_unavailable");
+    router.shutdown().await;
+}
