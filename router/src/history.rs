@@ -1,88 +1,975 @@
-//! PLACEHOLDER for the request history (being written; replaced wholesale). It implements the
-//! contract's types with a history that stores nothing, so the crate builds meanwhile.
-#![allow(missing_docs, dead_code)]
+//! The request history: one SQLite row per `/v1` request.
+//!
+//! The request path never waits on the database. [`History::record`] puts the row into a bounded
+//! channel without awaiting; a background writer takes rows off it and inserts them in batches,
+//! one transaction per batch. When the channel is full, or a batch's transaction fails (database
+//! locked, read-only, disk full), the rows are counted in [`History::dropped`] and a warning is
+//! logged (at most one per 10 s); the writer keeps going and writing resumes by itself when the
+//! fault clears. A short busy timeout keeps a locked database from holding the writer up for
+//! long.
+//!
+//! Queries for the admin API ([`History::logs`], [`History::stats`]) read through the same
+//! connection pool; SQLite's WAL mode lets them run beside the writer.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::TryStreamExt;
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
-#[derive(Debug, Clone)]
+/// Settings for [`History::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryConfig {
+    /// The SQLite file; created if missing.
     pub path: PathBuf,
+    /// Rows older than this are deleted every minute; `None` keeps all.
     pub retention: Option<Duration>,
+    /// Most rows per transaction.
     pub batch_size: usize,
+    /// Longest wait before a partial batch is written.
     pub flush_interval: Duration,
+    /// Most rows waiting to be written; more are dropped and counted.
     pub queue_capacity: usize,
 }
 
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("llm-router.db"),
+            retention: None,
+            batch_size: 256,
+            flush_interval: Duration::from_millis(200),
+            queue_capacity: 65_536,
+        }
+    }
+}
+
+/// One request, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestRecord {
+    /// When the request arrived, unix ms.
     pub ts_ms: i64,
+    /// The request id sent back in `x-request-id`.
     pub request_id: String,
+    /// The URL path.
     pub path: String,
+    /// The requested model.
     pub model: Option<String>,
+    /// The node that served it.
     pub node_id: Option<String>,
+    /// The HTTP status the client got.
     pub status: u16,
+    /// Whether the client asked for a stream.
     pub stream: bool,
+    /// Request to last byte, ms.
     pub latency_ms: f64,
+    /// Request to response headers, ms.
     pub ttfb_ms: Option<f64>,
+    /// Prompt tokens, when the node reported usage.
     pub prompt_tokens: Option<u32>,
+    /// Completion tokens, when the node reported usage.
     pub completion_tokens: Option<u32>,
+    /// The API key's id.
     pub api_key_id: Option<String>,
+    /// Whether the client went away before the end.
     pub client_disconnected: bool,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct History {
-    dropped: Arc<AtomicU64>,
-}
-
+/// Why the history failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    #[error("open: {0}")]
+    /// The database could not be opened or migrated.
+    #[error("cannot open the history database: {0}")]
     Open(String),
-    #[error("database: {0}")]
-    Database(String),
-    #[error("bad query: {0}")]
+    /// A query failed.
+    #[error("history database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A query parameter is invalid.
+    #[error("{0}")]
     BadQuery(String),
-    #[error("history unavailable")]
+    /// There is no database (history disabled or failed to open).
+    #[error("the request history is not available")]
     Unavailable,
 }
 
-#[derive(Debug, Default, Deserialize)]
-pub struct LogQuery {}
-#[derive(Debug, Default, Deserialize)]
-pub struct StatsQuery {}
-#[derive(Debug, Serialize)]
-pub struct LogPage {}
-#[derive(Debug, Serialize)]
-pub struct Stats {}
+enum Message {
+    Row(RequestRecord),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    written: AtomicU64,
+    dropped: AtomicU64,
+    batches: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: Option<SqlitePool>,
+    tx: Option<mpsc::Sender<Message>>,
+    counters: Arc<Counters>,
+    closed: AtomicBool,
+    retention: Option<Duration>,
+}
+
+/// The request history. Cheap to clone; all clones share the database and counters.
+#[derive(Debug, Clone)]
+pub struct History {
+    inner: Arc<Inner>,
+}
 
 impl History {
-    pub async fn open(_config: HistoryConfig) -> Result<History, HistoryError> {
-        Err(HistoryError::Unavailable)
+    /// Opens (or creates) the database, runs the migrations, and starts the writer and the
+    /// retention task.
+    pub async fn open(config: HistoryConfig) -> Result<History, HistoryError> {
+        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| HistoryError::Open(format!("{}: {e}", dir.display())))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(&config.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(1));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let inner = Arc::new(Inner {
+            pool: Some(pool.clone()),
+            tx: Some(tx),
+            counters: counters.clone(),
+            closed: AtomicBool::new(false),
+            retention: config.retention,
+        });
+        tokio::spawn(writer(
+            pool,
+            rx,
+            counters,
+            config.batch_size.max(1),
+            config.flush_interval,
+        ));
+        let history = History { inner };
+        if config.retention.is_some() {
+            let weak = Arc::downgrade(&history.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if let Err(error) = (History { inner }).apply_retention().await {
+                        tracing::warn!(%error, "history retention failed");
+                    }
+                }
+            });
+        }
+        Ok(history)
     }
+
+    /// No database: every row is counted as dropped, queries answer [`HistoryError::Unavailable`].
     pub fn disabled() -> History {
-        History::default()
+        History {
+            inner: Arc::new(Inner {
+                pool: None,
+                tx: None,
+                counters: Arc::default(),
+                closed: AtomicBool::new(false),
+                retention: None,
+            }),
+        }
     }
-    pub fn record(&self, _record: RequestRecord) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
+
+    /// Queues a row. Never blocks and never awaits; a full queue counts a drop.
+    pub fn record(&self, record: RequestRecord) {
+        let sent = match &self.inner.tx {
+            Some(tx) if !self.inner.closed.load(Ordering::Relaxed) => {
+                tx.try_send(Message::Row(record)).is_ok()
+            }
+            _ => false,
+        };
+        if !sent {
+            self.inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
+
+    /// Rows committed so far.
     pub fn written(&self) -> u64 {
-        0
+        self.inner.counters.written.load(Ordering::Relaxed)
     }
+
+    /// Rows lost so far (queue full, or their transaction failed).
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.inner.counters.dropped.load(Ordering::Relaxed)
     }
-    pub async fn flush(&self) {}
-    pub async fn shutdown(&self, _timeout: Duration) {}
-    pub async fn logs(&self, _query: &LogQuery) -> Result<LogPage, HistoryError> {
-        Err(HistoryError::Unavailable)
+
+    /// Transactions committed or attempted so far.
+    pub fn batches(&self) -> u64 {
+        self.inner.counters.batches.load(Ordering::Relaxed)
     }
-    pub async fn stats(&self, _query: &StatsQuery) -> Result<Stats, HistoryError> {
-        Err(HistoryError::Unavailable)
+
+    /// Returns once every row recorded before the call is committed or counted as dropped.
+    pub async fn flush(&self) {
+        let Some(tx) = &self.inner.tx else { return };
+        let (done, wait) = oneshot::channel();
+        if tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Flushes (within `timeout`), then refuses new rows (they count as dropped).
+    pub async fn shutdown(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.flush()).await;
+        self.inner.closed.store(true, Ordering::Relaxed);
+    }
+
+    fn pool(&self) -> Result<&SqlitePool, HistoryError> {
+        self.inner.pool.as_ref().ok_or(HistoryError::Unavailable)
+    }
+
+    /// Deletes rows older than the retention period.
+    pub(crate) async fn apply_retention(&self) -> Result<u64, HistoryError> {
+        let Some(retention) = self.inner.retention else {
+            return Ok(0);
+        };
+        let cutoff = now_ms() - retention.as_millis() as i64;
+        let result = sqlx::query("DELETE FROM requests WHERE ts_ms < ?")
+            .bind(cutoff)
+            .execute(self.pool()?)
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// A page of rows; see [`LogQuery`].
+    pub async fn logs(&self, query: &LogQuery) -> Result<LogPage, HistoryError> {
+        let status = query.status_filter()?;
+        let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "SELECT id, ts_ms, request_id, path, model, node_id, status, stream, latency_ms, ttfb_ms, \
+             prompt_tokens, completion_tokens, api_key_id, client_disconnected FROM requests WHERE 1 = 1",
+        );
+        if let Some(model) = &query.model {
+            sql.push(" AND model = ").push_bind(model.clone());
+        }
+        if let Some(node) = &query.node {
+            sql.push(" AND node_id = ").push_bind(node.clone());
+        }
+        match status {
+            Some(StatusFilter::Exact(code)) => {
+                sql.push(" AND status = ").push_bind(i64::from(code));
+            }
+            Some(StatusFilter::Class(class)) => {
+                let low = i64::from(class) * 100;
+                sql.push(" AND status >= ").push_bind(low);
+                sql.push(" AND status < ").push_bind(low + 100);
+            }
+            None => {}
+        }
+        push_window(&mut sql, query.since, query.until);
+        let follow = query.after_id.is_some();
+        if let Some(after) = query.after_id {
+            sql.push(" AND id > ").push_bind(after);
+            sql.push(" ORDER BY id ASC");
+        } else {
+            if let Some(before) = query.before_id {
+                sql.push(" AND id < ").push_bind(before);
+            }
+            sql.push(" ORDER BY id DESC");
+        }
+        // One more than asked, to know whether another page follows.
+        sql.push(" LIMIT ").push_bind(limit as i64 + 1);
+        let rows = sql.build().fetch_all(self.pool()?).await?;
+        let mut logs: Vec<LogRow> = rows
+            .iter()
+            .map(LogRow::from_row)
+            .collect::<Result<_, _>>()?;
+        let more = logs.len() > limit;
+        logs.truncate(limit);
+        let next_before_id = (!follow && more)
+            .then(|| logs.last().map(|r| r.id))
+            .flatten();
+        Ok(LogPage {
+            logs,
+            next_before_id,
+        })
+    }
+
+    /// Counts, error rates and latency percentiles; see [`Stats`].
+    pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, HistoryError> {
+        let mut sql = QueryBuilder::<Sqlite>::new(
+            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected FROM requests WHERE 1 = 1",
+        );
+        push_window(&mut sql, query.since, query.until);
+        let mut all = Group::default();
+        let mut ttfb = Percentiles::default();
+        let mut by_model: BTreeMap<Option<String>, Group> = BTreeMap::new();
+        let mut by_node: BTreeMap<Option<String>, Group> = BTreeMap::new();
+        let query = sql.build();
+        // Streamed into histograms, so memory stays bounded however many rows match.
+        let mut rows = query.fetch(self.pool()?);
+        while let Some(row) = rows.try_next().await? {
+            let model: Option<String> = row.try_get("model")?;
+            let node: Option<String> = row.try_get("node_id")?;
+            let status: i64 = row.try_get("status")?;
+            let latency: f64 = row.try_get("latency_ms")?;
+            let row_ttfb: Option<f64> = row.try_get("ttfb_ms")?;
+            let disconnected: bool = row.try_get("client_disconnected")?;
+            let error = status >= 500 || disconnected;
+            all.add(error, latency);
+            if let Some(t) = row_ttfb {
+                ttfb.add(t);
+            }
+            by_model.entry(model).or_default().add(error, latency);
+            by_node.entry(node).or_default().add(error, latency);
+        }
+        Ok(Stats {
+            total: all.total,
+            errors: all.errors,
+            error_rate: all.error_rate(),
+            latency_ms: all.latency.summary(),
+            ttfb_ms: ttfb.summary(),
+            by_model: by_model
+                .into_iter()
+                .map(|(model, g)| ModelStats {
+                    model,
+                    total: g.total,
+                    errors: g.errors,
+                    error_rate: g.error_rate(),
+                    latency_ms: g.latency.summary(),
+                })
+                .collect(),
+            by_node: by_node
+                .into_iter()
+                .map(|(node_id, g)| NodeStats {
+                    node_id,
+                    total: g.total,
+                    errors: g.errors,
+                    error_rate: g.error_rate(),
+                    latency_ms: g.latency.summary(),
+                })
+                .collect(),
+            history: HistoryCounts {
+                written: self.written(),
+                dropped: self.dropped(),
+            },
+        })
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
+    if let Some(since) = since {
+        sql.push(" AND ts_ms >= ").push_bind(since);
+    }
+    if let Some(until) = until {
+        sql.push(" AND ts_ms < ").push_bind(until);
+    }
+}
+
+/// The background writer: batches rows, one transaction per batch.
+async fn writer(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<Message>,
+    counters: Arc<Counters>,
+    batch_size: usize,
+    flush_interval: Duration,
+) {
+    let mut warnings = WarnLimiter::default();
+    let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_size);
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + flush_interval;
+        let mut next = Some(first);
+        loop {
+            match next.take() {
+                Some(Message::Row(row)) => batch.push(row),
+                Some(Message::Flush(done)) => {
+                    flushes.push(done);
+                    break;
+                }
+                None => {}
+            }
+            if batch.len() >= batch_size {
+                break;
+            }
+            next = match rx.try_recv() {
+                Ok(message) => Some(message),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(message)) => Some(message),
+                        _ => break,
+                    }
+                }
+            };
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            match insert(&pool, &batch).await {
+                Ok(()) => {
+                    counters.written.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    counters.dropped.fetch_add(n, Ordering::Relaxed);
+                    warnings.warn(n, &error);
+                }
+            }
+            batch.clear();
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn insert(pool: &SqlitePool, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut sql = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO requests (ts_ms, request_id, path, model, node_id, status, stream, latency_ms, \
+         ttfb_ms, prompt_tokens, completion_tokens, api_key_id, client_disconnected) ",
+    );
+    sql.push_values(rows, |mut b, r| {
+        b.push_bind(r.ts_ms)
+            .push_bind(r.request_id.clone())
+            .push_bind(r.path.clone())
+            .push_bind(r.model.clone())
+            .push_bind(r.node_id.clone())
+            .push_bind(i64::from(r.status))
+            .push_bind(r.stream)
+            .push_bind(r.latency_ms)
+            .push_bind(r.ttfb_ms)
+            .push_bind(r.prompt_tokens.map(i64::from))
+            .push_bind(r.completion_tokens.map(i64::from))
+            .push_bind(r.api_key_id.clone())
+            .push_bind(r.client_disconnected);
+    });
+    sql.build().execute(&mut *tx).await?;
+    tx.commit().await
+}
+
+/// One warning per 10 s at most, with how many rows were lost since the last one.
+#[derive(Default)]
+struct WarnLimiter {
+    last: Option<Instant>,
+    pending: u64,
+}
+
+impl WarnLimiter {
+    fn warn(&mut self, rows: u64, error: &sqlx::Error) {
+        self.pending += rows;
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(%error, dropped_rows = self.pending, "request history rows could not be written");
+            self.pending = 0;
+            self.last = Some(Instant::now());
+        }
+    }
+}
+
+/// Query parameters of `GET /api/logs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Exact model.
+    pub model: Option<String>,
+    /// Exact node id.
+    pub node: Option<String>,
+    /// An exact status (`200`) or a class (`5xx`).
+    pub status: Option<String>,
+    /// From this unix ms on.
+    pub since: Option<i64>,
+    /// Before this unix ms.
+    pub until: Option<i64>,
+    /// Rows per page, default 100, at most 1000.
+    pub limit: Option<usize>,
+    /// Newest-first paging: rows with smaller ids.
+    pub before_id: Option<i64>,
+    /// Follow mode: rows with larger ids, oldest first.
+    pub after_id: Option<i64>,
+}
+
+enum StatusFilter {
+    Exact(u16),
+    Class(u16),
+}
+
+impl LogQuery {
+    fn status_filter(&self) -> Result<Option<StatusFilter>, HistoryError> {
+        let Some(status) = self.status.as_deref() else {
+            return Ok(None);
+        };
+        let bad = || {
+            HistoryError::BadQuery(format!(
+                "status must be a code like 200 or a class like 5xx, not {status:?}"
+            ))
+        };
+        let lower = status.to_ascii_lowercase();
+        if let Some(class) = lower.strip_suffix("xx") {
+            let class = u16::from_str(class).map_err(|_| bad())?;
+            return (1..=5)
+                .contains(&class)
+                .then_some(Some(StatusFilter::Class(class)))
+                .ok_or_else(bad);
+        }
+        let code = u16::from_str(&lower).map_err(|_| bad())?;
+        (100..=599)
+            .contains(&code)
+            .then_some(Some(StatusFilter::Exact(code)))
+            .ok_or_else(bad)
+    }
+}
+
+/// Query parameters of `GET /api/stats`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// From this unix ms on.
+    pub since: Option<i64>,
+    /// Before this unix ms.
+    pub until: Option<i64>,
+}
+
+/// One stored row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogRow {
+    /// Row id, increasing.
+    pub id: i64,
+    /// The request itself.
+    #[serde(flatten)]
+    pub record: RequestRecord,
+}
+
+impl LogRow {
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        let status: i64 = row.try_get("status")?;
+        let prompt: Option<i64> = row.try_get("prompt_tokens")?;
+        let completion: Option<i64> = row.try_get("completion_tokens")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            record: RequestRecord {
+                ts_ms: row.try_get("ts_ms")?,
+                request_id: row.try_get("request_id")?,
+                path: row.try_get("path")?,
+                model: row.try_get("model")?,
+                node_id: row.try_get("node_id")?,
+                status: u16::try_from(status).unwrap_or(0),
+                stream: row.try_get("stream")?,
+                latency_ms: row.try_get("latency_ms")?,
+                ttfb_ms: row.try_get("ttfb_ms")?,
+                prompt_tokens: prompt.and_then(|v| u32::try_from(v).ok()),
+                completion_tokens: completion.and_then(|v| u32::try_from(v).ok()),
+                api_key_id: row.try_get("api_key_id")?,
+                client_disconnected: row.try_get("client_disconnected")?,
+            },
+        })
+    }
+}
+
+/// A page of `GET /api/logs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogPage {
+    /// The rows.
+    pub logs: Vec<LogRow>,
+    /// Pass as `before_id` for the next page; `None` on the last page and in follow mode.
+    pub next_before_id: Option<i64>,
+}
+
+/// Latency percentiles in ms; `None` without rows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Summary {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 95th percentile.
+    pub p95: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+}
+
+/// Counts of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelStats {
+    /// The model (`None`: the request named none).
+    pub model: Option<String>,
+    /// Requests.
+    pub total: u64,
+    /// Status >= 500 or client gone.
+    pub errors: u64,
+    /// errors / total.
+    pub error_rate: f64,
+    /// Latency percentiles.
+    pub latency_ms: Summary,
+}
+
+/// Counts of one node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStats {
+    /// The node (`None`: no node served it).
+    pub node_id: Option<String>,
+    /// Requests.
+    pub total: u64,
+    /// Status >= 500 or client gone.
+    pub errors: u64,
+    /// errors / total.
+    pub error_rate: f64,
+    /// Latency percentiles.
+    pub latency_ms: Summary,
+}
+
+/// The writer's counters.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HistoryCounts {
+    /// Rows committed.
+    pub written: u64,
+    /// Rows lost.
+    pub dropped: u64,
+}
+
+/// `GET /api/stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Requests in the window.
+    pub total: u64,
+    /// Status >= 500 or client gone.
+    pub errors: u64,
+    /// errors / total (0 without rows).
+    pub error_rate: f64,
+    /// Latency percentiles.
+    pub latency_ms: Summary,
+    /// Time-to-first-byte percentiles.
+    pub ttfb_ms: Summary,
+    /// Per model.
+    pub by_model: Vec<ModelStats>,
+    /// Per node.
+    pub by_node: Vec<NodeStats>,
+    /// Rows written and dropped since start.
+    pub history: HistoryCounts,
+}
+
+/// Percentiles over microseconds, 3 significant digits.
+struct Percentiles(Option<Histogram<u64>>);
+
+impl Default for Percentiles {
+    fn default() -> Self {
+        Self(Histogram::new(3).ok())
+    }
+}
+
+impl Percentiles {
+    fn add(&mut self, ms: f64) {
+        if let Some(h) = &mut self.0 {
+            let _ = h.record((ms * 1000.0).max(0.0) as u64);
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let at = |q: f64| {
+            self.0
+                .as_ref()
+                .filter(|h| !h.is_empty())
+                .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+        };
+        Summary {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Group {
+    total: u64,
+    errors: u64,
+    latency: Percentiles,
+}
+
+impl Group {
+    fn add(&mut self, error: bool, latency_ms: f64) {
+        self.total += 1;
+        self.errors += u64::from(error);
+        self.latency.add(latency_ms);
+    }
+
+    fn error_rate(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.total as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    use super::*;
+
+    fn record(i: usize) -> RequestRecord {
+        RequestRecord {
+            ts_ms: 1_700_000_000_000 + i as i64,
+            request_id: format!("req-{i}"),
+            path: "/v1/chat/completions".into(),
+            model: Some(if i.is_multiple_of(2) { "even" } else { "odd" }.into()),
+            node_id: Some(format!("n{}", i % 3)),
+            status: if i % 10 == 9 { 502 } else { 200 },
+            stream: i.is_multiple_of(4),
+            latency_ms: (i + 1) as f64,
+            ttfb_ms: Some(0.5),
+            prompt_tokens: Some(i as u32),
+            completion_tokens: None,
+            api_key_id: Some("k".into()),
+            client_disconnected: false,
+        }
+    }
+
+    async fn open(dir: &tempfile::TempDir, capacity: usize) -> History {
+        History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: Some(Duration::from_secs(3600)),
+            batch_size: 64,
+            flush_interval: Duration::from_millis(10),
+            queue_capacity: capacity,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rows_come_back_once_each_with_filters_and_paging() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        for i in 0..1000 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        assert_eq!((history.written(), history.dropped()), (1000, 0));
+        assert!(
+            history.batches() < 100,
+            "batched: {} transactions",
+            history.batches()
+        );
+
+        let mut seen = Vec::new();
+        let mut query = LogQuery {
+            limit: Some(300),
+            ..LogQuery::default()
+        };
+        loop {
+            let page = history.logs(&query).await.unwrap();
+            seen.extend(page.logs.iter().map(|r| r.record.request_id.clone()));
+            match page.next_before_id {
+                Some(next) => query.before_id = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 1000);
+        assert_eq!(seen[0], "req-999", "newest first");
+        let unique: std::collections::HashSet<_> = seen.iter().collect();
+        assert_eq!(unique.len(), 1000, "no repeats");
+
+        let first = history
+            .logs(&LogQuery {
+                limit: Some(1),
+                ..LogQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.logs[0].record, record(999), "every field intact");
+
+        let count = |q: LogQuery| {
+            let history = history.clone();
+            async move {
+                history
+                    .logs(&LogQuery {
+                        limit: Some(1000),
+                        ..q
+                    })
+                    .await
+                    .unwrap()
+                    .logs
+                    .len()
+            }
+        };
+        assert_eq!(
+            count(LogQuery {
+                model: Some("odd".into()),
+                ..LogQuery::default()
+            })
+            .await,
+            500
+        );
+        assert_eq!(
+            count(LogQuery {
+                node: Some("n0".into()),
+                ..LogQuery::default()
+            })
+            .await,
+            334
+        );
+        assert_eq!(
+            count(LogQuery {
+                status: Some("5xx".into()),
+                ..LogQuery::default()
+            })
+            .await,
+            100
+        );
+        assert_eq!(
+            count(LogQuery {
+                status: Some("200".into()),
+                ..LogQuery::default()
+            })
+            .await,
+            900
+        );
+        assert_eq!(
+            count(LogQuery {
+                since: Some(1_700_000_000_100),
+                until: Some(1_700_000_000_200),
+                ..LogQuery::default()
+            })
+            .await,
+            100
+        );
+        let newer = history
+            .logs(&LogQuery {
+                after_id: Some(998),
+                ..LogQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(newer.logs.len(), 2);
+        assert!(
+            newer.logs[0].id < newer.logs[1].id,
+            "follow mode is oldest first"
+        );
+        assert!(matches!(
+            history
+                .logs(&LogQuery {
+                    status: Some("2yy".into()),
+                    ..LogQuery::default()
+                })
+                .await,
+            Err(HistoryError::BadQuery(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn stats_count_errors_and_percentiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        for i in 0..100 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        let stats = history.stats(&StatsQuery::default()).await.unwrap();
+        assert_eq!((stats.total, stats.errors), (100, 10));
+        assert!((stats.error_rate - 0.1).abs() < 1e-9);
+        // Latencies are 1..=100 ms.
+        let p = stats.latency_ms;
+        assert!((p.p50.unwrap() - 50.0).abs() < 0.1, "{p:?}");
+        assert!((p.p95.unwrap() - 95.0).abs() < 0.1, "{p:?}");
+        assert!((p.p99.unwrap() - 99.0).abs() < 0.1, "{p:?}");
+        assert_eq!(stats.by_model.len(), 2);
+        assert_eq!(stats.by_node.iter().map(|n| n.total).sum::<u64>(), 100);
+        let empty = history
+            .stats(&StatsQuery {
+                since: Some(i64::MAX - 1),
+                until: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(empty.total, 0);
+        assert_eq!(empty.latency_ms.p50, None);
+    }
+
+    #[tokio::test]
+    async fn a_locked_database_costs_counted_drops_and_writing_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 4).await;
+        let url = format!("sqlite://{}", dir.path().join("h.db").display());
+        let mut locker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut locker)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        for i in 0..50 {
+            history.record(record(i));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "record() never waits"
+        );
+        tokio::time::timeout(Duration::from_secs(10), history.flush())
+            .await
+            .unwrap();
+        assert_eq!(history.written(), 0);
+        assert_eq!(
+            history.dropped(),
+            50,
+            "queue-full and failed-batch rows are all counted"
+        );
+        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+        history.record(record(1));
+        history.flush().await;
+        assert_eq!(history.written(), 1);
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_old_rows_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 100).await;
+        let mut fresh = record(1);
+        fresh.ts_ms = now_ms();
+        history.record(record(0)); // 2023: older than an hour
+        history.record(fresh);
+        history.flush().await;
+        assert_eq!(history.apply_retention().await.unwrap(), 1);
+        let left = history.logs(&LogQuery::default()).await.unwrap();
+        assert_eq!(left.logs.len(), 1);
+        assert_eq!(left.logs[0].record.request_id, "req-1");
+    }
+
+    #[tokio::test]
+    async fn a_disabled_history_counts_drops_and_answers_unavailable() {
+        let history = History::disabled();
+        history.record(record(0));
+        assert_eq!(history.dropped(), 1);
+        history.flush().await;
+        assert!(matches!(
+            history.logs(&LogQuery::default()).await,
+            Err(HistoryError::Unavailable)
+        ));
+        assert!(matches!(
+            history.stats(&StatsQuery::default()).await,
+            Err(HistoryError::Unavailable)
+        ));
     }
 }

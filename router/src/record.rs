@@ -252,6 +252,12 @@ impl HttpBody for RecordedBody {
                 if let Some(data) = frame.data_ref() {
                     this.usage.scan(data);
                 }
+                // hyper stops polling once the body says it is done, so this may be the end.
+                if this.inner.is_end_stream()
+                    && let Some(pending) = this.pending.take()
+                {
+                    pending.finish(&this.usage, false);
+                }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 if let Some(pending) = this.pending.take() {
@@ -274,9 +280,10 @@ impl HttpBody for RecordedBody {
 
 impl Drop for RecordedBody {
     fn drop(&mut self) {
-        // Dropped before the end: the client went away.
+        // Dropped before the end: the client went away. (An empty body may be dropped unpolled.)
         if let Some(pending) = self.pending.take() {
-            pending.finish(&self.usage, true);
+            let disconnected = !self.inner.is_end_stream();
+            pending.finish(&self.usage, disconnected);
         }
     }
 }

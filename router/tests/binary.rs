@@ -16,7 +16,10 @@ fn free_port() -> u16 {
 async fn wait_healthy(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -69,7 +72,11 @@ max_concurrency = 64
         .arg(&config_path)
         .output()
         .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
         .arg("--config")
@@ -80,7 +87,10 @@ max_concurrency = 64
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let logs = std::thread::spawn(move || {
-        BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<String>>()
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
     });
     wait_healthy(port).await;
 
@@ -111,19 +121,27 @@ max_concurrency = 64
     assert!(status.success());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
         "no new connection is accepted after SIGTERM"
     );
     for stream in streams {
         let text = stream.await.unwrap();
-        assert!(text.trim_end().ends_with("data: [DONE]"), "a stream was cut: {text:?}");
+        assert!(
+            text.trim_end().ends_with("data: [DONE]"),
+            "a stream was cut: {text:?}"
+        );
     }
     let started = Instant::now();
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(started.elapsed() < Duration::from_secs(15), "the router did not exit");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the router did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(exit.success(), "exit status {exit:?}");
@@ -138,13 +156,17 @@ max_concurrency = 64
         .collect();
     assert_eq!(finished.len(), 20, "one JSON log line per request");
     assert!(
-        finished.iter().all(|v| v["span"]["request_id"].as_str().is_some_and(|id| !id.is_empty())),
+        finished.iter().all(|v| v["span"]["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())),
         "each carries its request id: {}",
         finished[0]
     );
 
     // The history was flushed before exit: one row per stream.
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
     let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM requests")
         .fetch_one(&pool)
         .await

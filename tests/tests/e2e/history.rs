@@ -20,12 +20,22 @@ fn node(models: &[&str]) -> SimConfig {
     }
 }
 
-async fn router_with_history(db: &std::path::Path, nodes: &[(&str, &SimNode, &[&str], usize)]) -> Running {
+async fn router_with_history(
+    db: &std::path::Path,
+    nodes: &[(&str, &SimNode, &[&str], usize)],
+) -> Running {
     let mut config = quick_config(nodes);
     config.history.enabled = true;
     config.history.path = db.to_owned();
     config.history.flush_interval_ms = 20;
-    start_full(config, StartOptions { admin_token: Some("admin".into()), ..StartOptions::default() }).await
+    start_full(
+        config,
+        StartOptions {
+            admin_token: Some("admin".into()),
+            ..StartOptions::default()
+        },
+    )
+    .await
 }
 
 /// Every row, oldest first, paging through `GET /api/logs`.
@@ -63,7 +73,11 @@ async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
     let dir = tempfile::tempdir().unwrap();
     let chat = SimNode::start(node(&["chat"])).await.unwrap();
     let embed = SimNode::start(node(&["embed"])).await.unwrap();
-    let router = router_with_history(&dir.path().join("h.db"), &[("c", &chat, &["chat"], 256), ("e", &embed, &["embed"], 256)]).await;
+    let router = router_with_history(
+        &dir.path().join("h.db"),
+        &[("c", &chat, &["chat"], 256), ("e", &embed, &["embed"], 256)],
+    )
+    .await;
     let base = format!("http://{}", router.addr);
     let client = client();
 
@@ -81,12 +95,17 @@ async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
             _ => ("/v1/chat/completions", chat_body("nobody-serves-this", false)),
         };
         let (client, url) = (client.clone(), format!("{base}{path}"));
-        tasks.push(tokio::spawn(async move { (i, post(&client, &url, body).await) }));
+        tasks.push(tokio::spawn(
+            async move { (i, post(&client, &url, body).await) },
+        ));
         // At most 32 in flight.
         if tasks.len() >= 32 {
             let (i, reply) = tasks.remove(0).await.unwrap();
             let id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
-            assert!(sent.insert(id, (i, reply.status.as_u16())).is_none(), "request ids are unique");
+            assert!(
+                sent.insert(id, (i, reply.status.as_u16())).is_none(),
+                "request ids are unique"
+            );
         }
     }
     for task in tasks {
@@ -101,7 +120,9 @@ async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
     assert_eq!(rows.len(), N, "exactly one row per request");
     for row in &rows {
         let id = row["request_id"].as_str().unwrap();
-        let (i, status) = sent.get(id).unwrap_or_else(|| panic!("a row for an unknown request: {row}"));
+        let (i, status) = sent
+            .get(id)
+            .unwrap_or_else(|| panic!("a row for an unknown request: {row}"));
         assert_eq!(row["status"], *status, "{row}");
         let kind = kinds[i % kinds.len()];
         assert!(row["latency_ms"].as_f64().unwrap() > 0.0);
@@ -112,18 +133,36 @@ async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
                 assert!(row["node_id"].is_null());
             }
             "embedding" => {
-                assert_eq!((row["model"].as_str(), row["node_id"].as_str()), (Some("embed"), Some("e")));
+                assert_eq!(
+                    (row["model"].as_str(), row["node_id"].as_str()),
+                    (Some("embed"), Some("e"))
+                );
                 assert!(row["prompt_tokens"].as_u64().unwrap() > 0, "{row}");
             }
             _ if *status == 200 => {
-                assert_eq!((row["model"].as_str(), row["node_id"].as_str()), (Some("chat"), Some("c")), "{row}");
-                assert_eq!(row["completion_tokens"], 3, "tokens, from the JSON or the last SSE chunk: {row}");
+                assert_eq!(
+                    (row["model"].as_str(), row["node_id"].as_str()),
+                    (Some("chat"), Some("c")),
+                    "{row}"
+                );
+                assert_eq!(
+                    row["completion_tokens"], 3,
+                    "tokens, from the JSON or the last SSE chunk: {row}"
+                );
                 assert_eq!(row["stream"], kind == "chat-stream");
             }
             _ => {}
         }
     }
-    let stats = send(&client, Method::GET, &format!("{base}/api/stats"), Some("admin"), None).await.json();
+    let stats = send(
+        &client,
+        Method::GET,
+        &format!("{base}/api/stats"),
+        Some("admin"),
+        None,
+    )
+    .await
+    .json();
     assert_eq!(stats["total"], N as u64);
     assert_eq!(stats["history"]["dropped"], 0);
     router.shutdown().await;
@@ -137,22 +176,50 @@ async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
     let router = router_with_history(&db, &[("c", &chat, &["chat"], 64)]).await;
     let base = format!("http://{}", router.addr);
     let client = client();
-    assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+    assert_eq!(
+        post(
+            &client,
+            &format!("{base}/v1/chat/completions"),
+            chat_body("chat", false)
+        )
+        .await
+        .status,
+        200
+    );
     router.services.history.flush().await;
 
     // Another process takes the write lock and holds it.
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut locker).await.unwrap();
+    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     for _ in 0..20 {
-        let reply = post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await;
+        let reply = post(
+            &client,
+            &format!("{base}/v1/chat/completions"),
+            chat_body("chat", false),
+        )
+        .await;
         assert_eq!(reply.status, 200, "requests never wait on the database");
     }
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    router.services.history.flush().await;
-    let metrics = send(&client, Method::GET, &format!("{base}/metrics"), None, None).await.text();
     assert!(
-        metric(&metrics, "llm_router_history_rows_total{outcome=\"dropped\"}") > 0,
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    router.services.history.flush().await;
+    let metrics = send(&client, Method::GET, &format!("{base}/metrics"), None, None)
+        .await
+        .text();
+    assert!(
+        metric(
+            &metrics,
+            "llm_router_history_rows_total{outcome=\"dropped\"}"
+        ) > 0,
         "drops are counted"
     );
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
@@ -160,10 +227,23 @@ async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
 
     let written_before = router.services.history.written();
     for _ in 0..5 {
-        assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+        assert_eq!(
+            post(
+                &client,
+                &format!("{base}/v1/chat/completions"),
+                chat_body("chat", false)
+            )
+            .await
+            .status,
+            200
+        );
     }
     router.services.history.flush().await;
-    assert_eq!(router.services.history.written(), written_before + 5, "writing resumed");
+    assert_eq!(
+        router.services.history.written(),
+        written_before + 5,
+        "writing resumed"
+    );
     router.shutdown().await;
 }
 
@@ -171,15 +251,89 @@ async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
 async fn a_history_that_cannot_open_does_not_stop_the_router() {
     let chat = SimNode::start(node(&["chat"])).await.unwrap();
     // A path no one can create, root included.
-    let router = router_with_history(std::path::Path::new("/proc/llm-router-test/h.db"), &[("c", &chat, &["chat"], 8)]).await;
+    let router = router_with_history(
+        std::path::Path::new("/proc/llm-router-test/h.db"),
+        &[("c", &chat, &["chat"], 8)],
+    )
+    .await;
     let base = format!("http://{}", router.addr);
     let client = client();
     for _ in 0..3 {
-        assert_eq!(post(&client, &format!("{base}/v1/chat/completions"), chat_body("chat", false)).await.status, 200);
+        assert_eq!(
+            post(
+                &client,
+                &format!("{base}/v1/chat/completions"),
+                chat_body("chat", false)
+            )
+            .await
+            .status,
+            200
+        );
     }
-    assert!(eventually(Duration::from_secs(2), || router.services.history.dropped() == 3).await);
-    let logs = send(&client, Method::GET, &format!("{base}/api/logs"), Some("admin"), None).await;
+    assert!(
+        eventually(Duration::from_secs(2), || router.services.history.dropped()
+            == 3)
+        .await
+    );
+    let logs = send(
+        &client,
+        Method::GET,
+        &format!("{base}/api/logs"),
+        Some("admin"),
+        None,
+    )
+    .await;
     assert_eq!(logs.status, 503);
     assert_eq!(logs.json()["error"]["code"], "history_unavailable");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_marked_in_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = SimNode::start(SimConfig {
+        inter_token_ms: 50,
+        tokens: 100,
+        ..node(&["chat"])
+    })
+    .await
+    .unwrap();
+    let router = router_with_history(&dir.path().join("h.db"), &[("c", &slow, &["chat"], 8)]).await;
+    let base = format!("http://{}", router.addr);
+    let client = client();
+    let response = post_streaming(
+        &client,
+        &format!("{base}/v1/chat/completions"),
+        chat_body("chat", true),
+    )
+    .await;
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut body = response.into_body();
+    http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(body);
+    assert!(
+        eventually(Duration::from_secs(3), || router
+            .services
+            .state
+            .pool
+            .snapshot()
+            .nodes()[0]
+            .state()
+            .in_flight()
+            == 0)
+        .await
+    );
+    router.services.history.flush().await;
+    let rows = all_rows(&client, &base).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["request_id"], id.as_str());
+    assert_eq!(rows[0]["client_disconnected"], true, "{}", rows[0]);
+    assert_eq!(rows[0]["status"], 200);
     router.shutdown().await;
 }
