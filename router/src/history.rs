@@ -748,10 +748,12 @@ mod tests {
         }
     }
 
+    /// Without a retention period: the rows here carry 2023 timestamps, and the retention task
+    /// (whose first pass runs at once) would delete them while the test reads.
     async fn open(dir: &tempfile::TempDir, capacity: usize) -> History {
         History::open(HistoryConfig {
             path: dir.path().join("h.db"),
-            retention: Some(Duration::from_secs(3600)),
+            retention: None,
             batch_size: 64,
             flush_interval: Duration::from_millis(10),
             queue_capacity: capacity,
@@ -945,7 +947,16 @@ mod tests {
     #[tokio::test]
     async fn retention_deletes_old_rows_only() {
         let dir = tempfile::tempdir().unwrap();
-        let history = open(&dir, 100).await;
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: Some(Duration::from_secs(3600)),
+            flush_interval: Duration::from_millis(10),
+            ..HistoryConfig::default()
+        })
+        .await
+        .unwrap();
+        // Let the start-up retention pass run before there is anything to delete.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut fresh = record(1);
         fresh.ts_ms = now_ms();
         history.record(record(0)); // 2023: older than an hour
