@@ -16,10 +16,14 @@ if command -v rustup > /dev/null; then
     fi
   done
 fi
-# A C compiler links the Rust binaries; Debian-based machines get one from apt.
-if ! command -v cc > /dev/null; then
+# A C compiler links the Rust binaries; chattr (e2fsprogs) lets a test make the history database
+# read-only under the running router. Debian-based machines get both from apt.
+packages=()
+command -v cc > /dev/null || packages+=(gcc libc6-dev)
+command -v chattr > /dev/null || packages+=(e2fsprogs)
+if [ ${#packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  log "apt-get install gcc"
+  log "apt-get install ${packages[*]}"
   $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends gcc libc6-dev
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${packages[@]}"
 fi

@@ -172,39 +172,89 @@ async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
 async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("h.db");
+    let url = format!("sqlite://{}", db.display());
+    let locker = tokio::sync::Mutex::new(None::<sqlx::SqliteConnection>);
+    survive_a_database_fault(
+        &db,
+        || async {
+            // Another process takes the write lock and holds it.
+            let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            *locker.lock().await = Some(conn);
+        },
+        || async {
+            let mut conn = locker.lock().await.take().unwrap();
+            sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+        },
+    )
+    .await;
+}
+
+/// `chattr +i` makes the files immutable: writes fail with EPERM even through descriptors the
+/// writer already holds open, root included, which is what a disk remounted read-only does.
+fn set_immutable(files: &[std::path::PathBuf], on: bool) {
+    for file in files.iter().filter(|f| f.exists()) {
+        let status = std::process::Command::new("chattr")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(file)
+            .status()
+            .expect("chattr (e2fsprogs) is installed by scripts/setup.sh");
+        assert!(
+            status.success(),
+            "chattr on {} failed: this test needs root and a filesystem with the immutable \
+             attribute (ext4, xfs, btrfs; not tmpfs)",
+            file.display()
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_succeed_while_the_database_is_read_only_and_rows_resume_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("h.db");
+    // Not the `-shm` file: SQLite maps it into memory, and a write fault there is a SIGBUS.
+    let files: Vec<_> = ["", "-wal"]
+        .iter()
+        .map(|suffix| dir.path().join(format!("h.db{suffix}")))
+        .collect();
+    survive_a_database_fault(
+        &db,
+        || async { set_immutable(&files, true) },
+        || async { set_immutable(&files, false) },
+    )
+    .await;
+}
+
+/// One request recorded, then `fault` breaks the database: twenty requests must still succeed
+/// quickly and their rows be counted as dropped. After `clear`, rows are written again.
+async fn survive_a_database_fault<F, FF, C, CF>(db: &std::path::Path, fault: F, clear: C)
+where
+    F: FnOnce() -> FF,
+    FF: std::future::Future<Output = ()>,
+    C: FnOnce() -> CF,
+    CF: std::future::Future<Output = ()>,
+{
     let chat = SimNode::start(node(&["chat"])).await.unwrap();
-    let router = router_with_history(&db, &[("c", &chat, &["chat"], 64)]).await;
+    let router = router_with_history(db, &[("c", &chat, &["chat"], 64)]).await;
     let base = format!("http://{}", router.addr);
     let client = client();
-    assert_eq!(
-        post(
-            &client,
-            &format!("{base}/v1/chat/completions"),
-            chat_body("chat", false)
-        )
-        .await
-        .status,
-        200
-    );
+    let chat_url = format!("{base}/v1/chat/completions");
+    let chat_once = || post(&client, &chat_url, chat_body("chat", false));
+    assert_eq!(chat_once().await.status, 200);
     router.services.history.flush().await;
+    assert_eq!(router.services.history.written(), 1);
 
-    // Another process takes the write lock and holds it.
-    let mut locker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-        .await
-        .unwrap();
-    sqlx::query("BEGIN EXCLUSIVE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    fault().await;
     let started = std::time::Instant::now();
     for _ in 0..20 {
-        let reply = post(
-            &client,
-            &format!("{base}/v1/chat/completions"),
-            chat_body("chat", false),
-        )
-        .await;
-        assert_eq!(reply.status, 200, "requests never wait on the database");
+        assert_eq!(
+            chat_once().await.status,
+            200,
+            "requests never wait on the database"
+        );
     }
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -215,34 +265,29 @@ async fn requests_succeed_while_the_database_is_locked_and_rows_resume_after() {
     let metrics = send(&client, Method::GET, &format!("{base}/metrics"), None, None)
         .await
         .text();
-    assert!(
-        metric(
-            &metrics,
-            "llm_router_history_rows_total{outcome=\"dropped\"}"
-        ) > 0,
-        "drops are counted"
+    let dropped = metric(
+        &metrics,
+        "llm_router_history_rows_total{outcome=\"dropped\"}",
     );
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
-    drop(locker);
+    assert!(dropped > 0, "drops are counted");
+    assert_eq!(
+        router.services.history.written() + router.services.history.dropped(),
+        21,
+        "every row is either written or counted as dropped"
+    );
+    clear().await;
 
     let written_before = router.services.history.written();
     for _ in 0..5 {
-        assert_eq!(
-            post(
-                &client,
-                &format!("{base}/v1/chat/completions"),
-                chat_body("chat", false)
-            )
-            .await
-            .status,
-            200
-        );
+        assert_eq!(chat_once().await.status, 200);
     }
-    router.services.history.flush().await;
-    assert_eq!(
+    assert!(
+        eventually(Duration::from_secs(5), || router.services.history.written()
+            == written_before + 5)
+        .await,
+        "writing resumed: {} written, {} dropped",
         router.services.history.written(),
-        written_before + 5,
-        "writing resumed"
+        router.services.history.dropped()
     );
     router.shutdown().await;
 }
