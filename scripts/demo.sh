@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo run --quiet --release -p llm-router -- --demo "$@"
+exec cargo run --quiet --release -p llm-router --bin llm-router -- --demo "$@"
