@@ -667,5 +667,7 @@ async fn models(State(sim): State<SharedSim>) -> Response {
 }
 
 async fn stats(State(sim): State<SharedSim>) -> Response {
-    Json(sim.stats.snapshot()).into_response()
+    let mut stats = serde_json::to_value(sim.stats.snapshot()).unwrap_or_default();
+    stats["config"] = serde_json::to_value(&sim.config).unwrap_or_default();
+    Json(stats).into_response()
 }
