@@ -10,8 +10,8 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +21,7 @@ use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use layers::{NodePool, RequestInfo, ServedBy};
+use memchr::memmem;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -298,35 +299,49 @@ struct UsageScanner {
     carry: Vec<u8>,
 }
 
+/// Longest `"completion_tokens" : 1234567890` worth carrying over a chunk boundary.
 const CARRY: usize = 40;
+
+static PROMPT_TOKENS: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"prompt_tokens\""));
+static COMPLETION_TOKENS: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"completion_tokens\""));
 
 impl UsageScanner {
     fn scan(&mut self, chunk: &[u8]) {
-        if !chunk.contains(&b'_') && self.carry.is_empty() {
-            // No key can end here, but one may start here and end in the next chunk.
-            self.carry = chunk[chunk.len().saturating_sub(CARRY)..].to_vec();
-            return;
+        // A key that straddles the boundary is in the carry plus the head of this chunk. Only
+        // that small seam is copied; the chunk itself is searched in place.
+        if !self.carry.is_empty() {
+            let mut seam = std::mem::take(&mut self.carry);
+            seam.extend_from_slice(&chunk[..chunk.len().min(CARRY)]);
+            self.scan_window(&seam);
+            if chunk.len() < CARRY {
+                let keep = seam.len().saturating_sub(CARRY);
+                self.carry = seam.split_off(keep);
+                return;
+            }
         }
-        let mut window = std::mem::take(&mut self.carry);
-        window.extend_from_slice(chunk);
-        if let Some(v) = last_number_after(&window, b"\"prompt_tokens\"") {
+        self.scan_window(chunk);
+        self.carry
+            .extend_from_slice(&chunk[chunk.len().saturating_sub(CARRY)..]);
+    }
+
+    fn scan_window(&mut self, window: &[u8]) {
+        if let Some(v) = last_number_after(window, &PROMPT_TOKENS) {
             self.prompt_tokens = Some(v);
         }
-        if let Some(v) = last_number_after(&window, b"\"completion_tokens\"") {
+        if let Some(v) = last_number_after(window, &COMPLETION_TOKENS) {
             self.completion_tokens = Some(v);
         }
-        let keep = window.len().saturating_sub(CARRY);
-        self.carry = window.split_off(keep);
     }
 }
 
 /// The number after the last complete `key: N` in `window`. A number that runs to the end of the
 /// window may be cut off, so it is left for the next scan (the key is then in the carry).
-fn last_number_after(window: &[u8], key: &[u8]) -> Option<u32> {
+fn last_number_after(window: &[u8], key: &memmem::Finder<'_>) -> Option<u32> {
     let mut found = None;
-    let mut start = 0;
-    while let Some(pos) = window[start..].windows(key.len()).position(|w| w == key) {
-        let mut i = start + pos + key.len();
+    for pos in key.find_iter(window) {
+        let mut i = pos + key.needle().len();
         while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
             i += 1;
         }
@@ -345,7 +360,6 @@ fn last_number_after(window: &[u8], key: &[u8]) -> Option<u32> {
                     .and_then(|d| d.parse().ok());
             }
         }
-        start += pos + 1;
     }
     found
 }
@@ -371,6 +385,25 @@ mod tests {
                 (parts.prompt_tokens, parts.completion_tokens),
                 (Some(12), Some(345)),
                 "split at {split}"
+            );
+        }
+        let mut bytewise = UsageScanner::default();
+        for byte in body.chunks(1) {
+            bytewise.scan(byte);
+        }
+        assert_eq!(
+            (bytewise.prompt_tokens, bytewise.completion_tokens),
+            (Some(12), Some(345))
+        );
+        for size in [3, 7, 13, 39, 40, 41] {
+            let mut chunked = UsageScanner::default();
+            for chunk in body.chunks(size) {
+                chunked.scan(chunk);
+            }
+            assert_eq!(
+                (chunked.prompt_tokens, chunked.completion_tokens),
+                (Some(12), Some(345)),
+                "chunks of {size}"
             );
         }
     }
