@@ -5,7 +5,8 @@
 //! when the previous answer has ended. It measures throughput. An **open loop** starts requests
 //! at a fixed rate whatever the answers do; latency is counted from the moment a request was
 //! due, not from when it was sent, so a stalled generator cannot hide queueing (coordinated
-//! omission). It measures latency at a given load.
+//! omission), beyond the first millisecond, which is the timer's resolution. It measures latency
+//! at a given load.
 //!
 //! For each request it records the end-to-end latency (until the last body byte) and the time to
 //! first token: the first non-empty body frame of a stream, or the whole answer when not

@@ -78,7 +78,11 @@ fn peaks(nodes: &[FleetNode], before: &[(usize, u64)]) -> Vec<NodePeak> {
         .collect()
 }
 
+/// Each node's request count, with its peak reset so the next run's peak is its own.
 fn counters(nodes: &[FleetNode]) -> Vec<(usize, u64)> {
+    for n in nodes {
+        n.node.stats().reset_peak();
+    }
     nodes
         .iter()
         .map(|n| (n.node.stats().peak_in_flight(), n.node.stats().requests()))
@@ -595,14 +599,16 @@ pub async fn overload(settings: &Settings) -> Result<Report, String> {
     ));
     let above: Vec<String> = nodes
         .iter()
-        .filter(|n| n.node.stats().peak_in_flight() > n.max_concurrency)
-        .map(|n| {
-            format!(
-                "{} ({} > {})",
-                n.name,
-                n.node.stats().peak_in_flight(),
-                n.max_concurrency
-            )
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let peak = report
+                .runs
+                .iter()
+                .filter_map(|r| r.nodes.get(i))
+                .map(|p| p.peak_in_flight)
+                .max()?;
+            (peak > n.max_concurrency)
+                .then(|| format!("{} ({peak} > {})", n.name, n.max_concurrency))
         })
         .collect();
     report.findings.push(if above.is_empty() {

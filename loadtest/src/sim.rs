@@ -162,6 +162,13 @@ impl SimStats {
         self.peak_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Starts a new peak: from now on [`peak_in_flight`](Self::peak_in_flight) counts from the
+    /// requests held now.
+    pub fn reset_peak(&self) {
+        self.peak_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     /// Requests being handled now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
