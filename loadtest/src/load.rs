@@ -380,9 +380,14 @@ pub async fn run_with(client: &HttpClient, spec: LoadSpec) -> Result<LoadResult,
                 workers.spawn(async move {
                     let mut tally = Tally::new();
                     let mut sent = 0u64;
-                    while Instant::now() < stop_at {
+                    // Every worker sends at least one request, so a very short duration
+                    // still opens `connections` requests at once.
+                    loop {
                         sent += 1;
                         tally.add(one(&client, &uri, &spec, body.clone(), Instant::now()).await);
+                        if Instant::now() >= stop_at {
+                            break;
+                        }
                     }
                     if let Ok(mut total) = shared.lock() {
                         total.merge(tally);

@@ -321,15 +321,19 @@ pub async fn streaming(settings: &Settings) -> Result<Report, String> {
         "streaming",
         "concurrent idle SSE streams through one router",
     );
-    // Long, slow streams: the first token at once, then one every 2 s, so they sit idle while
+    // Long, slow streams: the first token at once, then one every `gap` (2 s in a full run), so
+    // they sit idle while they are counted: first `settle`, then a CPU `window`.
+    let gap = (settings.duration / 5).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let settle = (settings.duration / 4).min(Duration::from_secs(3));
+    let window = (settings.duration / 2).min(Duration::from_secs(5));
     // they are counted.
-    let tokens = (settings.duration.as_secs() / 2).max(5) as usize + 10;
+    let tokens = ((settle + window).as_millis() / gap.as_millis()) as usize + 10;
     let nodes = vec![
         FleetNode::start(
             "node-1",
             SimConfig {
                 ttft_ms: 10,
-                inter_token_ms: 2000,
+                inter_token_ms: gap.as_millis() as u64,
                 tokens,
                 ..SimConfig::instant(&["m"])
             },
@@ -371,16 +375,19 @@ pub async fn streaming(settings: &Settings) -> Result<Report, String> {
     // Wait until every stream is open at the node, then sample while they sit idle.
     let node = &nodes[0].node;
     let open_deadline = Instant::now() + Duration::from_secs(120);
-    while node.stats().in_flight() < streams && Instant::now() < open_deadline {
+    while node.stats().in_flight() < streams
+        && Instant::now() < open_deadline
+        && !load.is_finished()
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let opened = node.stats().in_flight();
     let open_after = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(settle).await;
     let held = router.usage();
     let held_idle_cpu = {
         let before = router.usage();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(window).await;
         router.usage().cpu_ms - before.cpu_ms
     };
     let result: LoadResult = load.await.map_err(|e| e.to_string())??;
@@ -401,9 +408,11 @@ pub async fn streaming(settings: &Settings) -> Result<Report, String> {
         held.rss_kib as f64 / 1024.0
     ));
     report.findings.push(format!(
-        "router CPU: {:.0} ms over 5 s with every stream open (one token per stream every 2 s, {:.0} tokens/s); {:.2} ms per stream over the whole run ({:.0} ms)",
+        "router CPU: {:.0} ms over {:.1} s with every stream open (one token per stream every {:.1} s, {:.0} tokens/s); {:.2} ms per stream over the whole run ({:.0} ms)",
         held_idle_cpu,
-        opened as f64 / 2.0,
+        window.as_secs_f64(),
+        gap.as_secs_f64(),
+        opened as f64 / gap.as_secs_f64(),
         (end.cpu_ms - idle.cpu_ms) / result.succeeded.max(1) as f64,
         end.cpu_ms - idle.cpu_ms
     ));

@@ -1,0 +1,86 @@
+//! Every `llm-loadtest` scenario, cut short, against this build's router binary: the scenario
+//! code stays runnable, and each report carries the figures the README's Performance section
+//! is built from. The real runs (`scripts/bench.sh`) are not part of the test command.
+
+use std::time::Duration;
+
+use loadtest::scenario::{self, Settings};
+
+fn settings(out: &std::path::Path) -> Settings {
+    Settings {
+        router_bin: env!("CARGO_BIN_EXE_llm-router").into(),
+        out_dir: out.to_owned(),
+        duration: Duration::from_millis(600),
+        overload_duration: Duration::from_millis(600),
+        streams: 50,
+        streams_over_h2: true,
+    }
+}
+
+#[tokio::test]
+async fn every_scenario_runs_short_and_writes_its_report() {
+    let out = tempfile::tempdir().unwrap();
+    let settings = settings(out.path());
+
+    let overhead = scenario::overhead(&settings).await.unwrap();
+    assert_eq!(overhead.runs.len(), 4);
+    for run in &overhead.runs {
+        assert!(
+            run.result.succeeded > 0,
+            "{}: {:?}",
+            run.label,
+            run.result.errors
+        );
+        assert!(
+            run.result.errors.is_empty(),
+            "{}: {:?}",
+            run.label,
+            run.result.errors
+        );
+    }
+    assert!(overhead.runs[1].router.unwrap().peak_rss_kib > 0);
+
+    let streaming = scenario::streaming(&settings).await.unwrap();
+    assert_eq!(
+        streaming.runs[0].result.succeeded, 50,
+        "{:?}",
+        streaming.runs[0].result.errors
+    );
+    assert!(
+        streaming.findings[0].starts_with("50 of 50 streams open"),
+        "{:?}",
+        streaming.findings
+    );
+
+    let fleet = scenario::fleet(&settings).await.unwrap();
+    let labels: Vec<&str> = fleet.runs.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["round robin", "least-loaded", "default stack"]);
+
+    let overload = scenario::overload(&settings).await.unwrap();
+    assert_eq!(overload.runs.len(), 3);
+    assert!(
+        overload
+            .findings
+            .iter()
+            .any(|f| f == "no node ever held more than its max concurrency"),
+        "{:?}",
+        overload.findings
+    );
+
+    for name in ["overhead", "streaming", "fleet", "overload"] {
+        let report = match name {
+            "overhead" => &overhead,
+            "streaming" => &streaming,
+            "fleet" => &fleet,
+            _ => &overload,
+        };
+        let md = report.write(out.path()).unwrap();
+        assert!(
+            std::fs::read_to_string(md)
+                .unwrap()
+                .contains("| run | load |")
+        );
+        assert!(out.path().join(format!("{name}.svg")).exists());
+        assert!(out.path().join(format!("{name}.json")).exists());
+    }
+}
