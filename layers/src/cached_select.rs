@@ -6,11 +6,14 @@
 //!   by slow signals: the node's time-to-first-byte average divided by its weight, ties kept in
 //!   pool order. It is cached and rebuilt only when the pool changes or after a short TTL, and
 //!   the request path reads it without locks.
-//! - The **pick** uses live load: the node with the lowest `(in flight + 1) / max concurrency`,
-//!   ties to the better rank. With equal load, consecutive requests get the same node; under
-//!   concurrency load spreads in proportion to capacity. For fleets above
-//!   [`FULL_SCAN_LIMIT`] nodes the pick is power of two choices: the best-ranked node against
-//!   one other, so its cost stays constant.
+//! - The **pick** weighs speed against live load: the node with the lowest expected time to
+//!   first byte, `ttfb × (1 + (in flight + 1) / max concurrency)`, ties to the better rank. A
+//!   node twice as quick takes load until it is full before a slow one gets any, which is
+//!   what keeps the p95 of a mixed fleet low; a node with room always beats a full one; nodes of equal speed share load in proportion to
+//!   their capacity, and with equal load consecutive requests get the same node. A node not
+//!   measured yet counts as quickest, so it gets tried. For fleets above [`FULL_SCAN_LIMIT`]
+//!   nodes the pick is power of two choices: the best-ranked node against one other, so its
+//!   cost stays constant.
 //!
 //! The choice is attached as a [`SelectedNode`] request extension holding the node's slot. If a
 //! [`TimeoutWaitLayer`](crate::timeout_wait::TimeoutWaitLayer) before it already holds a slot,
@@ -31,7 +34,7 @@ use tower::{Layer, Service};
 use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
-use crate::pool::{Eligible, Node, NodePool, PoolSnapshot, SelectedNode, SlotBound, least_loaded};
+use crate::pool::{Eligible, Node, NodePool, NodeState, PoolSnapshot, SelectedNode, SlotBound};
 use crate::request_info::RequestInfo;
 
 /// Fleets up to this size get an exact least-loaded pick; larger ones get power of two choices.
@@ -57,22 +60,75 @@ impl Default for SelectConfig {
 struct Ranking {
     generation: u64,
     built_at: Instant,
-    by_model: HashMap<Arc<str>, Arc<[Arc<Node>]>>,
-    any: Arc<[Arc<Node>]>,
-    wildcard: Arc<[Arc<Node>]>,
+    by_model: HashMap<Arc<str>, Ranked>,
+    any: Ranked,
+    wildcard: Ranked,
+}
+
+/// Nodes best first, each with the [`Speed`] it had when the ranking was built.
+#[derive(Debug, Default)]
+struct Ranked {
+    nodes: Vec<Arc<Node>>,
+    speeds: Vec<Speed>,
+}
+
+impl Ranked {
+    fn entries(&self) -> impl Iterator<Item = (&Arc<Node>, Speed)> {
+        self.nodes.iter().zip(self.speeds.iter().copied())
+    }
+}
+
+/// A node's slow signals, per unit of weight, in microseconds: time to first byte and the time
+/// a request holds a slot. Unmeasured ones are 0, so new nodes get tried.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Speed {
+    ttfb: f64,
+    latency: f64,
+}
+
+impl Speed {
+    fn of(node: &Node) -> Self {
+        let weight = f64::from(node.weight().max(1));
+        let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6) / weight;
+        Self {
+            ttfb: us(node.state().ttfb_ewma()),
+            latency: us(node.state().latency_ewma()),
+        }
+    }
+
+    /// Expected time to first byte with `after` requests on a node of `max` slots: from one to
+    /// two times the node's own while it has room; past that, each further `max` requests add
+    /// one slot-holding time, since they queue inside the node.
+    fn expected(self, after: usize, max: usize) -> f64 {
+        // +1 µs so unmeasured nodes still order by load among themselves.
+        let ttfb = self.ttfb + 1.0;
+        let (after, max) = (after as f64, max as f64);
+        if after <= max {
+            ttfb * (max + after) / max
+        } else {
+            2.0 * ttfb + (after - max) / max * self.latency.max(ttfb)
+        }
+    }
+
+    /// Orders choices: any node with room before any full one, then by expected time.
+    fn cost(self, after: usize, max: usize) -> (bool, f64) {
+        (after > max, self.expected(after, max))
+    }
 }
 
 impl Ranking {
     fn build(snapshot: &PoolSnapshot) -> Self {
-        let rank = |nodes: &[Arc<Node>]| -> Arc<[Arc<Node>]> {
-            let mut ranked = nodes.to_vec();
-            // Stable: equal scores keep pool order.
-            ranked.sort_by_key(|n| score(n));
-            ranked.into()
+        let rank = |nodes: &[Arc<Node>]| -> Ranked {
+            let mut scored: Vec<(Speed, Arc<Node>)> =
+                nodes.iter().map(|n| (Speed::of(n), n.clone())).collect();
+            // Stable: equal speeds keep pool order.
+            scored.sort_by(|(a, _), (b, _)| a.ttfb.total_cmp(&b.ttfb));
+            let (speeds, nodes) = scored.into_iter().unzip();
+            Ranked { nodes, speeds }
         };
         let list = |model: Option<&str>| match snapshot.eligible(model) {
             Eligible::Nodes(nodes) => rank(nodes),
-            _ => Arc::from(Vec::new()),
+            _ => Ranked::default(),
         };
         let by_model = snapshot
             .models()
@@ -97,19 +153,12 @@ impl Ranking {
         }
     }
 
-    fn nodes(&self, model: Option<&str>) -> &[Arc<Node>] {
+    fn nodes(&self, model: Option<&str>) -> &Ranked {
         match model {
             None => &self.any,
             Some(m) => self.by_model.get(m).unwrap_or(&self.wildcard),
         }
     }
-}
-
-/// Lower is better: expected time to first byte per unit of weight, in microseconds. A node with
-/// no measurement yet scores 0, so new nodes get tried.
-fn score(node: &Node) -> u64 {
-    let ttfb = node.state().ttfb_ewma().map_or(0, |d| d.as_micros() as u64);
-    ttfb / u64::from(node.weight().max(1))
 }
 
 /// The ranking cache and the pick; shared by all clones of one layer.
@@ -163,7 +212,7 @@ impl NodeSelector {
     ) -> Result<SelectedNode, RouterError> {
         let ranking = self.ranking();
         let ranked = ranking.nodes(model);
-        if ranked.is_empty() {
+        if ranked.nodes.is_empty() {
             // The ranking may be a moment behind; the snapshot has the final word.
             return Err(match self.pool.snapshot().eligible(model) {
                 Eligible::UnknownModel => {
@@ -205,26 +254,52 @@ impl NodeSelector {
     /// (plus the node already held, if any) over large ones.
     fn pick<'a>(
         &self,
-        ranked: &'a [Arc<Node>],
+        ranked: &'a Ranked,
         bound: SlotBound,
         held: Option<&'a SelectedNode>,
     ) -> Option<&'a Arc<Node>> {
         let held_state = held.map(|h| &**h.node().state());
-        if ranked.len() <= FULL_SCAN_LIMIT {
-            return least_loaded(ranked, bound, held_state);
+        if ranked.nodes.len() <= FULL_SCAN_LIMIT {
+            return quickest(ranked.entries(), bound, held_state);
         }
         // A Weyl sequence spreads the second choice evenly without a random number generator.
         let step = self
             .second_choice
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        let other = 1 + (step % (ranked.len() as u64 - 1)) as usize;
+        let other = 1 + (step % (ranked.nodes.len() as u64 - 1)) as usize;
         let candidates = [
-            Some(&ranked[0]),
-            Some(&ranked[other]),
-            held.map(|h| h.node()),
+            Some((&ranked.nodes[0], ranked.speeds[0])),
+            Some((&ranked.nodes[other], ranked.speeds[other])),
+            held.map(|h| (h.node(), Speed::of(h.node()))),
         ];
-        least_loaded(candidates.into_iter().flatten(), bound, held_state)
+        quickest(candidates.into_iter().flatten(), bound, held_state)
     }
+}
+
+/// The candidate with room and the lowest [`Speed::expected`] time to first byte once this
+/// request is on it, or if none has room the one where it queues least; the first of equals
+/// wins. `held` is a slot this request already has (it does not count
+/// twice). With [`SlotBound::WithinCapacity`], full nodes are skipped.
+fn quickest<'a>(
+    candidates: impl IntoIterator<Item = (&'a Arc<Node>, Speed)>,
+    bound: SlotBound,
+    held: Option<&NodeState>,
+) -> Option<&'a Arc<Node>> {
+    let mut best: Option<(&Arc<Node>, (bool, f64))> = None;
+    for (node, speed) in candidates {
+        let state = node.state();
+        let is_held = held.is_some_and(|h| std::ptr::eq(h, &**state));
+        let after = state.in_flight() + usize::from(!is_held);
+        let max = node.max_concurrency().max(1);
+        if bound == SlotBound::WithinCapacity && after > max {
+            continue;
+        }
+        let cost = speed.cost(after, max);
+        if best.is_none_or(|(_, best_cost)| cost < best_cost) {
+            best = Some((node, cost));
+        }
+    }
+    best.map(|(node, _)| node)
 }
 
 /// Chooses the node for each request; see the module docs.
@@ -346,6 +421,42 @@ mod tests {
         pool.set_draining("a", false);
         assert_eq!(id(&selector.select(Some("m"), None).unwrap()), "b");
         assert_eq!(selector.ranking_builds(), 2);
+    }
+
+    #[test]
+    fn a_quick_node_fills_before_a_slow_one_gets_load() {
+        let pool = pool(&[("slow", 4), ("quick", 4)]);
+        let nodes = pool.snapshot().nodes().to_vec();
+        for _ in 0..20 {
+            nodes[0].state().record_ttfb(Duration::from_millis(150));
+            nodes[1].state().record_ttfb(Duration::from_millis(40));
+        }
+        let selector = NodeSelector::new(pool, SelectConfig::default());
+        let held: Vec<_> = (0..4)
+            .map(|_| selector.select(Some("m"), None).unwrap())
+            .collect();
+        assert!(
+            held.iter().all(|s| id(s) == "quick"),
+            "the quick node fills first"
+        );
+        let next = selector.select(Some("m"), None).unwrap();
+        assert_eq!(
+            id(&next),
+            "slow",
+            "a full quick node queues; the slow one has room"
+        );
+    }
+
+    #[test]
+    fn equal_speeds_share_by_load_and_expected_time_grows_past_capacity() {
+        let speed = Speed {
+            ttfb: 100.0,
+            latency: 1000.0,
+        };
+        assert!(speed.expected(1, 4) < speed.expected(4, 4));
+        assert!((speed.expected(4, 4) - 2.0 * 101.0).abs() < 1e-9);
+        // Four more requests on a full four-slot node wait one slot-holding time.
+        assert!((speed.expected(8, 4) - (2.0 * 101.0 + 1000.0)).abs() < 1e-9);
     }
 
     #[test]

@@ -312,7 +312,6 @@ impl Future for ProxyFuture {
                         return Poll::Ready(Ok(RouterError::UpstreamTimeout.into_response()));
                     }
                 };
-                node.state().record_ttfb(sent_at.elapsed());
                 if response.status().is_server_error() {
                     node.state().record_failure();
                 } else {
@@ -328,7 +327,7 @@ impl Future for ProxyFuture {
                 let sse = is_event_stream(&headers);
                 parts.headers = headers;
                 parts.extensions.insert(ServedBy(node.id_arc().clone()));
-                let body = ProxyBody::streaming(incoming, selected, *idle_timeout, sse);
+                let body = ProxyBody::streaming(incoming, selected, *idle_timeout, sse, *sent_at);
                 Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
         }
@@ -353,6 +352,10 @@ struct Upstream {
     selected: SelectedNode,
     idle_timeout: Duration,
     sse: bool,
+    /// When the request went to the node, until its first body byte arrives: a stream's headers
+    /// come at once, so only the first byte of the body tells how quick the node is (its time to
+    /// first token).
+    awaiting_first_byte: Option<Instant>,
 }
 
 impl std::fmt::Debug for ProxyBody {
@@ -390,6 +393,7 @@ impl ProxyBody {
         selected: SelectedNode,
         idle_timeout: Duration,
         sse: bool,
+        sent_at: Instant,
     ) -> Self {
         Self {
             idle: Some(tokio::time::sleep(idle_timeout)),
@@ -398,6 +402,7 @@ impl ProxyBody {
                 selected,
                 idle_timeout,
                 sse,
+                awaiting_first_byte: Some(sent_at),
             }),
             full: None,
         }
@@ -423,12 +428,28 @@ impl Body for ProxyBody {
         };
         let failure = match Pin::new(&mut upstream.incoming).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.data_ref().is_some_and(|d| !d.is_empty())
+                    && let Some(sent_at) = upstream.awaiting_first_byte.take()
+                {
+                    upstream
+                        .selected
+                        .node()
+                        .state()
+                        .record_ttfb(sent_at.elapsed());
+                }
                 if let Some(idle) = this.idle.as_mut().as_pin_mut() {
                     idle.reset(tokio::time::Instant::now() + upstream.idle_timeout);
                 }
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(None) => {
+                if let Some(sent_at) = upstream.awaiting_first_byte.take() {
+                    upstream
+                        .selected
+                        .node()
+                        .state()
+                        .record_ttfb(sent_at.elapsed());
+                }
                 // The last byte: give the slot back now, not when the body is dropped.
                 *this.upstream = None;
                 return Poll::Ready(None);
