@@ -519,7 +519,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failures_are_grouped_by_status_and_retry_after_is_counted() {
+    async fn failures_are_grouped_by_status_and_transport_errors_by_kind() {
         let node = SimNode::start(SimConfig {
             failure_rate: 1.0,
             ..SimConfig::instant(&["m"])

@@ -559,33 +559,21 @@ pub async fn overload(settings: &Settings) -> Result<Report, String> {
         )
         .streaming(true)
     };
-    report.runs.push(
-        measure(
-            "70% load",
-            phase(capacity * 0.7, settings.duration),
+    let phases = [
+        ("70% load", 0.7, settings.duration),
+        ("300% load", 3.0, settings.overload_duration),
+        ("70% load, after", 0.7, settings.duration),
+    ];
+    for (label, share, duration) in phases {
+        let run = measure(
+            label,
+            phase(capacity * share, duration),
             &nodes,
             Some(&router),
         )
-        .await?,
-    );
-    report.runs.push(
-        measure(
-            "300% load",
-            phase(capacity * 3.0, settings.overload_duration),
-            &nodes,
-            Some(&router),
-        )
-        .await?,
-    );
-    report.runs.push(
-        measure(
-            "70% load, after",
-            phase(capacity * 0.7, settings.duration),
-            &nodes,
-            Some(&router),
-        )
-        .await?,
-    );
+        .await?;
+        report.runs.push(run);
+    }
     let (before, over, after) = (
         &report.runs[0].result,
         &report.runs[1].result,
