@@ -34,7 +34,9 @@ use tower::{Layer, Service};
 use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
-use crate::pool::{Eligible, Node, NodePool, NodeState, PoolSnapshot, SelectedNode, SlotBound};
+use crate::pool::{
+    Eligible, Node, NodePool, PoolSnapshot, SelectedNode, SlotBound, Speed, quickest,
+};
 use crate::request_info::RequestInfo;
 
 /// Fleets up to this size get an exact least-loaded pick; larger ones get power of two choices.
@@ -75,44 +77,6 @@ struct Ranked {
 impl Ranked {
     fn entries(&self) -> impl Iterator<Item = (&Arc<Node>, Speed)> {
         self.nodes.iter().zip(self.speeds.iter().copied())
-    }
-}
-
-/// A node's slow signals, per unit of weight, in microseconds: time to first byte and the time
-/// a request holds a slot. Unmeasured ones are 0, so new nodes get tried.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Speed {
-    ttfb: f64,
-    latency: f64,
-}
-
-impl Speed {
-    fn of(node: &Node) -> Self {
-        let weight = f64::from(node.weight().max(1));
-        let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6) / weight;
-        Self {
-            ttfb: us(node.state().ttfb_ewma()),
-            latency: us(node.state().latency_ewma()),
-        }
-    }
-
-    /// Expected time to first byte with `after` requests on a node of `max` slots: from one to
-    /// two times the node's own while it has room; past that, each further `max` requests add
-    /// one slot-holding time, since they queue inside the node.
-    fn expected(self, after: usize, max: usize) -> f64 {
-        // +1 µs so unmeasured nodes still order by load among themselves.
-        let ttfb = self.ttfb + 1.0;
-        let (after, max) = (after as f64, max as f64);
-        if after <= max {
-            ttfb * (max + after) / max
-        } else {
-            2.0 * ttfb + (after - max) / max * self.latency.max(ttfb)
-        }
-    }
-
-    /// Orders choices: any node with room before any full one, then by expected time.
-    fn cost(self, after: usize, max: usize) -> (bool, f64) {
-        (after > max, self.expected(after, max))
     }
 }
 
@@ -274,32 +238,6 @@ impl NodeSelector {
         ];
         quickest(candidates.into_iter().flatten(), bound, held_state)
     }
-}
-
-/// The candidate with room and the lowest [`Speed::expected`] time to first byte once this
-/// request is on it, or if none has room the one where it queues least; the first of equals
-/// wins. `held` is a slot this request already has (it does not count
-/// twice). With [`SlotBound::WithinCapacity`], full nodes are skipped.
-fn quickest<'a>(
-    candidates: impl IntoIterator<Item = (&'a Arc<Node>, Speed)>,
-    bound: SlotBound,
-    held: Option<&NodeState>,
-) -> Option<&'a Arc<Node>> {
-    let mut best: Option<(&Arc<Node>, (bool, f64))> = None;
-    for (node, speed) in candidates {
-        let state = node.state();
-        let is_held = held.is_some_and(|h| std::ptr::eq(h, &**state));
-        let after = state.in_flight() + usize::from(!is_held);
-        let max = node.max_concurrency().max(1);
-        if bound == SlotBound::WithinCapacity && after > max {
-            continue;
-        }
-        let cost = speed.cost(after, max);
-        if best.is_none_or(|(_, best_cost)| cost < best_cost) {
-            best = Some((node, cost));
-        }
-    }
-    best.map(|(node, _)| node)
 }
 
 /// Chooses the node for each request; see the module docs.

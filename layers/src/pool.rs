@@ -520,24 +520,79 @@ pub fn least_loaded<'a>(
     bound: SlotBound,
     already_held: Option<&NodeState>,
 ) -> Option<&'a Arc<Node>> {
-    let mut best: Option<(&Arc<Node>, usize, usize)> = None;
-    for node in ranked {
-        let held = already_held.is_some_and(|s| std::ptr::eq(s, &*node.state));
-        let in_flight = node.state.in_flight();
-        let after = if held { in_flight } else { in_flight + 1 };
-        if bound == SlotBound::WithinCapacity && after > node.max_concurrency {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            // after / max < best_after / best_max, without division.
-            Some((_, b_after, b_max)) => after * b_max < b_after * node.max_concurrency,
-        };
-        if better {
-            best = Some((node, after, node.max_concurrency));
+    // With no speeds, the expected time orders nodes by `after / max` alone.
+    let unmeasured = ranked.into_iter().map(|n| (n, Speed::UNMEASURED));
+    quickest(unmeasured, bound, already_held)
+}
+
+/// A node's slow signals, per unit of weight, in microseconds: time to first byte and the time
+/// a request holds a slot. Unmeasured ones are 0, so new nodes get tried.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct Speed {
+    pub(crate) ttfb: f64,
+    pub(crate) latency: f64,
+}
+
+impl Speed {
+    /// No measurement: nodes then order by load alone.
+    const UNMEASURED: Self = Self {
+        ttfb: 0.0,
+        latency: 0.0,
+    };
+
+    pub(crate) fn of(node: &Node) -> Self {
+        let weight = f64::from(node.weight().max(1));
+        let us = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e6) / weight;
+        Self {
+            ttfb: us(node.state().ttfb_ewma()),
+            latency: us(node.state().latency_ewma()),
         }
     }
-    best.map(|(n, _, _)| n)
+
+    /// Expected time to first byte with `after` requests on a node of `max` slots: from one to
+    /// two times the node's own while it has room; past that, each further `max` requests add
+    /// one slot-holding time, since they queue inside the node.
+    pub(crate) fn expected(self, after: usize, max: usize) -> f64 {
+        // +1 µs so unmeasured nodes still order by load among themselves.
+        let ttfb = self.ttfb + 1.0;
+        let (after, max) = (after as f64, max as f64);
+        if after <= max {
+            ttfb * (max + after) / max
+        } else {
+            2.0 * ttfb + (after - max) / max * self.latency.max(ttfb)
+        }
+    }
+
+    /// Orders choices: any node with room before any full one, then by expected time.
+    fn cost(self, after: usize, max: usize) -> (bool, f64) {
+        (after > max, self.expected(after, max))
+    }
+}
+
+/// The candidate with room and the lowest [`Speed::expected`] time to first byte once this
+/// request is on it, or if none has room the one where it queues least; the first of equals
+/// wins. `held` is a slot this request already has (it does not count
+/// twice). With [`SlotBound::WithinCapacity`], full nodes are skipped.
+pub(crate) fn quickest<'a>(
+    candidates: impl IntoIterator<Item = (&'a Arc<Node>, Speed)>,
+    bound: SlotBound,
+    held: Option<&NodeState>,
+) -> Option<&'a Arc<Node>> {
+    let mut best: Option<(&Arc<Node>, (bool, f64))> = None;
+    for (node, speed) in candidates {
+        let state = node.state();
+        let is_held = held.is_some_and(|h| std::ptr::eq(h, &**state));
+        let after = state.in_flight() + usize::from(!is_held);
+        let max = node.max_concurrency().max(1);
+        if bound == SlotBound::WithinCapacity && after > max {
+            continue;
+        }
+        let cost = speed.cost(after, max);
+        if best.is_none_or(|(_, best_cost)| cost < best_cost) {
+            best = Some((node, cost));
+        }
+    }
+    best.map(|(node, _)| node)
 }
 
 /// A request's claim on one slot of one node. Dropping it gives the slot back.

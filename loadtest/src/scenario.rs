@@ -478,21 +478,12 @@ pub async fn fleet(settings: &Settings) -> Result<Report, String> {
     let spec = |url: String| {
         LoadSpec::chat(url, "m", Pace::Open { rate }, settings.duration).streaming(true)
     };
-    let variants: [(&str, &str); 3] = [
-        ("round robin", ""),
-        ("least-loaded", "layers = []\n"),
-        ("default stack", ""),
-    ];
-    for (label, layers) in variants {
-        if label == "round robin" {
-            let proxy =
-                RoundRobinProxy::start(nodes.iter().map(|n| n.node.url()).collect()).await?;
-            report
-                .runs
-                .push(measure(label, spec(proxy.url()), &nodes, None).await?);
-            proxy.stop();
-            continue;
-        }
+    let proxy = RoundRobinProxy::start(nodes.iter().map(|n| n.node.url()).collect()).await?;
+    report
+        .runs
+        .push(measure("round robin", spec(proxy.url()), &nodes, None).await?);
+    proxy.stop();
+    for (label, layers) in [("least-loaded", "layers = []\n"), ("default stack", "")] {
         let config = format!(
             "{layers}{QUIET}[history]\nenabled = true\n\n{}",
             nodes_toml(&nodes, "m", |n| n.max_concurrency)
@@ -505,7 +496,7 @@ pub async fn fleet(settings: &Settings) -> Result<Report, String> {
             .runs
             .push(measure(label, spec(router.url()), &nodes, Some(&router)).await?);
         router.stop().await;
-        // Let the nodes drain and their peaks be read per run.
+        // Let the nodes drain before the next run.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let p95 = |label: &str| {

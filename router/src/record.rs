@@ -121,8 +121,9 @@ where
             Some(id) => id.to_owned(),
             None => self.recorder.ids.next(),
         };
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            request.headers_mut().insert(REQUEST_ID, value);
+        let id_header = HeaderValue::from_str(&request_id).ok();
+        if let Some(value) = &id_header {
+            request.headers_mut().insert(REQUEST_ID, value.clone());
         }
         let api_key_id = request
             .extensions()
@@ -155,7 +156,7 @@ where
                     span.record("node", node.as_str());
                 }
                 span.record("status", response.status().as_u16());
-                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                if let Some(value) = id_header {
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
                 let pending = Pending {
