@@ -8,7 +8,7 @@
 //! fault clears. A short busy timeout keeps a locked database from holding the writer up for
 //! long.
 //!
-//! Queries for the admin API ([`History::logs`], [`History::stats`]) read through the same
+//! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
 //! connection pool; SQLite's WAL mode lets them run beside the writer.
 
 use std::collections::BTreeMap;
@@ -21,8 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::TryStreamExt;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 /// Settings for [`History::open`].
@@ -144,7 +146,7 @@ impl History {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
         sqlx::migrate!("./migrations")
@@ -161,7 +163,7 @@ impl History {
             retention: config.retention,
         });
         tokio::spawn(writer(
-            pool,
+            options,
             rx,
             counters,
             config.batch_size.max(1),
@@ -389,14 +391,19 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 }
 
 /// The background writer: batches rows, one transaction per batch.
+/// Writes rows in batches on a connection of its own. A failed batch closes that connection and
+/// the next batch opens a fresh one: after a fault SQLite can leave a connection holding a lock,
+/// or opened read-only (it falls back to that when the file refuses writes), and neither heals
+/// when the fault clears.
 async fn writer(
-    pool: SqlitePool,
+    options: SqliteConnectOptions,
     mut rx: mpsc::Receiver<Message>,
     counters: Arc<Counters>,
     batch_size: usize,
     flush_interval: Duration,
 ) {
     let mut warnings = WarnLimiter::default();
+    let mut connection: Option<SqliteConnection> = None;
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_size);
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -428,11 +435,21 @@ async fn writer(
         if !batch.is_empty() {
             let n = batch.len() as u64;
             counters.batches.fetch_add(1, Ordering::Relaxed);
-            match insert(&pool, &batch).await {
+            let outcome = match connection.as_mut() {
+                Some(conn) => insert(conn, &batch).await,
+                None => match SqliteConnection::connect_with(&options).await {
+                    Ok(conn) => insert(connection.insert(conn), &batch).await,
+                    Err(error) => Err(error),
+                },
+            };
+            match outcome {
                 Ok(()) => {
                     counters.written.fetch_add(n, Ordering::Relaxed);
                 }
                 Err(error) => {
+                    if let Some(broken) = connection.take() {
+                        let _ = broken.close().await;
+                    }
                     counters.dropped.fetch_add(n, Ordering::Relaxed);
                     warnings.warn(n, &error);
                 }
@@ -445,8 +462,8 @@ async fn writer(
     }
 }
 
-async fn insert(pool: &SqlitePool, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+async fn insert(conn: &mut SqliteConnection, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
     let mut sql = QueryBuilder::<Sqlite>::new(
         "INSERT INTO requests (ts_ms, request_id, path, model, node_id, status, stream, latency_ms, \
          ttfb_ms, prompt_tokens, completion_tokens, api_key_id, client_disconnected) ",
@@ -726,7 +743,6 @@ impl Group {
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection;
 
     use super::*;
 
