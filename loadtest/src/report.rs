@@ -311,6 +311,11 @@ pub fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    utc_from_unix(secs)
+}
+
+/// `secs` after 1970-01-01 UTC as `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc_from_unix(secs: u64) -> String {
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -356,9 +361,9 @@ mod tests {
 
     #[test]
     fn utc_dates_are_civil_dates() {
-        let now = utc_now();
-        assert_eq!(now.len(), 20, "{now}");
-        assert!(now.starts_with("20"), "{now}");
-        assert!(now.ends_with('Z'));
+        assert_eq!(utc_from_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_from_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_from_unix(1_795_597_254), "2026-11-25T09:00:54Z");
+        assert_eq!(utc_now().len(), 20);
     }
 }
