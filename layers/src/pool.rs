@@ -784,8 +784,10 @@ impl Shared {
             };
             let eligible = match snapshot.eligible(key.as_deref()) {
                 Eligible::Nodes(list) => list,
-                _ => {
-                    full.push(key);
+                // No node may take this model's requests now (all down, draining or gone):
+                // waiting would only end in a timeout, so its waiters are answered at once.
+                Eligible::NoneAvailable | Eligible::UnknownModel => {
+                    queue.drop_line(&key, &self.waiting);
                     continue;
                 }
             };
@@ -856,6 +858,14 @@ impl Queue {
             // The waiter is gone. Take the slot back without running its release, which would
             // take the queue lock we hold.
             Err(guard) => guard.into_slot().map_or(Ok(()), Err),
+        }
+    }
+
+    /// Drops every waiter for `key`: each sees its place dropped without a slot.
+    fn drop_line(&mut self, key: &Option<Arc<str>>, waiting: &AtomicUsize) {
+        if let Some(line) = self.by_model.remove(key) {
+            self.len -= line.len();
+            waiting.fetch_sub(line.len(), Ordering::SeqCst);
         }
     }
 

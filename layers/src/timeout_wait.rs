@@ -9,7 +9,8 @@
 //! Answers, all OpenAI-shaped JSON:
 //! - line full: 429 with `Retry-After`;
 //! - timed out: 503 with `Retry-After`;
-//! - nodes serve the model but none is up: 503 with `Retry-After`, at once;
+//! - nodes serve the model but none is up: 503 with `Retry-After`, at once, also for requests
+//!   already waiting when the last node goes down;
 //! - no node serves the model: 404 `model_not_found`.
 //!
 //! A waiter whose client goes away (its future is dropped) leaves the line at once and takes no
@@ -113,7 +114,8 @@ pub async fn wait_for_ready(
         Start::InLine(mut entry) => {
             match tokio::time::timeout(config.wait_timeout, &mut entry.rx).await {
                 Ok(Ok(guard)) => WaitResult::Ready(guard),
-                // The pool dropped our place without a slot: it is shutting down.
+                // The pool dropped our place without a slot: no node may serve the model any
+                // more (all went down, or the pool is shutting down).
                 Ok(Err(_)) => WaitResult::NoEligibleNode,
                 Err(_) => WaitResult::Timeout,
             }
@@ -420,6 +422,31 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4]);
         assert_eq!(pool.snapshot().nodes()[0].state().in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_answered_at_once_when_the_last_node_goes_down() {
+        let pool = pool(1);
+        let _held = wait_for_ready(&pool, Some("m"), &config(8, 10)).await;
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let waiter_pool = pool.clone();
+            waiters.push(tokio::spawn(async move {
+                wait_for_ready(&waiter_pool, Some("m"), &config(8, 60_000)).await
+            }));
+        }
+        while pool.waiting() < 3 {
+            tokio::task::yield_now().await;
+        }
+        pool.set_healthy("a", false);
+        for waiter in waiters {
+            let result = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("the waiter was not answered at once")
+                .unwrap();
+            assert!(matches!(result, WaitResult::NoEligibleNode), "{result:?}");
+        }
+        assert_eq!(pool.waiting(), 0, "no line is left behind");
     }
 
     #[tokio::test]
