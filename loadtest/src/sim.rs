@@ -79,6 +79,9 @@ pub struct SimConfig {
     /// Length of embedding vectors.
     #[arg(long, default_value_t = 8)]
     pub embedding_dim: usize,
+    /// A stream sends this many tokens and then nothing more, without closing; 0 never stalls.
+    #[arg(long, default_value_t = 0)]
+    pub stall_after: usize,
 }
 
 impl Default for SimConfig {
@@ -94,6 +97,7 @@ impl Default for SimConfig {
             failure_rate: 0.0,
             hang_rate: 0.0,
             embedding_dim: 8,
+            stall_after: 0,
         }
     }
 }
@@ -235,6 +239,7 @@ impl Drop for Held {
 
 struct Sim {
     config: SimConfig,
+    addr: SocketAddr,
     stats: Arc<SimStats>,
     gate: Option<Arc<Semaphore>>,
     next_id: AtomicU64,
@@ -272,15 +277,16 @@ impl SimNode {
         let stats = Arc::new(SimStats::default());
         let gate =
             (config.max_concurrency > 0).then(|| Arc::new(Semaphore::new(config.max_concurrency)));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let sim = Arc::new(Sim {
             config,
+            addr,
             stats: stats.clone(),
             gate,
             next_id: AtomicU64::new(1),
         });
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let server = tokio::spawn(accept_loop(listener, app(sim), stats.clone()));
         Self {
             addr,
@@ -408,9 +414,10 @@ impl Sim {
             std::future::pending::<()>().await;
         }
         if self.config.failure_rate > 0.0 && fastrand::f64() < self.config.failure_rate {
+            // Real servers often name themselves in errors; a router must not pass that on.
             return Err(openai_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "simulated failure",
+                &format!("simulated failure at http://{}/v1", self.addr),
                 "simulated_failure",
             ));
         }
@@ -578,6 +585,9 @@ fn stream_answer(
     };
     let events = stream::unfold(state, |mut st| async move {
         let held = st.held.take()?;
+        if st.sim.config.stall_after > 0 && st.next == st.sim.config.stall_after {
+            std::future::pending::<()>().await;
+        }
         let event = if st.next < st.tokens {
             let ms = if st.next == 0 {
                 st.sim.config.ttft_ms
