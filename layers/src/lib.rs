@@ -73,6 +73,7 @@ pub mod future;
 pub mod pool;
 pub mod proxy;
 pub mod request_info;
+pub mod retry;
 pub mod timeout_wait;
 
 pub use admission::{
@@ -83,7 +84,9 @@ pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
 pub use proxy::{
-    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, ServedBy, build_client,
+    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, ServedBy,
+    UpstreamFailure, build_client,
 };
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer};
+pub use retry::RetryBudget;
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

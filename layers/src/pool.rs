@@ -280,6 +280,11 @@ impl Node {
             .build()
     }
 
+    /// The node's host and port. For operators only, and for scrubbing it from answers.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// The node's base URL (scheme, host, port and path prefix). For operators only.
     pub fn base_url(&self) -> String {
         format!("{}://{}{}", self.scheme, self.authority, self.path_prefix)

@@ -19,8 +19,17 @@
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
+//! - **Retries.** A request is sent once more, to another node with a free slot, when its node
+//!   refuses the connection, fails before answering, or answers 5xx: always before any byte has
+//!   reached the client, never after. A first-byte timeout is not retried (the node may still be
+//!   working on it, and a second try would double the wait), nor is anything once the body has
+//!   started. Retries come out of a [`RetryBudget`] (by default 10 at once, then 20% of
+//!   requests), so a failing fleet is not hit by a retry storm. The request body must be `Clone`
+//!   for this; [`Full<Bytes>`], which [`RequestInfoLayer`](crate::RequestInfoLayer) yields, is.
 //! - **Errors** never name the node's address: a client sees 502 `upstream_unavailable` or 504
-//!   `upstream_timeout`. The address is logged for operators.
+//!   `upstream_timeout`, and an error answer from the node itself (any status but 2xx) is read
+//!   (up to 64 KiB) with the node's URL, address and host replaced by `[node]`. The address is
+//!   logged for operators.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,7 +42,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture as ClientFuture};
@@ -43,13 +52,31 @@ use tokio::time::{Sleep, Timeout};
 use tower::Service;
 
 use crate::error::RouterError;
-use crate::pool::{Eligible, NodePool, SelectedNode, SlotBound, least_loaded};
+use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
+use crate::retry::RetryBudget;
 
 /// Which node served a response, in the response's extensions: for history and logs on the
 /// router side. Never sent to the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedBy(pub Arc<str>);
+
+/// Set when a proxied body that had started ends early on the node's side, in the response's
+/// extensions: for history and logs around the stack, which cannot tell from an SSE stream (it
+/// ends with an error event, not an error). Holds the error code the client was given.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamFailure(Arc<std::sync::OnceLock<&'static str>>);
+
+impl UpstreamFailure {
+    /// The error code, once the body broke: `upstream_unavailable` or `upstream_timeout`.
+    pub fn get(&self) -> Option<&'static str> {
+        self.0.get().copied()
+    }
+
+    fn set(&self, code: &'static str) {
+        let _ = self.0.set(code);
+    }
+}
 
 /// The shared HTTP client type: hyper-util's pooled client over plain TCP.
 pub type HttpClient<B = Full<Bytes>> = Client<HttpConnector, B>;
@@ -99,6 +126,13 @@ pub struct ProxyConfig {
     pub first_byte_timeout: Duration,
     /// Longest gap between two chunks of the node's body. Default 120 s.
     pub idle_timeout: Duration,
+    /// How many more nodes a failed request is tried on, before any byte reached the client.
+    /// Default 1; 0 turns retries off.
+    pub retries: u32,
+    /// Retries allowed at once, before the budget needs new requests. Default 10.
+    pub retry_reserve: u32,
+    /// Retries allowed per 100 requests, on top of the reserve. Default 20.
+    pub retry_percent: u32,
 }
 
 impl Default for ProxyConfig {
@@ -106,31 +140,61 @@ impl Default for ProxyConfig {
         Self {
             first_byte_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(120),
+            retries: 1,
+            retry_reserve: 10,
+            retry_percent: 20,
         }
     }
 }
 
+/// Largest error body read from a node to scrub its address out of it.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 /// Forwards requests to their chosen node; see the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PooledProxyService<B = Full<Bytes>> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B> Clone for PooledProxyService<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// What every request of one service needs, behind one `Arc`: a retry takes it along.
+#[derive(Debug)]
+struct Shared<B> {
     client: HttpClient<B>,
     pool: NodePool,
     config: ProxyConfig,
+    budget: RetryBudget,
 }
 
 impl<B> PooledProxyService<B> {
     /// A service sending through `client` to `pool`'s nodes.
     pub fn new(client: HttpClient<B>, pool: NodePool, config: ProxyConfig) -> Self {
+        let budget = RetryBudget::new(config.retry_reserve, config.retry_percent);
         Self {
-            client,
-            pool,
-            config,
+            shared: Arc::new(Shared {
+                client,
+                pool,
+                config,
+                budget,
+            }),
         }
     }
 
     /// The shared client.
     pub fn client(&self) -> &HttpClient<B> {
-        &self.client
+        &self.shared.client
+    }
+
+    /// The retry budget shared by this service and its clones.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.shared.budget
     }
 }
 
@@ -173,10 +237,10 @@ impl<B> PooledProxyService<B> {
             .extensions()
             .get::<RequestInfo>()
             .and_then(|i| i.model.clone());
-        let snapshot = self.pool.snapshot();
+        let snapshot = self.shared.pool.snapshot();
         match snapshot.eligible(model.as_deref()) {
             Eligible::Nodes(nodes) => least_loaded(nodes, SlotBound::MayExceed, None)
-                .and_then(|node| self.pool.acquire(node, SlotBound::MayExceed))
+                .and_then(|node| self.shared.pool.acquire(node, SlotBound::MayExceed))
                 .and_then(SelectedNode::new)
                 .ok_or(RouterError::Internal),
             Eligible::NoneAvailable => Err(RouterError::NoNodeAvailable {
@@ -189,15 +253,82 @@ impl<B> PooledProxyService<B> {
     }
 }
 
-impl<B> Service<Request<B>> for PooledProxyService<B>
+impl<B> Shared<B>
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    /// Sends `request` (hop-by-hop headers already gone) to the selected node.
+    fn send(&self, mut request: Request<B>, selected: &SelectedNode) -> Result<Sent, RouterError> {
+        let node = selected.node();
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = node.uri_for(path_and_query).map_err(|error| {
+            tracing::error!(node = node.id(), %error, "cannot build the upstream URI");
+            RouterError::Internal
+        })?;
+        *request.uri_mut() = uri;
+        *request.version_mut() = http::Version::HTTP_11;
+        let headers = request.headers_mut();
+        match node.authorization() {
+            Some(key) => {
+                headers.insert(header::AUTHORIZATION, key.clone());
+            }
+            None => {
+                headers.remove(header::AUTHORIZATION);
+            }
+        }
+        Ok(Sent {
+            future: tokio::time::timeout(
+                self.config.first_byte_timeout,
+                self.client.request(request),
+            ),
+            sent_at: Instant::now(),
+        })
+    }
+
+    /// A slot on another node with room for `model`, for a retry after `failed` failed.
+    fn another_node(&self, model: Option<&str>, failed: &Node) -> Option<SelectedNode> {
+        let snapshot = self.pool.snapshot();
+        let Eligible::Nodes(nodes) = snapshot.eligible(model) else {
+            return None;
+        };
+        let others = nodes.iter().filter(|n| n.id() != failed.id());
+        let node = least_loaded(others, SlotBound::WithinCapacity, None)?;
+        SelectedNode::new(self.pool.acquire(node, SlotBound::WithinCapacity)?)
+    }
+}
+
+/// A request on its way to a node.
+struct Sent {
+    future: Timeout<ClientFuture>,
+    sent_at: Instant,
+}
+
+/// What a request needs to be sent again.
+struct Replay<B> {
+    request: Request<B>,
+    model: Option<Arc<str>>,
+    retries_left: u32,
+}
+
+fn copy_request<B: Clone>(request: &Request<B>) -> Request<B> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+impl<B> Service<Request<B>> for PooledProxyService<B>
+where
+    B: Body + Clone + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = ProxyFuture;
+    type Future = ProxyFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The pooled client is always ready; it queues connection set-up itself.
@@ -209,61 +340,49 @@ where
             Ok(selected) => selected,
             Err(error) => return ProxyFuture::failed(error),
         };
-        let node = selected.node();
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = match node.uri_for(path_and_query) {
-            Ok(uri) => uri,
-            Err(error) => {
-                tracing::error!(node = node.id(), %error, "cannot build the upstream URI");
-                return ProxyFuture::failed(RouterError::Internal);
-            }
-        };
-        *request.uri_mut() = uri;
-        *request.version_mut() = http::Version::HTTP_11;
         let headers = request.headers_mut();
         for name in &HOP_BY_HOP {
             headers.remove(name);
         }
-        match node.authorization() {
-            Some(key) => {
-                headers.insert(header::AUTHORIZATION, key.clone());
-            }
-            None => {
-                headers.remove(header::AUTHORIZATION);
-            }
-        }
-        let sent_at = Instant::now();
-        ProxyFuture {
-            state: ProxyState::Sending {
-                future: tokio::time::timeout(
-                    self.config.first_byte_timeout,
-                    self.client.request(request),
-                ),
-                selected: Some(selected),
-                sent_at,
-                idle_timeout: self.config.idle_timeout,
-            },
+        let shared = &self.shared;
+        shared.budget.deposit();
+        let replay = (shared.config.retries > 0).then(|| Replay {
+            request: copy_request(&request),
+            model: request
+                .extensions()
+                .get::<RequestInfo>()
+                .and_then(|i| i.model.clone()),
+            retries_left: shared.config.retries,
+        });
+        match shared.send(request, &selected) {
+            Ok(sent) => ProxyFuture::sending(shared.clone(), sent, selected, replay),
+            Err(error) => ProxyFuture::failed(error),
         }
     }
 }
 
 pin_project! {
     /// Response future of [`PooledProxyService`].
-    pub struct ProxyFuture {
+    pub struct ProxyFuture<B> {
         #[pin]
-        state: ProxyState,
+        state: ProxyState<B>,
     }
 }
 
 pin_project! {
     #[project = ProxyStateProj]
-    enum ProxyState {
+    enum ProxyState<B> {
         Sending {
             #[pin]
             future: Timeout<ClientFuture>,
+            shared: Arc<Shared<B>>,
             selected: Option<SelectedNode>,
             sent_at: Instant,
-            idle_timeout: Duration,
+            replay: Option<Replay<B>>,
+        },
+        // The node answered with an error: its body is read to scrub the node's address.
+        ReadingError {
+            future: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>,
         },
         Failed {
             error: Option<RouterError>,
@@ -271,67 +390,281 @@ pin_project! {
     }
 }
 
-impl ProxyFuture {
+/// How an attempt on one node failed, before anything reached the client.
+enum Failure {
+    /// The node answered 5xx.
+    Status(Response<Incoming>),
+    /// The node answered 4xx: final, but its body still names no node.
+    Refused(Response<Incoming>),
+    /// The connection was refused or broke before the answer.
+    Unreachable,
+}
+
+impl<B> ProxyFuture<B> {
     fn failed(error: RouterError) -> Self {
         Self {
             state: ProxyState::Failed { error: Some(error) },
         }
     }
-}
 
-impl Future for ProxyFuture {
-    type Output = Result<Response<ProxyBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            ProxyStateProj::Failed { error } => {
-                let error = error.take().unwrap_or(RouterError::Internal);
-                Poll::Ready(Ok(error.into_response()))
-            }
-            ProxyStateProj::Sending {
-                future,
-                selected,
-                sent_at,
-                idle_timeout,
-            } => {
-                let outcome = ready!(future.poll(cx));
-                let Some(selected) = selected.take() else {
-                    return Poll::Ready(Ok(RouterError::Internal.into_response()));
-                };
-                let node = selected.node();
-                let response = match outcome {
-                    Ok(Ok(response)) => response,
-                    Ok(Err(error)) => {
-                        let failures = node.state().record_failure();
-                        tracing::warn!(node = node.id(), %error, failures, "upstream request failed");
-                        return Poll::Ready(Ok(RouterError::UpstreamUnavailable.into_response()));
-                    }
-                    Err(_elapsed) => {
-                        let failures = node.state().record_failure();
-                        tracing::warn!(node = node.id(), failures, "upstream first-byte timeout");
-                        return Poll::Ready(Ok(RouterError::UpstreamTimeout.into_response()));
-                    }
-                };
-                if response.status().is_server_error() {
-                    node.state().record_failure();
-                } else {
-                    node.state().record_success();
-                }
-                let (mut parts, incoming) = response.into_parts();
-                let mut headers = HeaderMap::with_capacity(parts.headers.len());
-                for (name, value) in parts.headers.drain().filter_map(|(n, v)| Some((n?, v))) {
-                    if forwardable_response_header(&name) {
-                        headers.append(name, value);
-                    }
-                }
-                let sse = is_event_stream(&headers);
-                parts.headers = headers;
-                parts.extensions.insert(ServedBy(node.id_arc().clone()));
-                let body = ProxyBody::streaming(incoming, selected, *idle_timeout, sse, *sent_at);
-                Poll::Ready(Ok(Response::from_parts(parts, body)))
-            }
+    fn sending(
+        shared: Arc<Shared<B>>,
+        sent: Sent,
+        selected: SelectedNode,
+        replay: Option<Replay<B>>,
+    ) -> Self {
+        Self {
+            state: ProxyState::sending(shared, sent, selected, replay),
         }
     }
+}
+
+impl<B> ProxyState<B> {
+    fn sending(
+        shared: Arc<Shared<B>>,
+        sent: Sent,
+        selected: SelectedNode,
+        replay: Option<Replay<B>>,
+    ) -> Self {
+        Self::Sending {
+            future: sent.future,
+            shared,
+            selected: Some(selected),
+            sent_at: sent.sent_at,
+            replay,
+        }
+    }
+}
+
+impl<B> Future for ProxyFuture<B>
+where
+    B: Body + Clone + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                ProxyStateProj::Failed { error } => {
+                    let error = error.take().unwrap_or(RouterError::Internal);
+                    return Poll::Ready(Ok(error.into_response()));
+                }
+                ProxyStateProj::ReadingError { future } => {
+                    return future.as_mut().poll(cx).map(Ok);
+                }
+                ProxyStateProj::Sending {
+                    future,
+                    shared,
+                    selected,
+                    sent_at,
+                    replay,
+                } => {
+                    let outcome = ready!(future.poll(cx));
+                    let Some(selected) = selected.take() else {
+                        return Poll::Ready(Ok(RouterError::Internal.into_response()));
+                    };
+                    let node = selected.node().clone();
+                    let failure = match outcome {
+                        Ok(Ok(response)) if !response.status().is_server_error() => {
+                            node.state().record_success();
+                            if !response.status().is_client_error() {
+                                let idle = shared.config.idle_timeout;
+                                let answer = stream_answer(response, selected, idle, *sent_at);
+                                return Poll::Ready(Ok(answer));
+                            }
+                            // The request itself is at fault: another node would say the same.
+                            Failure::Refused(response)
+                        }
+                        Ok(Ok(response)) => {
+                            let failures = node.state().record_failure();
+                            tracing::warn!(
+                                node = node.id(),
+                                status = response.status().as_u16(),
+                                failures,
+                                "upstream answered with a server error"
+                            );
+                            Failure::Status(response)
+                        }
+                        Ok(Err(error)) => {
+                            let failures = node.state().record_failure();
+                            tracing::warn!(node = node.id(), %error, failures, "upstream request failed");
+                            Failure::Unreachable
+                        }
+                        Err(_elapsed) => {
+                            let failures = node.state().record_failure();
+                            tracing::warn!(
+                                node = node.id(),
+                                failures,
+                                "upstream first-byte timeout"
+                            );
+                            let answer = answered_by(RouterError::UpstreamTimeout, &node);
+                            return Poll::Ready(Ok(answer));
+                        }
+                    };
+                    let retried = match failure {
+                        Failure::Refused(_) => None,
+                        _ => retry(shared, replay.take(), &node),
+                    };
+                    match retried {
+                        Some((sent, again, replay)) => {
+                            tracing::info!(
+                                from = node.id(),
+                                to = again.node().id(),
+                                "retrying on another node"
+                            );
+                            drop(selected);
+                            ProxyState::sending(shared.clone(), sent, again, replay)
+                        }
+                        None => match failure {
+                            Failure::Status(response) | Failure::Refused(response) => {
+                                ProxyState::ReadingError {
+                                    future: Box::pin(read_error(
+                                        response,
+                                        selected,
+                                        shared.config.idle_timeout,
+                                    )),
+                                }
+                            }
+                            Failure::Unreachable => {
+                                let answer = answered_by(RouterError::UpstreamUnavailable, &node);
+                                return Poll::Ready(Ok(answer));
+                            }
+                        },
+                    }
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+/// Sends the request again on another node, if it may be and one has room.
+fn retry<B>(
+    shared: &Arc<Shared<B>>,
+    replay: Option<Replay<B>>,
+    failed: &Node,
+) -> Option<(Sent, SelectedNode, Option<Replay<B>>)>
+where
+    B: Body + Clone + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut replay = replay.filter(|r| r.retries_left > 0)?;
+    let again = shared.another_node(replay.model.as_deref(), failed)?;
+    if !shared.budget.withdraw() {
+        tracing::warn!(node = failed.id(), "retry budget spent; not retrying");
+        return None;
+    }
+    replay.retries_left -= 1;
+    let (request, replay) = if replay.retries_left == 0 {
+        (replay.request, None)
+    } else {
+        (copy_request(&replay.request), Some(replay))
+    };
+    let sent = shared.send(request, &again).ok()?;
+    Some((sent, again, replay))
+}
+
+/// The router's own answer for a failure on `node`, noting the node for history and logs.
+fn answered_by(error: RouterError, node: &Node) -> Response<ProxyBody> {
+    let mut response: Response<ProxyBody> = error.into_response();
+    response
+        .extensions_mut()
+        .insert(ServedBy(node.id_arc().clone()));
+    response
+}
+
+/// Keeps only the response headers that name no node, and notes which node served.
+fn forwardable_parts(parts: &mut http::response::Parts, node: &Node) {
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in parts.headers.drain().filter_map(|(n, v)| Some((n?, v))) {
+        if forwardable_response_header(&name) {
+            headers.append(name, value);
+        }
+    }
+    parts.headers = headers;
+    parts.extensions.insert(ServedBy(node.id_arc().clone()));
+}
+
+/// A successful answer: streamed back as it comes, holding the slot until its end.
+fn stream_answer(
+    response: Response<Incoming>,
+    selected: SelectedNode,
+    idle_timeout: Duration,
+    sent_at: Instant,
+) -> Response<ProxyBody> {
+    let (mut parts, incoming) = response.into_parts();
+    forwardable_parts(&mut parts, selected.node());
+    let sse = is_event_stream(&parts.headers);
+    let failure = UpstreamFailure::default();
+    parts.extensions.insert(failure.clone());
+    let body = ProxyBody::streaming(incoming, selected, idle_timeout, sse, sent_at, failure);
+    Response::from_parts(parts, body)
+}
+
+/// An error answer from the node: read whole (bounded), with the node's address scrubbed out.
+async fn read_error(
+    response: Response<Incoming>,
+    selected: SelectedNode,
+    read_timeout: Duration,
+) -> Response<ProxyBody> {
+    let (mut parts, incoming) = response.into_parts();
+    let node = selected.node().clone();
+    let read = tokio::time::timeout(
+        read_timeout,
+        Limited::new(incoming, MAX_ERROR_BODY).collect(),
+    )
+    .await;
+    // The slot is held until the node's answer is read, like a streamed body's.
+    drop(selected);
+    let body = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) => {
+            tracing::warn!(node = node.id(), %error, "cannot read the node's error answer");
+            return answered_by(RouterError::UpstreamUnavailable, &node);
+        }
+        Err(_elapsed) => {
+            tracing::warn!(node = node.id(), "the node's error answer went idle");
+            return answered_by(RouterError::UpstreamTimeout, &node);
+        }
+    };
+    forwardable_parts(&mut parts, &node);
+    // The body may change length.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, ProxyBody::from(scrub_address(body, &node)))
+}
+
+/// `body` with the node's URL, host-and-port and host replaced by `[node]`.
+fn scrub_address(body: Bytes, node: &Node) -> Bytes {
+    let authority = node.authority();
+    let url = format!("http://{authority}");
+    let mut scrubbed = body;
+    for needle in [url.as_str(), authority.as_str(), authority.host()] {
+        if !needle.is_empty() {
+            scrubbed = replace_all(scrubbed, needle.as_bytes(), b"[node]");
+        }
+    }
+    scrubbed
+}
+
+fn replace_all(haystack: Bytes, needle: &[u8], with: &[u8]) -> Bytes {
+    let find = |h: &[u8]| h.windows(needle.len()).position(|w| w == needle);
+    let Some(first) = find(&haystack) else {
+        return haystack;
+    };
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = &haystack[..];
+    let mut at = Some(first);
+    while let Some(i) = at {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(with);
+        rest = &rest[i + needle.len()..];
+        at = find(rest);
+    }
+    out.extend_from_slice(rest);
+    Bytes::from(out)
 }
 
 pin_project! {
@@ -356,6 +689,7 @@ struct Upstream {
     /// come at once, so only the first byte of the body tells how quick the node is (its time to
     /// first token).
     awaiting_first_byte: Option<Instant>,
+    failure: UpstreamFailure,
 }
 
 impl std::fmt::Debug for ProxyBody {
@@ -394,6 +728,7 @@ impl ProxyBody {
         idle_timeout: Duration,
         sse: bool,
         sent_at: Instant,
+        failure: UpstreamFailure,
     ) -> Self {
         Self {
             idle: Some(tokio::time::sleep(idle_timeout)),
@@ -403,6 +738,7 @@ impl ProxyBody {
                 idle_timeout,
                 sse,
                 awaiting_first_byte: Some(sent_at),
+                failure,
             }),
             full: None,
         }
@@ -464,13 +800,14 @@ impl Body for ProxyBody {
         let failures = node.state().record_failure();
         tracing::warn!(node = node.id(), error = %failure, failures, "upstream stream ended early");
         let sse = upstream.sse;
+        let error = match failure {
+            ProxyBodyError::Idle => RouterError::UpstreamTimeout,
+            ProxyBodyError::Upstream(_) => RouterError::UpstreamUnavailable,
+        };
+        upstream.failure.set(error.code());
         *this.upstream = None;
         if sse {
             // The client already has a 200; tell it in-band, in the shape SDKs parse.
-            let error = match failure {
-                ProxyBodyError::Idle => RouterError::UpstreamTimeout,
-                ProxyBodyError::Upstream(_) => RouterError::UpstreamUnavailable,
-            };
             return Poll::Ready(Some(Ok(Frame::data(error.sse_event()))));
         }
         Poll::Ready(Some(Err(failure)))

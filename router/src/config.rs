@@ -207,6 +207,12 @@ pub struct ProxySection {
     pub idle_timeout_ms: u64,
     /// Idle connections kept per node. Default 256.
     pub pool_max_idle_per_node: usize,
+    /// More nodes a failed request is tried on, before any byte reached the client. Default 1.
+    pub retries: u32,
+    /// Retries allowed at once before the budget needs new requests. Default 10.
+    pub retry_reserve: u32,
+    /// Retries allowed per 100 requests, on top of the reserve. Default 20.
+    pub retry_percent: u32,
 }
 
 impl Default for ProxySection {
@@ -218,6 +224,9 @@ impl Default for ProxySection {
             first_byte_timeout_ms: p.first_byte_timeout.as_millis() as u64,
             idle_timeout_ms: p.idle_timeout.as_millis() as u64,
             pool_max_idle_per_node: c.pool_max_idle_per_host,
+            retries: p.retries,
+            retry_reserve: p.retry_reserve,
+            retry_percent: p.retry_percent,
         }
     }
 }
@@ -476,6 +485,9 @@ impl Config {
             proxy: ProxyConfig {
                 first_byte_timeout: ms(self.proxy.first_byte_timeout_ms),
                 idle_timeout: ms(self.proxy.idle_timeout_ms),
+                retries: self.proxy.retries,
+                retry_reserve: self.proxy.retry_reserve,
+                retry_percent: self.proxy.retry_percent,
             },
         }
     }

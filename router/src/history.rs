@@ -83,6 +83,9 @@ pub struct RequestRecord {
     pub api_key_id: Option<String>,
     /// Whether the client went away before the end.
     pub client_disconnected: bool,
+    /// Why an answer that had started broke on the node's side (`upstream_unavailable`,
+    /// `upstream_timeout`); `None` when it ended well.
+    pub upstream_error: Option<String>,
 }
 
 /// Why the history failed.
@@ -265,7 +268,8 @@ impl History {
         let limit = query.limit.unwrap_or(100).clamp(1, 1000);
         let mut sql = QueryBuilder::<Sqlite>::new(
             "SELECT id, ts_ms, request_id, path, model, node_id, status, stream, latency_ms, ttfb_ms, \
-             prompt_tokens, completion_tokens, api_key_id, client_disconnected FROM requests WHERE 1 = 1",
+             prompt_tokens, completion_tokens, api_key_id, client_disconnected, upstream_error \
+             FROM requests WHERE 1 = 1",
         );
         if let Some(model) = &query.model {
             sql.push(" AND model = ").push_bind(model.clone());
@@ -466,7 +470,7 @@ async fn insert(conn: &mut SqliteConnection, rows: &[RequestRecord]) -> Result<(
     let mut tx = conn.begin().await?;
     let mut sql = QueryBuilder::<Sqlite>::new(
         "INSERT INTO requests (ts_ms, request_id, path, model, node_id, status, stream, latency_ms, \
-         ttfb_ms, prompt_tokens, completion_tokens, api_key_id, client_disconnected) ",
+         ttfb_ms, prompt_tokens, completion_tokens, api_key_id, client_disconnected, upstream_error) ",
     );
     sql.push_values(rows, |mut b, r| {
         b.push_bind(r.ts_ms)
@@ -481,7 +485,8 @@ async fn insert(conn: &mut SqliteConnection, rows: &[RequestRecord]) -> Result<(
             .push_bind(r.prompt_tokens.map(i64::from))
             .push_bind(r.completion_tokens.map(i64::from))
             .push_bind(r.api_key_id.clone())
-            .push_bind(r.client_disconnected);
+            .push_bind(r.client_disconnected)
+            .push_bind(r.upstream_error.clone());
     });
     sql.build().execute(&mut *tx).await?;
     tx.commit().await
@@ -602,6 +607,7 @@ impl LogRow {
                 completion_tokens: completion.and_then(|v| u32::try_from(v).ok()),
                 api_key_id: row.try_get("api_key_id")?,
                 client_disconnected: row.try_get("client_disconnected")?,
+                upstream_error: row.try_get("upstream_error")?,
             },
         })
     }
@@ -761,6 +767,7 @@ mod tests {
             completion_tokens: None,
             api_key_id: Some("k".into()),
             client_disconnected: false,
+            upstream_error: None,
         }
     }
 

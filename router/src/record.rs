@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use layers::{NodePool, RequestInfo, ServedBy};
+use layers::{NodePool, RequestInfo, ServedBy, UpstreamFailure};
 use memchr::memmem;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -178,7 +178,9 @@ where
                         completion_tokens: None,
                         api_key_id,
                         client_disconnected: false,
+                        upstream_error: None,
                     },
+                    upstream_failure: response.extensions().get::<UpstreamFailure>().cloned(),
                     ttfb,
                     span,
                 };
@@ -205,6 +207,7 @@ struct Pending {
     record: RequestRecord,
     ttfb: Duration,
     span: tracing::Span,
+    upstream_failure: Option<UpstreamFailure>,
 }
 
 impl Pending {
@@ -214,6 +217,11 @@ impl Pending {
         self.record.prompt_tokens = usage.prompt_tokens;
         self.record.completion_tokens = usage.completion_tokens;
         self.record.client_disconnected = disconnected;
+        self.record.upstream_error = self
+            .upstream_failure
+            .as_ref()
+            .and_then(UpstreamFailure::get)
+            .map(str::to_owned);
         let label = model_label(&self.recorder.pool, self.record.model.as_deref());
         self.recorder
             .metrics
@@ -225,6 +233,7 @@ impl Pending {
                 prompt_tokens = self.record.prompt_tokens,
                 completion_tokens = self.record.completion_tokens,
                 disconnected,
+                upstream_error = self.record.upstream_error,
                 "request finished"
             );
         });

@@ -175,6 +175,8 @@ struct LogRow {
     completion_tokens: Option<u32>,
     api_key_id: Option<String>,
     client_disconnected: bool,
+    #[serde(default)]
+    upstream_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,10 +315,10 @@ fn render_models(models: &[Model]) -> String {
 }
 
 fn log_cells(r: &LogRow) -> Vec<String> {
-    let status = if r.client_disconnected {
-        format!("{} (gone)", r.status)
-    } else {
-        r.status.to_string()
+    let status = match (&r.upstream_error, r.client_disconnected) {
+        (Some(error), _) => format!("{} ({error})", r.status),
+        (None, true) => format!("{} (gone)", r.status),
+        (None, false) => r.status.to_string(),
     };
     vec![
         utc(r.ts_ms),

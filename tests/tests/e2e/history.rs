@@ -39,7 +39,7 @@ async fn router_with_history(
 }
 
 /// Every row, oldest first, paging through `GET /api/logs`.
-async fn all_rows(client: &TestClient, base: &str) -> Vec<Value> {
+pub(crate) async fn all_rows(client: &TestClient, base: &str) -> Vec<Value> {
     let mut rows = Vec::new();
     let mut before: Option<i64> = None;
     loop {

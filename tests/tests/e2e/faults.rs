@@ -1,0 +1,416 @@
+//! Node faults: killed mid-stream, silent, stalled, failing, refusing, all down. Each test checks
+//! what the client got, what the history recorded, and the router's state afterwards.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use llm_router_tests::*;
+use router::config::Config;
+use router::server::{Running, StartOptions};
+use serde_json::Value;
+
+use super::history::all_rows;
+
+fn quick(models: &[&str]) -> SimConfig {
+    SimConfig {
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+        ttft_ms: 2,
+        inter_token_ms: 1,
+        tokens: 3,
+        ..SimConfig::default()
+    }
+}
+
+/// A router with history and an admin token over `nodes`, with `tweak` applied to its config.
+async fn start(
+    db: &std::path::Path,
+    nodes: &[(&str, &SimNode, &[&str], usize)],
+    tweak: impl FnOnce(&mut Config),
+) -> Running {
+    let mut config = quick_config(nodes);
+    config.history.enabled = true;
+    config.history.path = db.to_owned();
+    config.history.flush_interval_ms = 20;
+    tweak(&mut config);
+    start_full(
+        config,
+        StartOptions {
+            admin_token: Some("admin".into()),
+            ..StartOptions::default()
+        },
+    )
+    .await
+}
+
+fn base(router: &Running) -> String {
+    format!("http://{}", router.addr)
+}
+
+async fn rows(router: &Running) -> Vec<Value> {
+    router.services.history.flush().await;
+    all_rows(&client(), &base(router)).await
+}
+
+fn node_state(router: &Running, id: &str) -> (usize, bool) {
+    let snapshot = router.services.state.pool.snapshot();
+    let node = snapshot.node(id).expect("node in the pool");
+    (node.state().in_flight(), node.is_healthy())
+}
+
+/// The `error` object of the last SSE event, if the stream ended with one.
+fn error_event(events: &[(Duration, String)]) -> Option<Value> {
+    let (_, last) = events.last()?;
+    let value: Value = serde_json::from_str(last).ok()?;
+    value.get("error").cloned()
+}
+
+/// A node dies while it streams: the client's stream ends with an error event, the row says
+/// so, the node is ejected with its slot given back, and the other node serves what follows.
+#[tokio::test]
+async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = SimConfig {
+        inter_token_ms: 50,
+        tokens: 100,
+        ..quick(&["m"])
+    };
+    let first = SimNode::start(slow.clone()).await.unwrap();
+    let second = SimNode::start(slow).await.unwrap();
+    let router = start(
+        &dir.path().join("h.db"),
+        &[("first", &first, &["m"], 4), ("second", &second, &["m"], 4)],
+        |_| {},
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    let started = Instant::now();
+    let response = post_streaming(&client, &url, chat_body("m", true)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    let (doomed, doomed_id, survivor, survivor_id) = if first.stats().in_flight() == 1 {
+        (first, "first", second, "second")
+    } else {
+        (second, "second", first, "first")
+    };
+    let survivor_requests = survivor.stats().requests();
+    doomed.stop().await;
+
+    let events = within(
+        Duration::from_secs(5),
+        "the broken stream ends",
+        read_events(&mut body, started),
+    )
+    .await;
+    let error = error_event(&events).expect("the stream ends with an error event");
+    assert_eq!(error["code"], "upstream_unavailable", "{error}");
+    assert_eq!(
+        survivor.stats().requests(),
+        survivor_requests,
+        "nothing is retried once bytes reached the client"
+    );
+
+    assert!(
+        eventually(Duration::from_secs(5), || node_state(&router, doomed_id)
+            == (0, false))
+        .await,
+        "the dead node is ejected and its slot given back: {:?}",
+        node_state(&router, doomed_id)
+    );
+    for _ in 0..5 {
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+
+    let rows = rows(&router).await;
+    assert_eq!(rows.len(), 6);
+    assert_eq!(rows[0]["node_id"], doomed_id);
+    assert_eq!(rows[0]["status"], 200);
+    assert_eq!(
+        rows[0]["upstream_error"], "upstream_unavailable",
+        "{}",
+        rows[0]
+    );
+    for row in &rows[1..] {
+        assert_eq!(row["node_id"], survivor_id, "{row}");
+        assert_eq!(row["status"], 200);
+        assert_eq!(row["upstream_error"], Value::Null);
+    }
+    router.shutdown().await;
+}
+
+/// One node accepts and never answers, another stalls mid-stream: the first-byte timeout gives
+/// a 504, the idle timeout an error event, and both slots come back.
+#[tokio::test]
+async fn a_silent_node_and_a_stalled_stream_time_out_and_give_their_slots_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = SimNode::start(SimConfig {
+        hang_rate: 1.0,
+        ..quick(&["quiet"])
+    })
+    .await
+    .unwrap();
+    let stalling = SimNode::start(SimConfig {
+        tokens: 10,
+        stall_after: 2,
+        ..quick(&["stall"])
+    })
+    .await
+    .unwrap();
+    let router = start(
+        &dir.path().join("h.db"),
+        &[
+            ("silent", &silent, &["quiet"], 2),
+            ("stalling", &stalling, &["stall"], 2),
+        ],
+        |config| {
+            config.proxy.first_byte_timeout_ms = 300;
+            config.proxy.idle_timeout_ms = 300;
+            // Timeouts must be seen as such, not ejections, for the whole test.
+            config.health.failures_to_eject = 100;
+        },
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+
+    let started = Instant::now();
+    let reply = post(&client, &url, chat_body("quiet", false)).await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(silent.stats().requests(), 1, "a timeout is not retried");
+
+    let started = Instant::now();
+    let response = post_streaming(&client, &url, chat_body("stall", true)).await;
+    assert_eq!(response.status(), 200);
+    let events = within(
+        Duration::from_secs(3),
+        "the stalled stream ends",
+        read_events(&mut response.into_body(), started),
+    )
+    .await;
+    assert_eq!(events.len(), 3, "two tokens, then the error: {events:?}");
+    let error = error_event(&events).expect("the stream ends with an error event");
+    assert_eq!(error["code"], "upstream_timeout", "{error}");
+
+    assert_eq!(node_state(&router, "silent").0, 0);
+    assert_eq!(node_state(&router, "stalling").0, 0);
+    let rows = rows(&router).await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["node_id"], "silent");
+    assert_eq!(rows[0]["status"], 504);
+    assert_eq!(rows[1]["node_id"], "stalling");
+    assert_eq!(rows[1]["status"], 200);
+    assert_eq!(rows[1]["upstream_error"], "upstream_timeout", "{}", rows[1]);
+    router.shutdown().await;
+}
+
+/// A node that answers 500 is passed over for another one before anything reaches the client.
+#[tokio::test]
+async fn a_node_answering_5xx_is_retried_once_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = SimNode::start(SimConfig {
+        failure_rate: 1.0,
+        ..quick(&["m"])
+    })
+    .await
+    .unwrap();
+    let good = SimNode::start(quick(&["m"])).await.unwrap();
+    let router = start(
+        &dir.path().join("h.db"),
+        &[("broken", &broken, &["m"], 4), ("good", &good, &["m"], 4)],
+        |config| {
+            // Keep sending to the broken node, so that every request may need its retry.
+            config.health.failures_to_eject = 1_000;
+            config.proxy.retry_reserve = 100;
+        },
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    for i in 0..20 {
+        let reply = post(&client, &url, chat_body("m", i % 2 == 0)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert!(
+        broken.stats().requests() >= 5,
+        "the broken node was tried {} times",
+        broken.stats().requests()
+    );
+    assert_eq!(
+        good.stats().requests(),
+        20,
+        "every request ended on the good node"
+    );
+
+    let rows = rows(&router).await;
+    assert_eq!(rows.len(), 20);
+    assert!(
+        rows.iter()
+            .all(|r| r["status"] == 200 && r["node_id"] == "good"),
+        "{rows:?}"
+    );
+    assert_eq!(node_state(&router, "broken").0, 0);
+    assert_eq!(node_state(&router, "good").0, 0);
+    router.shutdown().await;
+}
+
+/// A node that refuses connections is passed over, the same way.
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = SimNode::start(quick(&["m"])).await.unwrap();
+    let doomed = SimNode::start(quick(&["m"])).await.unwrap();
+    let router = start(
+        &dir.path().join("h.db"),
+        // First in the pool: with no speeds measured yet, it is the first choice.
+        &[("gone", &doomed, &["m"], 4), ("good", &good, &["m"], 4)],
+        |config| {
+            // Neither health checks nor failures eject it during the test: every request may
+            // meet the refusal.
+            config.health.failures_to_eject = 1_000;
+            config.health.interval_ms = 60_000;
+        },
+    )
+    .await;
+    // Its port is closed now: connecting to it is refused.
+    doomed.stop().await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    for _ in 0..10 {
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let failures = router
+        .services
+        .state
+        .pool
+        .snapshot()
+        .node("gone")
+        .unwrap()
+        .state()
+        .consecutive_failures();
+    assert!(failures >= 1, "the refusing node was tried");
+    assert_eq!(good.stats().requests(), 10);
+    let rows = rows(&router).await;
+    assert_eq!(rows.len(), 10);
+    assert!(rows.iter().all(|r| r["node_id"] == "good"), "{rows:?}");
+    assert_eq!(node_state(&router, "gone").0, 0);
+    router.shutdown().await;
+}
+
+/// When every node fails, retries stop at the budget, and the node's own error reaches the
+/// client without the node's address in it.
+#[tokio::test]
+async fn the_retry_budget_stops_a_retry_storm_and_node_errors_name_no_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = || SimConfig {
+        failure_rate: 1.0,
+        ..quick(&["m"])
+    };
+    let a = SimNode::start(failing()).await.unwrap();
+    let b = SimNode::start(failing()).await.unwrap();
+    let router = start(
+        &dir.path().join("h.db"),
+        &[("a", &a, &["m"], 4), ("b", &b, &["m"], 4)],
+        |config| {
+            config.health.failures_to_eject = 1_000;
+            config.proxy.retry_reserve = 3;
+            config.proxy.retry_percent = 10;
+        },
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    let addresses = [a.addr().to_string(), b.addr().to_string()];
+    for _ in 0..30 {
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        assert_eq!(reply.status, 500, "{}", reply.text());
+        let text = reply.text();
+        assert!(
+            !addresses.iter().any(|addr| text.contains(addr.as_str()))
+                && !text.contains("127.0.0.1"),
+            "a node address reached the client: {text}"
+        );
+        assert_eq!(
+            reply.json()["error"]["message"],
+            "simulated failure at [node]/v1"
+        );
+    }
+    // 3 retries up front, then one per 10 requests: 30 requests earn 3 more.
+    let attempts = a.stats().requests() + b.stats().requests();
+    assert!(
+        (33..=36).contains(&attempts),
+        "30 requests made {attempts} attempts"
+    );
+    let rows = rows(&router).await;
+    assert_eq!(rows.len(), 30);
+    assert!(rows.iter().all(|r| r["status"] == 500), "{rows:?}");
+    assert_eq!(node_state(&router, "a").0 + node_state(&router, "b").0, 0);
+    router.shutdown().await;
+}
+
+/// Every node goes down: clients get 503 with Retry-After at once and nothing queues; a node
+/// coming back on its address serves again.
+#[tokio::test]
+async fn all_nodes_down_answers_503_at_once_and_serving_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SimNode::start(quick(&["m"])).await.unwrap();
+    let b = SimNode::start(quick(&["m"])).await.unwrap();
+    let a_addr = a.addr();
+    let router = start(
+        &dir.path().join("h.db"),
+        &[("a", &a, &["m"], 2), ("b", &b, &["m"], 2)],
+        |_| {},
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    assert_eq!(post(&client, &url, chat_body("m", false)).await.status, 200);
+    a.stop().await;
+    b.stop().await;
+
+    // The first requests may still reach a dead node (502) until health checks eject both.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut quick_503s = 0;
+    while quick_503s < 20 {
+        assert!(Instant::now() < deadline, "no run of 503s within 5 s");
+        let started = Instant::now();
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        let took = started.elapsed();
+        match reply.status.as_u16() {
+            503 => {
+                assert!(reply.headers.contains_key("retry-after"));
+                assert_eq!(reply.json()["error"]["code"], "no_node_available");
+                assert!(took < Duration::from_millis(500), "a 503 took {took:?}");
+                quick_503s += 1;
+            }
+            502 => quick_503s = 0,
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    assert_eq!(router.services.state.pool.waiting(), 0, "nothing queues");
+    assert_eq!(node_state(&router, "a"), (0, false));
+    assert_eq!(node_state(&router, "b"), (0, false));
+
+    let _back = SimNode::bind(quick(&["m"]), a_addr).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "serving did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let rows = rows(&router).await;
+    let unavailable: Vec<&Value> = rows.iter().filter(|r| r["status"] == 503).collect();
+    assert!(unavailable.len() >= 20);
+    assert!(unavailable.iter().all(|r| r["node_id"] == Value::Null));
+    assert_eq!(rows.last().unwrap()["status"], 200);
+    assert_eq!(rows.last().unwrap()["node_id"], "a");
+    router.shutdown().await;
+}
