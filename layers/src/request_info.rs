@@ -47,7 +47,15 @@ impl RequestInfo {
             #[serde(default)]
             stream: Option<bool>,
         }
-        let probe: Probe<'_> = serde_json::from_slice(body)
+        // JSON is UTF-8 (RFC 8259). serde skips the fields it does not read without checking
+        // them, so check the whole body here: no node gets bytes it cannot decode.
+        let text = std::str::from_utf8(body).map_err(|e| {
+            RouterError::InvalidRequest(format!(
+                "the body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ))
+        })?;
+        let probe: Probe<'_> = serde_json::from_str(text)
             .map_err(|e| RouterError::InvalidRequest(format!("invalid JSON body: {e}")))?;
         Ok(Self {
             model: probe.model.map(|m| Arc::from(m.as_ref())),
@@ -265,6 +273,8 @@ mod tests {
             br#"[1,2]"#,
             br#"{"model":"m""#,
             b"\xff\xfe",
+            // Invalid UTF-8 in a field that is skipped, not read.
+            b"{\"model\":\"m\",\"messages\":[{\"content\":\"\xff\xfe\"}]}",
         ] {
             assert!(
                 matches!(
