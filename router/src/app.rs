@@ -17,6 +17,7 @@ use tower::Layer;
 
 use crate::auth::{Credentials, require_api_key};
 use crate::history::History;
+use crate::listen::ListenCounters;
 use crate::metrics::{Metrics, Sources};
 use crate::record::{Recorder, RequestIds};
 use crate::registry::Registry;
@@ -40,6 +41,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Set once shutdown starts: `/ready` answers 503.
     pub shutting_down: Arc<AtomicBool>,
+    /// Client connection counters.
+    pub connections: Arc<ListenCounters>,
 }
 
 impl Services {
@@ -54,6 +57,7 @@ impl Services {
             registry,
             history: History::disabled(),
             metrics: Arc::default(),
+            connections: Arc::default(),
             shutting_down: Arc::default(),
         }
     }
@@ -138,6 +142,7 @@ async fn metrics(State(services): State<Services>) -> Response {
         admission: &services.state.admission,
         history_written: services.history.written(),
         history_dropped: services.history.dropped(),
+        connections_refused: services.connections.refused.load(Ordering::Relaxed),
     });
     (
         [(

@@ -14,6 +14,7 @@ use layers::{
 };
 use serde::Deserialize;
 
+use crate::listen::ListenConfig;
 use crate::stack::{LayerKind, StackConfig};
 
 /// Why a config was refused.
@@ -126,12 +127,23 @@ impl Default for LogConfig {
 pub struct LimitsConfig {
     /// Largest request body, in bytes. Default 16 MiB.
     pub max_body_bytes: usize,
+    /// Largest request head (request line and headers), in bytes; larger gets 431. Default
+    /// 65536; at least 8192 is used.
+    pub max_header_bytes: usize,
+    /// Longest time for a client to send a whole request head, in milliseconds. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let listen = ListenConfig::default();
         Self {
             max_body_bytes: RequestInfoConfig::default().max_body_bytes,
+            max_header_bytes: listen.max_header_bytes,
+            header_read_timeout_ms: listen.header_read_timeout.as_millis() as u64,
+            max_connections: listen.max_connections,
         }
     }
 }
@@ -489,6 +501,15 @@ impl Config {
                 retry_reserve: self.proxy.retry_reserve,
                 retry_percent: self.proxy.retry_percent,
             },
+        }
+    }
+
+    /// Limits on client connections.
+    pub fn listen(&self) -> ListenConfig {
+        ListenConfig {
+            header_read_timeout: ms(self.limits.header_read_timeout_ms),
+            max_header_bytes: self.limits.max_header_bytes,
+            max_connections: self.limits.max_connections,
         }
     }
 

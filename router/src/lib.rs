@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod history;
+pub mod listen;
 pub mod metrics;
 pub mod record;
 pub mod registry;

@@ -101,6 +101,8 @@ pub struct Sources<'a> {
     pub history_written: u64,
     /// History rows dropped.
     pub history_dropped: u64,
+    /// Client connections refused at the connection limit.
+    pub connections_refused: u64,
 }
 
 impl Metrics {
@@ -195,6 +197,16 @@ impl Metrics {
             "llm_router_history_rows_total{{outcome=\"dropped\"}} {}",
             sources.history_dropped
         );
+        let _ = writeln!(
+            out,
+            "# HELP llm_router_connections_refused Client connections refused at the connection limit."
+        );
+        let _ = writeln!(out, "# TYPE llm_router_connections_refused counter");
+        let _ = writeln!(
+            out,
+            "llm_router_connections_refused_total {}",
+            sources.connections_refused
+        );
         out.push_str("# EOF\n");
         out
     }
@@ -238,6 +250,7 @@ mod tests {
             admission: &admission,
             history_written: 2,
             history_dropped: 1,
+            connections_refused: 0,
         });
         assert!(
             text.contains("llm_router_requests_total{model=\"m\",status=\"200\"} 1"),

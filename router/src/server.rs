@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::app::{Services, nodelay, router};
+use crate::app::{Services, router};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::history::{History, HistoryConfig};
@@ -128,31 +128,17 @@ pub async fn start(
         history: history.clone(),
         metrics: Arc::default(),
         shutting_down: Arc::default(),
+        connections: Arc::default(),
     };
     let app = router(&services);
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(registry.run(stopped(stop_rx.clone())));
     let grace = Duration::from_millis(config.shutdown.grace_period_ms);
+    let listen = config.listen();
+    let counters = services.connections.clone();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(nodelay(listener), app)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future();
-        tokio::pin!(serve);
-        tokio::select! {
-            result = &mut serve => {
-                if let Err(error) = result {
-                    tracing::error!(%error, "server failed");
-                }
-            }
-            () = stopped(stop_rx) => {
-                tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections, finishing in-flight requests");
-                match tokio::time::timeout(grace, &mut serve).await {
-                    Ok(_) => tracing::info!("all connections finished"),
-                    Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
-                }
-            }
-        }
+        crate::listen::serve(listener, app, listen, counters, stopped(stop_rx), grace).await;
         history.shutdown(Duration::from_secs(5)).await;
         tracing::info!(
             written = history.written(),

@@ -58,7 +58,7 @@ grace_period_ms = 10000
 id = "a"
 url = "{}"
 models = ["m"]
-max_concurrency = 64
+max_concurrency = 128
 "#,
         db.display(),
         router::auth::hash_hex("sk-secret-key"),
@@ -94,11 +94,11 @@ max_concurrency = 64
     });
     wait_healthy(port).await;
 
-    // 20 streams of about 0.8 s each.
+    // 100 streams of about 0.8 s each.
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let mut streams = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..100 {
         let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
             .header("content-type", "application/json")
             .header("authorization", "Bearer sk-secret-key")
@@ -154,7 +154,7 @@ max_concurrency = 64
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["message"] == "request finished")
         .collect();
-    assert_eq!(finished.len(), 20, "one JSON log line per request");
+    assert_eq!(finished.len(), 100, "one JSON log line per request");
     assert!(
         finished.iter().all(|v| v["span"]["request_id"]
             .as_str()
@@ -171,5 +171,134 @@ max_concurrency = 64
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(rows, 20);
+    assert_eq!(rows, 100);
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Lets this process (and the router it starts) open as many descriptors as the hard limit.
+fn raise_fd_limit(needed: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).unwrap();
+    let have = limit.current.unwrap_or(u64::MAX);
+    assert!(
+        have >= needed,
+        "this test needs {needed} file descriptors; the hard limit is {have}"
+    );
+}
+
+/// 10,000 idle client connections against a limit of 1,000: the ones over the limit get 503
+/// and are closed, the router's memory stays bounded, and it serves again once they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_stay_under_the_connection_limit() {
+    raise_fd_limit(12_000);
+    let node = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+[log]
+level = "warn"
+[history]
+enabled = false
+[limits]
+max_connections = 1000
+header_read_timeout_ms = 120000
+[[nodes]]
+id = "a"
+url = "{}"
+models = ["m"]
+"#,
+        node.url()
+    );
+    let config_path = dir.path().join("router.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let chat = || async {
+        let client = reqwest::Client::new();
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
+    assert_eq!(chat().await.unwrap(), 200);
+    let before = rss_kib(child.id());
+
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // A connection over the limit is told so, then closed.
+    let mut answer = Vec::new();
+    let last = idle.last_mut().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(last, &mut answer),
+    )
+    .await
+    .expect("a connection over the limit is closed")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("too_many_connections"),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rss_kib(child.id());
+    let grown_mib = during.saturating_sub(before) as f64 / 1024.0;
+    eprintln!("router RSS {before} KiB before, {during} KiB with 10,000 connections open");
+    assert!(
+        grown_mib < 32.0,
+        "10,000 connection attempts grew the router by {grown_mib:.1} MiB"
+    );
+
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chat().await.ok() != Some(200) {
+        assert!(Instant::now() < deadline, "the router did not serve again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("llm_router_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        (8_900..=9_100).contains(&refused),
+        "{refused} connections refused"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
