@@ -228,6 +228,57 @@ async fn requests_succeed_while_the_database_is_read_only_and_rows_resume_after(
     .await;
 }
 
+/// A tmpfs of a fixed size, unmounted when dropped.
+struct TinyDisk {
+    path: std::path::PathBuf,
+}
+
+impl TinyDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this test needs root (or CAP_SYS_ADMIN)"
+        );
+        Self { path }
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while filler.write_all(&block).is_ok() {}
+        let _ = filler.sync_all();
+    }
+
+    fn clear(&self) {
+        std::fs::remove_file(self.path.join("filler")).unwrap();
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn requests_succeed_while_the_disk_is_full_and_rows_resume_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = TinyDisk::mount(dir.path().join("tiny"), "2m");
+    let db = disk.path.join("h.db");
+    survive_a_database_fault(&db, || async { disk.fill() }, || async { disk.clear() }).await;
+}
+
 /// One request recorded, then `fault` breaks the database: twenty requests must still succeed
 /// quickly and their rows be counted as dropped. After `clear`, rows are written again.
 async fn survive_a_database_fault<F, FF, C, CF>(db: &std::path::Path, fault: F, clear: C)
