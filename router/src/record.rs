@@ -138,10 +138,28 @@ where
             status = tracing::field::Empty,
         );
         let future = self.inner.call(request);
-        let recorder = self.recorder.clone();
+        let mut waiting = Unanswered(Some(RowStart {
+            recorder: self.recorder.clone(),
+            started,
+            ts_ms,
+            request_id,
+            path,
+            api_key_id,
+        }));
         Box::pin(
             async move {
                 let Ok(mut response) = future.await;
+                let Some(RowStart {
+                    recorder,
+                    started,
+                    ts_ms,
+                    request_id,
+                    path,
+                    api_key_id,
+                }) = waiting.0.take()
+                else {
+                    return Ok(response);
+                };
                 let ttfb = started.elapsed();
                 let info = response.extensions().get::<RequestInfo>().cloned();
                 let node_id = response
@@ -194,6 +212,59 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// What a row needs from the request, held while the answer is awaited.
+struct RowStart {
+    recorder: Recorder,
+    started: Instant,
+    ts_ms: i64,
+    request_id: String,
+    path: String,
+    api_key_id: Option<String>,
+}
+
+/// A request whose client goes away before any answer (while it waits for a slot, say) is
+/// dropped here with its `RowStart` still in place: it gets a row with status 499 (the client
+/// closed the request) and `client_disconnected` set.
+struct Unanswered(Option<RowStart>);
+
+/// nginx's "client closed request", which operators know from their access logs.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(start) = self.0.take() else {
+            return;
+        };
+        let latency = start.started.elapsed();
+        let label = model_label(&start.recorder.pool, None);
+        start
+            .recorder
+            .metrics
+            .observe(label, CLIENT_CLOSED_REQUEST, latency, None);
+        tracing::info!(
+            request_id = %start.request_id,
+            latency_ms = ms(latency),
+            "client left before an answer"
+        );
+        start.recorder.history.record(RequestRecord {
+            ts_ms: start.ts_ms,
+            request_id: start.request_id,
+            path: start.path,
+            model: None,
+            node_id: None,
+            status: CLIENT_CLOSED_REQUEST,
+            stream: false,
+            latency_ms: ms(latency),
+            ttfb_ms: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            api_key_id: start.api_key_id,
+            client_disconnected: true,
+            upstream_error: None,
+        });
     }
 }
 

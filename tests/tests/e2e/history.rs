@@ -24,7 +24,16 @@ async fn router_with_history(
     db: &std::path::Path,
     nodes: &[(&str, &SimNode, &[&str], usize)],
 ) -> Running {
+    router_with_history_and(db, nodes, |_| {}).await
+}
+
+async fn router_with_history_and(
+    db: &std::path::Path,
+    nodes: &[(&str, &SimNode, &[&str], usize)],
+    tweak: impl FnOnce(&mut router::config::Config),
+) -> Running {
     let mut config = quick_config(nodes);
+    tweak(&mut config);
     config.history.enabled = true;
     config.history.path = db.to_owned();
     config.history.flush_interval_ms = 20;
@@ -425,11 +434,90 @@ async fn a_client_that_leaves_mid_stream_is_marked_in_its_row() {
             == 0)
         .await
     );
+    assert!(
+        eventually(Duration::from_secs(3), || slow.stats().in_flight() == 0).await,
+        "the node's request was cancelled too"
+    );
     router.services.history.flush().await;
     let rows = all_rows(&client, &base).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["request_id"], id.as_str());
     assert_eq!(rows[0]["client_disconnected"], true, "{}", rows[0]);
     assert_eq!(rows[0]["status"], 200);
+    router.shutdown().await;
+}
+
+/// A client that gives up while its request waits for a slot: it leaves the line, nothing
+/// reaches the node for it, and its row says 499 with `client_disconnected`.
+#[tokio::test]
+async fn a_client_that_leaves_while_waiting_for_a_slot_is_marked_in_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = SimNode::start(SimConfig {
+        inter_token_ms: 50,
+        tokens: 20,
+        ..node(&["chat"])
+    })
+    .await
+    .unwrap();
+    // Without admission control, which would turn the second request away at once.
+    let router = router_with_history_and(
+        &dir.path().join("h.db"),
+        &[("c", &slow, &["chat"], 1)],
+        |config| {
+            config.layers = vec![
+                router::LayerKind::TimeoutWait,
+                router::LayerKind::CachedSelect,
+            ];
+        },
+    )
+    .await;
+    let base = format!("http://{}", router.addr);
+    let url = format!("{base}/v1/chat/completions");
+    let client = client();
+    let holder = post_streaming(&client, &url, chat_body("chat", true)).await;
+    assert_eq!(holder.status(), 200);
+    let pool = router.services.state.pool.clone();
+    let waiter = tokio::spawn({
+        let (client, url) = (client.clone(), url.clone());
+        async move { post(&client, &url, chat_body("chat", false)).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(3), || pool.waiting() == 1).await,
+        "the second request waits for the only slot"
+    );
+    waiter.abort();
+    assert!(
+        eventually(Duration::from_secs(3), || pool.waiting() == 0).await,
+        "the waiter left the line"
+    );
+    let body = http_body_util::BodyExt::collect(holder.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
+    assert_eq!(
+        slow.stats().requests(),
+        1,
+        "nothing reached the node for the waiter"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || pool.snapshot().nodes()[0]
+            .state()
+            .in_flight()
+            == 0)
+        .await
+    );
+
+    router.services.history.flush().await;
+    let rows = all_rows(&client, &base).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let left = rows.iter().find(|r| r["status"] == 499).expect("a 499 row");
+    assert_eq!(left["client_disconnected"], true);
+    assert_eq!(left["node_id"], Value::Null);
+    let served = rows
+        .iter()
+        .find(|r| r["status"] == 200)
+        .expect("the stream's row");
+    assert_eq!(served["client_disconnected"], false);
     router.shutdown().await;
 }
