@@ -20,6 +20,7 @@ use crate::app::Services;
 use crate::auth::{bearer, deny_unless_admin, new_token, unauthorized};
 use crate::history::{HistoryError, LogQuery, StatsQuery};
 use crate::registry::{NodeSource, RegistryError};
+use crate::reload::ReloadError;
 
 /// The `/api` routes.
 pub fn routes(services: Services) -> Router<Services> {
@@ -32,6 +33,7 @@ pub fn routes(services: Services) -> Router<Services> {
         .route("/api/models", get(models))
         .route("/api/logs", get(logs))
         .route("/api/stats", get(stats))
+        .route("/api/config/reload", post(reload))
         .with_state(services)
 }
 
@@ -44,6 +46,26 @@ fn api_error(status: StatusCode, message: impl std::fmt::Display, code: &str) ->
     };
     let body = json!({"error": {"message": message.to_string(), "type": kind, "param": null, "code": code}});
     (status, Json(body)).into_response()
+}
+
+/// POST `/api/config/reload`: 200 with what changed, or 400 naming what is wrong with the file
+/// (the running config stays).
+async fn reload(State(s): State<Services>, headers: HeaderMap) -> Response {
+    if let Some(denied) = deny_unless_admin(&s.credentials, &headers) {
+        return denied;
+    }
+    match s.reloader.reload().await {
+        Ok(report) => Json(report).into_response(),
+        Err(error @ ReloadError::NoFile) => {
+            api_error(StatusCode::CONFLICT, error, "no_config_file")
+        }
+        Err(error @ ReloadError::Invalid(_)) => {
+            api_error(StatusCode::BAD_REQUEST, error, "invalid_config")
+        }
+        Err(error @ ReloadError::Nodes(_)) => {
+            api_error(StatusCode::CONFLICT, error, "invalid_config")
+        }
+    }
 }
 
 fn registry_error(error: RegistryError) -> Response {

@@ -16,11 +16,13 @@ use tokio::net::TcpListener;
 use tower::Layer;
 
 use crate::auth::{Credentials, require_api_key};
+use crate::config::Config;
 use crate::history::History;
 use crate::listen::ListenCounters;
 use crate::metrics::{Metrics, Sources};
 use crate::record::{Recorder, RequestIds};
 use crate::registry::Registry;
+use crate::reload::Reloader;
 use crate::stack::{StackConfig, request_service};
 use crate::state::AppState;
 
@@ -43,6 +45,8 @@ pub struct Services {
     pub shutting_down: Arc<AtomicBool>,
     /// Client connection counters.
     pub connections: Arc<ListenCounters>,
+    /// Config reloads.
+    pub reloader: Arc<Reloader>,
 }
 
 impl Services {
@@ -50,6 +54,7 @@ impl Services {
     /// the pool already holds): the layer stack and nothing else. For tests of the layers.
     pub fn bare(state: AppState, stack: StackConfig) -> Self {
         let registry = Arc::new(Registry::new(state.pool.clone(), Default::default()));
+        let reloader = Arc::new(Reloader::new(None, Config::default(), registry.clone()));
         Self {
             state,
             stack,
@@ -58,6 +63,7 @@ impl Services {
             history: History::disabled(),
             metrics: Arc::default(),
             connections: Arc::default(),
+            reloader,
             shutting_down: Arc::default(),
         }
     }

@@ -17,6 +17,7 @@ pub mod listen;
 pub mod metrics;
 pub mod record;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod stack;
 pub mod state;

@@ -141,6 +141,7 @@ async fn serve(cli: Cli) -> Result<(), String> {
     let mut options = StartOptions {
         admin_token: env_secret("LLM_ROUTER_ADMIN_TOKEN"),
         registration_secret: env_secret("LLM_ROUTER_REGISTRATION_SECRET"),
+        config_path: cli.config.clone(),
         ..StartOptions::default()
     };
     for (i, url) in cli.upstream.iter().enumerate() {
@@ -182,9 +183,29 @@ async fn serve(cli: Cli) -> Result<(), String> {
             "try: curl -s http://{addr}/v1/chat/completions -H 'content-type: application/json' \\\n       -d '{{\"model\":\"demo-small\",\"messages\":[{{\"role\":\"user\",\"content\":\"hello\"}}]}}'"
         );
     }
+    reload_on_sighup(running.services.reloader.clone());
     shutdown_signal().await;
     running.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP reloads the config file; the outcome is logged (see `router::reload`).
+fn reload_on_sighup(reloader: std::sync::Arc<router::reload::Reloader>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; reload through POST /api/config/reload");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config file");
+            let _ = reloader.reload().await;
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = reloader;
 }
 
 async fn shutdown_signal() {

@@ -35,6 +35,17 @@ pub enum NodeSource {
     Admin,
 }
 
+/// What [`Registry::sync_config_nodes`] changed, by node id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NodeChanges {
+    /// New nodes.
+    pub added: Vec<String>,
+    /// Nodes whose URL, models, capacity, weight or key changed.
+    pub updated: Vec<String>,
+    /// Nodes no longer in the file.
+    pub removed: Vec<String>,
+}
+
 /// Why a registry change was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
@@ -235,6 +246,68 @@ impl Registry {
             ));
         }
         Ok(models)
+    }
+
+    /// Makes the nodes that came from the config file match `specs`, in one step: `previous`
+    /// are the ids the file gave before. Nodes that stay keep their load, health and
+    /// discovered models; nodes from elsewhere (registered, added by an operator, `--upstream`)
+    /// are left alone, and a file node may not take the id of one of them.
+    pub async fn sync_config_nodes(
+        &self,
+        previous: &[String],
+        mut specs: Vec<NodeSpec>,
+    ) -> Result<NodeChanges, RegistryError> {
+        NodePool::from_specs(specs.clone()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let known: Vec<String> = self.entries().iter().map(|e| e.spec.id.clone()).collect();
+        for spec in specs.iter_mut() {
+            if spec.models.is_empty() && !known.contains(&spec.id) {
+                match self.discover(spec).await {
+                    Ok(models) => spec.models = models,
+                    Err(error) => tracing::warn!(node = spec.id, %error,
+                        "could not read the node's models; it takes no requests until they can be read"),
+                }
+            }
+        }
+        let mut entries = self.entries();
+        let from_file = |e: &Entry| e.source == NodeSource::Config && previous.contains(&e.spec.id);
+        if let Some(taken) = specs
+            .iter()
+            .find(|s| entries.iter().any(|e| e.spec.id == s.id && !from_file(e)))
+        {
+            return Err(RegistryError::Conflict(taken.id.clone()));
+        }
+        let mut changes = NodeChanges::default();
+        entries.retain(|e| {
+            let gone = from_file(e) && !specs.iter().any(|s| s.id == e.spec.id);
+            if gone {
+                changes.removed.push(e.spec.id.clone());
+            }
+            !gone
+        });
+        let now = Instant::now();
+        for mut spec in specs {
+            match entries.iter_mut().find(|e| e.spec.id == spec.id) {
+                Some(entry) => {
+                    if spec.models.is_empty() {
+                        spec.models = entry.spec.models.clone();
+                    }
+                    spec.draining = entry.spec.draining;
+                    spec.healthy = entry.spec.healthy;
+                    if spec != entry.spec {
+                        changes.updated.push(spec.id.clone());
+                        entry.models_known = !spec.models.is_empty();
+                        entry.spec = spec;
+                    }
+                }
+                None => {
+                    changes.added.push(spec.id.clone());
+                    entries.push(Entry::new(spec, NodeSource::Config, None, now));
+                }
+            }
+        }
+        tracing::info!(?changes, "config nodes synced");
+        self.publish(&entries);
+        Ok(changes)
     }
 
     /// Removes a node. Its in-flight requests finish; it gets no new ones.

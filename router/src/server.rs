@@ -19,6 +19,7 @@ use crate::auth::Credentials;
 use crate::config::Config;
 use crate::history::{History, HistoryConfig};
 use crate::registry::{NodeSource, Registry, RegistryError};
+use crate::reload::Reloader;
 use crate::state::AppState;
 
 /// Why the router could not start.
@@ -46,6 +47,8 @@ pub struct StartOptions {
     pub admin_token: Option<String>,
     /// The registration secret itself (`LLM_ROUTER_REGISTRATION_SECRET`).
     pub registration_secret: Option<String>,
+    /// The config file, for reloads; `None` when there is none.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// A running router.
@@ -129,6 +132,11 @@ pub async fn start(
         metrics: Arc::default(),
         shutting_down: Arc::default(),
         connections: Arc::default(),
+        reloader: Arc::new(Reloader::new(
+            options.config_path.clone(),
+            config.clone(),
+            registry.clone(),
+        )),
     };
     let app = router(&services);
     let addr = listener.local_addr()?;

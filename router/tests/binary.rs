@@ -302,3 +302,176 @@ models = ["m"]
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A reload with a broken file changes nothing and says why (in the log for SIGHUP, in the
+/// answer for the admin API); a good file applies its nodes and names what needs a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_an_invalid_file_keeps_the_running_config_and_says_why() {
+    let a = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let b = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let head = format!(
+        "listen = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[history]\nenabled = false\n"
+    );
+    let node = |id: &str, n: &SimNode| {
+        format!(
+            "[[nodes]]\nid = \"{id}\"\nurl = \"{}\"\nmodels = [\"m\"]\n",
+            n.url()
+        )
+    };
+    let config_path = dir.path().join("router.toml");
+    std::fs::write(&config_path, format!("{head}{}", node("a", &a))).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .arg("--config")
+        .arg(&config_path)
+        .env("LLM_ROUTER_ADMIN_TOKEN", "admin")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn({
+        let logs = logs.clone();
+        move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                logs.lock().unwrap().push(line);
+            }
+        }
+    });
+    wait_healthy(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let chat = || async {
+        http.post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let node_ids = || async {
+        let nodes: serde_json::Value = http
+            .get(format!("{base}/api/nodes"))
+            .bearer_auth("admin")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let reload = |token: &'static str| {
+        let request = http
+            .post(format!("{base}/api/config/reload"))
+            .bearer_auth(token);
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(chat().await, 200);
+
+    // A typo in a key: SIGHUP logs why, and nothing changes.
+    std::fs::write(
+        &config_path,
+        format!("{head}{}[limits]\nmax_body_bytez = 5\n", node("b", &b)),
+    )
+    .unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let failed = logs
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("config reload failed"))
+            .cloned();
+        if let Some(line) = failed {
+            assert!(line.contains("max_body_bytez"), "the log says why: {line}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line for the failed reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(node_ids().await, vec!["a"]);
+    assert_eq!(chat().await, 200);
+    assert_eq!(
+        a.stats().requests(),
+        2,
+        "still served by the old config's node"
+    );
+
+    // The same through the admin API: 400 naming the key; and 401 without the token.
+    assert_eq!(reload("wrong").await.status(), 401);
+    let answer = reload("admin").await;
+    assert_eq!(answer.status(), 400);
+    let error: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_config");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_body_bytez"),
+        "{error}"
+    );
+    assert_eq!(node_ids().await, vec!["a"]);
+
+    // A good file: the new node joins at once; the changed [wait] waits for a restart.
+    std::fs::write(
+        &config_path,
+        format!(
+            "{head}[wait]\nmax_waiters = 7\n{}{}",
+            node("a", &a),
+            node("b", &b)
+        ),
+    )
+    .unwrap();
+    let answer = reload("admin").await;
+    assert_eq!(answer.status(), 200);
+    let report: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        report["nodes"]["added"],
+        serde_json::json!(["b"]),
+        "{report}"
+    );
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["wait"]),
+        "{report}"
+    );
+    assert_eq!(node_ids().await, vec!["a", "b"]);
+
+    // Node a leaves the file: after a reload it gets nothing more.
+    std::fs::write(&config_path, format!("{head}{}", node("b", &b))).unwrap();
+    let answer = reload("admin").await;
+    let report: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(
+        report["nodes"]["removed"],
+        serde_json::json!(["a"]),
+        "{report}"
+    );
+    assert_eq!(node_ids().await, vec!["b"]);
+    let served_by_a = a.stats().requests();
+    for _ in 0..3 {
+        assert_eq!(chat().await, 200);
+    }
+    assert_eq!(a.stats().requests(), served_by_a);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
