@@ -475,3 +475,138 @@ async fn a_reload_with_an_invalid_file_keeps_the_running_config_and_says_why() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Even at `trace`, no key, token, secret or prompt reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_prompt_reaches_the_log_even_at_trace() {
+    let node = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let joining = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        r#"
+listen = "127.0.0.1:{port}"
+[log]
+format = "json"
+level = "trace"
+[history]
+enabled = false
+[auth]
+api_keys = [{{ id = "team", sha256 = "{}" }}]
+[[nodes]]
+id = "a"
+url = "{}"
+models = ["m"]
+"#,
+        router::auth::hash_hex("sk-client-key-4242"),
+        node.url()
+    );
+    let config_path = dir.path().join("router.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .arg("--config")
+        .arg(&config_path)
+        .env("LLM_ROUTER_ADMIN_TOKEN", "admin-token-4242")
+        .env("LLM_ROUTER_REGISTRATION_SECRET", "join-secret-4242")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
+    wait_healthy(port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for stream in [false, true] {
+        let reply = http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth("sk-client-key-4242")
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"prompt-marker-4242"}}]}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let _ = reply.text().await.unwrap();
+    }
+    let wrong = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth("sk-wrong-key-4242")
+        .body(r#"{"model":"m"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let joined: serde_json::Value = http
+        .post(format!("{base}/api/nodes"))
+        .bearer_auth("join-secret-4242")
+        .json(&serde_json::json!({"url": joining.url(), "id": "j", "models": ["m"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let node_token = joined["token"].as_str().unwrap().to_owned();
+    let beat = http
+        .post(format!("{base}/api/nodes/j/heartbeat"))
+        .bearer_auth(&node_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status(), 204);
+    let listed = http
+        .get(format!("{base}/api/nodes"))
+        .bearer_auth("admin-token-4242")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    let denied = http
+        .get(format!("{base}/api/nodes"))
+        .bearer_auth(&node_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401, "a node token is not an admin token");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap();
+    let logs = out.join().unwrap() + &err.join().unwrap();
+    assert!(
+        logs.lines().count() > 20,
+        "trace logging is on: {} lines",
+        logs.lines().count()
+    );
+    for secret in [
+        "sk-client-key-4242",
+        "sk-wrong-key-4242",
+        "admin-token-4242",
+        "join-secret-4242",
+        node_token.as_str(),
+        "prompt-marker-4242",
+    ] {
+        let line = logs.lines().find(|l| l.contains(secret));
+        assert!(
+            line.is_none(),
+            "{secret} reached the log: {}",
+            line.unwrap_or_default()
+        );
+    }
+}
