@@ -11,5 +11,6 @@ pub mod load;
 pub mod report;
 pub mod scenario;
 pub mod sim;
+pub mod soak;
 
 pub use sim::{Overflow, SimConfig, SimNode, SimStats, StatsSnapshot};

@@ -167,7 +167,8 @@ pub struct LoadResult {
     pub latency_ms: Percentiles,
     /// Time to first token of successful requests.
     pub ttft_ms: Percentiles,
-    /// Failures: HTTP status codes (`"429"`), or `connect`, `timeout`, `body`.
+    /// Failures: HTTP status codes (`"429"`), `stream_error` (an SSE stream that ended with an
+    /// error event), or `connect`, `timeout`, `body` (no whole answer).
     pub errors: BTreeMap<String, u64>,
     /// 429 and 503 answers that carried `Retry-After`.
     pub with_retry_after: u64,
@@ -233,6 +234,9 @@ enum Outcome {
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// How an OpenAI-shaped error event starts in an SSE stream.
+const ERROR_EVENT: &[u8] = b"data: {\"error\":";
 
 /// A client for load: keep-alive, no idle limit, TCP no-delay.
 pub fn client() -> HttpClient {
@@ -303,11 +307,19 @@ async fn one(
         let retry_after = response.headers().contains_key(header::RETRY_AFTER);
         let mut body = response.into_body();
         let mut first: Option<Duration> = None;
+        let mut error_event = false;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
                     if first.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
                         first = Some(due.elapsed());
+                    }
+                    if spec.stream
+                        && frame
+                            .data_ref()
+                            .is_some_and(|d| d.windows(ERROR_EVENT.len()).any(|w| w == ERROR_EVENT))
+                    {
+                        error_event = true;
                     }
                 }
                 Err(_) => {
@@ -319,6 +331,13 @@ async fn one(
             }
         }
         let latency = due.elapsed();
+        if error_event {
+            // Answered, but the stream ended with an error event instead of its end.
+            return Outcome::Failed {
+                kind: "stream_error".into(),
+                retry_after: false,
+            };
+        }
         if status.is_success() {
             let ttft = if spec.stream {
                 first.unwrap_or(latency)

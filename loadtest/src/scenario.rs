@@ -100,6 +100,16 @@ impl RouterProcess {
     /// Starts `bin --config <file>` with `config` (TOML without `listen`, which is added) and
     /// waits until `/ready` answers 200.
     pub async fn start(bin: &Path, config: &str, dir: &Path) -> Result<Self, String> {
+        Self::start_with_env(bin, config, dir, &[]).await
+    }
+
+    /// [`RouterProcess::start`] with extra environment variables (an admin token, say).
+    pub async fn start_with_env(
+        bin: &Path,
+        config: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -110,6 +120,7 @@ impl RouterProcess {
             .arg("--config")
             .arg(&path)
             .current_dir(dir)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -141,6 +152,11 @@ impl RouterProcess {
     /// Its base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Its memory now and CPU time so far.
@@ -199,6 +215,29 @@ async fn get_status(url: &str) -> Option<u16> {
         .ok()?
         .ok()?;
     Some(response.status().as_u16())
+}
+
+/// The body of a GET, with an optional bearer token.
+pub async fn get_text(url: &str, token: Option<&str>) -> Result<String, String> {
+    let client = load::client();
+    let mut request = http::Request::get(url);
+    if let Some(token) = token {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .map_err(|_| format!("{url}: no answer within 10 s"))?
+        .map_err(|e| format!("{url}: {e}"))?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// `[[nodes]]` entries for a router config.

@@ -84,3 +84,34 @@ async fn every_scenario_runs_short_and_writes_its_report() {
         assert!(out.path().join(format!("{name}.json")).exists());
     }
 }
+
+/// The soak, cut to seconds: a node is killed twice, yet every request gets an answer and the
+/// history holds one row per answer.
+#[tokio::test]
+async fn the_soak_runs_short_and_loses_nothing() {
+    let out = tempfile::tempdir().unwrap();
+    let settings = settings(out.path());
+    let soak = loadtest::soak::SoakSettings {
+        duration: Duration::from_secs(7),
+        kill_every: Duration::from_secs(2),
+        down_for: Duration::from_secs(1),
+        rate: 40.0,
+    };
+    let report = loadtest::soak::soak(&settings, soak).await.unwrap();
+    assert!(
+        report.findings[0].contains(" 0 lost without an answer"),
+        "{:?}",
+        report.findings
+    );
+    assert!(
+        !report.findings[0].contains("; 0 node kills"),
+        "{:?}",
+        report.findings
+    );
+    assert!(
+        report.findings[1].contains("(equal)"),
+        "{:?}",
+        report.findings
+    );
+    report.write(out.path()).unwrap();
+}

@@ -75,6 +75,8 @@ enum Scenario {
     Streaming,
     Fleet,
     Overload,
+    /// The reliability soak (not part of `all`): mixed load, a node killed on a schedule.
+    Soak,
     All,
 }
 
@@ -99,6 +101,15 @@ struct ScenarioArgs {
     /// descriptors per stream in the router).
     #[arg(long)]
     streams_over_http1: bool,
+    /// Seconds the `soak` runs.
+    #[arg(long, default_value_t = 600.0)]
+    soak_duration: f64,
+    /// In `soak`, kill a node every this many seconds (it comes back 5 s later).
+    #[arg(long, default_value_t = 60.0)]
+    kill_every: f64,
+    /// Requests per second in `soak`, half streamed.
+    #[arg(long, default_value_t = 80.0)]
+    soak_rate: f64,
 }
 
 #[tokio::main]
@@ -222,6 +233,15 @@ async fn scenarios(args: ScenarioArgs, out: &std::path::Path) -> Result<(), Stri
             Scenario::Streaming => scenario::streaming(&settings).await?,
             Scenario::Fleet => scenario::fleet(&settings).await?,
             Scenario::Overload => scenario::overload(&settings).await?,
+            Scenario::Soak => {
+                let soak = loadtest::soak::SoakSettings {
+                    duration: Duration::from_secs_f64(args.soak_duration),
+                    kill_every: Duration::from_secs_f64(args.kill_every),
+                    rate: args.soak_rate,
+                    ..Default::default()
+                };
+                loadtest::soak::soak(&settings, soak).await?
+            }
             Scenario::All => unreachable!("expanded above"),
         };
         let md = report
