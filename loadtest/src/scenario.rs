@@ -113,6 +113,8 @@ impl RouterProcess {
         let port = free_port()?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // The child runs in `dir`, so a relative path (from `--out`) would point elsewhere.
+        let dir = &std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join("router.toml");
         std::fs::write(&path, format!("listen = \"{addr}\"\n{config}"))
             .map_err(|e| format!("{}: {e}", path.display()))?;
