@@ -414,3 +414,82 @@ async fn all_nodes_down_answers_503_at_once_and_serving_resumes() {
     assert_eq!(rows.last().unwrap()["node_id"], "a");
     router.shutdown().await;
 }
+
+/// A node that names itself everywhere it can: `Server`, `Via`, `Location` and other headers, and
+/// the message of its 400. None of it reaches the client.
+#[tokio::test]
+async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
+    use axum::http::{HeaderMap, HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let me = format!("http://{addr}");
+    let chat = {
+        let me = me.clone();
+        move |body: String| async move {
+            let mut headers = HeaderMap::new();
+            for (name, value) in [
+                ("server", format!("vllm at {me}")),
+                ("via", format!("1.1 {addr}")),
+                ("location", format!("{me}/v1/elsewhere")),
+                ("x-upstream", me.clone()),
+                ("content-location", format!("{me}/v1/chat/completions")),
+            ] {
+                headers.insert(name, HeaderValue::from_str(&value).unwrap());
+            }
+            if body.contains("\"bad\"") {
+                let error = serde_json::json!({"error": {
+                    "message": format!("model bad is not on {me} (host 127.0.0.1, {addr})"),
+                    "type": "invalid_request_error", "param": "model", "code": "model_not_found"}});
+                return (StatusCode::BAD_REQUEST, headers, error.to_string()).into_response();
+            }
+            let answer = serde_json::json!({"id": "x", "object": "chat.completion", "model": "ok",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]});
+            (StatusCode::OK, headers, answer.to_string()).into_response()
+        }
+    };
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route("/v1/chat/completions", axum::routing::post(chat));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut config = quick_config(&[]);
+    config.nodes.push(router::config::NodeConfig {
+        id: Some("talkative".into()),
+        url: me.clone(),
+        models: Some(vec!["ok".into(), "bad".into()]),
+        max_concurrency: 4,
+        weight: 1,
+        api_key: None,
+    });
+    let router = start_full(config, StartOptions::default()).await;
+    let url = format!("http://{}/v1/chat/completions", router.addr);
+    let client = client();
+    for (model, status) in [("ok", 200), ("bad", 400)] {
+        let reply = post(&client, &url, chat_body(model, false)).await;
+        assert_eq!(reply.status, status, "{}", reply.text());
+        for name in [
+            "server",
+            "via",
+            "location",
+            "x-upstream",
+            "content-location",
+        ] {
+            assert!(!reply.headers.contains_key(name), "{name} was passed on");
+        }
+        let everything = format!("{:?} {}", reply.headers, reply.text());
+        assert!(
+            !everything.contains(&addr.to_string()) && !everything.contains("127.0.0.1"),
+            "the node's address reached the client: {everything}"
+        );
+        if status == 400 {
+            assert_eq!(
+                reply.json()["error"]["message"],
+                "model bad is not on [node] (host [node], [node])"
+            );
+        }
+    }
+    server.abort();
+    router.shutdown().await;
+}
