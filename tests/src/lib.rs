@@ -253,3 +253,64 @@ pub async fn send(
         body: body.collect().await.unwrap().to_bytes(),
     }
 }
+
+/// A node that answers quickly: 3 tokens, 2 ms to the first and 1 ms between.
+pub fn quick_node(models: &[&str]) -> SimConfig {
+    SimConfig {
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+        ttft_ms: 2,
+        inter_token_ms: 1,
+        tokens: 3,
+        ..SimConfig::default()
+    }
+}
+
+/// A whole router with history at `db` (flushed every 20 ms) and the admin token `admin`, over
+/// `nodes`, with `tweak` applied to its config last.
+pub async fn start_with_history(
+    db: &std::path::Path,
+    nodes: &[(&str, &SimNode, &[&str], usize)],
+    tweak: impl FnOnce(&mut router::config::Config),
+) -> router::server::Running {
+    let mut config = quick_config(nodes);
+    config.history.enabled = true;
+    config.history.path = db.to_owned();
+    config.history.flush_interval_ms = 20;
+    tweak(&mut config);
+    start_full(
+        config,
+        router::server::StartOptions {
+            admin_token: Some("admin".into()),
+            ..router::server::StartOptions::default()
+        },
+    )
+    .await
+}
+
+/// Every history row, oldest first, paging through `GET /api/logs` with the token `admin`.
+pub async fn all_rows(client: &TestClient, base: &str) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let mut url = format!("{base}/api/logs?limit=1000");
+        if let Some(b) = before {
+            url.push_str(&format!("&before_id={b}"));
+        }
+        let page = send(client, http::Method::GET, &url, Some("admin"), None).await;
+        assert_eq!(page.status, 200, "{}", page.text());
+        let page = page.json();
+        rows.extend(page["logs"].as_array().unwrap().iter().cloned());
+        match page["next_before_id"].as_i64() {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    rows.reverse();
+    rows
+}
+
+/// The router's history rows after a flush, oldest first.
+pub async fn flushed_rows(router: &router::server::Running) -> Vec<serde_json::Value> {
+    router.services.history.flush().await;
+    all_rows(&client(), &format!("http://{}", router.addr)).await
+}

@@ -7,38 +7,21 @@ use std::time::{Duration, Instant};
 use http::Method;
 use llm_router_tests::*;
 use router::config::Config;
-use router::server::{Running, StartOptions};
+use router::server::Running;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::history::all_rows;
-
+/// A router with history over one instant node `a` serving `m`, with `tweak` applied.
 async fn start(node: &SimNode, tweak: impl FnOnce(&mut Config)) -> (Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = quick_config(&[("a", node, &["m"], 8)]);
-    config.history.enabled = true;
-    config.history.path = dir.path().join("h.db");
-    config.history.flush_interval_ms = 20;
-    tweak(&mut config);
-    let router = start_full(
-        config,
-        StartOptions {
-            admin_token: Some("admin".into()),
-            ..StartOptions::default()
-        },
-    )
-    .await;
+    let router =
+        start_with_history(&dir.path().join("h.db"), &[("a", node, &["m"], 8)], tweak).await;
     (router, dir)
 }
 
 fn node() -> SimConfig {
     SimConfig::instant(&["m"])
-}
-
-async fn rows(router: &Running) -> Vec<Value> {
-    router.services.history.flush().await;
-    all_rows(&client(), &format!("http://{}", router.addr)).await
 }
 
 async fn still_serves(router: &Running) {
@@ -133,7 +116,7 @@ async fn malformed_bodies_and_oversized_requests_get_clear_errors() {
     assert_eq!(statuses(&answer), vec![431], "{answer}");
 
     still_serves(&router).await;
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     let mut recorded: Vec<u16> = rows
         .iter()
         .map(|r| r["status"].as_u64().unwrap() as u16)
@@ -237,7 +220,7 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
         "closed too early: {closed_after:?}"
     );
     still_serves(&router).await;
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 2, "only the two good requests are recorded");
     let reply = send(
         &client(),

@@ -5,50 +5,11 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use llm_router_tests::*;
-use router::config::Config;
 use router::server::{Running, StartOptions};
 use serde_json::Value;
 
-use super::history::all_rows;
-
-fn quick(models: &[&str]) -> SimConfig {
-    SimConfig {
-        models: models.iter().map(|m| (*m).to_owned()).collect(),
-        ttft_ms: 2,
-        inter_token_ms: 1,
-        tokens: 3,
-        ..SimConfig::default()
-    }
-}
-
-/// A router with history and an admin token over `nodes`, with `tweak` applied to its config.
-async fn start(
-    db: &std::path::Path,
-    nodes: &[(&str, &SimNode, &[&str], usize)],
-    tweak: impl FnOnce(&mut Config),
-) -> Running {
-    let mut config = quick_config(nodes);
-    config.history.enabled = true;
-    config.history.path = db.to_owned();
-    config.history.flush_interval_ms = 20;
-    tweak(&mut config);
-    start_full(
-        config,
-        StartOptions {
-            admin_token: Some("admin".into()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-}
-
 fn base(router: &Running) -> String {
     format!("http://{}", router.addr)
-}
-
-async fn rows(router: &Running) -> Vec<Value> {
-    router.services.history.flush().await;
-    all_rows(&client(), &base(router)).await
 }
 
 fn node_state(router: &Running, id: &str) -> (usize, bool) {
@@ -72,11 +33,11 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_event() {
     let slow = SimConfig {
         inter_token_ms: 50,
         tokens: 100,
-        ..quick(&["m"])
+        ..quick_node(&["m"])
     };
     let first = SimNode::start(slow.clone()).await.unwrap();
     let second = SimNode::start(slow).await.unwrap();
-    let router = start(
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[("first", &first, &["m"], 4), ("second", &second, &["m"], 4)],
         |_| {},
@@ -123,7 +84,7 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_event() {
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
 
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 6);
     assert_eq!(rows[0]["node_id"], doomed_id);
     assert_eq!(rows[0]["status"], 200);
@@ -147,18 +108,18 @@ async fn a_silent_node_and_a_stalled_stream_time_out_and_give_their_slots_back()
     let dir = tempfile::tempdir().unwrap();
     let silent = SimNode::start(SimConfig {
         hang_rate: 1.0,
-        ..quick(&["quiet"])
+        ..quick_node(&["quiet"])
     })
     .await
     .unwrap();
     let stalling = SimNode::start(SimConfig {
         tokens: 10,
         stall_after: 2,
-        ..quick(&["stall"])
+        ..quick_node(&["stall"])
     })
     .await
     .unwrap();
-    let router = start(
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[
             ("silent", &silent, &["quiet"], 2),
@@ -197,7 +158,7 @@ async fn a_silent_node_and_a_stalled_stream_time_out_and_give_their_slots_back()
 
     assert_eq!(node_state(&router, "silent").0, 0);
     assert_eq!(node_state(&router, "stalling").0, 0);
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["node_id"], "silent");
     assert_eq!(rows[0]["status"], 504);
@@ -213,12 +174,12 @@ async fn a_node_answering_5xx_is_retried_once_on_another_node() {
     let dir = tempfile::tempdir().unwrap();
     let broken = SimNode::start(SimConfig {
         failure_rate: 1.0,
-        ..quick(&["m"])
+        ..quick_node(&["m"])
     })
     .await
     .unwrap();
-    let good = SimNode::start(quick(&["m"])).await.unwrap();
-    let router = start(
+    let good = SimNode::start(quick_node(&["m"])).await.unwrap();
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[("broken", &broken, &["m"], 4), ("good", &good, &["m"], 4)],
         |config| {
@@ -245,7 +206,7 @@ async fn a_node_answering_5xx_is_retried_once_on_another_node() {
         "every request ended on the good node"
     );
 
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 20);
     assert!(
         rows.iter()
@@ -261,9 +222,9 @@ async fn a_node_answering_5xx_is_retried_once_on_another_node() {
 #[tokio::test]
 async fn a_refused_connection_is_retried_on_another_node() {
     let dir = tempfile::tempdir().unwrap();
-    let good = SimNode::start(quick(&["m"])).await.unwrap();
-    let doomed = SimNode::start(quick(&["m"])).await.unwrap();
-    let router = start(
+    let good = SimNode::start(quick_node(&["m"])).await.unwrap();
+    let doomed = SimNode::start(quick_node(&["m"])).await.unwrap();
+    let router = start_with_history(
         &dir.path().join("h.db"),
         // First in the pool: with no speeds measured yet, it is the first choice.
         &[("gone", &doomed, &["m"], 4), ("good", &good, &["m"], 4)],
@@ -294,7 +255,7 @@ async fn a_refused_connection_is_retried_on_another_node() {
         .consecutive_failures();
     assert!(failures >= 1, "the refusing node was tried");
     assert_eq!(good.stats().requests(), 10);
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 10);
     assert!(rows.iter().all(|r| r["node_id"] == "good"), "{rows:?}");
     assert_eq!(node_state(&router, "gone").0, 0);
@@ -308,11 +269,11 @@ async fn the_retry_budget_stops_a_retry_storm_and_node_errors_name_no_node() {
     let dir = tempfile::tempdir().unwrap();
     let failing = || SimConfig {
         failure_rate: 1.0,
-        ..quick(&["m"])
+        ..quick_node(&["m"])
     };
     let a = SimNode::start(failing()).await.unwrap();
     let b = SimNode::start(failing()).await.unwrap();
-    let router = start(
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[("a", &a, &["m"], 4), ("b", &b, &["m"], 4)],
         |config| {
@@ -345,7 +306,7 @@ async fn the_retry_budget_stops_a_retry_storm_and_node_errors_name_no_node() {
         (33..=36).contains(&attempts),
         "30 requests made {attempts} attempts"
     );
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     assert_eq!(rows.len(), 30);
     assert!(rows.iter().all(|r| r["status"] == 500), "{rows:?}");
     assert_eq!(node_state(&router, "a").0 + node_state(&router, "b").0, 0);
@@ -357,10 +318,10 @@ async fn the_retry_budget_stops_a_retry_storm_and_node_errors_name_no_node() {
 #[tokio::test]
 async fn all_nodes_down_answers_503_at_once_and_serving_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let a = SimNode::start(quick(&["m"])).await.unwrap();
-    let b = SimNode::start(quick(&["m"])).await.unwrap();
+    let a = SimNode::start(quick_node(&["m"])).await.unwrap();
+    let b = SimNode::start(quick_node(&["m"])).await.unwrap();
     let a_addr = a.addr();
-    let router = start(
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[("a", &a, &["m"], 2), ("b", &b, &["m"], 2)],
         |_| {},
@@ -395,7 +356,7 @@ async fn all_nodes_down_answers_503_at_once_and_serving_resumes() {
     assert_eq!(node_state(&router, "a"), (0, false));
     assert_eq!(node_state(&router, "b"), (0, false));
 
-    let _back = SimNode::bind(quick(&["m"]), a_addr).await.unwrap();
+    let _back = SimNode::bind(quick_node(&["m"]), a_addr).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let reply = post(&client, &url, chat_body("m", false)).await;
@@ -406,7 +367,7 @@ async fn all_nodes_down_answers_503_at_once_and_serving_resumes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let rows = rows(&router).await;
+    let rows = flushed_rows(&router).await;
     let unavailable: Vec<&Value> = rows.iter().filter(|r| r["status"] == 503).collect();
     assert!(unavailable.len() >= 20);
     assert!(unavailable.iter().all(|r| r["node_id"] == Value::Null));

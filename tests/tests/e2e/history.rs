@@ -6,67 +6,15 @@ use std::time::Duration;
 
 use http::Method;
 use llm_router_tests::*;
-use router::server::{Running, StartOptions};
+use router::server::Running;
 use serde_json::Value;
 use sqlx::Connection;
-
-fn node(models: &[&str]) -> SimConfig {
-    SimConfig {
-        models: models.iter().map(|m| (*m).to_owned()).collect(),
-        ttft_ms: 2,
-        inter_token_ms: 1,
-        tokens: 3,
-        ..SimConfig::default()
-    }
-}
 
 async fn router_with_history(
     db: &std::path::Path,
     nodes: &[(&str, &SimNode, &[&str], usize)],
 ) -> Running {
-    router_with_history_and(db, nodes, |_| {}).await
-}
-
-async fn router_with_history_and(
-    db: &std::path::Path,
-    nodes: &[(&str, &SimNode, &[&str], usize)],
-    tweak: impl FnOnce(&mut router::config::Config),
-) -> Running {
-    let mut config = quick_config(nodes);
-    tweak(&mut config);
-    config.history.enabled = true;
-    config.history.path = db.to_owned();
-    config.history.flush_interval_ms = 20;
-    start_full(
-        config,
-        StartOptions {
-            admin_token: Some("admin".into()),
-            ..StartOptions::default()
-        },
-    )
-    .await
-}
-
-/// Every row, oldest first, paging through `GET /api/logs`.
-pub(crate) async fn all_rows(client: &TestClient, base: &str) -> Vec<Value> {
-    let mut rows = Vec::new();
-    let mut before: Option<i64> = None;
-    loop {
-        let mut url = format!("{base}/api/logs?limit=1000");
-        if let Some(b) = before {
-            url.push_str(&format!("&before_id={b}"));
-        }
-        let page = send(client, Method::GET, &url, Some("admin"), None).await;
-        assert_eq!(page.status, 200, "{}", page.text());
-        let page = page.json();
-        rows.extend(page["logs"].as_array().unwrap().iter().cloned());
-        match page["next_before_id"].as_i64() {
-            Some(next) => before = Some(next),
-            None => break,
-        }
-    }
-    rows.reverse();
-    rows
+    start_with_history(db, nodes, |_| {}).await
 }
 
 fn metric(text: &str, line_start: &str) -> u64 {
@@ -80,8 +28,8 @@ fn metric(text: &str, line_start: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_a_thousand_mixed_requests_leaves_one_correct_row_each() {
     let dir = tempfile::tempdir().unwrap();
-    let chat = SimNode::start(node(&["chat"])).await.unwrap();
-    let embed = SimNode::start(node(&["embed"])).await.unwrap();
+    let chat = SimNode::start(quick_node(&["chat"])).await.unwrap();
+    let embed = SimNode::start(quick_node(&["embed"])).await.unwrap();
     let router = router_with_history(
         &dir.path().join("h.db"),
         &[("c", &chat, &["chat"], 256), ("e", &embed, &["embed"], 256)],
@@ -297,7 +245,7 @@ where
     C: FnOnce() -> CF,
     CF: std::future::Future<Output = ()>,
 {
-    let chat = SimNode::start(node(&["chat"])).await.unwrap();
+    let chat = SimNode::start(quick_node(&["chat"])).await.unwrap();
     let router = router_with_history(db, &[("c", &chat, &["chat"], 64)]).await;
     let base = format!("http://{}", router.addr);
     let client = client();
@@ -354,7 +302,7 @@ where
 
 #[tokio::test]
 async fn a_history_that_cannot_open_does_not_stop_the_router() {
-    let chat = SimNode::start(node(&["chat"])).await.unwrap();
+    let chat = SimNode::start(quick_node(&["chat"])).await.unwrap();
     // A path no one can create, root included.
     let router = router_with_history(
         std::path::Path::new("/proc/llm-router-test/h.db"),
@@ -399,7 +347,7 @@ async fn a_client_that_leaves_mid_stream_is_marked_in_its_row() {
     let slow = SimNode::start(SimConfig {
         inter_token_ms: 50,
         tokens: 100,
-        ..node(&["chat"])
+        ..quick_node(&["chat"])
     })
     .await
     .unwrap();
@@ -455,12 +403,12 @@ async fn a_client_that_leaves_while_waiting_for_a_slot_is_marked_in_its_row() {
     let slow = SimNode::start(SimConfig {
         inter_token_ms: 50,
         tokens: 20,
-        ..node(&["chat"])
+        ..quick_node(&["chat"])
     })
     .await
     .unwrap();
     // Without admission control, which would turn the second request away at once.
-    let router = router_with_history_and(
+    let router = start_with_history(
         &dir.path().join("h.db"),
         &[("c", &slow, &["chat"], 1)],
         |config| {
