@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -25,6 +26,87 @@ async fn wait_healthy(port: u16) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the router did not start listening on {port}");
+}
+
+/// The router binary running with a config file, its output lines (stdout and stderr) collected
+/// as they come. Killed when dropped.
+struct RouterChild {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RouterChild {
+    fn spawn(config_path: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+            .arg("--config")
+            .arg(config_path)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let stderr: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        let readers = [stdout, stderr]
+            .into_iter()
+            .map(|pipe| {
+                let lines = lines.clone();
+                std::thread::spawn(move || {
+                    for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                        lines.lock().unwrap().push(line);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            child,
+            lines,
+            readers,
+        }
+    }
+
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`TERM`, `HUP`) with kill(1).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// The output so far.
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits at most `limit` for the process to exit, then returns its status and whole output.
+    async fn exit_within(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<String>) {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(started.elapsed() < limit, "the router did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for reader in std::mem::take(&mut self.readers) {
+            reader.join().unwrap();
+        }
+        (status, self.lines())
+    }
+}
+
+impl Drop for RouterChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,20 +160,7 @@ max_concurrency = 128
         String::from_utf8_lossy(&check.stderr)
     );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
+    let router = RouterChild::spawn(&config_path, &[]);
     wait_healthy(port).await;
 
     // 100 streams of about 0.8 s each.
@@ -114,11 +183,7 @@ max_concurrency = 128
         }));
     }
     // Every stream is under way; now SIGTERM.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    router.signal("TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -133,20 +198,8 @@ max_concurrency = 128
             "a stream was cut: {text:?}"
         );
     }
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the router did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (exit, logs) = router.exit_within(Duration::from_secs(15)).await;
     assert!(exit.success(), "exit status {exit:?}");
-
-    let logs = logs.join().unwrap();
     let all = logs.join("\n");
     assert!(!all.contains("sk-secret-key"), "a key reached the logs");
     let finished: Vec<serde_json::Value> = logs
@@ -224,13 +277,7 @@ models = ["m"]
     );
     let config_path = dir.path().join("router.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let router = RouterChild::spawn(&config_path, &[]);
     wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let chat = || async {
@@ -244,7 +291,7 @@ models = ["m"]
             .map(|r| r.status().as_u16())
     };
     assert_eq!(chat().await.unwrap(), 200);
-    let before = rss_kib(child.id());
+    let before = rss_kib(router.id());
 
     let mut idle = Vec::with_capacity(10_000);
     for _ in 0..10_000 {
@@ -270,7 +317,7 @@ models = ["m"]
         "{answer}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let during = rss_kib(child.id());
+    let during = rss_kib(router.id());
     let grown_mib = during.saturating_sub(before) as f64 / 1024.0;
     eprintln!("router RSS {before} KiB before, {during} KiB with 10,000 connections open");
     assert!(
@@ -299,8 +346,6 @@ models = ["m"]
         (8_900..=9_100).contains(&refused),
         "{refused} connections refused"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// A reload with a broken file changes nothing and says why (in the log for SIGHUP, in the
@@ -322,24 +367,7 @@ async fn a_reload_with_an_invalid_file_keeps_the_running_config_and_says_why() {
     };
     let config_path = dir.path().join("router.toml");
     std::fs::write(&config_path, format!("{head}{}", node("a", &a))).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
-        .arg("--config")
-        .arg(&config_path)
-        .env("LLM_ROUTER_ADMIN_TOKEN", "admin")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn({
-        let logs = logs.clone();
-        move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                logs.lock().unwrap().push(line);
-            }
-        }
-    });
+    let router = RouterChild::spawn(&config_path, &[("LLM_ROUTER_ADMIN_TOKEN", "admin")]);
     wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -386,19 +414,13 @@ async fn a_reload_with_an_invalid_file_keeps_the_running_config_and_says_why() {
         format!("{head}{}[limits]\nmax_body_bytez = 5\n", node("b", &b)),
     )
     .unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    router.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let failed = logs
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains("config reload failed"))
-            .cloned();
+        let failed = router
+            .lines()
+            .into_iter()
+            .find(|l| l.contains("config reload failed"));
         if let Some(line) = failed {
             assert!(line.contains("max_body_bytez"), "the log says why: {line}");
             break;
@@ -472,8 +494,6 @@ async fn a_reload_with_an_invalid_file_keeps_the_running_config_and_says_why() {
         assert_eq!(chat().await, 200);
     }
     assert_eq!(a.stats().requests(), served_by_a);
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// Even at `trace`, no key, token, secret or prompt reaches the log.
@@ -503,27 +523,13 @@ models = ["m"]
     );
     let config_path = dir.path().join("router.toml");
     std::fs::write(&config_path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-router"))
-        .arg("--config")
-        .arg(&config_path)
-        .env("LLM_ROUTER_ADMIN_TOKEN", "admin-token-4242")
-        .env("LLM_ROUTER_REGISTRATION_SECRET", "join-secret-4242")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut text);
-        text
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
-        text
-    });
+    let router = RouterChild::spawn(
+        &config_path,
+        &[
+            ("LLM_ROUTER_ADMIN_TOKEN", "admin-token-4242"),
+            ("LLM_ROUTER_REGISTRATION_SECRET", "join-secret-4242"),
+        ],
+    );
     wait_healthy(port).await;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -582,13 +588,9 @@ models = ["m"]
         .unwrap();
     assert_eq!(denied.status(), 401, "a node token is not an admin token");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    child.wait().unwrap();
-    let logs = out.join().unwrap() + &err.join().unwrap();
+    router.signal("TERM");
+    let (_, lines) = router.exit_within(Duration::from_secs(15)).await;
+    let logs = lines.join("\n");
     assert!(
         logs.lines().count() > 20,
         "trace logging is on: {} lines",
