@@ -780,8 +780,10 @@ impl Shared {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let snapshot = self.snapshot.load();
         let mut queue = self.queue();
+        // Read under the queue lock: a line is dropped on what this snapshot says, so it must
+        // not be older than a writer that ran before us.
+        let snapshot = self.snapshot.load();
         let mut full: Vec<Option<Arc<str>>> = Vec::new();
         loop {
             let Some(key) = queue.oldest_excluding(&full) else {

@@ -287,13 +287,13 @@ where
         })
     }
 
-    /// A slot on another node with room for `model`, for a retry after `failed` failed.
-    fn another_node(&self, model: Option<&str>, failed: &Node) -> Option<SelectedNode> {
+    /// A slot on a node with room for `model` that has not failed this request yet.
+    fn another_node(&self, model: Option<&str>, tried: &[Arc<str>]) -> Option<SelectedNode> {
         let snapshot = self.pool.snapshot();
         let Eligible::Nodes(nodes) = snapshot.eligible(model) else {
             return None;
         };
-        let others = nodes.iter().filter(|n| n.id() != failed.id());
+        let others = nodes.iter().filter(|n| !tried.contains(n.id_arc()));
         let node = least_loaded(others, SlotBound::WithinCapacity, None)?;
         SelectedNode::new(self.pool.acquire(node, SlotBound::WithinCapacity)?)
     }
@@ -310,6 +310,8 @@ struct Replay<B> {
     request: Request<B>,
     model: Option<Arc<str>>,
     retries_left: u32,
+    /// Nodes that failed this request (allocated only on a failure).
+    tried: Vec<Arc<str>>,
 }
 
 fn copy_request<B: Clone>(request: &Request<B>) -> Request<B> {
@@ -353,6 +355,7 @@ where
                 .get::<RequestInfo>()
                 .and_then(|i| i.model.clone()),
             retries_left: shared.config.retries,
+            tried: Vec::new(),
         });
         match shared.send(request, &selected) {
             Ok(sent) => ProxyFuture::sending(shared.clone(), sent, selected, replay),
@@ -394,7 +397,7 @@ pin_project! {
 enum Failure {
     /// The node answered 5xx.
     Status(Response<Incoming>),
-    /// The node answered 4xx: final, but its body still names no node.
+    /// The node answered 4xx (or 3xx): final, but its body still names no node.
     Refused(Response<Incoming>),
     /// The connection was refused or broke before the answer.
     Unreachable,
@@ -469,12 +472,13 @@ where
                     let failure = match outcome {
                         Ok(Ok(response)) if !response.status().is_server_error() => {
                             node.state().record_success();
-                            if !response.status().is_client_error() {
+                            if response.status().is_success() {
                                 let idle = shared.config.idle_timeout;
                                 let answer = stream_answer(response, selected, idle, *sent_at);
                                 return Poll::Ready(Ok(answer));
                             }
-                            // The request itself is at fault: another node would say the same.
+                            // 4xx: the request itself is at fault, another node would say the
+                            // same; 3xx: no retry either. Both are read to be scrubbed.
                             Failure::Refused(response)
                         }
                         Ok(Ok(response)) => {
@@ -552,11 +556,16 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut replay = replay.filter(|r| r.retries_left > 0)?;
-    let again = shared.another_node(replay.model.as_deref(), failed)?;
+    replay.tried.push(failed.id_arc().clone());
+    // The budget first: a slot taken and given straight back would count as a quick answer.
     if !shared.budget.withdraw() {
         tracing::warn!(node = failed.id(), "retry budget spent; not retrying");
         return None;
     }
+    let Some(again) = shared.another_node(replay.model.as_deref(), &replay.tried) else {
+        shared.budget.refund();
+        return None;
+    };
     replay.retries_left -= 1;
     let (request, replay) = if replay.retries_left == 0 {
         (replay.request, None)
@@ -633,7 +642,39 @@ async fn read_error(
     forwardable_parts(&mut parts, &node);
     // The body may change length.
     parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, ProxyBody::from(scrub_address(body, &node)))
+    let encoded = parts
+        .headers
+        .remove(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    let body = if encoded {
+        // A compressed body cannot be scrubbed; the client gets the status and a plain message.
+        tracing::warn!(
+            node = node.id(),
+            status = parts.status.as_u16(),
+            "a compressed error answer from the node is not passed on"
+        );
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        unreadable_error_body(parts.status)
+    } else {
+        scrub_address(body, &node)
+    };
+    Response::from_parts(parts, ProxyBody::from(body))
+}
+
+/// An OpenAI-shaped error for a node answer whose body could not be scrubbed.
+fn unreadable_error_body(status: http::StatusCode) -> Bytes {
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let body = serde_json::json!({"error": {
+        "message": format!("the node answered {status} with a compressed message, which is not passed on"),
+        "type": kind, "param": null, "code": "upstream_error"}});
+    Bytes::from(body.to_string())
 }
 
 /// `body` with the node's URL, host-and-port and host replaced by `[node]`.
@@ -642,14 +683,15 @@ fn scrub_address(body: Bytes, node: &Node) -> Bytes {
     let url = format!("http://{authority}");
     let mut scrubbed = body;
     for needle in [url.as_str(), authority.as_str(), authority.host()] {
-        if !needle.is_empty() {
-            scrubbed = replace_all(scrubbed, needle.as_bytes(), b"[node]");
-        }
+        scrubbed = replace_all(scrubbed, needle.as_bytes(), b"[node]");
     }
     scrubbed
 }
 
 fn replace_all(haystack: Bytes, needle: &[u8], with: &[u8]) -> Bytes {
+    if needle.is_empty() {
+        return haystack;
+    }
     let find = |h: &[u8]| h.windows(needle.len()).position(|w| w == needle);
     let Some(first) = find(&haystack) else {
         return haystack;

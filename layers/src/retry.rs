@@ -2,9 +2,10 @@
 //! hit by a retry storm.
 //!
 //! Every request deposits `percent` hundredths of a retry; every retry withdraws a whole one. The
-//! balance starts at `reserve` retries and never grows past it, so after a calm hour an outage
-//! still gets at most `reserve` retries up front and then `percent`% of the requests. It is a
-//! single atomic: no lock and no clock on the request path.
+//! balance starts at `reserve` retries and never grows past it (nor past one retry, when the
+//! reserve is 0), so after a calm hour an outage still gets at most `reserve` retries up front
+//! and then `percent`% of the requests. It is a single atomic: no lock and no clock on the
+//! request path.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -23,9 +24,11 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A budget allowing `reserve` retries at once, and `percent` retries per 100 requests after.
     pub fn new(reserve: u32, percent: u32) -> Self {
-        let cap = i64::from(reserve) * WHOLE;
+        let start = i64::from(reserve) * WHOLE;
+        // Deposits must be able to add up to one whole retry, or `percent` would mean nothing.
+        let cap = if percent > 0 { start.max(WHOLE) } else { start };
         Self {
-            balance: AtomicI64::new(cap),
+            balance: AtomicI64::new(start),
             per_request: i64::from(percent),
             cap,
         }
@@ -51,6 +54,15 @@ impl RetryBudget {
                 (b >= WHOLE).then(|| b - WHOLE)
             })
             .is_ok()
+    }
+
+    /// Gives back a retry taken with [`RetryBudget::withdraw`] and not used.
+    pub fn refund(&self) {
+        let _ = self
+            .balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((b + WHOLE).min(self.cap))
+            });
     }
 
     /// Whole retries available now.
@@ -88,6 +100,18 @@ mod tests {
         assert_eq!(budget.available(), 2);
         assert!(budget.withdraw() && budget.withdraw());
         assert!(!budget.withdraw());
+    }
+
+    #[test]
+    fn without_a_reserve_the_share_of_requests_still_applies() {
+        let budget = RetryBudget::new(0, 50);
+        assert!(!budget.withdraw());
+        budget.deposit();
+        budget.deposit();
+        assert!(budget.withdraw(), "two requests at 50% earn one retry");
+        assert!(!budget.withdraw());
+        budget.refund();
+        assert!(budget.withdraw(), "a refunded retry can be taken again");
     }
 
     #[test]

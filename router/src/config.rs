@@ -130,7 +130,8 @@ pub struct LimitsConfig {
     /// Largest request head (request line and headers), in bytes; larger gets 431. Default
     /// 65536; at least 8192 is used.
     pub max_header_bytes: usize,
-    /// Longest time for a client to send a whole request head, in milliseconds. Default 10000.
+    /// Longest time for a new connection's first bytes, and then for a whole request head, in
+    /// milliseconds. Default 10000.
     pub header_read_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,
@@ -419,6 +420,11 @@ impl Config {
         }
         if self.limits.max_body_bytes == 0 {
             return invalid("[limits] max_body_bytes must be at least 1".into());
+        }
+        if self.limits.header_read_timeout_ms == 0 || self.limits.max_connections == 0 {
+            return invalid(
+                "[limits] header_read_timeout_ms and max_connections must be at least 1".into(),
+            );
         }
         if self.health.interval_ms == 0 || self.health.failures_to_eject == 0 {
             return invalid("[health] interval_ms and failures_to_eject must be at least 1".into());

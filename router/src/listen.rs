@@ -1,9 +1,10 @@
 //! Accepting client connections: HTTP/1.1 and h2c on one port, with the limits that keep slow or
 //! greedy clients from tying the router up.
 //!
-//! - **Header read timeout.** A connection must deliver a whole request head within
-//!   `header_read_timeout` of opening (and of going idle after an answer, for keep-alive), or it
-//!   is closed: headers sent a trickle at a time (slowloris) do not hold a connection.
+//! - **Header read timeout.** A connection must send its first bytes, and then a whole request
+//!   head, within `header_read_timeout` each, or it is closed: a silent client, or headers sent
+//!   a trickle at a time (slowloris), do not hold a connection. HTTP/2 connections are pinged
+//!   every 30 s and closed when a ping goes unanswered for 10 s.
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Connection limit.** Past `max_connections` open connections, a new one gets a short 503
 //!   with `Retry-After` and is closed, so memory stays bounded however many clients connect.
@@ -72,9 +73,12 @@ fn builder(config: &ListenConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes.max(MIN_HEADER_BYTES));
+    // Pings find HTTP/2 clients that vanished without closing.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }
@@ -115,12 +119,26 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
         }
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let first_bytes = config.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            // hyper's header timeout starts only once the protocol is known, which takes the
+            // first bytes: a client that sends none must not hold a slot either.
+            // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(first_bytes, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                tracing::debug!("no bytes within the header read timeout; closing");
+                drop(permit);
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(error = %error, "client connection ended with an error");
             }
             drop(permit);

@@ -75,8 +75,9 @@ impl Reloader {
 
     async fn try_reload(&self) -> Result<ReloadReport, ReloadError> {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
-        let next = Config::load(path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        // Read under the lock, so that of two reloads racing an edit the later read wins.
         let mut running = self.running.lock().await;
+        let next = Config::load(path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let previous: Vec<String> = running.node_specs().into_iter().map(|s| s.id).collect();
         let nodes = self
             .registry

@@ -189,6 +189,8 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
         config.limits.header_read_timeout_ms = 500;
     })
     .await;
+    // A client that connects and sends nothing at all is closed as well.
+    let mut silent = TcpStream::connect(router.addr).await.unwrap();
     let mut stream = TcpStream::connect(router.addr).await.unwrap();
     stream
         .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\n")
@@ -218,6 +220,12 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
     assert!(
         closed_after >= Duration::from_millis(300),
         "closed too early: {closed_after:?}"
+    );
+    let mut byte = [0u8; 1];
+    let silent_read = tokio::time::timeout(Duration::from_secs(2), silent.read(&mut byte)).await;
+    assert!(
+        matches!(silent_read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that sent nothing is still open: {silent_read:?}"
     );
     still_serves(&router).await;
     let rows = flushed_rows(&router).await;

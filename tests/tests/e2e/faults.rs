@@ -399,6 +399,16 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
             ] {
                 headers.insert(name, HeaderValue::from_str(&value).unwrap());
             }
+            if body.contains("\"moved\"") {
+                let text = format!("moved to {me}/v1/other");
+                return (StatusCode::FOUND, headers, text).into_response();
+            }
+            if body.contains("\"gz\"") {
+                // Not real gzip: bytes the router cannot read, with the address inside.
+                headers.insert("content-encoding", HeaderValue::from_static("gzip"));
+                let text = format!("\x1f\u{8b}{me}");
+                return (StatusCode::INTERNAL_SERVER_ERROR, headers, text).into_response();
+            }
             if body.contains("\"bad\"") {
                 let error = serde_json::json!({"error": {
                     "message": format!("model bad is not on {me} (host 127.0.0.1, {addr})"),
@@ -419,7 +429,7 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     config.nodes.push(router::config::NodeConfig {
         id: Some("talkative".into()),
         url: me.clone(),
-        models: Some(vec!["ok".into(), "bad".into()]),
+        models: Some(vec!["ok".into(), "bad".into(), "moved".into(), "gz".into()]),
         max_concurrency: 4,
         weight: 1,
         api_key: None,
@@ -427,7 +437,7 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("http://{}/v1/chat/completions", router.addr);
     let client = client();
-    for (model, status) in [("ok", 200), ("bad", 400)] {
+    for (model, status) in [("ok", 200), ("bad", 400), ("moved", 302), ("gz", 500)] {
         let reply = post(&client, &url, chat_body(model, false)).await;
         assert_eq!(reply.status, status, "{}", reply.text());
         for name in [
@@ -444,11 +454,17 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
             !everything.contains(&addr.to_string()) && !everything.contains("127.0.0.1"),
             "the node's address reached the client: {everything}"
         );
-        if status == 400 {
-            assert_eq!(
+        match status {
+            400 => assert_eq!(
                 reply.json()["error"]["message"],
                 "model bad is not on [node] (host [node], [node])"
-            );
+            ),
+            302 => assert_eq!(reply.text(), "moved to [node]/v1/other"),
+            500 => {
+                assert!(!reply.headers.contains_key("content-encoding"));
+                assert_eq!(reply.json()["error"]["code"], "upstream_error");
+            }
+            _ => {}
         }
     }
     server.abort();
