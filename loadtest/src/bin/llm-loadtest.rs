@@ -185,21 +185,8 @@ async fn sim_peak(url: &str) -> Result<NodePeak, String> {
 
 /// GET a JSON document with the load generator's own client.
 async fn get_json(url: &str) -> Result<serde_json::Value, String> {
-    use http_body_util::BodyExt;
-    let request = http::Request::get(url)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .map_err(|e| format!("{url}: {e}"))?;
-    let response = load::client()
-        .request(request)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
+    let text = scenario::get_text(url, None).await?;
+    serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}"))
 }
 
 async fn scenarios(args: ScenarioArgs, out: &std::path::Path) -> Result<(), String> {
