@@ -28,8 +28,9 @@
 //!   for this; [`Full<Bytes>`], which [`RequestInfoLayer`](crate::RequestInfoLayer) yields, is.
 //! - **Errors** never name the node's address: a client sees 502 `upstream_unavailable` or 504
 //!   `upstream_timeout`, and an error answer from the node itself (any status but 2xx) is read
-//!   (up to 64 KiB) with the node's URL, address and host replaced by `[node]`. The address is
-//!   logged for operators.
+//!   (up to 64 KiB) with the node's URL, address and host replaced by `[node]`; one that cannot
+//!   be scrubbed (compressed, or longer) keeps its status with a plain `upstream_error` message.
+//!   The address is logged for operators.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,7 +43,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture as ClientFuture};
@@ -629,7 +630,9 @@ async fn read_error(
     // The slot is held until the node's answer is read, like a streamed body's.
     drop(selected);
     let body = match read {
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Ok(collected)) => Some(collected.to_bytes()),
+        // Too long to scrub: the client still gets the node's status, with a plain message.
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => None,
         Ok(Err(error)) => {
             tracing::warn!(node = node.id(), %error, "cannot read the node's error answer");
             return answered_by(RouterError::UpstreamUnavailable, &node);
@@ -646,20 +649,22 @@ async fn read_error(
         .headers
         .remove(header::CONTENT_ENCODING)
         .is_some_and(|v| v.as_bytes() != b"identity");
-    let body = if encoded {
-        // A compressed body cannot be scrubbed; the client gets the status and a plain message.
-        tracing::warn!(
-            node = node.id(),
-            status = parts.status.as_u16(),
-            "a compressed error answer from the node is not passed on"
-        );
-        parts.headers.insert(
-            header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        unreadable_error_body(parts.status)
-    } else {
-        scrub_address(body, &node)
+    let body = match body {
+        Some(body) if !encoded => scrub_address(body, &node),
+        // Compressed, or over the limit: it cannot be scrubbed, so it is not passed on.
+        _ => {
+            tracing::warn!(
+                node = node.id(),
+                status = parts.status.as_u16(),
+                encoded,
+                "an error answer from the node that cannot be scrubbed is replaced"
+            );
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            unreadable_error_body(parts.status)
+        }
     };
     Response::from_parts(parts, ProxyBody::from(body))
 }
@@ -672,7 +677,7 @@ fn unreadable_error_body(status: http::StatusCode) -> Bytes {
         "invalid_request_error"
     };
     let body = serde_json::json!({"error": {
-        "message": format!("the node answered {status} with a compressed message, which is not passed on"),
+        "message": format!("the node answered {status}; its message (compressed, or over 64 KiB) is not passed on"),
         "type": kind, "param": null, "code": "upstream_error"}});
     Bytes::from(body.to_string())
 }

@@ -409,6 +409,10 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
                 let text = format!("\x1f\u{8b}{me}");
                 return (StatusCode::INTERNAL_SERVER_ERROR, headers, text).into_response();
             }
+            if body.contains("\"huge\"") {
+                let text = format!("{me} ").repeat(10_000);
+                return (StatusCode::SERVICE_UNAVAILABLE, headers, text).into_response();
+            }
             if body.contains("\"bad\"") {
                 let error = serde_json::json!({"error": {
                     "message": format!("model bad is not on {me} (host 127.0.0.1, {addr})"),
@@ -429,7 +433,13 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     config.nodes.push(router::config::NodeConfig {
         id: Some("talkative".into()),
         url: me.clone(),
-        models: Some(vec!["ok".into(), "bad".into(), "moved".into(), "gz".into()]),
+        models: Some(vec![
+            "ok".into(),
+            "bad".into(),
+            "moved".into(),
+            "gz".into(),
+            "huge".into(),
+        ]),
         max_concurrency: 4,
         weight: 1,
         api_key: None,
@@ -437,7 +447,13 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("http://{}/v1/chat/completions", router.addr);
     let client = client();
-    for (model, status) in [("ok", 200), ("bad", 400), ("moved", 302), ("gz", 500)] {
+    for (model, status) in [
+        ("ok", 200),
+        ("bad", 400),
+        ("moved", 302),
+        ("gz", 500),
+        ("huge", 503),
+    ] {
         let reply = post(&client, &url, chat_body(model, false)).await;
         assert_eq!(reply.status, status, "{}", reply.text());
         for name in [
@@ -460,7 +476,7 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
                 "model bad is not on [node] (host [node], [node])"
             ),
             302 => assert_eq!(reply.text(), "moved to [node]/v1/other"),
-            500 => {
+            500 | 503 => {
                 assert!(!reply.headers.contains_key("content-encoding"));
                 assert_eq!(reply.json()["error"]["code"], "upstream_error");
             }
