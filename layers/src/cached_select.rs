@@ -69,26 +69,27 @@ struct Ranking {
 
 /// Nodes best first, each with the [`Speed`] it had when the ranking was built.
 #[derive(Debug, Default)]
-struct Ranked {
-    nodes: Vec<Arc<Node>>,
-    speeds: Vec<Speed>,
-}
+struct Ranked(Vec<(Arc<Node>, Speed)>);
 
 impl Ranked {
+    fn entry(&self, i: usize) -> (&Arc<Node>, Speed) {
+        let (node, speed) = &self.0[i];
+        (node, *speed)
+    }
+
     fn entries(&self) -> impl Iterator<Item = (&Arc<Node>, Speed)> {
-        self.nodes.iter().zip(self.speeds.iter().copied())
+        self.0.iter().map(|(node, speed)| (node, *speed))
     }
 }
 
 impl Ranking {
     fn build(snapshot: &PoolSnapshot) -> Self {
         let rank = |nodes: &[Arc<Node>]| -> Ranked {
-            let mut scored: Vec<(Speed, Arc<Node>)> =
-                nodes.iter().map(|n| (Speed::of(n), n.clone())).collect();
+            let mut scored: Vec<(Arc<Node>, Speed)> =
+                nodes.iter().map(|n| (n.clone(), Speed::of(n))).collect();
             // Stable: equal speeds keep pool order.
-            scored.sort_by(|(a, _), (b, _)| a.ttfb.total_cmp(&b.ttfb));
-            let (speeds, nodes) = scored.into_iter().unzip();
-            Ranked { nodes, speeds }
+            scored.sort_by(|(_, a), (_, b)| a.ttfb.total_cmp(&b.ttfb));
+            Ranked(scored)
         };
         let list = |model: Option<&str>| match snapshot.eligible(model) {
             Eligible::Nodes(nodes) => rank(nodes),
@@ -176,7 +177,7 @@ impl NodeSelector {
     ) -> Result<SelectedNode, RouterError> {
         let ranking = self.ranking();
         let ranked = ranking.nodes(model);
-        if ranked.nodes.is_empty() {
+        if ranked.0.is_empty() {
             // The ranking may be a moment behind; the snapshot has the final word.
             return Err(match self.pool.snapshot().eligible(model) {
                 Eligible::UnknownModel => {
@@ -223,17 +224,17 @@ impl NodeSelector {
         held: Option<&'a SelectedNode>,
     ) -> Option<&'a Arc<Node>> {
         let held_state = held.map(|h| &**h.node().state());
-        if ranked.nodes.len() <= FULL_SCAN_LIMIT {
+        if ranked.0.len() <= FULL_SCAN_LIMIT {
             return quickest(ranked.entries(), bound, held_state);
         }
         // A Weyl sequence spreads the second choice evenly without a random number generator.
         let step = self
             .second_choice
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        let other = 1 + (step % (ranked.nodes.len() as u64 - 1)) as usize;
+        let other = 1 + (step % (ranked.0.len() as u64 - 1)) as usize;
         let candidates = [
-            Some((&ranked.nodes[0], ranked.speeds[0])),
-            Some((&ranked.nodes[other], ranked.speeds[other])),
+            Some(ranked.entry(0)),
+            Some(ranked.entry(other)),
             held.map(|h| (h.node(), Speed::of(h.node()))),
         ];
         quickest(candidates.into_iter().flatten(), bound, held_state)

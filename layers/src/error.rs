@@ -87,6 +87,15 @@ pub enum RouterError {
     /// The node did not send its first byte within the first-byte timeout.
     #[error("the upstream node did not answer in time")]
     UpstreamTimeout,
+    /// The node answered with an error whose message cannot be scrubbed of its address
+    /// (compressed, or too long), so only its status is passed on.
+    #[error(
+        "the node answered {status}; its message (compressed, or over 64 KiB) is not passed on"
+    )]
+    UpstreamMessageWithheld {
+        /// The node's status, which the client gets.
+        status: StatusCode,
+    },
     /// Something inside the router went wrong.
     #[error("internal router error")]
     Internal,
@@ -119,6 +128,7 @@ impl RouterError {
             }
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamMessageWithheld { status } => *status,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -133,6 +143,8 @@ impl RouterError {
             Self::Overloaded { .. } | Self::QueueFull { .. } => "rate_limit_error",
             Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } => "service_unavailable",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "server_error",
+            Self::UpstreamMessageWithheld { status } if status.is_server_error() => "server_error",
+            Self::UpstreamMessageWithheld { .. } => "invalid_request_error",
         }
     }
 
@@ -149,6 +161,7 @@ impl RouterError {
             Self::NoNodeAvailable { .. } => "no_node_available",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamMessageWithheld { .. } => "upstream_error",
             Self::Internal => "internal_error",
         }
     }
@@ -208,9 +221,10 @@ impl RouterError {
             Self::ModelNotFound(_) => 5,                       // NOT_FOUND
             Self::PayloadTooLarge { .. } | Self::Overloaded { .. } | Self::QueueFull { .. } => 8, // RESOURCE_EXHAUSTED
             Self::Internal => 13, // INTERNAL
-            Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } | Self::UpstreamUnavailable => {
-                14
-            } // UNAVAILABLE
+            Self::WaitTimeout { .. }
+            | Self::NoNodeAvailable { .. }
+            | Self::UpstreamUnavailable
+            | Self::UpstreamMessageWithheld { .. } => 14, // UNAVAILABLE
         }
     }
 

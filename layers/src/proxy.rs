@@ -663,23 +663,13 @@ async fn read_error(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
             );
-            unreadable_error_body(parts.status)
+            RouterError::UpstreamMessageWithheld {
+                status: parts.status,
+            }
+            .json_body()
         }
     };
     Response::from_parts(parts, ProxyBody::from(body))
-}
-
-/// An OpenAI-shaped error for a node answer whose body could not be scrubbed.
-fn unreadable_error_body(status: http::StatusCode) -> Bytes {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    let body = serde_json::json!({"error": {
-        "message": format!("the node answered {status}; its message (compressed, or over 64 KiB) is not passed on"),
-        "type": kind, "param": null, "code": "upstream_error"}});
-    Bytes::from(body.to_string())
 }
 
 /// `body` with the node's URL, host-and-port and host replaced by `[node]`.

@@ -242,6 +242,12 @@ pub async fn get_text(url: &str, token: Option<&str>) -> Result<String, String> 
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A GET's body as JSON, with an optional bearer token.
+pub async fn get_json(url: &str, token: Option<&str>) -> Result<serde_json::Value, String> {
+    let text = get_text(url, token).await?;
+    serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}: {text}"))
+}
+
 /// `[[nodes]]` entries for a router config.
 fn nodes_toml(
     nodes: &[FleetNode],

@@ -66,11 +66,6 @@ pub fn slope(points: &[(f64, f64)]) -> f64 {
     if den == 0.0 { 0.0 } else { num / den }
 }
 
-async fn admin_json(url: &str, token: &str) -> Result<serde_json::Value, String> {
-    let text = crate::scenario::get_text(url, Some(token)).await?;
-    serde_json::from_str(&text).map_err(|e| format!("{url}: {e}: {text}"))
-}
-
 /// Runs the soak; see the module docs.
 pub async fn soak(settings: &Settings, soak: SoakSettings) -> Result<Report, String> {
     let mut report = Report::new(
@@ -169,7 +164,7 @@ pub async fn soak(settings: &Settings, soak: SoakSettings) -> Result<Report, Str
     // Let the history writer catch up, then compare.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = router.url();
-    let stats = admin_json(&format!("{base}/api/stats"), TOKEN).await?;
+    let stats = crate::scenario::get_json(&format!("{base}/api/stats"), Some(TOKEN)).await?;
     let rows = stats["total"].as_u64().unwrap_or(0);
     let metrics = crate::scenario::get_text(&format!("{base}/metrics"), None).await?;
     let dropped = metrics

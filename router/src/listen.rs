@@ -123,6 +123,8 @@ pub async fn serve(
         let builder = builder.clone();
         let first_bytes = config.header_read_timeout;
         tokio::spawn(async move {
+            // The connection's slot, given back when this task ends, however it ends.
+            let _slot = permit;
             // hyper's header timeout starts only once the protocol is known, which takes the
             // first bytes: a client that sends none must not hold a slot either.
             // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
@@ -132,7 +134,6 @@ pub async fn serve(
                 .is_err()
             {
                 tracing::debug!("no bytes within the header read timeout; closing");
-                drop(permit);
                 return;
             }
             let connection = builder
@@ -141,7 +142,6 @@ pub async fn serve(
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(error = %error, "client connection ended with an error");
             }
-            drop(permit);
         });
     }
     drop(listener);

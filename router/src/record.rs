@@ -149,18 +149,10 @@ where
         Box::pin(
             async move {
                 let Ok(mut response) = future.await;
-                let Some(RowStart {
-                    recorder,
-                    started,
-                    ts_ms,
-                    request_id,
-                    path,
-                    api_key_id,
-                }) = waiting.0.take()
-                else {
+                let Some(start) = waiting.0.take() else {
                     return Ok(response);
                 };
-                let ttfb = started.elapsed();
+                let ttfb = start.started.elapsed();
                 let info = response.extensions().get::<RequestInfo>().cloned();
                 let node_id = response
                     .extensions()
@@ -177,27 +169,17 @@ where
                 if let Some(value) = id_header {
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
+                let (recorder, started, mut record) = start.into_record(response.status().as_u16());
+                record.model = info
+                    .as_ref()
+                    .and_then(|i| i.model.as_deref().map(str::to_owned));
+                record.node_id = node_id;
+                record.stream = info.as_ref().is_some_and(|i| i.stream);
+                record.ttfb_ms = Some(ms(ttfb));
                 let pending = Pending {
                     recorder,
                     started,
-                    record: RequestRecord {
-                        ts_ms,
-                        request_id,
-                        path,
-                        model: info
-                            .as_ref()
-                            .and_then(|i| i.model.as_deref().map(str::to_owned)),
-                        node_id,
-                        status: response.status().as_u16(),
-                        stream: info.as_ref().is_some_and(|i| i.stream),
-                        latency_ms: 0.0,
-                        ttfb_ms: Some(ms(ttfb)),
-                        prompt_tokens: None,
-                        completion_tokens: None,
-                        api_key_id,
-                        client_disconnected: false,
-                        upstream_error: None,
-                    },
+                    record,
                     upstream_failure: response.extensions().get::<UpstreamFailure>().cloned(),
                     ttfb,
                     span,
@@ -225,6 +207,38 @@ struct RowStart {
     api_key_id: Option<String>,
 }
 
+impl RowStart {
+    /// The row so far, with `status`; the answer fills in the rest.
+    fn into_record(self, status: u16) -> (Recorder, Instant, RequestRecord) {
+        let record = RequestRecord {
+            ts_ms: self.ts_ms,
+            request_id: self.request_id,
+            path: self.path,
+            model: None,
+            node_id: None,
+            status,
+            stream: false,
+            latency_ms: 0.0,
+            ttfb_ms: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            api_key_id: self.api_key_id,
+            client_disconnected: false,
+            upstream_error: None,
+        };
+        (self.recorder, self.started, record)
+    }
+}
+
+impl Recorder {
+    /// Counts a finished request in the metrics and queues its row.
+    fn finish(&self, record: RequestRecord, latency: Duration, ttfb: Option<Duration>) {
+        let label = model_label(&self.pool, record.model.as_deref());
+        self.metrics.observe(label, record.status, latency, ttfb);
+        self.history.record(record);
+    }
+}
+
 /// A request whose client goes away before any answer (while it waits for a slot, say) is
 /// dropped here with its `RowStart` still in place: it gets a row with status 499 (the client
 /// closed the request) and `client_disconnected` set.
@@ -238,33 +252,16 @@ impl Drop for Unanswered {
         let Some(start) = self.0.take() else {
             return;
         };
-        let latency = start.started.elapsed();
-        let label = model_label(&start.recorder.pool, None);
-        start
-            .recorder
-            .metrics
-            .observe(label, CLIENT_CLOSED_REQUEST, latency, None);
+        let (recorder, started, mut record) = start.into_record(CLIENT_CLOSED_REQUEST);
+        let latency = started.elapsed();
+        record.latency_ms = ms(latency);
+        record.client_disconnected = true;
         tracing::info!(
-            request_id = %start.request_id,
-            latency_ms = ms(latency),
+            request_id = %record.request_id,
+            latency_ms = record.latency_ms,
             "client left before an answer"
         );
-        start.recorder.history.record(RequestRecord {
-            ts_ms: start.ts_ms,
-            request_id: start.request_id,
-            path: start.path,
-            model: None,
-            node_id: None,
-            status: CLIENT_CLOSED_REQUEST,
-            stream: false,
-            latency_ms: ms(latency),
-            ttfb_ms: None,
-            prompt_tokens: None,
-            completion_tokens: None,
-            api_key_id: start.api_key_id,
-            client_disconnected: true,
-            upstream_error: None,
-        });
+        recorder.finish(record, latency, None);
     }
 }
 
@@ -293,10 +290,6 @@ impl Pending {
             .as_ref()
             .and_then(UpstreamFailure::get)
             .map(str::to_owned);
-        let label = model_label(&self.recorder.pool, self.record.model.as_deref());
-        self.recorder
-            .metrics
-            .observe(label, self.record.status, latency, Some(self.ttfb));
         self.span.in_scope(|| {
             tracing::info!(
                 status = self.record.status,
@@ -308,7 +301,7 @@ impl Pending {
                 "request finished"
             );
         });
-        self.recorder.history.record(self.record);
+        self.recorder.finish(self.record, latency, Some(self.ttfb));
     }
 }
 

@@ -213,11 +213,7 @@ impl Registry {
             return Err(RegistryError::Conflict(spec.id));
         }
         if spec.models.is_empty() {
-            match self.discover(&spec).await {
-                Ok(models) => spec.models = models,
-                Err(error) => tracing::warn!(node = spec.id, %error,
-                    "could not read the node's models; it takes no requests until they can be read"),
-            }
+            self.discover_into(&mut spec).await;
         }
         let mut entries = self.entries();
         if entries.iter().any(|e| e.spec.id == spec.id) {
@@ -227,6 +223,15 @@ impl Registry {
         entries.push(Entry::new(spec, source, token.map(digest), Instant::now()));
         self.publish(&entries);
         Ok(())
+    }
+
+    /// Fills in `spec`'s models from the node; a node whose models cannot be read keeps none.
+    async fn discover_into(&self, spec: &mut NodeSpec) {
+        match self.discover(spec).await {
+            Ok(models) => spec.models = models,
+            Err(error) => tracing::warn!(node = spec.id, %error,
+                "could not read the node's models; it takes no requests until they can be read"),
+        }
     }
 
     async fn discover(
@@ -261,11 +266,7 @@ impl Registry {
         let known: Vec<String> = self.entries().iter().map(|e| e.spec.id.clone()).collect();
         for spec in specs.iter_mut() {
             if spec.models.is_empty() && !known.contains(&spec.id) {
-                match self.discover(spec).await {
-                    Ok(models) => spec.models = models,
-                    Err(error) => tracing::warn!(node = spec.id, %error,
-                        "could not read the node's models; it takes no requests until they can be read"),
-                }
+                self.discover_into(spec).await;
             }
         }
         let mut entries = self.entries();

@@ -174,19 +174,13 @@ fn describe(pace: Pace) -> String {
 
 async fn sim_peak(url: &str) -> Result<NodePeak, String> {
     let stats: serde_json::Value =
-        get_json(&format!("{}/sim/stats", url.trim_end_matches('/'))).await?;
+        scenario::get_json(&format!("{}/sim/stats", url.trim_end_matches('/')), None).await?;
     Ok(NodePeak {
         node: url.to_owned(),
         max_concurrency: stats["config"]["max_concurrency"].as_u64().unwrap_or(0) as usize,
         peak_in_flight: stats["peak_in_flight"].as_u64().unwrap_or(0) as usize,
         requests: stats["requests"].as_u64().unwrap_or(0),
     })
-}
-
-/// GET a JSON document with the load generator's own client.
-async fn get_json(url: &str) -> Result<serde_json::Value, String> {
-    let text = scenario::get_text(url, None).await?;
-    serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}"))
 }
 
 async fn scenarios(args: ScenarioArgs, out: &std::path::Path) -> Result<(), String> {
