@@ -171,13 +171,26 @@ struct Shared<B> {
     client: HttpClient<B>,
     pool: NodePool,
     config: ProxyConfig,
-    budget: RetryBudget,
+    budget: Arc<RetryBudget>,
 }
 
 impl<B> PooledProxyService<B> {
     /// A service sending through `client` to `pool`'s nodes.
     pub fn new(client: HttpClient<B>, pool: NodePool, config: ProxyConfig) -> Self {
         let budget = RetryBudget::new(config.retry_reserve, config.retry_percent);
+        Self::with_retry_budget(client, pool, config, Arc::new(budget))
+    }
+
+    /// A service like [`new`](Self::new)'s whose retries come out of `budget`, which other
+    /// services may share: several services over one pool (one per thread, each with its own
+    /// client, say) then keep one budget between them. `config`'s retry reserve and percent are
+    /// not used; `budget` has its own.
+    pub fn with_retry_budget(
+        client: HttpClient<B>,
+        pool: NodePool,
+        config: ProxyConfig,
+        budget: Arc<RetryBudget>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 client,

@@ -23,8 +23,9 @@ use crate::metrics::{Metrics, Sources};
 use crate::record::{Recorder, RequestIds};
 use crate::registry::Registry;
 use crate::reload::Reloader;
-use crate::stack::{StackConfig, request_service};
+use crate::stack::{StackConfig, request_service, retry_budget};
 use crate::state::AppState;
+use layers::RetryBudget;
 
 /// Everything the routes share.
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct Services {
     pub connections: Arc<ListenCounters>,
     /// Config reloads.
     pub reloader: Arc<Reloader>,
+    /// Retries, shared by the stacks of every connection worker.
+    pub retry_budget: Arc<RetryBudget>,
 }
 
 impl Services {
@@ -56,6 +59,7 @@ impl Services {
         let registry = Arc::new(Registry::new(state.pool.clone(), Default::default()));
         let reloader = Arc::new(Reloader::new(None, Config::default(), registry.clone()));
         Self {
+            retry_budget: retry_budget(&stack),
             state,
             stack,
             credentials: Arc::default(),
@@ -88,7 +92,11 @@ pub fn router(services: &Services) -> Router {
         pool: services.state.pool.clone(),
         ids: Arc::new(RequestIds::default()),
     };
-    let inference = recorder.layer(request_service(&services.state, &services.stack));
+    let inference = recorder.layer(request_service(
+        &services.state,
+        &services.stack,
+        services.retry_budget.clone(),
+    ));
     let v1 = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/{*path}", post_service(inference))

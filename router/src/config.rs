@@ -135,6 +135,9 @@ pub struct LimitsConfig {
     pub header_read_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,
+    /// Threads serving client connections, each with its own single-threaded runtime and its
+    /// own upstream connections. Default: one per core. 0 serves them on the main runtime.
+    pub workers: Option<usize>,
 }
 
 impl Default for LimitsConfig {
@@ -145,6 +148,7 @@ impl Default for LimitsConfig {
             max_header_bytes: listen.max_header_bytes,
             header_read_timeout_ms: listen.header_read_timeout.as_millis() as u64,
             max_connections: listen.max_connections,
+            workers: None,
         }
     }
 }
@@ -289,7 +293,7 @@ pub struct HistorySection {
     pub path: PathBuf,
     /// Rows older than this many days are deleted; 0 keeps everything. Default 30.
     pub retention_days: u64,
-    /// Rows per write transaction at most. Default 256.
+    /// Rows per write transaction at most. Default 2048.
     pub batch_size: usize,
     /// Longest wait before a partial batch is written, in milliseconds. Default 200.
     pub flush_interval_ms: u64,
@@ -303,7 +307,7 @@ impl Default for HistorySection {
             enabled: true,
             path: PathBuf::from("llm-router.db"),
             retention_days: 30,
-            batch_size: 256,
+            batch_size: 2048,
             flush_interval_ms: 200,
             queue_capacity: 65_536,
         }
@@ -516,6 +520,10 @@ impl Config {
             header_read_timeout: ms(self.limits.header_read_timeout_ms),
             max_header_bytes: self.limits.max_header_bytes,
             max_connections: self.limits.max_connections,
+            workers: self
+                .limits
+                .workers
+                .unwrap_or_else(crate::listen::default_workers),
         }
     }
 

@@ -47,7 +47,7 @@ impl Default for HistoryConfig {
         Self {
             path: PathBuf::from("llm-router.db"),
             retention: None,
-            batch_size: 256,
+            batch_size: 2048,
             flush_interval: Duration::from_millis(200),
             queue_capacity: 65_536,
         }
@@ -394,11 +394,17 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
     }
 }
 
-/// The background writer: batches rows, one transaction per batch.
-/// Writes rows in batches on a connection of its own. A failed batch closes that connection and
-/// the next batch opens a fresh one: after a fault SQLite can leave a connection holding a lock,
-/// or opened read-only (it falls back to that when the file refuses writes), and neither heals
-/// when the fault clears.
+/// The background writer: rows are written every `flush_interval`, in transactions of at most
+/// `batch_size` rows, on a connection of its own.
+///
+/// It waits on the queue only while the queue is empty, and sleeps out the interval once a row
+/// has come: senders then find no waiting task to wake, so a busy router pays no cross-thread
+/// wake-up per request (there were about 0.6 futex calls and 0.3 eventfd writes per request
+/// when it woke for each row). A flush request skips the sleep.
+///
+/// A failed batch closes the connection and the next batch opens a fresh one: after a fault
+/// SQLite can leave a connection holding a lock, or opened read-only (it falls back to that
+/// when the file refuses writes), and neither heals when the fault clears.
 async fn writer(
     options: SqliteConnectOptions,
     mut rx: mpsc::Receiver<Message>,
@@ -406,59 +412,42 @@ async fn writer(
     batch_size: usize,
     flush_interval: Duration,
 ) {
-    let mut warnings = WarnLimiter::default();
-    let mut connection: Option<SqliteConnection> = None;
-    let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_size);
+    let mut batch = Batch {
+        options,
+        counters,
+        warnings: WarnLimiter::default(),
+        connection: None,
+        rows: Vec::with_capacity(batch_size.min(4096)),
+    };
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
-        let deadline = tokio::time::Instant::now() + flush_interval;
         let mut next = Some(first);
+        let mut slept = false;
         loop {
             match next.take() {
-                Some(Message::Row(row)) => batch.push(row),
-                Some(Message::Flush(done)) => {
-                    flushes.push(done);
-                    break;
+                Some(Message::Row(row)) => {
+                    batch.rows.push(row);
+                    if batch.rows.len() >= batch_size {
+                        batch.write().await;
+                    }
                 }
+                Some(Message::Flush(done)) => flushes.push(done),
                 None => {}
-            }
-            if batch.len() >= batch_size {
-                break;
             }
             next = match rx.try_recv() {
                 Ok(message) => Some(message),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) if slept || !flushes.is_empty() => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(message)) => Some(message),
-                        _ => break,
-                    }
+                    // Let the interval's rows pile up, then take them all.
+                    tokio::time::sleep(flush_interval).await;
+                    slept = true;
+                    continue;
                 }
             };
         }
-        if !batch.is_empty() {
-            let n = batch.len() as u64;
-            counters.batches.fetch_add(1, Ordering::Relaxed);
-            let outcome = match connection.as_mut() {
-                Some(conn) => insert(conn, &batch).await,
-                None => match SqliteConnection::connect_with(&options).await {
-                    Ok(conn) => insert(connection.insert(conn), &batch).await,
-                    Err(error) => Err(error),
-                },
-            };
-            match outcome {
-                Ok(()) => {
-                    counters.written.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    if let Some(broken) = connection.take() {
-                        let _ = broken.close().await;
-                    }
-                    counters.dropped.fetch_add(n, Ordering::Relaxed);
-                    warnings.warn(n, &error);
-                }
-            }
-            batch.clear();
+        if !batch.rows.is_empty() {
+            batch.write().await;
         }
         for done in flushes.drain(..) {
             let _ = done.send(());
@@ -466,8 +455,55 @@ async fn writer(
     }
 }
 
+/// The writer's pending rows and its connection.
+struct Batch {
+    options: SqliteConnectOptions,
+    counters: Arc<Counters>,
+    warnings: WarnLimiter,
+    connection: Option<SqliteConnection>,
+    rows: Vec<RequestRecord>,
+}
+
+impl Batch {
+    /// Commits the pending rows in one transaction, or counts them as dropped.
+    async fn write(&mut self) {
+        let n = self.rows.len() as u64;
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        let outcome = match self.connection.as_mut() {
+            Some(conn) => insert(conn, &self.rows).await,
+            None => match SqliteConnection::connect_with(&self.options).await {
+                Ok(conn) => insert(self.connection.insert(conn), &self.rows).await,
+                Err(error) => Err(error),
+            },
+        };
+        match outcome {
+            Ok(()) => {
+                self.counters.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(error) => {
+                if let Some(broken) = self.connection.take() {
+                    let _ = broken.close().await;
+                }
+                self.counters.dropped.fetch_add(n, Ordering::Relaxed);
+                self.warnings.warn(n, &error);
+            }
+        }
+        self.rows.clear();
+    }
+}
+
+/// Rows per INSERT statement: 14 bound values a row stays under SQLite's limit of 32,766.
+const ROWS_PER_STATEMENT: usize = 1024;
+
 async fn insert(conn: &mut SqliteConnection, rows: &[RequestRecord]) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
+    for rows in rows.chunks(ROWS_PER_STATEMENT) {
+        insert_statement(rows).build().execute(&mut *tx).await?;
+    }
+    tx.commit().await
+}
+
+fn insert_statement(rows: &[RequestRecord]) -> QueryBuilder<'_, Sqlite> {
     let mut sql = QueryBuilder::<Sqlite>::new(
         "INSERT INTO requests (ts_ms, request_id, path, model, node_id, status, stream, latency_ms, \
          ttfb_ms, prompt_tokens, completion_tokens, api_key_id, client_disconnected, upstream_error) ",
@@ -488,8 +524,7 @@ async fn insert(conn: &mut SqliteConnection, rows: &[RequestRecord]) -> Result<(
             .push_bind(r.client_disconnected)
             .push_bind(r.upstream_error.clone());
     });
-    sql.build().execute(&mut *tx).await?;
-    tx.commit().await
+    sql
 }
 
 /// One warning per 10 s at most, with how many rows were lost since the last one.

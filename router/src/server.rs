@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use layers::{NodePool, NodeSpec};
+use layers::{NodePool, NodeSpec, build_client};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -123,9 +123,11 @@ pub async fn start(
         options.admin_token.as_deref(),
         options.registration_secret.as_deref(),
     );
+    let stack = config.stack();
     let services = Services {
         state,
-        stack: config.stack(),
+        retry_budget: crate::stack::retry_budget(&stack),
+        stack,
         credentials: Arc::new(credentials),
         registry: registry.clone(),
         history: history.clone(),
@@ -138,7 +140,15 @@ pub async fn start(
             registry.clone(),
         )),
     };
-    let app = router(&services);
+    // Each connection worker keeps its own upstream connections, so that a request and its
+    // node's connection live on one thread (see `listen`).
+    let client_config = config.client();
+    let worker_services = services.clone();
+    let make_app = move || {
+        let mut services = worker_services.clone();
+        services.state.http_client = build_client(&client_config);
+        router(&services)
+    };
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(registry.run(stopped(stop_rx.clone())));
@@ -146,7 +156,15 @@ pub async fn start(
     let listen = config.listen();
     let counters = services.connections.clone();
     let task = tokio::spawn(async move {
-        crate::listen::serve(listener, app, listen, counters, stopped(stop_rx), grace).await;
+        crate::listen::serve(
+            listener,
+            make_app,
+            listen,
+            counters,
+            stopped(stop_rx),
+            grace,
+        )
+        .await;
         history.shutdown(Duration::from_secs(5)).await;
         tracing::info!(
             written = history.written(),

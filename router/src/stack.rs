@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -15,7 +16,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use layers::{
     AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyConfig,
-    RequestInfoConfig, RequestInfoLayer, SelectConfig, TimeoutWaitLayer, WaitConfig,
+    RequestInfoConfig, RequestInfoLayer, RetryBudget, SelectConfig, TimeoutWaitLayer, WaitConfig,
 };
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
@@ -111,14 +112,35 @@ impl Default for StackConfig {
 /// The type-erased service behind the configured layers.
 pub type InferenceService = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, Infallible>;
 
-/// The proxy at the bottom of the stack, on the state's shared client.
-pub fn proxy_service(state: &AppState, config: &StackConfig) -> PooledProxyService {
-    PooledProxyService::new(state.http_client.clone(), state.pool.clone(), config.proxy)
+/// The retry budget `config` asks for, to share between the stacks of one router.
+pub fn retry_budget(config: &StackConfig) -> Arc<RetryBudget> {
+    Arc::new(RetryBudget::new(
+        config.proxy.retry_reserve,
+        config.proxy.retry_percent,
+    ))
+}
+
+/// The proxy at the bottom of the stack, on the state's client, with retries out of `budget`.
+pub fn proxy_service(
+    state: &AppState,
+    config: &StackConfig,
+    budget: Arc<RetryBudget>,
+) -> PooledProxyService {
+    PooledProxyService::with_retry_budget(
+        state.http_client.clone(),
+        state.pool.clone(),
+        config.proxy,
+        budget,
+    )
 }
 
 /// The configured layers over the proxy.
-pub fn inference_service(state: &AppState, config: &StackConfig) -> InferenceService {
-    let proxy = proxy_service(state, config).map_response(|r| r.map(Body::new));
+pub fn inference_service(
+    state: &AppState,
+    config: &StackConfig,
+    budget: Arc<RetryBudget>,
+) -> InferenceService {
+    let proxy = proxy_service(state, config, budget).map_response(|r| r.map(Body::new));
     let mut service = BoxCloneSyncService::new(proxy);
     for kind in config.layers.iter().rev() {
         service = match kind {
@@ -140,8 +162,9 @@ pub fn inference_service(state: &AppState, config: &StackConfig) -> InferenceSer
 pub fn request_service(
     state: &AppState,
     config: &StackConfig,
+    budget: Arc<RetryBudget>,
 ) -> BoxCloneSyncService<Request<Body>, Response<Body>, Infallible> {
-    let inner = inference_service(state, config);
+    let inner = inference_service(state, config, budget);
     boxed(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
