@@ -38,6 +38,17 @@ impl<B> ResponseBody<B> {
     }
 }
 
+impl<B> ResponseBody<B> {
+    /// The inner service's body, or the bytes of the layer's own answer: for a caller that
+    /// erases body types and would rather not box an already boxed body again.
+    pub fn into_inner(self) -> Result<B, Bytes> {
+        match self.kind {
+            Kind::Inner { body } => Ok(body),
+            Kind::Full { bytes } => Err(bytes.unwrap_or_default()),
+        }
+    }
+}
+
 impl<B> From<Bytes> for ResponseBody<B> {
     fn from(bytes: Bytes) -> Self {
         Self {

@@ -165,18 +165,30 @@ pub async fn require_api_key(
     mut request: Request,
     next: Next,
 ) -> Response {
+    match check_api_key(&credentials, &mut request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => *refused,
+    }
+}
+
+/// The check [`require_api_key`] makes, for a caller outside axum's middleware: `Err(401)`
+/// without a valid key; with one, its id goes into the extensions and the key is removed.
+pub fn check_api_key<B>(
+    credentials: &Credentials,
+    request: &mut http::Request<B>,
+) -> Result<(), Box<Response>> {
     if !credentials.keys_required() {
-        return next.run(request).await;
+        return Ok(());
     }
     let Some(id) = bearer(request.headers()).and_then(|k| credentials.api_key_id(k)) else {
-        return unauthorized(
+        return Err(Box::new(unauthorized(
             "invalid or missing API key: send Authorization: Bearer <key>",
             "invalid_api_key",
-        );
+        )));
     };
     request.headers_mut().remove(AUTHORIZATION);
     request.extensions_mut().insert(ApiKeyId(id));
-    next.run(request).await
+    Ok(())
 }
 
 /// The admin check for handlers: `Some(401 response)` unless the request carries the admin token.

@@ -22,13 +22,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use axum::Router;
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tower::Service;
 
 /// Limits on client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +119,16 @@ struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    async fn serve(self, accepted: Accepted, app: Router) {
+    async fn serve<S, B>(self, accepted: Accepted, app: S)
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let Accepted {
             stream,
             slot,
@@ -161,14 +175,21 @@ impl Drop for OpenConnection {
 
 /// Starts worker `index`: a thread with a single-threaded runtime that serves the connections
 /// sent to it on its own app, until `finished` says the server is done.
-fn spawn_worker<F>(
+fn spawn_worker<F, S, B>(
     index: usize,
     make_app: Arc<F>,
     settings: ConnectionSettings,
     mut finished: watch::Receiver<bool>,
 ) -> std::io::Result<Worker>
 where
-    F: Fn() -> Router + Send + Sync + 'static,
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -220,7 +241,7 @@ where
 /// Serves the app `make_app` builds on `listener` until `stop` resolves, then lets open
 /// connections finish for at most `grace`. With workers, each worker calls `make_app` once, on
 /// its own thread; without, it is called once on the caller's runtime.
-pub async fn serve<F>(
+pub async fn serve<F, S, B>(
     listener: TcpListener,
     make_app: F,
     config: ListenConfig,
@@ -228,7 +249,14 @@ pub async fn serve<F>(
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    F: Fn() -> Router + Send + Sync + 'static,
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let settings = ConnectionSettings {
         builder: builder(&config),
@@ -335,6 +363,7 @@ fn refuse(stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::app::{Services, router};
+use crate::app::{Services, service};
 use crate::auth::Credentials;
 use crate::config::Config;
 use crate::history::{History, HistoryConfig};
@@ -147,7 +147,7 @@ pub async fn start(
     let make_app = move || {
         let mut services = worker_services.clone();
         services.state.http_client = build_client(&client_config);
-        router(&services)
+        service(&services)
     };
     let addr = listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);

@@ -1,24 +1,26 @@
 //! The request path for inference routes: [`RequestInfoLayer`], then the configured layers in
 //! the configured order, then [`PooledProxyService`].
 //!
-//! Each order gives a different concrete type, so each layer's service is boxed
-//! ([`BoxCloneSyncService`]) and the stack is assembled at start-up from [`StackConfig::layers`].
+//! Each order gives a different concrete type, so each layer's service is type-erased
+//! ([`SharedService`]) and the stack is assembled at start-up from [`StackConfig::layers`].
 //! A layer left out of the list is not in the path at all.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::Full;
 use layers::{
     AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyConfig,
-    RequestInfoConfig, RequestInfoLayer, RetryBudget, SelectConfig, TimeoutWaitLayer, WaitConfig,
+    RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget, SelectConfig, TimeoutWaitLayer,
+    WaitConfig,
 };
-use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
 use crate::state::AppState;
@@ -110,7 +112,7 @@ impl Default for StackConfig {
 }
 
 /// The type-erased service behind the configured layers.
-pub type InferenceService = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, Infallible>;
+pub type InferenceService = SharedService<Request<Full<Bytes>>, Response<Body>>;
 
 /// The retry budget `config` asks for, to share between the stacks of one router.
 pub fn retry_budget(config: &StackConfig) -> Arc<RetryBudget> {
@@ -141,17 +143,17 @@ pub fn inference_service(
     budget: Arc<RetryBudget>,
 ) -> InferenceService {
     let proxy = proxy_service(state, config, budget).map_response(|r| r.map(Body::new));
-    let mut service = BoxCloneSyncService::new(proxy);
+    let mut service = SharedService::new(proxy);
     for kind in config.layers.iter().rev() {
         service = match kind {
             LayerKind::Admission => {
-                boxed(AdmissionLayer::new(state.pool.clone(), config.admission).layer(service))
+                shared(AdmissionLayer::new(state.pool.clone(), config.admission).layer(service))
             }
             LayerKind::TimeoutWait => {
-                boxed(TimeoutWaitLayer::new(state.pool.clone(), config.wait).layer(service))
+                shared(TimeoutWaitLayer::new(state.pool.clone(), config.wait).layer(service))
             }
             LayerKind::CachedSelect => {
-                boxed(CachedSelectLayer::new(state.pool.clone(), config.select).layer(service))
+                shared(CachedSelectLayer::new(state.pool.clone(), config.select).layer(service))
             }
         };
     }
@@ -163,24 +165,102 @@ pub fn request_service(
     state: &AppState,
     config: &StackConfig,
     budget: Arc<RetryBudget>,
-) -> BoxCloneSyncService<Request<Body>, Response<Body>, Infallible> {
+) -> SharedService<Request<Body>, Response<Body>> {
     let inner = inference_service(state, config, budget);
-    boxed(RequestInfoLayer::new(config.request_info).layer(inner))
+    shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
-fn boxed<S, Req, B>(service: S) -> BoxCloneSyncService<Req, Response<Body>, Infallible>
+/// A type-erased service that is cheap to clone.
+///
+/// tower's [`BoxCloneSyncService`](tower::util::BoxCloneSyncService) clones by boxing a copy of the service it holds. Every layer
+/// clones its inner service per request (axum clones the route's, and a layer that awaits
+/// before calling its inner service must own one), and in a stack of boxed services each of
+/// those clones boxes the whole rest of the stack again: about 20 allocations per request with
+/// the default stack. Here the service sits behind an `Arc`, a clone is a reference count, and
+/// a call clones the concrete service (its fields are `Arc`s and settings) next to the one
+/// boxed future it needs anyway.
+pub struct SharedService<Req, Res> {
+    inner: Arc<dyn CallShared<Req, Res>>,
+}
+
+impl<Req, Res> Clone for SharedService<Req, Res> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<Req, Res> fmt::Debug for SharedService<Req, Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedService").finish_non_exhaustive()
+    }
+}
+
+trait CallShared<Req, Res>: Send + Sync {
+    fn call(&self, request: Req) -> BoxFuture<'static, Result<Res, Infallible>>;
+}
+
+impl<S, Req> CallShared<Req, S::Response> for S
 where
-    S: tower::Service<Req, Response = Response<B>, Error = Infallible>
+    S: tower::Service<Req, Error = Infallible> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    Req: Send + 'static,
+{
+    fn call(&self, request: Req) -> BoxFuture<'static, Result<S::Response, Infallible>> {
+        // `oneshot` polls the copy ready before calling it, as tower requires.
+        Box::pin(self.clone().oneshot(request))
+    }
+}
+
+impl<Req, Res> SharedService<Req, Res> {
+    /// Erases `service`'s type.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: tower::Service<Req, Response = Res, Error = Infallible> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        Req: Send + 'static,
+    {
+        Self {
+            inner: Arc::new(service),
+        }
+    }
+}
+
+impl<Req, Res> tower::Service<Req> for SharedService<Req, Res> {
+    type Response = Res;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Res, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is checked on the copy each call makes.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        self.inner.call(request)
+    }
+}
+
+/// A layer's body as axum's, without boxing the inner body a second time.
+fn flatten(body: ResponseBody<Body>) -> Body {
+    match body.into_inner() {
+        Ok(inner) => inner,
+        Err(answer) => Body::from(answer),
+    }
+}
+
+fn shared<S, Req>(service: S) -> SharedService<Req, Response<Body>>
+where
+    S: tower::Service<Req, Response = Response<ResponseBody<Body>>, Error = Infallible>
         + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
-    Req: 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
+    Req: Send + 'static,
 {
-    BoxCloneSyncService::new(service.map_response(|r| r.map(Body::new)))
+    SharedService::new(service.map_response(|r| r.map(flatten)))
 }
 
 #[cfg(test)]
