@@ -54,11 +54,22 @@ impl Default for RequestIds {
 
 impl RequestIds {
     fn next(&self) -> String {
-        format!(
-            "{:016x}{:08x}",
-            self.prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        // By hand: `format!` costs about 1,500 instructions here, a tenth of the router's own
+        // work per request.
+        let mut id = String::with_capacity(24);
+        push_hex(&mut id, self.prefix, 16);
+        push_hex(&mut id, self.next.fetch_add(1, Ordering::Relaxed), 8);
+        id
+    }
+}
+
+/// Appends `value` in lowercase hex, zero-padded to at least `min_digits`: `{:0min_digits$x}`.
+fn push_hex(out: &mut String, value: u64, min_digits: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let significant = (64 - value.leading_zeros() as usize).div_ceil(4).max(1);
+    for i in (0..significant.max(min_digits)).rev() {
+        let nibble = if i < 16 { (value >> (i * 4)) & 0xf } else { 0 };
+        out.push(char::from(DIGITS[nibble as usize]));
     }
 }
 
@@ -441,6 +452,22 @@ fn last_number_after(window: &[u8], key: &memmem::Finder<'_>) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_ids_match_the_format_they_replace() {
+        for value in [0, 1, 0xf, 0x10, 0xdead_beef, 0x1_0000_0000, u64::MAX] {
+            for width in [0, 8, 16] {
+                let mut out = String::new();
+                push_hex(&mut out, value, width);
+                assert_eq!(out, format!("{value:0width$x}"), "{value} {width}");
+            }
+        }
+        let ids = RequestIds::default();
+        let (a, b) = (ids.next(), ids.next());
+        assert_eq!(a.len(), 24);
+        assert_ne!(a, b);
+        assert_eq!(a[..16], b[..16], "one prefix per process");
+    }
 
     #[test]
     fn usage_is_found_whole_or_split_across_chunks() {
