@@ -267,8 +267,18 @@ impl SimNode {
     }
 
     /// Starts a node on `addr`.
+    ///
+    /// The accept queue holds 4,096 connections (tokio's `bind` gives 1,024): a router opening
+    /// thousands of streams at once must not find the sim node's queue full, or its connects
+    /// wait on SYN retransmits and time out, and the test measures the sim node, not the router.
     pub async fn bind(config: SimConfig, addr: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         Ok(Self::serve(config, listener))
     }
 
