@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -138,6 +138,28 @@ pub struct AdmissionCounters {
     pub delayed: AtomicU64,
     /// Rejected with 429.
     pub rejected: AtomicU64,
+    /// Accepted and waiting out their delay right now. They count as load: without them, every
+    /// request arriving in the delay band passes before any of those ahead of it takes a slot,
+    /// and a burst overshoots `reject_at` (at 3× capacity with 100 ms delays, by about 25
+    /// requests on a 36-slot fleet).
+    pub in_delay: AtomicUsize,
+}
+
+/// Counts one request in [`AdmissionCounters::in_delay`] until dropped.
+#[derive(Debug)]
+struct InDelay(Arc<AdmissionCounters>);
+
+impl InDelay {
+    fn new(counters: &Arc<AdmissionCounters>) -> Self {
+        counters.in_delay.fetch_add(1, Ordering::Relaxed);
+        Self(counters.clone())
+    }
+}
+
+impl Drop for InDelay {
+    fn drop(&mut self) {
+        self.0.in_delay.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long until utilization drops below `reject_at`, at the observed release rate.
@@ -212,7 +234,8 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let load = self.source.load();
+        let mut load = self.source.load();
+        load.in_use += self.counters.in_delay.load(Ordering::Relaxed);
         // No capacity at all is not overload: let the inner service say that no node is up.
         let decision = if load.capacity == 0 {
             AdmissionDecision::Accept
@@ -241,6 +264,7 @@ where
                     sleep: tokio::time::sleep(delay),
                     inner: Some(std::mem::replace(&mut self.inner, clone)),
                     request: Some(request),
+                    in_delay: InDelay::new(&self.counters),
                 }
             }
             AdmissionDecision::Reject => State::Ready {
@@ -272,6 +296,8 @@ pin_project! {
             sleep: Sleep,
             inner: Option<S>,
             request: Option<Request<B>>,
+            // Given back when the request moves on (the state is replaced) or is dropped.
+            in_delay: InDelay,
         },
         Ready {
             #[pin]
@@ -294,6 +320,7 @@ where
                     sleep,
                     inner,
                     request,
+                    in_delay: _,
                 } => {
                     ready!(sleep.poll(cx));
                     let future = match (inner.take(), request.take()) {
@@ -419,5 +446,38 @@ mod tests {
         let body = rejected.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "overloaded");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_waiting_out_their_delay_count_as_load() {
+        // 6 of 10 slots in use: in the delay band (0.5 to 0.8) until two more are delayed.
+        let source = || Load {
+            in_use: 6,
+            capacity: 10,
+            release_rate: 4.0,
+        };
+        let ok = service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        });
+        let layer = AdmissionLayer::new(source, config());
+        let counters = layer.counters().clone();
+        let mut service = layer.layer(ok);
+        let first = service.call(Request::new(()));
+        let second = service.call(Request::new(()));
+        assert_eq!(counters.in_delay.load(Ordering::Relaxed), 2);
+        let third = service.call(Request::new(())).await.unwrap();
+        assert_eq!(
+            third.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "6 in use and 2 in their delay reach reject_at"
+        );
+        // A delayed request that moves on, or whose client leaves, stops counting.
+        assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+        drop(second);
+        assert_eq!(counters.in_delay.load(Ordering::Relaxed), 0);
+        let fourth = service.call(Request::new(())).await.unwrap();
+        assert_eq!(fourth.status(), StatusCode::OK);
+        assert_eq!(counters.delayed.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.rejected.load(Ordering::Relaxed), 1);
     }
 }

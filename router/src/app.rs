@@ -316,7 +316,7 @@ mod tests {
     use crate::config::{ApiKeyConfig, AuthConfig};
 
     /// The served service and axum's router, over the same services.
-    async fn both() -> (AppService, Router, SimNode) {
+    async fn both() -> (AppService, Router, SimNode, Services) {
         let node = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
         let pool = NodePool::from_specs([NodeSpec::new("a", node.url()).models(["m"])]).unwrap();
         let state = AppState::new(pool, &layers::ClientConfig::default());
@@ -329,7 +329,7 @@ mod tests {
             ..AuthConfig::default()
         };
         services.credentials = Arc::new(Credentials::from_config(&auth, None, None));
-        (service(&services), router(&services), node)
+        (service(&services), router(&services), node, services)
     }
 
     async fn answer<S>(app: S, method: Method, path: &str, key: Option<&str>) -> (u16, String)
@@ -360,7 +360,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_served_service_answers_as_the_router_does() {
-        let (served, routes, node) = both().await;
+        let (served, routes, node, services) = both().await;
         let cases = [
             (Method::POST, "/v1/chat/completions", Some("sk-good"), 200),
             (Method::POST, "/v1/chat/completions", None, 401),
@@ -384,6 +384,14 @@ mod tests {
             node.stats().requests(),
             4,
             "two inference requests each way"
+        );
+        let admission = &services.state.admission;
+        assert_eq!(
+            admission
+                .accepted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4,
+            "the stack counts its admission decisions where /metrics reads them"
         );
     }
 }

@@ -147,7 +147,9 @@ pub fn inference_service(
     for kind in config.layers.iter().rev() {
         service = match kind {
             LayerKind::Admission => {
-                shared(AdmissionLayer::new(state.pool.clone(), config.admission).layer(service))
+                let admission = AdmissionLayer::new(state.pool.clone(), config.admission)
+                    .with_counters(state.admission.clone());
+                shared(admission.layer(service))
             }
             LayerKind::TimeoutWait => {
                 shared(TimeoutWaitLayer::new(state.pool.clone(), config.wait).layer(service))
