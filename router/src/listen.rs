@@ -404,8 +404,10 @@ mod tests {
         }
     }
 
+    /// Serves `make_app` on `workers` workers; the sender stops it.
     async fn start(
         workers: usize,
+        make_app: fn() -> Router,
     ) -> (
         std::net::SocketAddr,
         oneshot::Sender<()>,
@@ -420,7 +422,7 @@ mod tests {
         };
         let server = tokio::spawn(serve(
             listener,
-            thread_name_app,
+            make_app,
             config,
             Arc::default(),
             async move {
@@ -433,7 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_stay_on_theirs() {
-        let (addr, stop, server) = start(2).await;
+        let (addr, stop, server) = start(2, thread_name_app).await;
         let mut connections = Vec::new();
         let mut served_by = Vec::new();
         for _ in 0..4 {
@@ -456,20 +458,11 @@ mod tests {
             "each new connection goes to the worker with the fewest open ones"
         );
         drop(connections);
-        let _ = stop.send(());
-        tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the server stops, workers included")
-            .unwrap();
+        stop_and_wait(stop, server).await;
     }
 
-    #[tokio::test]
-    async fn with_no_workers_connections_run_on_the_callers_runtime() {
-        let (addr, stop, server) = start(0).await;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = get_body(&mut stream).await;
-        assert!(!name.starts_with("llm-router-worker"), "{name}");
-        drop(stream);
+    /// Stops the server and checks that it returns, its workers included.
+    async fn stop_and_wait(stop: oneshot::Sender<()>, server: tokio::task::JoinHandle<()>) {
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
@@ -478,10 +471,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_no_workers_connections_run_on_the_callers_runtime() {
+        let (addr, stop, server) = start(0, thread_name_app).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = get_body(&mut stream).await;
+        assert!(!name.starts_with("llm-router-worker"), "{name}");
+        drop(stream);
+        stop_and_wait(stop, server).await;
+    }
+
+    #[tokio::test]
     async fn a_request_in_flight_at_stop_finishes_on_its_worker() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
         let slow_app = || {
             Router::new().route(
                 "/",
@@ -491,20 +491,7 @@ mod tests {
                 }),
             )
         };
-        let config = ListenConfig {
-            workers: 2,
-            ..ListenConfig::default()
-        };
-        let server = tokio::spawn(serve(
-            listener,
-            slow_app,
-            config,
-            Arc::default(),
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
+        let (addr, stop, server) = start(2, slow_app).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let request = tokio::spawn(async move { get_body(&mut stream).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
