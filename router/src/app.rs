@@ -60,6 +60,8 @@ pub struct Services {
     pub reloader: Arc<Reloader>,
     /// Retries, shared by the stacks of every connection worker.
     pub retry_budget: Arc<RetryBudget>,
+    /// Request ids, shared by every connection worker so that they stay unique.
+    pub request_ids: Arc<RequestIds>,
 }
 
 impl Services {
@@ -70,6 +72,7 @@ impl Services {
         let reloader = Arc::new(Reloader::new(None, Config::default(), registry.clone()));
         Self {
             retry_budget: retry_budget(&stack),
+            request_ids: Arc::default(),
             state,
             stack,
             credentials: Arc::default(),
@@ -105,7 +108,7 @@ fn inference(services: &Services) -> Inference {
         history: services.history.clone(),
         metrics: services.metrics.clone(),
         pool: services.state.pool.clone(),
-        ids: Arc::new(RequestIds::default()),
+        ids: services.request_ids.clone(),
     };
     recorder.layer(request_service(
         &services.state,

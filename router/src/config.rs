@@ -222,7 +222,8 @@ pub struct ProxySection {
     pub first_byte_timeout_ms: u64,
     /// Longest gap between two chunks of a node's body, in milliseconds. Default 120000.
     pub idle_timeout_ms: u64,
-    /// Idle connections kept per node. Default 256.
+    /// Idle connections kept per node by each connection worker (see `[limits] workers`).
+    /// Default 256.
     pub pool_max_idle_per_node: usize,
     /// More nodes a failed request is tried on, before any byte reached the client. Default 1.
     pub retries: u32,

@@ -25,7 +25,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Settings for [`History::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,8 @@ struct Counters {
 struct Inner {
     pool: Option<SqlitePool>,
     tx: Option<mpsc::Sender<Message>>,
+    /// Cuts the writer's interval short for a flush: rows do not wake it, a flush must.
+    flush_now: Arc<Notify>,
     counters: Arc<Counters>,
     closed: AtomicBool,
     retention: Option<Duration>,
@@ -158,9 +160,11 @@ impl History {
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
+        let flush_now = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             pool: Some(pool.clone()),
             tx: Some(tx),
+            flush_now: flush_now.clone(),
             counters: counters.clone(),
             closed: AtomicBool::new(false),
             retention: config.retention,
@@ -168,6 +172,7 @@ impl History {
         tokio::spawn(writer(
             options,
             rx,
+            flush_now,
             counters,
             config.batch_size.max(1),
             config.flush_interval,
@@ -195,6 +200,7 @@ impl History {
             inner: Arc::new(Inner {
                 pool: None,
                 tx: None,
+                flush_now: Arc::default(),
                 counters: Arc::default(),
                 closed: AtomicBool::new(false),
                 retention: None,
@@ -235,6 +241,7 @@ impl History {
         let Some(tx) = &self.inner.tx else { return };
         let (done, wait) = oneshot::channel();
         if tx.send(Message::Flush(done)).await.is_ok() {
+            self.inner.flush_now.notify_one();
             let _ = wait.await;
         }
     }
@@ -409,6 +416,7 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 async fn writer(
     options: SqliteConnectOptions,
     mut rx: mpsc::Receiver<Message>,
+    flush_now: Arc<Notify>,
     counters: Arc<Counters>,
     batch_size: usize,
     flush_interval: Duration,
@@ -442,16 +450,24 @@ async fn writer(
                         batch.write().await;
                     }
                 }
-                Some(Message::Flush(done)) => flushes.push(done),
+                Some(Message::Flush(done)) => {
+                    // Answered once the rows before it are written; rows after it wait for the
+                    // next round, so a flush is answered even while rows keep coming.
+                    flushes.push(done);
+                    break;
+                }
                 None => {}
             }
             next = match rx.try_recv() {
                 Ok(message) => Some(message),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) if slept || !flushes.is_empty() => break,
+                Err(mpsc::error::TryRecvError::Empty) if slept => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    // Let the interval's rows pile up, then take them all.
-                    tokio::time::sleep(flush_interval).await;
+                    // Let the interval's rows pile up, then take them all; a flush cuts it short.
+                    tokio::select! {
+                        () = tokio::time::sleep(flush_interval) => {}
+                        () = flush_now.notified() => {}
+                    }
                     slept = true;
                     continue;
                 }
@@ -1049,6 +1065,35 @@ mod tests {
         history.record(record(1));
         history.flush().await;
         assert_eq!(history.written(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_flush_does_not_wait_out_the_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: None,
+            flush_interval: Duration::from_secs(60),
+            ..HistoryConfig::default()
+        })
+        .await
+        .unwrap();
+        // The first row starts the writer's 60 s interval; the flush comes in the middle of it.
+        history.record(record(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        history.record(record(2));
+        tokio::time::timeout(Duration::from_secs(5), history.flush())
+            .await
+            .expect("the flush cuts the interval short");
+        assert_eq!(history.written(), 2);
+        // Rows recorded while the writer is busy and a flush behind them: answered too.
+        for i in 3..2000 {
+            history.record(record(i));
+        }
+        tokio::time::timeout(Duration::from_secs(10), history.flush())
+            .await
+            .expect("answered");
+        assert_eq!(history.written(), 1999);
     }
 
     #[tokio::test]

@@ -161,6 +161,8 @@ impl ConnectionSettings {
 struct Worker {
     connections: mpsc::UnboundedSender<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>,
     open: Arc<AtomicUsize>,
+    /// Answered once the worker's app is built; dropped unanswered if building it panicked.
+    ready: Option<oneshot::Receiver<()>>,
     exited: oneshot::Receiver<()>,
 }
 
@@ -198,12 +200,14 @@ where
         mpsc::unbounded_channel::<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>();
     let open = Arc::new(AtomicUsize::new(0));
     let (exit, exited) = oneshot::channel();
+    let (built, ready) = oneshot::channel();
     let counter = open.clone();
     std::thread::Builder::new()
         .name(format!("llm-router-worker-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
                 let app = make_app();
+                let _ = built.send(());
                 while let Some((stream, slot, watcher)) = incoming.recv().await {
                     let counted = OpenConnection(counter.clone());
                     let stream = match TcpStream::from_std(stream) {
@@ -227,13 +231,15 @@ where
                 // No new connections: the open ones finish until the server is done with them.
                 let _ = finished.wait_for(|done| *done).await;
             });
-            // Dropping the runtime closes the connections still open after the grace period.
-            drop(runtime);
+            // Closes the connections still open after the grace period. Blocking tasks (a stuck
+            // name lookup, say) are not waited for: shutdown must not outlast the grace period.
+            runtime.shutdown_background();
             let _ = exit.send(());
         })?;
     Ok(Worker {
         connections,
         open,
+        ready: Some(ready),
         exited,
     })
 }
@@ -273,6 +279,15 @@ pub async fn serve<F, S, B>(
             }
         }
     }
+    // A worker whose app could not be built (it panicked) takes no connections.
+    for worker in &mut workers {
+        if let Some(ready) = worker.ready.take()
+            && ready.await.is_err()
+        {
+            tracing::error!("a connection worker failed to start; serving without it");
+        }
+    }
+    workers.retain(|w| !w.connections.is_closed());
     // Without workers (none configured, or none could start), connections run here.
     let local_app = workers.is_empty().then(|| make_app());
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
@@ -337,6 +352,7 @@ pub async fn serve<F, S, B>(
 fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, watcher: Watcher) {
     let Some(worker) = workers
         .iter()
+        .filter(|w| !w.connections.is_closed())
         .min_by_key(|w| w.open.load(Ordering::Relaxed))
     else {
         return;
@@ -468,6 +484,34 @@ mod tests {
             .await
             .expect("the server stops")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_fails_to_start_takes_no_connections() {
+        static BUILDS: AtomicUsize = AtomicUsize::new(0);
+        fn first_build_panics() -> Router {
+            assert_ne!(
+                BUILDS.fetch_add(1, Ordering::SeqCst),
+                0,
+                "test: first build fails"
+            );
+            thread_name_app()
+        }
+        let (addr, stop, server) = start(2, first_build_panics).await;
+        let mut served_by = Vec::new();
+        for _ in 0..3 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            served_by.push(get_body(&mut stream).await);
+        }
+        assert!(
+            served_by[0].starts_with("llm-router-worker"),
+            "{served_by:?}"
+        );
+        assert!(
+            served_by.iter().all(|w| *w == served_by[0]),
+            "{served_by:?}"
+        );
+        stop_and_wait(stop, server).await;
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ pub struct RequestIds {
 impl Default for RequestIds {
     fn default() -> Self {
         let mut seed = [0u8; 8];
-        // Without OS randomness the ids are still unique within the process.
+        // Without OS randomness the ids are still unique among the users of this instance.
         let _ = getrandom::fill(&mut seed);
         Self {
             prefix: u64::from_le_bytes(seed),

@@ -127,6 +127,7 @@ pub async fn start(
     let services = Services {
         state,
         retry_budget: crate::stack::retry_budget(&stack),
+        request_ids: Arc::default(),
         stack,
         credentials: Arc::new(credentials),
         registry: registry.clone(),
