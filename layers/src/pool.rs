@@ -462,6 +462,12 @@ impl PoolSnapshot {
         }
     }
 
+    /// Whether some node names `model`, eligible or not: [`models`](Self::models) without
+    /// building the list.
+    pub fn knows_model(&self, model: &str) -> bool {
+        self.known_models.contains_key(model)
+    }
+
     /// Every model some node names, eligible or not, sorted.
     pub fn models(&self) -> Vec<Arc<str>> {
         let mut models: Vec<_> = self.known_models.keys().cloned().collect();

@@ -86,7 +86,7 @@ impl Default for Metrics {
 pub fn model_label(pool: &NodePool, model: Option<&str>) -> String {
     match model {
         None => "none".into(),
-        Some(m) if pool.snapshot().models().iter().any(|k| &**k == m) => m.to_owned(),
+        Some(m) if pool.snapshot().knows_model(m) => m.to_owned(),
         Some(_) => "other".into(),
     }
 }
