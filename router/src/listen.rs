@@ -104,6 +104,42 @@ fn builder(config: &ListenConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What can serve client connections: a tower service over hyper's requests, as axum's
+/// `Router` and the router's `AppService` are.
+pub trait ConnectionApp:
+    Service<
+        Request<Incoming>,
+        Response = Response<Self::ResponseBody>,
+        Error = Infallible,
+        Future = Self::ResponseFuture,
+    > + Clone
+    + Send
+    + 'static
+{
+    /// The answer's body.
+    type ResponseBody: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static;
+    /// The service's future.
+    type ResponseFuture: Future<Output = Result<Response<Self::ResponseBody>, Infallible>>
+        + Send
+        + 'static;
+}
+
+impl<S, B> ConnectionApp for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type ResponseBody = B;
+    type ResponseFuture = S::Future;
+}
+
 /// What a connection needs to be served: its stream, its slot and the shutdown watcher.
 struct Accepted {
     stream: TcpStream,
@@ -119,16 +155,7 @@ struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    async fn serve<S, B>(self, accepted: Accepted, app: S)
-    where
-        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    async fn serve<S: ConnectionApp>(self, accepted: Accepted, app: S) {
         let Accepted {
             stream,
             slot,
@@ -177,7 +204,7 @@ impl Drop for OpenConnection {
 
 /// Starts worker `index`: a thread with a single-threaded runtime that serves the connections
 /// sent to it on its own app, until `finished` says the server is done.
-fn spawn_worker<F, S, B>(
+fn spawn_worker<F, S>(
     index: usize,
     make_app: Arc<F>,
     settings: ConnectionSettings,
@@ -185,13 +212,7 @@ fn spawn_worker<F, S, B>(
 ) -> std::io::Result<Worker>
 where
     F: Fn() -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionApp,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -247,7 +268,7 @@ where
 /// Serves the app `make_app` builds on `listener` until `stop` resolves, then lets open
 /// connections finish for at most `grace`. With workers, each worker calls `make_app` once, on
 /// its own thread; without, it is called once on the caller's runtime.
-pub async fn serve<F, S, B>(
+pub async fn serve<F, S>(
     listener: TcpListener,
     make_app: F,
     config: ListenConfig,
@@ -256,13 +277,7 @@ pub async fn serve<F, S, B>(
     grace: Duration,
 ) where
     F: Fn() -> S + Send + Sync + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionApp,
 {
     let settings = ConnectionSettings {
         builder: builder(&config),
