@@ -36,9 +36,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Inner { body },
         }
     }
-}
 
-impl<B> ResponseBody<B> {
     /// The inner service's body, or the bytes of the layer's own answer: for a caller that
     /// erases body types and would rather not box an already boxed body again.
     pub fn into_inner(self) -> Result<B, Bytes> {

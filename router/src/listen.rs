@@ -184,9 +184,17 @@ impl ConnectionSettings {
     }
 }
 
+/// A connection on its way to a worker: counted as the worker's from the moment it is chosen.
+type Handoff = (
+    std::net::TcpStream,
+    OpenConnection,
+    OwnedSemaphorePermit,
+    Watcher,
+);
+
 /// A connection worker thread, as the accept loop sees it.
 struct Worker {
-    connections: mpsc::UnboundedSender<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>,
+    connections: mpsc::UnboundedSender<Handoff>,
     open: Arc<AtomicUsize>,
     /// Answered once the worker's app is built; dropped unanswered if building it panicked.
     ready: Option<oneshot::Receiver<()>>,
@@ -195,6 +203,13 @@ struct Worker {
 
 /// Counts a worker's open connection until dropped.
 struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open.clone())
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
@@ -217,20 +232,16 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (connections, mut incoming) =
-        mpsc::unbounded_channel::<(std::net::TcpStream, OwnedSemaphorePermit, Watcher)>();
-    let open = Arc::new(AtomicUsize::new(0));
+    let (connections, mut incoming) = mpsc::unbounded_channel::<Handoff>();
     let (exit, exited) = oneshot::channel();
     let (built, ready) = oneshot::channel();
-    let counter = open.clone();
     std::thread::Builder::new()
         .name(format!("llm-router-worker-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
                 let app = make_app();
                 let _ = built.send(());
-                while let Some((stream, slot, watcher)) = incoming.recv().await {
-                    let counted = OpenConnection(counter.clone());
+                while let Some((stream, counted, slot, watcher)) = incoming.recv().await {
                     let stream = match TcpStream::from_std(stream) {
                         Ok(stream) => stream,
                         Err(error) => {
@@ -259,7 +270,7 @@ where
         })?;
     Ok(Worker {
         connections,
-        open,
+        open: Arc::default(),
         ready: Some(ready),
         exited,
     })
@@ -380,9 +391,13 @@ fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, 
             return;
         }
     };
-    worker.open.fetch_add(1, Ordering::Relaxed);
-    if worker.connections.send((stream, slot, watcher)).is_err() {
-        worker.open.fetch_sub(1, Ordering::Relaxed);
+    let counted = OpenConnection::new(&worker.open);
+    // A failed send drops the handoff, and with it the count and the slot.
+    if worker
+        .connections
+        .send((stream, counted, slot, watcher))
+        .is_err()
+    {
         tracing::warn!("a connection worker has stopped; connection dropped");
     }
 }

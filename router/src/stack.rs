@@ -174,13 +174,13 @@ pub fn request_service(
 
 /// A type-erased service that is cheap to clone.
 ///
-/// tower's [`BoxCloneSyncService`](tower::util::BoxCloneSyncService) clones by boxing a copy of the service it holds. Every layer
-/// clones its inner service per request (axum clones the route's, and a layer that awaits
-/// before calling its inner service must own one), and in a stack of boxed services each of
-/// those clones boxes the whole rest of the stack again: about 20 allocations per request with
-/// the default stack. Here the service sits behind an `Arc`, a clone is a reference count, and
-/// a call clones the concrete service (its fields are `Arc`s and settings) next to the one
-/// boxed future it needs anyway.
+/// tower's [`BoxCloneSyncService`](tower::util::BoxCloneSyncService) clones by boxing a copy of
+/// the service it holds. Every layer clones its inner service per request (axum clones the
+/// route's, and a layer that awaits before calling its inner service must own one), and in a
+/// stack of boxed services each of those clones boxes the whole rest of the stack again: about
+/// 20 allocations per request with the default stack. Here the service sits behind an `Arc`, a
+/// clone is a reference count, and a call clones the concrete service (its fields are `Arc`s
+/// and settings) next to the one boxed future it needs anyway.
 pub struct SharedService<Req, Res> {
     inner: Arc<dyn CallShared<Req, Res>>,
 }
