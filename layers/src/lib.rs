@@ -68,6 +68,7 @@
 pub mod admission;
 pub mod body;
 pub mod cached_select;
+pub mod client;
 pub mod error;
 pub mod future;
 pub mod pool;
@@ -81,12 +82,10 @@ pub use admission::{
 };
 pub use body::ResponseBody;
 pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
+pub use client::{ClientConfig, ClientError, HttpClient, UpstreamBody, build_client};
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
-pub use proxy::{
-    ClientConfig, HttpClient, PooledProxyService, ProxyBody, ProxyConfig, ServedBy,
-    UpstreamFailure, build_client,
-};
+pub use proxy::{PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure};
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer};
 pub use retry::RetryBudget;
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

@@ -5,10 +5,11 @@
 //! [`SelectedNode`] extension (put there by [`CachedSelectLayer`](crate::cached_select) or
 //! [`TimeoutWaitLayer`](crate::timeout_wait)); on its own it picks the least-loaded eligible node.
 //!
-//! - **One client.** [`HttpClient`] is built once per process ([`build_client`]) and cloned into
-//!   every service: connections to nodes are kept alive and reused, with TCP no-delay on. The
-//!   hot path uses hyper-util's pooled client, not reqwest: a bare proxy measured in this project
-//!   lost about a quarter of its throughput with reqwest (`shared/bench/NOTES.md`).
+//! - **One client.** [`HttpClient`] is built once per process ([`build_client`](crate::build_client)) and cloned into
+//!   every service: connections to nodes are kept alive and reused, with TCP no-delay on. It is
+//!   this crate's own lean HTTP/1.1 client (see [`client`](crate::client) for why), not reqwest:
+//!   a bare proxy measured in this project lost about a quarter of its throughput with reqwest
+//!   (`shared/bench/NOTES.md`).
 //! - **Streaming.** The node's body goes back frame by frame as it arrives; nothing is buffered.
 //!   The node's slot is held by the response body until its last byte, or until the client goes
 //!   away, so a stream counts as load for its whole length.
@@ -44,14 +45,11 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture as ClientFuture};
-use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tokio::time::{Sleep, Timeout};
 use tower::Service;
 
+use crate::client::{ClientError, HttpClient, ResponseFuture as ClientFuture, UpstreamBody};
 use crate::error::RouterError;
 use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
@@ -77,46 +75,6 @@ impl UpstreamFailure {
     fn set(&self, code: &'static str) {
         let _ = self.0.set(code);
     }
-}
-
-/// The shared HTTP client type: hyper-util's pooled client over plain TCP.
-pub type HttpClient<B = Full<Bytes>> = Client<HttpConnector, B>;
-
-/// Settings for the shared client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientConfig {
-    /// Longest TCP connect. Default 2 s.
-    pub connect_timeout: Duration,
-    /// How long an idle pooled connection is kept. Default 90 s.
-    pub pool_idle_timeout: Duration,
-    /// Most idle connections kept per node. Default 256.
-    pub pool_max_idle_per_host: usize,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(2),
-            pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle_per_host: 256,
-        }
-    }
-}
-
-/// Builds the process's shared client: keep-alive pooling, TCP no-delay, connect timeout.
-pub fn build_client<B>(config: &ClientConfig) -> HttpClient<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-{
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .build(connector)
 }
 
 /// Settings for [`PooledProxyService`].
@@ -410,9 +368,9 @@ pin_project! {
 /// How an attempt on one node failed, before anything reached the client.
 enum Failure {
     /// The node answered 5xx.
-    Status(Response<Incoming>),
+    Status(Response<UpstreamBody>),
     /// The node answered 4xx (or 3xx): final, but its body still names no node.
-    Refused(Response<Incoming>),
+    Refused(Response<UpstreamBody>),
     /// The connection was refused or broke before the answer.
     Unreachable,
 }
@@ -613,7 +571,7 @@ fn forwardable_parts(parts: &mut http::response::Parts, node: &Node) {
 
 /// A successful answer: streamed back as it comes, holding the slot until its end.
 fn stream_answer(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     selected: SelectedNode,
     idle_timeout: Duration,
     sent_at: Instant,
@@ -629,7 +587,7 @@ fn stream_answer(
 
 /// An error answer from the node: read whole (bounded), with the node's address scrubbed out.
 async fn read_error(
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     selected: SelectedNode,
     read_timeout: Duration,
 ) -> Response<ProxyBody> {
@@ -731,7 +689,7 @@ pin_project! {
 }
 
 struct Upstream {
-    incoming: Incoming,
+    incoming: UpstreamBody,
     selected: SelectedNode,
     idle_timeout: Duration,
     sse: bool,
@@ -765,7 +723,7 @@ impl From<Bytes> for ProxyBody {
 pub enum ProxyBodyError {
     /// The node's connection broke mid-body.
     #[error("the upstream node's stream broke")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] ClientError),
     /// The node sent nothing for the idle timeout.
     #[error("the upstream node's stream went idle")]
     Idle,
@@ -773,7 +731,7 @@ pub enum ProxyBodyError {
 
 impl ProxyBody {
     fn streaming(
-        incoming: Incoming,
+        incoming: UpstreamBody,
         selected: SelectedNode,
         idle_timeout: Duration,
         sse: bool,

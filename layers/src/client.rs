@@ -1,0 +1,1303 @@
+//! A lean HTTP/1.1 client for the proxy: plain TCP to each node, keep-alive connections pooled
+//! per node, and each answer read straight off its socket by the body that streams it.
+//!
+//! Use it through [`PooledProxyService`](crate::PooledProxyService) to talk to inference nodes
+//! over `http://`. It is not a general-purpose client: no TLS, no HTTP/2, no proxies, no
+//! redirects, and a request body is read whole before it is sent (the proxy's bodies are in
+//! memory already, to be sent again on a retry).
+//!
+//! Why not hyper-util's pooled client, which this replaced: it runs a task per connection and
+//! hands every request and answer to that task through channels. Per open stream that held
+//! about 28 KiB of heap (an 8 KiB read buffer, an 8 KiB write buffer, a 9 KiB channel block),
+//! and every request paid the hand-offs between the tasks. Here the request future writes the
+//! request and parses the answer's head, and the [`UpstreamBody`] reads the rest from the same
+//! socket. The read buffer is let go whenever it runs empty, so a stream waiting for its next
+//! token holds its socket and a few hundred bytes of state.
+//!
+//! - **Pooling.** A connection goes back to its node's idle list once its answer was read to
+//!   the end and both sides allow keep-alive. Connections idle for longer than
+//!   `pool_idle_timeout`, or closed by the node meanwhile, are dropped when next looked at. A
+//!   body dropped before its end closes its connection, so the node sees the client go.
+//! - **Stale connections.** A request on a reused connection that fails before any byte of the
+//!   answer came (the node closed the connection while it was idle) is sent once more, on a new
+//!   connection.
+//! - **Framing.** `Content-Length`, `chunked` (trailers are read and dropped) or close-delimited
+//!   answers; 1xx answers are skipped; answers to `HEAD`, 204 and 304 have no body. A malformed
+//!   answer is an error, and its connection is closed.
+//! - **Headers.** The request goes out with `host` from its URI and `content-length` from its
+//!   body; the caller's `host`, framing and hop-by-hop headers (and `expect`: the body is sent at
+//!   once) are not sent.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Settings for the shared client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Longest TCP connect. Default 2 s.
+    pub connect_timeout: Duration,
+    /// How long an idle pooled connection is kept. Default 90 s.
+    pub pool_idle_timeout: Duration,
+    /// Most idle connections kept per node. Default 256.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+/// Builds a client: keep-alive pooling, TCP no-delay, connect timeout. Build one per process
+/// (or one per runtime, when each thread runs its own) and clone it: clones share the pool.
+pub fn build_client<B>(config: &ClientConfig) -> HttpClient<B> {
+    HttpClient::new(*config)
+}
+
+/// Why a request to a node failed, or its answer's body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request's URI cannot be sent: not `http://`, or no host.
+    #[error("unsupported upstream URI: {0}")]
+    Uri(&'static str),
+    /// The TCP connection could not be made.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] io::Error),
+    /// The TCP connection took longer than the connect timeout.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The request's own body failed while it was read.
+    #[error("cannot read the request body: {0}")]
+    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Reading or writing the connection failed.
+    #[error("connection failed: {0}")]
+    Io(#[source] io::Error),
+    /// The node closed the connection before its answer was complete.
+    #[error("connection closed before the answer was complete")]
+    Closed,
+    /// The answer's head is not valid HTTP/1.
+    #[error("malformed answer head: {0}")]
+    Parse(#[from] httparse::Error),
+    /// The answer is not valid HTTP/1 otherwise (framing, sizes).
+    #[error("malformed answer: {0}")]
+    Malformed(&'static str),
+}
+
+/// A pooled HTTP/1.1 client over plain TCP; see the module docs. Cheap to clone; clones share
+/// the pool.
+///
+/// `B` is the request body type it is used with (any [`Body`]; it is read whole before
+/// sending).
+pub struct HttpClient<B = Full<Bytes>> {
+    shared: Arc<ClientShared>,
+    _body: PhantomData<fn(B)>,
+}
+
+impl<B> Clone for HttpClient<B> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            _body: PhantomData,
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for HttpClient<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> HttpClient<B> {
+    /// A client with an empty pool.
+    pub fn new(config: ClientConfig) -> Self {
+        Self {
+            shared: Arc::new(ClientShared {
+                config,
+                idle: Mutex::new(HashMap::new()),
+            }),
+            _body: PhantomData,
+        }
+    }
+
+    /// Idle connections in the pool, over all nodes.
+    pub fn idle_connections(&self) -> usize {
+        self.shared
+            .lock()
+            .values()
+            .map(|n| n.connections.len())
+            .sum()
+    }
+
+    /// Sends `request` (an absolute `http://` URI) and resolves to the answer's head; the
+    /// answer's body streams from the connection.
+    pub fn request(&self, request: Request<B>) -> ResponseFuture
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        ResponseFuture {
+            inner: Box::pin(send(self.shared.clone(), request)),
+        }
+    }
+}
+
+/// The answer to [`HttpClient::request`]: its head, with the body still on the connection.
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, ClientError>> + Send>>,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<UpstreamBody>, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// The pool: idle connections per node authority.
+struct ClientShared {
+    config: ClientConfig,
+    idle: Mutex<HashMap<Arc<str>, NodeConnections>>,
+}
+
+/// One node's idle connections, oldest first.
+struct NodeConnections {
+    key: Arc<str>,
+    connections: Vec<IdleConnection>,
+}
+
+struct IdleConnection {
+    stream: TcpStream,
+    since: Instant,
+}
+
+impl ClientShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, NodeConnections>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest idle connection to `key` that is still open, and the pool's key for it.
+    fn checkout(&self, key: &str) -> (Option<TcpStream>, Arc<str>) {
+        let mut idle = self.lock();
+        let node = match idle.get_mut(key) {
+            Some(node) => node,
+            None => {
+                let key: Arc<str> = Arc::from(key);
+                idle.entry(key.clone()).or_insert(NodeConnections {
+                    key,
+                    connections: Vec::new(),
+                })
+            }
+        };
+        let now = Instant::now();
+        while let Some(idle) = node.connections.pop() {
+            if now.duration_since(idle.since) <= self.config.pool_idle_timeout
+                && still_open(&idle.stream)
+            {
+                return (Some(idle.stream), node.key.clone());
+            }
+        }
+        (None, node.key.clone())
+    }
+
+    /// Puts a connection whose answer was read to the end back into the pool.
+    fn check_in(&self, key: &str, stream: TcpStream) {
+        let mut idle = self.lock();
+        let Some(node) = idle.get_mut(key) else {
+            return;
+        };
+        let now = Instant::now();
+        let timeout = self.config.pool_idle_timeout;
+        let expired = node
+            .connections
+            .partition_point(|c| now.duration_since(c.since) > timeout);
+        node.connections.drain(..expired);
+        if node.connections.len() < self.config.pool_max_idle_per_host {
+            node.connections.push(IdleConnection { stream, since: now });
+        }
+    }
+}
+
+/// Whether an idle connection is still usable: nothing to read, not closed by the node. Costs
+/// no system call unless the socket became readable while idle.
+fn still_open(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+async fn send<B>(
+    shared: Arc<ClientShared>,
+    request: Request<B>,
+) -> Result<Response<UpstreamBody>, ClientError>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = request.into_parts();
+    if parts.uri.scheme_str() != Some("http") {
+        return Err(ClientError::Uri("only http:// is supported"));
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .ok_or(ClientError::Uri("no host"))?
+        .clone();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| ClientError::RequestBody(e.into()))?
+        .to_bytes();
+    let head = encode_head(&parts, &authority, body.len());
+    let no_body = parts.method == Method::HEAD;
+    let (mut pooled, key) = shared.checkout(authority.as_str());
+    loop {
+        let reused = pooled.is_some();
+        let stream = match pooled.take() {
+            Some(stream) => stream,
+            None => connect(&shared.config, &authority).await?,
+        };
+        let mut connection = Connection::new(stream);
+        match exchange(&mut connection, &head, &body).await {
+            Ok(answer) => {
+                let (framing, keep_alive) = framing(&answer, no_body)?;
+                let mut response = Response::new(UpstreamBody::new(
+                    connection,
+                    framing,
+                    keep_alive.then(|| (shared.clone(), key.clone())),
+                ));
+                *response.status_mut() = answer.status;
+                *response.version_mut() = answer.version;
+                *response.headers_mut() = answer.headers;
+                return Ok(response);
+            }
+            // The node closed the idle connection as the request went out: once more, anew.
+            Err(Failed::BeforeAnswer(_)) if reused => continue,
+            Err(Failed::BeforeAnswer(error) | Failed::Answering(error)) => return Err(error),
+        }
+    }
+}
+
+/// How a request failed on one connection.
+enum Failed {
+    /// Nothing of an answer came back.
+    BeforeAnswer(ClientError),
+    /// Part of an answer came back.
+    Answering(ClientError),
+}
+
+/// Writes the request and reads the answer's head.
+async fn exchange(
+    connection: &mut Connection,
+    head: &[u8],
+    body: &[u8],
+) -> Result<AnswerHead, Failed> {
+    write_request(&mut connection.stream, head, body)
+        .await
+        .map_err(|e| Failed::BeforeAnswer(ClientError::Io(e)))?;
+    let mut received = false;
+    loop {
+        if let Some(answer) = parse_head(&mut connection.buf).map_err(Failed::Answering)? {
+            return Ok(answer);
+        }
+        if connection.buf.len() > MAX_HEAD {
+            return Err(Failed::Answering(ClientError::Malformed(
+                "answer head too long",
+            )));
+        }
+        let read = std::future::poll_fn(|cx| connection.poll_fill(cx)).await;
+        match read {
+            Ok(0) if received || !connection.buf.is_empty() => {
+                return Err(Failed::Answering(ClientError::Closed));
+            }
+            Ok(0) => return Err(Failed::BeforeAnswer(ClientError::Closed)),
+            Ok(_) => received = true,
+            Err(error) if received => return Err(Failed::Answering(ClientError::Io(error))),
+            Err(error) => return Err(Failed::BeforeAnswer(ClientError::Io(error))),
+        }
+    }
+}
+
+async fn connect(config: &ClientConfig, authority: &Authority) -> Result<TcpStream, ClientError> {
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = authority.port_u16().unwrap_or(80);
+    let attempt = async {
+        let mut last = None;
+        for address in tokio::net::lookup_host((host, port))
+            .await
+            .map_err(ClientError::Connect)?
+        {
+            match TcpStream::connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(ClientError::Connect(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the host has no address")
+        })))
+    };
+    let stream = tokio::time::timeout(config.connect_timeout, attempt)
+        .await
+        .map_err(|_elapsed| ClientError::ConnectTimeout)??;
+    stream.set_nodelay(true).map_err(ClientError::Connect)?;
+    // Finds a node that vanished without closing (power loss, a dropped route) within minutes.
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    if let Err(error) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%error, "cannot set TCP keep-alive");
+    }
+    Ok(stream)
+}
+
+/// Request headers not sent as given: the client sets `host` and the framing itself, and the
+/// rest belong to one connection (RFC 9110 7.6.1) or ask for an interim answer.
+fn sent_as_given(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "expect"
+    )
+}
+
+fn encode_head(parts: &http::request::Parts, authority: &Authority, body_len: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    head.extend_from_slice(if target.is_empty() {
+        &b"/"[..]
+    } else {
+        target.as_bytes()
+    });
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    let host = authority.as_str();
+    head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if sent_as_given(name) {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
+    let body_expected = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    if body_len > 0 || body_expected {
+        head.extend_from_slice(b"content-length: ");
+        push_decimal(&mut head, body_len);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Head and body in as few writes as the socket allows: usually one.
+async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() {
+        let written = stream
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if written < head.len() {
+            head = &head[written..];
+        } else {
+            body = &body[written - head.len()..];
+            head = &[];
+        }
+    }
+    stream.write_all(body).await
+}
+
+/// Longest answer head read.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in an answer head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line.
+const MAX_LINE: usize = 4 * 1024;
+/// Smallest and largest read: reads grow while they fill the buffer.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 128 * 1024;
+
+/// A parsed answer head.
+#[derive(Debug)]
+struct AnswerHead {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers; `None`
+/// until the head is complete.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, ClientError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let httparse::Status::Complete(length) = parsed.parse(buf)? else {
+            return Ok(None);
+        };
+        let code = parsed.code.unwrap_or_default();
+        if (100..200).contains(&code) && code != 101 {
+            buf.advance(length);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ClientError::Malformed("status code"))?;
+        let version = match parsed.version {
+            Some(1) => Version::HTTP_11,
+            _ => Version::HTTP_10,
+        };
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        for field in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| ClientError::Malformed("header name"))?;
+            let value = HeaderValue::from_bytes(field.value)
+                .map_err(|_| ClientError::Malformed("header value"))?;
+            headers.append(name, value);
+        }
+        buf.advance(length);
+        return Ok(Some(AnswerHead {
+            status,
+            version,
+            headers,
+        }));
+    }
+}
+
+/// How the answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// After this many more bytes.
+    Length(u64),
+    /// With a zero-size chunk.
+    Chunked(Chunk),
+    /// When the node closes the connection.
+    Close,
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk, this many bytes from its end.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk, in the trailer section.
+    Trailers,
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// How the body of `answer` ends (RFC 9112 6.3), and whether its connection may be reused.
+fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), ClientError> {
+    let headers = &answer.headers;
+    let keep_alive = answer.version == Version::HTTP_11
+        && !has_token(headers, header::CONNECTION, "close")
+        && answer.status != StatusCode::SWITCHING_PROTOCOLS;
+    if no_body
+        || answer.status.is_informational()
+        || answer.status == StatusCode::NO_CONTENT
+        || answer.status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Length(0), keep_alive));
+    }
+    if let Some(codings) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let chunked = codings.to_str().is_ok_and(|v| {
+            v.rsplit(',')
+                .next()
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        });
+        // With both, the length is ignored and the connection must not be reused.
+        let keep_alive = keep_alive && !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            (Framing::Chunked(Chunk::Size), keep_alive)
+        } else {
+            (Framing::Close, false)
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ClientError::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Close, false),
+    })
+}
+
+fn parse_length(digits: &[u8]) -> Result<u64, ClientError> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(ClientError::Malformed("content-length"));
+    }
+    Ok(digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The size in a chunk-size line (extensions after `;` are ignored).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ClientError> {
+    let size = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if size.is_empty() || size.len() > 15 {
+        return Err(ClientError::Malformed("chunk size"));
+    }
+    size.iter().try_fold(0u64, |n, &b| {
+        let digit = (b as char)
+            .to_digit(16)
+            .ok_or(ClientError::Malformed("chunk size"))?;
+        Ok(n * 16 + u64::from(digit))
+    })
+}
+
+/// Where the line at the front of `buf` ends (the index of its CR LF).
+fn line_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A connection with what has been read from it and not used yet.
+struct Connection {
+    stream: TcpStream,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::new(),
+            read_size: READ_MIN,
+        }
+    }
+
+    /// Reads more into the buffer; `Ok(0)` when the node has closed the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.stream),
+            cx,
+            &mut self.buf
+        ))?;
+        // A read that filled the room asks for a bigger one next time.
+        if read == room {
+            self.read_size = (self.read_size * 2).min(READ_MAX);
+        }
+        Poll::Ready(Ok(read))
+    }
+
+    /// The next `n` bytes of the buffer. An emptied buffer lets go of its memory: an idle
+    /// stream should hold none.
+    fn take(&mut self, n: usize) -> Bytes {
+        let data = self.buf.split_to(n).freeze();
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        data
+    }
+}
+
+/// The body of an answer from [`HttpClient`], read from its connection as it is polled. The
+/// connection goes back to the pool at the body's end, and is closed if the body is dropped
+/// before it.
+pub struct UpstreamBody {
+    connection: Option<Connection>,
+    framing: Framing,
+    /// Where the connection goes back to, when it may.
+    pool: Option<(Arc<ClientShared>, Arc<str>)>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("framing", &self.framing)
+            .field("open", &self.connection.is_some())
+            .finish()
+    }
+}
+
+impl UpstreamBody {
+    fn new(
+        connection: Connection,
+        framing: Framing,
+        pool: Option<(Arc<ClientShared>, Arc<str>)>,
+    ) -> Self {
+        let mut body = Self {
+            connection: Some(connection),
+            framing,
+            pool,
+        };
+        if framing == Framing::Length(0) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has ended: the connection goes back to the pool if nothing else is on it.
+    fn finish(&mut self) {
+        self.framing = Framing::Length(0);
+        if let (Some(connection), Some((shared, key))) = (self.connection.take(), self.pool.take())
+            && connection.buf.is_empty()
+        {
+            shared.check_in(&key, connection.stream);
+        }
+    }
+
+    /// The body broke: the connection is closed.
+    fn fail(&mut self, error: ClientError) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        self.framing = Framing::Length(0);
+        self.connection = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = ClientError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(connection) = this.connection.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // Whatever the framing, an empty buffer is filled first, except at the very end.
+            let needs_bytes = match this.framing {
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(_) | Framing::Close | Framing::Chunked(Chunk::Data(_)) => {
+                    connection.buf.is_empty()
+                }
+                Framing::Chunked(Chunk::DataEnd) => connection.buf.len() < 2,
+                Framing::Chunked(Chunk::Size | Chunk::Trailers) => {
+                    match line_end(&connection.buf) {
+                        Some(_) => false,
+                        None if connection.buf.len() > MAX_LINE => {
+                            return this.fail(ClientError::Malformed("chunk line too long"));
+                        }
+                        None => true,
+                    }
+                }
+            };
+            if needs_bytes {
+                match ready!(connection.poll_fill(cx)) {
+                    Ok(0) if this.framing == Framing::Close => {
+                        // The end of a close-delimited body; the connection goes with it.
+                        this.pool = None;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => return this.fail(ClientError::Closed),
+                    Ok(_) => continue,
+                    Err(error) => return this.fail(ClientError::Io(error)),
+                }
+            }
+            match this.framing {
+                Framing::Length(remaining) => {
+                    let n = remaining.min(connection.buf.len() as u64);
+                    let data = connection.take(n as usize);
+                    this.framing = Framing::Length(remaining - n);
+                    if remaining == n {
+                        // Done now: a reader that trusts `is_end_stream` won't poll again.
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    let n = connection.buf.len();
+                    return Poll::Ready(Some(Ok(Frame::data(connection.take(n)))));
+                }
+                Framing::Chunked(Chunk::Data(remaining)) => {
+                    let n = remaining.min(connection.buf.len() as u64);
+                    this.framing = Framing::Chunked(match remaining - n {
+                        0 => Chunk::DataEnd,
+                        left => Chunk::Data(left),
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(connection.take(n as usize)))));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if &connection.buf[..2] != b"\r\n" {
+                        return this
+                            .fail(ClientError::Malformed("chunk data not followed by CRLF"));
+                    }
+                    connection.buf.advance(2);
+                    this.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let end = line_end(&connection.buf).unwrap_or_default();
+                    let size = match parse_chunk_size(&connection.buf[..end]) {
+                        Ok(size) => size,
+                        Err(error) => return this.fail(error),
+                    };
+                    connection.buf.advance(end + 2);
+                    this.framing = Framing::Chunked(match size {
+                        0 => Chunk::Trailers,
+                        size => Chunk::Data(size),
+                    });
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    let end = line_end(&connection.buf).unwrap_or_default();
+                    connection.buf.advance(end + 2);
+                    if end == 0 {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.connection.is_none() || self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What a scripted node does with a request.
+    enum Reply {
+        Send(&'static [u8]),
+        /// Sends the bytes one at a time, so every parser state sees a partial buffer.
+        Trickle(&'static [u8]),
+        SendAndClose(&'static [u8]),
+        /// Starts a header field in an answer head and never ends it.
+        EndlessHead,
+        /// Closes the connection without answering.
+        Close,
+    }
+
+    struct ScriptedNode {
+        authority: String,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl ScriptedNode {
+        fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.authority)
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A node on loopback that answers request `n` of connection `c` with `script(c, n)`.
+    async fn node(script: fn(usize, usize) -> Reply) -> ScriptedNode {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (count, log) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let c = count.fetch_add(1, Ordering::SeqCst);
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0.. {
+                        let Some(request) = read_request(&mut stream, &mut buf).await else {
+                            return;
+                        };
+                        log.lock().unwrap().push(request);
+                        match script(c, n) {
+                            Reply::Send(bytes) => stream.write_all(bytes).await.unwrap(),
+                            Reply::Trickle(bytes) => {
+                                for byte in bytes {
+                                    stream.write_all(&[*byte]).await.unwrap();
+                                    tokio::time::sleep(Duration::from_millis(1)).await;
+                                }
+                            }
+                            Reply::SendAndClose(bytes) => {
+                                stream.write_all(bytes).await.unwrap();
+                                return;
+                            }
+                            Reply::EndlessHead => {
+                                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nx-pad: ").await;
+                                while stream.write_all(&[b'a'; 1024]).await.is_ok() {}
+                                return;
+                            }
+                            Reply::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        ScriptedNode {
+            authority,
+            connections,
+            requests,
+        }
+    }
+
+    /// One request (head and content-length body) off `stream`; `None` once it closes.
+    async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.parse().unwrap());
+                if buf.len() >= end + 4 + length {
+                    let request = String::from_utf8_lossy(&buf[..end + 4 + length]).into_owned();
+                    buf.drain(..end + 4 + length);
+                    return Some(request);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn get(url: &str) -> Request<Full<Bytes>> {
+        Request::get(url).body(Full::default()).unwrap()
+    }
+
+    async fn text(response: Response<UpstreamBody>) -> Result<String, ClientError> {
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok(String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    const HELLO: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection() {
+        let node = node(|_, _| Reply::Send(HELLO)).await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..3 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(text(response).await.unwrap(), "hello");
+        }
+        assert_eq!(node.connections(), 1);
+        assert_eq!(client.idle_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_decoded_across_partial_reads() {
+        const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\nB\r\n big world!\r\n0\r\nx-trailer: t\r\n\r\n";
+        let node = node(|_, _| Reply::Trickle(CHUNKED)).await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..2 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello big world!");
+        }
+        assert_eq!(
+            node.connections(),
+            1,
+            "a chunked body read to its end frees the connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_body_ends_with_its_connection() {
+        let node = node(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")).await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..2 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "until the end");
+        }
+        assert_eq!(node.connections(), 2);
+        assert_eq!(client.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped() {
+        let node = node(|_, _| {
+            Reply::Send(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            )
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(text(response).await.unwrap(), "ok");
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_by_the_node_is_retried_on_a_new_one() {
+        // The first connection takes one request, then closes when the second arrives.
+        let node = node(|c, n| match (c, n) {
+            (0, 0) => Reply::Send(HELLO),
+            (0, _) => Reply::Close,
+            _ => Reply::Send(HELLO),
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..2 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello");
+        }
+        assert_eq!(node.connections(), 2);
+        assert_eq!(
+            node.requests.lock().unwrap().len(),
+            3,
+            "sent twice, answered once"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_node_closed_is_not_used() {
+        let node = node(|_, _| Reply::SendAndClose(HELLO)).await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..2 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(node.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_closed_before_the_answer_is_an_error() {
+        let node = node(|_, _| Reply::Close).await;
+        let client = HttpClient::new(ClientConfig::default());
+        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        assert!(matches!(error, ClientError::Closed), "{error}");
+        assert_eq!(
+            node.connections(),
+            1,
+            "not retried: the node may have seen it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error() {
+        let node =
+            node(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhalf"))
+                .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert!(matches!(text(response).await, Err(ClientError::Closed)));
+        assert_eq!(client.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_closes_its_connection() {
+        let node = node(|c, _| match c {
+            0 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhalf"),
+            _ => Reply::Send(HELLO),
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let mut body = client
+            .request(get(&node.url("/")))
+            .await
+            .unwrap()
+            .into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"half");
+        drop(body);
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(node.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_are_errors() {
+        let node = node(|c, _| match c {
+            0 => Reply::Send(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+            ),
+            1 => Reply::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"),
+            _ => Reply::EndlessHead,
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        assert!(
+            matches!(error, ClientError::Malformed("conflicting content-length")),
+            "{error}"
+        );
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert!(matches!(
+            text(response).await,
+            Err(ClientError::Malformed("chunk size"))
+        ));
+        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        assert!(
+            matches!(error, ClientError::Malformed("answer head too long")),
+            "{error}"
+        );
+        assert_eq!(client.idle_connections(), 0);
+        assert_eq!(
+            node.connections(),
+            3,
+            "no connection with a bad answer is reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_request_names_the_node_and_frames_its_own_body() {
+        let node = node(|_, _| Reply::Send(HELLO)).await;
+        let client = HttpClient::new(ClientConfig::default());
+        let request = Request::post(node.url("/v1/chat?x=1"))
+            .header("host", "client.example")
+            .header("connection", "keep-alive")
+            .header("expect", "100-continue")
+            .header("transfer-encoding", "chunked")
+            .header("x-request-id", "abc")
+            .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        let sent = node.requests.lock().unwrap()[0].clone();
+        let expected_start = format!("POST /v1/chat?x=1 HTTP/1.1\r\nhost: {}\r\n", node.authority);
+        assert!(sent.starts_with(&expected_start), "{sent}");
+        assert!(sent.contains("\r\nx-request-id: abc\r\n"), "{sent}");
+        assert!(
+            sent.ends_with("\r\ncontent-length: 7\r\n\r\n{\"a\":1}"),
+            "{sent}"
+        );
+        for gone in [
+            "client.example",
+            "connection:",
+            "expect:",
+            "transfer-encoding:",
+        ] {
+            assert!(!sent.contains(gone), "{gone} was sent: {sent}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_http_uris_are_sent() {
+        let client: HttpClient = HttpClient::new(ClientConfig::default());
+        let error = client
+            .request(get("https://127.0.0.1:1/"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::Uri(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let client: HttpClient = HttpClient::new(ClientConfig::default());
+        let error = client
+            .request(get(&format!("http://127.0.0.1:{port}/")))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::Connect(_)), "{error}");
+    }
+
+    fn head(version: Version, status: u16, headers: &[(&str, &str)]) -> AnswerHead {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        AnswerHead {
+            status: StatusCode::from_u16(status).unwrap(),
+            version,
+            headers: map,
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use Version as V;
+        let cases: &[(AnswerHead, bool, Framing, bool)] = &[
+            (
+                head(V::HTTP_11, 200, &[("content-length", "12")]),
+                false,
+                Framing::Length(12),
+                true,
+            ),
+            (
+                head(V::HTTP_11, 200, &[("content-length", "12")]),
+                true,
+                Framing::Length(0),
+                true,
+            ),
+            (head(V::HTTP_11, 204, &[]), false, Framing::Length(0), true),
+            (
+                head(V::HTTP_11, 304, &[("content-length", "5")]),
+                false,
+                Framing::Length(0),
+                true,
+            ),
+            (
+                head(V::HTTP_11, 200, &[("transfer-encoding", "gzip, chunked")]),
+                false,
+                Framing::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                head(
+                    V::HTTP_11,
+                    200,
+                    &[("transfer-encoding", "chunked"), ("content-length", "3")],
+                ),
+                false,
+                Framing::Chunked(Chunk::Size),
+                false,
+            ),
+            (
+                head(V::HTTP_11, 200, &[("transfer-encoding", "gzip")]),
+                false,
+                Framing::Close,
+                false,
+            ),
+            (head(V::HTTP_11, 200, &[]), false, Framing::Close, false),
+            (
+                head(
+                    V::HTTP_11,
+                    200,
+                    &[("content-length", "3"), ("connection", "close")],
+                ),
+                false,
+                Framing::Length(3),
+                false,
+            ),
+            (
+                head(V::HTTP_10, 200, &[("content-length", "3")]),
+                false,
+                Framing::Length(3),
+                false,
+            ),
+            (
+                head(V::HTTP_11, 200, &[("content-length", "4, 4")]),
+                false,
+                Framing::Length(4),
+                true,
+            ),
+        ];
+        for (answer, no_body, expected, keep_alive) in cases {
+            let got = framing(answer, *no_body).unwrap();
+            assert_eq!(got, (*expected, *keep_alive), "{answer:?}");
+        }
+        for bad in ["+5", "-1", "", "1 2", "99999999999999999999"] {
+            let answer = head(V::HTTP_11, 200, &[("content-length", bad)]);
+            assert!(framing(&answer, false).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex_with_optional_extensions() {
+        assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);
+        assert_eq!(parse_chunk_size(b"FF ").unwrap(), 255);
+        for bad in [&b""[..], b"g", b";x", b"1000000000000000"] {
+            assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        for n in [0, 7, 10, 1234, usize::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+}
