@@ -407,8 +407,10 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 /// It waits on the queue only while the queue is empty, and sleeps out the interval once a row
 /// has come: senders then find no waiting task to wake, so a busy router pays no cross-thread
 /// wake-up per request (there were about 0.6 futex calls and 0.3 eventfd writes per request
-/// when it woke for each row). Under steady load it never waits: it writes what came in while
-/// it wrote the last batch. A flush request skips the sleep.
+/// when it woke for each row). Under steady load it sleeps out the interval between batches
+/// too, unless a batch fills: taking at once whatever came in while the last batch was written
+/// made small transactions, each writing its B-tree pages again (one `pwrite` per request at
+/// 37,000 requests a second; 0.37 with a sleep per round). A flush request skips the sleep.
 ///
 /// A failed batch closes the connection and the next batch opens a fresh one: after a fault
 /// SQLite can leave a connection holding a lock, or opened read-only (it falls back to that
@@ -430,18 +432,13 @@ async fn writer(
     };
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
-        // Rows already queued (they came in while the last batch was written) are taken at
-        // once. Only after waiting on an empty queue does the writer sleep out the interval.
-        let (first, waited) = match rx.try_recv() {
-            Ok(message) => (message, false),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => match rx.recv().await {
-                Some(message) => (message, true),
-                None => break,
-            },
+        // The first row of a round, then the interval's worth: a batch that fills is written
+        // at once, the rest when the interval is over.
+        let Some(first) = rx.recv().await else {
+            break;
         };
         let mut next = Some(first);
-        let mut slept = !waited;
+        let mut slept = false;
         loop {
             match next.take() {
                 Some(Message::Row(row)) => {
