@@ -18,12 +18,20 @@
 //!   the end and both sides allow keep-alive. Connections idle for longer than
 //!   `pool_idle_timeout`, or closed by the node meanwhile, are dropped when next looked at. A
 //!   body dropped before its end closes its connection, so the node sees the client go.
-//! - **Stale connections.** A request on a reused connection that fails before any byte of the
-//!   answer came (the node closed the connection while it was idle) is sent once more, on a new
-//!   connection.
-//! - **Framing.** `Content-Length`, `chunked` (trailers are read and dropped) or close-delimited
-//!   answers; 1xx answers are skipped; answers to `HEAD`, 204 and 304 have no body. A malformed
-//!   answer is an error, and its connection is closed.
+//!   A background task (started with the first request) drops expired and closed idle
+//!   connections every `pool_idle_timeout / 2` (at most 30 s), so none waits in `CLOSE_WAIT`
+//!   for traffic to come.
+//! - **Stale connections.** A request on a reused connection is sent once more, on a new
+//!   connection, when writing it failed, or when nothing came back and it may be repeated
+//!   (an idempotent method, or an `Idempotency-Key`): the node may have closed the connection
+//!   while it was idle. Other requests are not repeated behind the caller's back (RFC 9112
+//!   9.3.1); the caller's own retry policy decides.
+//! - **Framing.** `Content-Length`, `chunked` (trailers are read and dropped; a
+//!   `Content-Length` next to it is removed) or close-delimited answers; up to 8 interim (1xx)
+//!   answers are skipped; answers to `HEAD`, 204 and 304 have no body. A malformed answer is an
+//!   error, and its connection is closed.
+//! - **Request body.** Written whole, before the answer is read: a node that answers early (a
+//!   413, say) and stops reading is waited for until the caller's timeout.
 //! - **Headers.** The request goes out with `host` from its URI and `content-length` from its
 //!   body; the caller's `host`, framing and hop-by-hop headers (and `expect`: the body is sent at
 //!   once) are not sent.
@@ -33,7 +41,8 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -136,6 +145,7 @@ impl<B> HttpClient<B> {
             shared: Arc::new(ClientShared {
                 config,
                 idle: Mutex::new(HashMap::new()),
+                sweeping: AtomicBool::new(false),
             }),
             _body: PhantomData,
         }
@@ -187,6 +197,8 @@ impl Future for ResponseFuture {
 struct ClientShared {
     config: ClientConfig,
     idle: Mutex<HashMap<Arc<str>, NodeConnections>>,
+    /// Whether the sweeper task runs (it starts with the first request, inside a runtime).
+    sweeping: AtomicBool,
 }
 
 /// One node's idle connections, oldest first.
@@ -207,43 +219,95 @@ impl ClientShared {
 
     /// The newest idle connection to `key` that is still open, and the pool's key for it.
     fn checkout(&self, key: &str) -> (Option<TcpStream>, Arc<str>) {
-        let mut idle = self.lock();
-        let node = match idle.get_mut(key) {
-            Some(node) => node,
-            None => {
-                let key: Arc<str> = Arc::from(key);
-                idle.entry(key.clone()).or_insert(NodeConnections {
-                    key,
-                    connections: Vec::new(),
-                })
+        let mut unusable = Vec::new();
+        let found = {
+            let mut idle = self.lock();
+            let node = match idle.get_mut(key) {
+                Some(node) => node,
+                None => {
+                    let key: Arc<str> = Arc::from(key);
+                    idle.entry(key.clone()).or_insert(NodeConnections {
+                        key,
+                        connections: Vec::new(),
+                    })
+                }
+            };
+            let now = Instant::now();
+            let mut found = None;
+            while let Some(idle) = node.connections.pop() {
+                if self.usable(&idle, now) {
+                    found = Some(idle.stream);
+                    break;
+                }
+                unusable.push(idle.stream);
             }
+            (found, node.key.clone())
         };
-        let now = Instant::now();
-        while let Some(idle) = node.connections.pop() {
-            if now.duration_since(idle.since) <= self.config.pool_idle_timeout
-                && still_open(&idle.stream)
-            {
-                return (Some(idle.stream), node.key.clone());
-            }
-        }
-        (None, node.key.clone())
+        // Closed outside the lock.
+        drop(unusable);
+        found
     }
 
     /// Puts a connection whose answer was read to the end back into the pool.
-    fn check_in(&self, key: &str, stream: TcpStream) {
+    fn check_in(&self, key: &Arc<str>, stream: TcpStream) {
         let mut idle = self.lock();
-        let Some(node) = idle.get_mut(key) else {
-            return;
-        };
-        let now = Instant::now();
-        let timeout = self.config.pool_idle_timeout;
-        let expired = node
-            .connections
-            .partition_point(|c| now.duration_since(c.since) > timeout);
-        node.connections.drain(..expired);
+        let node = idle.entry(key.clone()).or_insert_with(|| NodeConnections {
+            key: key.clone(),
+            connections: Vec::new(),
+        });
         if node.connections.len() < self.config.pool_max_idle_per_host {
-            node.connections.push(IdleConnection { stream, since: now });
+            node.connections.push(IdleConnection {
+                stream,
+                since: Instant::now(),
+            });
+            return;
         }
+        drop(idle);
+        drop(stream);
+    }
+
+    fn usable(&self, idle: &IdleConnection, now: Instant) -> bool {
+        now.duration_since(idle.since) <= self.config.pool_idle_timeout && still_open(&idle.stream)
+    }
+
+    /// Drops expired and closed idle connections, and the entries of nodes left with none.
+    fn sweep(&self) {
+        let mut unusable = Vec::new();
+        {
+            let mut idle = self.lock();
+            let now = Instant::now();
+            for node in idle.values_mut() {
+                let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut node.connections)
+                    .into_iter()
+                    .partition(|c| self.usable(c, now));
+                node.connections = keep;
+                unusable.extend(gone);
+            }
+            idle.retain(|_, node| !node.connections.is_empty());
+        }
+        drop(unusable);
+    }
+
+    /// Starts the sweeper once; it ends when the client is gone.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.load(Ordering::Relaxed) || self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let every = (self.config.pool_idle_timeout / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let shared: Weak<ClientShared> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                shared.sweep();
+            }
+        });
     }
 }
 
@@ -279,6 +343,8 @@ where
         .to_bytes();
     let head = encode_head(&parts, &authority, body.len());
     let no_body = parts.method == Method::HEAD;
+    let repeatable = parts.method.is_idempotent() || parts.headers.contains_key("idempotency-key");
+    shared.start_sweeping();
     let (mut pooled, key) = shared.checkout(authority.as_str());
     loop {
         let reused = pooled.is_some();
@@ -288,8 +354,12 @@ where
         };
         let mut connection = Connection::new(stream);
         match exchange(&mut connection, &head, &body).await {
-            Ok(answer) => {
+            Ok(mut answer) => {
                 let (framing, keep_alive) = framing(&answer, no_body)?;
+                if matches!(framing, Framing::Chunked(_)) {
+                    // Ignored for framing (RFC 9112 6.3), so not passed on either.
+                    answer.headers.remove(header::CONTENT_LENGTH);
+                }
                 let mut response = Response::new(UpstreamBody::new(
                     connection,
                     framing,
@@ -300,17 +370,23 @@ where
                 *response.headers_mut() = answer.headers;
                 return Ok(response);
             }
-            // The node closed the idle connection as the request went out: once more, anew.
-            Err(Failed::BeforeAnswer(_)) if reused => continue,
-            Err(Failed::BeforeAnswer(error) | Failed::Answering(error)) => return Err(error),
+            // The node closed the idle connection as the request went out: once more, anew,
+            // if the node cannot have acted on it or acting twice does no harm.
+            Err(Failed::NotSent(_)) if reused => continue,
+            Err(Failed::NoAnswer(_)) if reused && repeatable => continue,
+            Err(Failed::NotSent(error) | Failed::NoAnswer(error) | Failed::Answering(error)) => {
+                return Err(error);
+            }
         }
     }
 }
 
 /// How a request failed on one connection.
 enum Failed {
-    /// Nothing of an answer came back.
-    BeforeAnswer(ClientError),
+    /// Writing the request failed: the node has no complete request.
+    NotSent(ClientError),
+    /// The request went out and nothing of an answer came back.
+    NoAnswer(ClientError),
     /// Part of an answer came back.
     Answering(ClientError),
 }
@@ -323,12 +399,25 @@ async fn exchange(
 ) -> Result<AnswerHead, Failed> {
     write_request(&mut connection.stream, head, body)
         .await
-        .map_err(|e| Failed::BeforeAnswer(ClientError::Io(e)))?;
+        .map_err(|e| Failed::NotSent(ClientError::Io(e)))?;
     let mut received = false;
+    let mut interim = 0;
+    // Where the search for the head's end resumes: a head that trickles in is not parsed again
+    // from its start on every read.
+    let mut searched: usize = 0;
     loop {
-        if let Some(answer) = parse_head(&mut connection.buf).map_err(Failed::Answering)? {
+        let from = searched.saturating_sub(3);
+        let head_ended = connection.buf[from..].windows(4).any(|w| w == b"\r\n\r\n");
+        if head_ended
+            && let Some(answer) =
+                parse_head(&mut connection.buf, &mut interim).map_err(Failed::Answering)?
+        {
+            if connection.buf.is_empty() {
+                connection.buf = BytesMut::new();
+            }
             return Ok(answer);
         }
+        searched = connection.buf.len();
         if connection.buf.len() > MAX_HEAD {
             return Err(Failed::Answering(ClientError::Malformed(
                 "answer head too long",
@@ -339,10 +428,10 @@ async fn exchange(
             Ok(0) if received || !connection.buf.is_empty() => {
                 return Err(Failed::Answering(ClientError::Closed));
             }
-            Ok(0) => return Err(Failed::BeforeAnswer(ClientError::Closed)),
+            Ok(0) => return Err(Failed::NoAnswer(ClientError::Closed)),
             Ok(_) => received = true,
             Err(error) if received => return Err(Failed::Answering(ClientError::Io(error))),
-            Err(error) => return Err(Failed::BeforeAnswer(ClientError::Io(error))),
+            Err(error) => return Err(Failed::NoAnswer(ClientError::Io(error))),
         }
     }
 }
@@ -467,6 +556,8 @@ async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::
 
 /// Longest answer head read.
 const MAX_HEAD: usize = 64 * 1024;
+/// Most interim (1xx) answers before the final one.
+const MAX_INTERIM: u32 = 8;
 /// Most header fields in an answer head.
 const MAX_HEADERS: usize = 128;
 /// Longest chunk-size or trailer line.
@@ -483,17 +574,24 @@ struct AnswerHead {
     headers: HeaderMap,
 }
 
-/// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers; `None`
-/// until the head is complete.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<AnswerHead>, ClientError> {
+/// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers and
+/// counting them in `interim`; `None` until the head is complete.
+fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead>, ClientError> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
         let httparse::Status::Complete(length) = parsed.parse(buf)? else {
             return Ok(None);
         };
+        if length > MAX_HEAD {
+            return Err(ClientError::Malformed("answer head too long"));
+        }
         let code = parsed.code.unwrap_or_default();
         if (100..200).contains(&code) && code != 101 {
+            *interim += 1;
+            if *interim > MAX_INTERIM {
+                return Err(ClientError::Malformed("too many interim answers"));
+            }
             buf.advance(length);
             continue;
         }
@@ -570,6 +668,11 @@ fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), Client
         .iter()
         .next_back()
     {
+        if answer.version == Version::HTTP_10 {
+            return Err(ClientError::Malformed(
+                "transfer-encoding in an HTTP/1.0 answer",
+            ));
+        }
         let chunked = codings.to_str().is_ok_and(|v| {
             v.rsplit(',')
                 .next()
@@ -608,22 +711,27 @@ fn parse_length(digits: &[u8]) -> Result<u64, ClientError> {
         .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-/// The size in a chunk-size line (extensions after `;` are ignored).
+/// The size in a chunk-size line: hex digits, then optional blanks and extensions (ignored).
 fn parse_chunk_size(line: &[u8]) -> Result<u64, ClientError> {
-    let size = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if size.is_empty() || size.len() > 15 {
-        return Err(ClientError::Malformed("chunk size"));
+    const BAD: ClientError = ClientError::Malformed("chunk size");
+    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return Err(BAD);
     }
-    size.iter().try_fold(0u64, |n, &b| {
-        let digit = (b as char)
-            .to_digit(16)
-            .ok_or(ClientError::Malformed("chunk size"))?;
-        Ok(n * 16 + u64::from(digit))
-    })
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let end = size
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    let size = &size[..end];
+    if size.is_empty() || size.len() > 15 {
+        return Err(BAD);
+    }
+    let mut n = 0u64;
+    for &b in size {
+        let digit = (b as char).to_digit(16).ok_or(BAD)?;
+        n = n * 16 + u64::from(digit);
+    }
+    Ok(n)
 }
 
 /// Where the line at the front of `buf` ends (the index of its CR LF).
@@ -649,20 +757,38 @@ impl Connection {
 
     /// Reads more into the buffer; `Ok(0)` when the node has closed the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Wait before taking memory: a stream waiting for its next token holds no buffer.
+        ready!(self.stream.poll_read_ready(cx))?;
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
         }
         let room = self.buf.capacity() - self.buf.len();
-        let read = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.stream),
-            cx,
-            &mut self.buf
-        ))?;
-        // A read that filled the room asks for a bigger one next time.
+        let stream = Pin::new(&mut self.stream);
+        let read = match tokio_util::io::poll_read_buf(stream, cx, &mut self.buf) {
+            Poll::Ready(read) => read?,
+            Poll::Pending => {
+                // The readiness was stale; the wait goes on without the buffer.
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                return Poll::Pending;
+            }
+        };
+        // Reads grow while they fill their room, and shrink back while they leave most of it.
         if read == room {
             self.read_size = (self.read_size * 2).min(READ_MAX);
+        } else if read < room / 4 {
+            self.read_size = (self.read_size / 2).max(READ_MIN);
         }
         Poll::Ready(Ok(read))
+    }
+
+    /// Drops the next `n` bytes of the buffer (framing), letting go of an emptied buffer.
+    fn consume(&mut self, n: usize) {
+        self.buf.advance(n);
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// The next `n` bytes of the buffer. An emptied buffer lets go of its memory: an idle
@@ -692,6 +818,14 @@ impl std::fmt::Debug for UpstreamBody {
             .field("framing", &self.framing)
             .field("open", &self.connection.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+impl UpstreamBody {
+    /// Bytes of read buffer the body holds.
+    fn buffer_capacity(&self) -> usize {
+        self.connection.as_ref().map_or(0, |c| c.buf.capacity())
     }
 }
 
@@ -804,7 +938,7 @@ impl Body for UpstreamBody {
                         return this
                             .fail(ClientError::Malformed("chunk data not followed by CRLF"));
                     }
-                    connection.buf.advance(2);
+                    connection.consume(2);
                     this.framing = Framing::Chunked(Chunk::Size);
                 }
                 Framing::Chunked(Chunk::Size) => {
@@ -813,7 +947,7 @@ impl Body for UpstreamBody {
                         Ok(size) => size,
                         Err(error) => return this.fail(error),
                     };
-                    connection.buf.advance(end + 2);
+                    connection.consume(end + 2);
                     this.framing = Framing::Chunked(match size {
                         0 => Chunk::Trailers,
                         size => Chunk::Data(size),
@@ -821,7 +955,10 @@ impl Body for UpstreamBody {
                 }
                 Framing::Chunked(Chunk::Trailers) => {
                     let end = line_end(&connection.buf).unwrap_or_default();
-                    connection.buf.advance(end + 2);
+                    if connection.buf[..end].contains(&b'\n') {
+                        return this.fail(ClientError::Malformed("bare LF in a trailer"));
+                    }
+                    connection.consume(end + 2);
                     if end == 0 {
                         this.finish();
                         return Poll::Ready(None);
@@ -1039,6 +1176,149 @@ mod tests {
             3,
             "sent twice, answered once"
         );
+    }
+
+    #[tokio::test]
+    async fn a_post_the_node_may_have_read_is_not_sent_again() {
+        let node = node(|c, n| match (c, n) {
+            (0, 0) => Reply::Send(HELLO),
+            (0, _) => Reply::Close,
+            _ => Reply::Send(HELLO),
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        let post = Request::post(node.url("/v1/chat/completions"))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let error = client.request(post).await.unwrap_err();
+        assert!(matches!(error, ClientError::Closed), "{error}");
+        assert_eq!(
+            node.requests.lock().unwrap().len(),
+            2,
+            "the POST went out once"
+        );
+        assert_eq!(node.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_idle_body_holds_no_read_buffer() {
+        // Headers and a first event, then silence: a stream waiting for its next token.
+        let node = node(|_, _| {
+            Reply::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n")
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let mut body = client
+            .request(get(&node.url("/")))
+            .await
+            .unwrap()
+            .into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"data: ");
+        let waited = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
+        assert!(waited.is_err(), "the node sent nothing more");
+        assert_eq!(body.buffer_capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn bodiless_answers_leave_the_connection_ready_for_the_next() {
+        let node = node(|_, n| match n {
+            0 => Reply::Send(b"HTTP/1.1 204 No Content\r\n\r\n"),
+            1 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            2 => Reply::Send(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"),
+            _ => Reply::Send(HELLO),
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 204);
+        assert_eq!(text(response).await.unwrap(), "");
+        let head = Request::head(node.url("/")).body(Full::default()).unwrap();
+        let response = client.request(head).await.unwrap();
+        assert!(response.body().is_end_stream());
+        assert_eq!(text(response).await.unwrap(), "");
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(response.status(), 304);
+        assert_eq!(text(response).await.unwrap(), "");
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(node.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn bytes_after_an_answer_keep_its_connection_out_of_the_pool() {
+        let node = node(|c, _| match c {
+            0 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloXX"),
+            _ => Reply::Send(HELLO),
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        for _ in 0..2 {
+            let response = client.request(get(&node.url("/"))).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello");
+        }
+        assert_eq!(node.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_expire_and_are_capped() {
+        let node = node(|_, _| Reply::Send(HELLO)).await;
+        let config = ClientConfig {
+            pool_idle_timeout: Duration::from_millis(50),
+            pool_max_idle_per_host: 1,
+            ..ClientConfig::default()
+        };
+        let client = HttpClient::new(config);
+        let (a, b) = tokio::join!(
+            client.request(get(&node.url("/"))),
+            client.request(get(&node.url("/")))
+        );
+        assert_eq!(text(a.unwrap()).await.unwrap(), "hello");
+        assert_eq!(text(b.unwrap()).await.unwrap(), "hello");
+        assert_eq!(node.connections(), 2);
+        assert_eq!(client.idle_connections(), 1, "one kept, one closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            client.idle_connections(),
+            0,
+            "the sweeper dropped the expired one"
+        );
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(node.connections(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_drops_connections_the_node_closed() {
+        let node = node(|_, _| Reply::SendAndClose(HELLO)).await;
+        let config = ClientConfig {
+            pool_idle_timeout: Duration::from_millis(300),
+            ..ClientConfig::default()
+        };
+        let client = HttpClient::new(config);
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(client.idle_connections(), 1);
+        // Well before the idle timeout, the sweep (every 150 ms) finds it closed.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(client.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_length_next_to_chunked_is_dropped_with_the_connection() {
+        let node = node(|_, _| {
+            Reply::Send(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            )
+        })
+        .await;
+        let client = HttpClient::new(ClientConfig::default());
+        let response = client.request(get(&node.url("/"))).await.unwrap();
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(text(response).await.unwrap(), "ok");
+        assert_eq!(client.idle_connections(), 0);
     }
 
     #[tokio::test]
@@ -1276,6 +1556,8 @@ mod tests {
             let got = framing(answer, *no_body).unwrap();
             assert_eq!(got, (*expected, *keep_alive), "{answer:?}");
         }
+        let old_chunked = head(V::HTTP_10, 200, &[("transfer-encoding", "chunked")]);
+        assert!(framing(&old_chunked, false).is_err());
         for bad in ["+5", "-1", "", "1 2", "99999999999999999999"] {
             let answer = head(V::HTTP_11, 200, &[("content-length", bad)]);
             assert!(framing(&answer, false).is_err(), "{bad:?}");
@@ -1287,7 +1569,8 @@ mod tests {
         assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
         assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);
         assert_eq!(parse_chunk_size(b"FF ").unwrap(), 255);
-        for bad in [&b""[..], b"g", b";x", b"1000000000000000"] {
+        assert_eq!(parse_chunk_size(b"a\t;x=\"y\"").unwrap(), 10);
+        for bad in [&b""[..], b"g", b";x", b"1000000000000000", b" 5", b"5;x\ny"] {
             assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
         }
     }

@@ -305,7 +305,7 @@ where
     type Future = ProxyFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The pooled client is always ready; it queues connection set-up itself.
+        // The client is always ready: each request takes or opens its own connection.
         Poll::Ready(Ok(()))
     }
 
@@ -462,6 +462,12 @@ where
                                 "upstream answered with a server error"
                             );
                             Failure::Status(response)
+                        }
+                        Ok(Err(error @ ClientError::RequestBody(_))) => {
+                            // The request's own body broke, not the node: no retry, no blame.
+                            tracing::error!(node = node.id(), %error, "cannot send the request");
+                            let answer = answered_by(RouterError::Internal, &node);
+                            return Poll::Ready(Ok(answer));
                         }
                         Ok(Err(error)) => {
                             let failures = node.state().record_failure();
