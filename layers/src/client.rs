@@ -1015,6 +1015,20 @@ mod tests {
         fn connections(&self) -> usize {
             self.connections.load(Ordering::SeqCst)
         }
+
+        fn get(&self) -> Request<Full<Bytes>> {
+            get(&self.url("/"))
+        }
+    }
+
+    /// A scripted node and a client with the default settings.
+    async fn node_and_client(script: fn(usize, usize) -> Reply) -> (ScriptedNode, HttpClient) {
+        (node(script).await, HttpClient::new(ClientConfig::default()))
+    }
+
+    /// The node's answer to a GET of `/`, which must come.
+    async fn fetch(client: &HttpClient, node: &ScriptedNode) -> Response<UpstreamBody> {
+        client.request(node.get()).await.unwrap()
     }
 
     /// A node on loopback that answers request `n` of connection `c` with `script(c, n)`.
@@ -1102,10 +1116,9 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_share_one_connection() {
-        let node = node(|_, _| Reply::Send(HELLO)).await;
-        let client = HttpClient::new(ClientConfig::default());
+        let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
         for _ in 0..3 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(response.status(), 200);
             assert_eq!(text(response).await.unwrap(), "hello");
         }
@@ -1117,10 +1130,9 @@ mod tests {
     async fn a_chunked_body_is_decoded_across_partial_reads() {
         const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
             5;ext=1\r\nhello\r\nB\r\n big world!\r\n0\r\nx-trailer: t\r\n\r\n";
-        let node = node(|_, _| Reply::Trickle(CHUNKED)).await;
-        let client = HttpClient::new(ClientConfig::default());
+        let (node, client) = node_and_client(|_, _| Reply::Trickle(CHUNKED)).await;
         for _ in 0..2 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(text(response).await.unwrap(), "hello big world!");
         }
         assert_eq!(
@@ -1132,10 +1144,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_delimited_body_ends_with_its_connection() {
-        let node = node(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")).await;
-        let client = HttpClient::new(ClientConfig::default());
+        let (node, client) =
+            node_and_client(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the end"))
+                .await;
         for _ in 0..2 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(text(response).await.unwrap(), "until the end");
         }
         assert_eq!(node.connections(), 2);
@@ -1144,14 +1157,13 @@ mod tests {
 
     #[tokio::test]
     async fn interim_answers_are_skipped() {
-        let node = node(|_, _| {
+        let (node, client) = node_and_client(|_, _| {
             Reply::Send(
                 b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
             )
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(response.status(), 201);
         assert_eq!(text(response).await.unwrap(), "ok");
     }
@@ -1159,15 +1171,14 @@ mod tests {
     #[tokio::test]
     async fn a_reused_connection_closed_by_the_node_is_retried_on_a_new_one() {
         // The first connection takes one request, then closes when the second arrives.
-        let node = node(|c, n| match (c, n) {
+        let (node, client) = node_and_client(|c, n| match (c, n) {
             (0, 0) => Reply::Send(HELLO),
             (0, _) => Reply::Close,
             _ => Reply::Send(HELLO),
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
         for _ in 0..2 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(text(response).await.unwrap(), "hello");
         }
         assert_eq!(node.connections(), 2);
@@ -1180,14 +1191,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_post_the_node_may_have_read_is_not_sent_again() {
-        let node = node(|c, n| match (c, n) {
+        let (node, client) = node_and_client(|c, n| match (c, n) {
             (0, 0) => Reply::Send(HELLO),
             (0, _) => Reply::Close,
             _ => Reply::Send(HELLO),
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(text(response).await.unwrap(), "hello");
         let post = Request::post(node.url("/v1/chat/completions"))
             .body(Full::new(Bytes::from_static(b"{}")))
@@ -1205,16 +1215,11 @@ mod tests {
     #[tokio::test]
     async fn an_idle_body_holds_no_read_buffer() {
         // Headers and a first event, then silence: a stream waiting for its next token.
-        let node = node(|_, _| {
+        let (node, client) = node_and_client(|_, _| {
             Reply::Send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n")
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let mut body = client
-            .request(get(&node.url("/")))
-            .await
-            .unwrap()
-            .into_body();
+        let mut body = client.request(node.get()).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"data: ");
         let waited = tokio::time::timeout(Duration::from_millis(50), body.frame()).await;
@@ -1224,39 +1229,37 @@ mod tests {
 
     #[tokio::test]
     async fn bodiless_answers_leave_the_connection_ready_for_the_next() {
-        let node = node(|_, n| match n {
+        let (node, client) = node_and_client(|_, n| match n {
             0 => Reply::Send(b"HTTP/1.1 204 No Content\r\n\r\n"),
             1 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
             2 => Reply::Send(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"),
             _ => Reply::Send(HELLO),
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(response.status(), 204);
         assert_eq!(text(response).await.unwrap(), "");
         let head = Request::head(node.url("/")).body(Full::default()).unwrap();
         let response = client.request(head).await.unwrap();
         assert!(response.body().is_end_stream());
         assert_eq!(text(response).await.unwrap(), "");
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(response.status(), 304);
         assert_eq!(text(response).await.unwrap(), "");
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(text(response).await.unwrap(), "hello");
         assert_eq!(node.connections(), 1);
     }
 
     #[tokio::test]
     async fn bytes_after_an_answer_keep_its_connection_out_of_the_pool() {
-        let node = node(|c, _| match c {
+        let (node, client) = node_and_client(|c, _| match c {
             0 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloXX"),
             _ => Reply::Send(HELLO),
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
         for _ in 0..2 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(text(response).await.unwrap(), "hello");
         }
         assert_eq!(node.connections(), 2);
@@ -1271,10 +1274,7 @@ mod tests {
             ..ClientConfig::default()
         };
         let client = HttpClient::new(config);
-        let (a, b) = tokio::join!(
-            client.request(get(&node.url("/"))),
-            client.request(get(&node.url("/")))
-        );
+        let (a, b) = tokio::join!(client.request(node.get()), client.request(node.get()));
         assert_eq!(text(a.unwrap()).await.unwrap(), "hello");
         assert_eq!(text(b.unwrap()).await.unwrap(), "hello");
         assert_eq!(node.connections(), 2);
@@ -1285,7 +1285,7 @@ mod tests {
             0,
             "the sweeper dropped the expired one"
         );
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(text(response).await.unwrap(), "hello");
         assert_eq!(node.connections(), 3);
     }
@@ -1298,7 +1298,7 @@ mod tests {
             ..ClientConfig::default()
         };
         let client = HttpClient::new(config);
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(text(response).await.unwrap(), "hello");
         assert_eq!(client.idle_connections(), 1);
         // Well before the idle timeout, the sweep (every 150 ms) finds it closed.
@@ -1308,14 +1308,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_length_next_to_chunked_is_dropped_with_the_connection() {
-        let node = node(|_, _| {
+        let (node, client) = node_and_client(|_, _| {
             Reply::Send(
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             )
-        })
-        .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        }).await;
+        let response = fetch(&client, &node).await;
         assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
         assert_eq!(text(response).await.unwrap(), "ok");
         assert_eq!(client.idle_connections(), 0);
@@ -1323,10 +1321,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_the_node_closed_is_not_used() {
-        let node = node(|_, _| Reply::SendAndClose(HELLO)).await;
-        let client = HttpClient::new(ClientConfig::default());
+        let (node, client) = node_and_client(|_, _| Reply::SendAndClose(HELLO)).await;
         for _ in 0..2 {
-            let response = client.request(get(&node.url("/"))).await.unwrap();
+            let response = fetch(&client, &node).await;
             assert_eq!(text(response).await.unwrap(), "hello");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1335,9 +1332,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_connection_closed_before_the_answer_is_an_error() {
-        let node = node(|_, _| Reply::Close).await;
-        let client = HttpClient::new(ClientConfig::default());
-        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        let (node, client) = node_and_client(|_, _| Reply::Close).await;
+        let error = client.request(node.get()).await.unwrap_err();
         assert!(matches!(error, ClientError::Closed), "{error}");
         assert_eq!(
             node.connections(),
@@ -1352,35 +1348,30 @@ mod tests {
             node(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhalf"))
                 .await;
         let client = HttpClient::new(ClientConfig::default());
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert!(matches!(text(response).await, Err(ClientError::Closed)));
         assert_eq!(client.idle_connections(), 0);
     }
 
     #[tokio::test]
     async fn a_body_dropped_early_closes_its_connection() {
-        let node = node(|c, _| match c {
+        let (node, client) = node_and_client(|c, _| match c {
             0 => Reply::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhalf"),
             _ => Reply::Send(HELLO),
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let mut body = client
-            .request(get(&node.url("/")))
-            .await
-            .unwrap()
-            .into_body();
+        let mut body = client.request(node.get()).await.unwrap().into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"half");
         drop(body);
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert_eq!(text(response).await.unwrap(), "hello");
         assert_eq!(node.connections(), 2);
     }
 
     #[tokio::test]
     async fn malformed_answers_are_errors() {
-        let node = node(|c, _| match c {
+        let (node, client) = node_and_client(|c, _| match c {
             0 => Reply::Send(
                 b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
             ),
@@ -1388,18 +1379,17 @@ mod tests {
             _ => Reply::EndlessHead,
         })
         .await;
-        let client = HttpClient::new(ClientConfig::default());
-        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        let error = client.request(node.get()).await.unwrap_err();
         assert!(
             matches!(error, ClientError::Malformed("conflicting content-length")),
             "{error}"
         );
-        let response = client.request(get(&node.url("/"))).await.unwrap();
+        let response = fetch(&client, &node).await;
         assert!(matches!(
             text(response).await,
             Err(ClientError::Malformed("chunk size"))
         ));
-        let error = client.request(get(&node.url("/"))).await.unwrap_err();
+        let error = client.request(node.get()).await.unwrap_err();
         assert!(
             matches!(error, ClientError::Malformed("answer head too long")),
             "{error}"
@@ -1414,8 +1404,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_request_names_the_node_and_frames_its_own_body() {
-        let node = node(|_, _| Reply::Send(HELLO)).await;
-        let client = HttpClient::new(ClientConfig::default());
+        let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
         let request = Request::post(node.url("/v1/chat?x=1"))
             .header("host", "client.example")
             .header("connection", "keep-alive")
