@@ -443,24 +443,37 @@ async fn connect(config: &ClientConfig, authority: &Authority) -> Result<TcpStre
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     let port = authority.port_u16().unwrap_or(80);
-    let attempt = async {
-        let mut last = None;
-        for address in tokio::net::lookup_host((host, port))
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let addresses: Vec<_> =
+        tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)))
             .await
+            .map_err(|_elapsed| ClientError::ConnectTimeout)?
             .map_err(ClientError::Connect)?
-        {
-            match TcpStream::connect(address).await {
-                Ok(stream) => return Ok(stream),
-                Err(error) => last = Some(error),
+            .collect();
+    // Each address gets an even share of the time left, so one that never answers (an IPv6
+    // address without a route, say) does not use up the whole timeout.
+    let mut last = None;
+    let mut connected = None;
+    for (tried, address) in addresses.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(addresses.len() - tried).unwrap_or(u32::MAX);
+        match tokio::time::timeout(share, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => {
+                connected = Some(stream);
+                break;
             }
+            Ok(Err(error)) => last = Some(ClientError::Connect(error)),
+            Err(_elapsed) => last = Some(ClientError::ConnectTimeout),
         }
-        Err(ClientError::Connect(last.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, "the host has no address")
-        })))
-    };
-    let stream = tokio::time::timeout(config.connect_timeout, attempt)
-        .await
-        .map_err(|_elapsed| ClientError::ConnectTimeout)??;
+    }
+    let stream = connected.ok_or_else(|| {
+        last.unwrap_or_else(|| {
+            ClientError::Connect(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the host has no address",
+            ))
+        })
+    })?;
     stream.set_nodelay(true).map_err(ClientError::Connect)?;
     // Finds a node that vanished without closing (power loss, a dropped route) within minutes.
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
@@ -1441,6 +1454,21 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, ClientError::Uri(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_resolved_and_its_addresses_tried_in_turn() {
+        // `localhost` may resolve to ::1 first, where nothing listens; 127.0.0.1 answers.
+        let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
+        let port = node.authority.rsplit_once(':').unwrap().1;
+        let url = format!("http://localhost:{port}/");
+        let response = client.request(get(&url)).await.unwrap();
+        assert_eq!(text(response).await.unwrap(), "hello");
+        let sent = node.requests.lock().unwrap()[0].clone();
+        assert!(
+            sent.contains(&format!("\r\nhost: localhost:{port}\r\n")),
+            "{sent}"
+        );
     }
 
     #[tokio::test]
