@@ -25,7 +25,8 @@
 //!   connection, when writing it failed, or when nothing came back and it may be repeated
 //!   (an idempotent method, or an `Idempotency-Key`): the node may have closed the connection
 //!   while it was idle. Other requests are not repeated behind the caller's back (RFC 9112
-//!   9.3.1); the caller's own retry policy decides.
+//!   9.3.1): they fail with [`ClientError::ReusedConnectionLost`], and the caller's own retry
+//!   policy decides.
 //! - **Framing.** `Content-Length`, `chunked` (trailers are read and dropped; a
 //!   `Content-Length` next to it is removed) or close-delimited answers; up to 8 interim (1xx)
 //!   answers are skipped; answers to `HEAD`, 204 and 304 have no body. A malformed answer is an
@@ -103,6 +104,11 @@ pub enum ClientError {
     /// The node closed the connection before its answer was complete.
     #[error("connection closed before the answer was complete")]
     Closed,
+    /// A reused connection failed after the request went out and before any of the answer came:
+    /// most likely the node closed it while idle just as the request was sent, so the node is
+    /// not at fault, but it may have read the request. Not sent again (see the module docs).
+    #[error("a reused connection was lost before the answer: {0}")]
+    ReusedConnectionLost(#[source] Box<ClientError>),
     /// The answer's head is not valid HTTP/1.
     #[error("malformed answer head: {0}")]
     Parse(#[from] httparse::Error),
@@ -296,7 +302,9 @@ impl ClientShared {
         let every = (self.config.pool_idle_timeout / 2)
             .clamp(Duration::from_millis(100), Duration::from_secs(30));
         let shared: Weak<ClientShared> = Arc::downgrade(self);
+        let running = SweeperRunning(shared.clone());
         tokio::spawn(async move {
+            let _running = running;
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
@@ -308,6 +316,18 @@ impl ClientShared {
                 shared.sweep();
             }
         });
+    }
+}
+
+/// Held by the sweeper task: when the task goes (its runtime shut down, say), the next request
+/// starts a new one.
+struct SweeperRunning(Weak<ClientShared>);
+
+impl Drop for SweeperRunning {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.sweeping.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -356,7 +376,7 @@ where
         match exchange(&mut connection, &head, &body).await {
             Ok(mut answer) => {
                 let (framing, keep_alive) = framing(&answer, no_body)?;
-                if matches!(framing, Framing::Chunked(_)) {
+                if answer.headers.contains_key(header::TRANSFER_ENCODING) {
                     // Ignored for framing (RFC 9112 6.3), so not passed on either.
                     answer.headers.remove(header::CONTENT_LENGTH);
                 }
@@ -374,6 +394,9 @@ where
             // if the node cannot have acted on it or acting twice does no harm.
             Err(Failed::NotSent(_)) if reused => continue,
             Err(Failed::NoAnswer(_)) if reused && repeatable => continue,
+            Err(Failed::NoAnswer(error)) if reused => {
+                return Err(ClientError::ReusedConnectionLost(Box::new(error)));
+            }
             Err(Failed::NotSent(error) | Failed::NoAnswer(error) | Failed::Answering(error)) => {
                 return Err(error);
             }
@@ -406,8 +429,11 @@ async fn exchange(
     // from its start on every read.
     let mut searched: usize = 0;
     loop {
-        let from = searched.saturating_sub(3);
-        let head_ended = connection.buf[from..].windows(4).any(|w| w == b"\r\n\r\n");
+        // A blank line ends the head: CRLF CRLF, or the bare LF forms httparse also accepts.
+        let from = searched.saturating_sub(2);
+        let head_ended = connection.buf[from..].windows(2).enumerate().any(|(i, w)| {
+            w == b"\n\n" || (w == b"\r\n" && i > 0 && connection.buf[from + i - 1] == b'\n')
+        });
         if head_ended
             && let Some(answer) =
                 parse_head(&mut connection.buf, &mut interim).map_err(Failed::Answering)?
@@ -606,6 +632,9 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
                 return Err(ClientError::Malformed("too many interim answers"));
             }
             buf.advance(length);
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
             continue;
         }
         let status =
@@ -736,7 +765,8 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, ClientError> {
         .rposition(|&b| b != b' ' && b != b'\t')
         .map_or(0, |i| i + 1);
     let size = &size[..end];
-    if size.is_empty() || size.len() > 15 {
+    let significant = &size[size.iter().position(|&b| b != b'0').unwrap_or(size.len())..];
+    if size.is_empty() || significant.len() > 15 {
         return Err(BAD);
     }
     let mut n = 0u64;
@@ -968,8 +998,11 @@ impl Body for UpstreamBody {
                 }
                 Framing::Chunked(Chunk::Trailers) => {
                     let end = line_end(&connection.buf).unwrap_or_default();
-                    if connection.buf[..end].contains(&b'\n') {
-                        return this.fail(ClientError::Malformed("bare LF in a trailer"));
+                    if connection.buf[..end]
+                        .iter()
+                        .any(|&b| b == b'\n' || b == b'\r')
+                    {
+                        return this.fail(ClientError::Malformed("bare CR or LF in a trailer"));
                     }
                     connection.consume(end + 2);
                     if end == 0 {
@@ -1216,7 +1249,10 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap();
         let error = client.request(post).await.unwrap_err();
-        assert!(matches!(error, ClientError::Closed), "{error}");
+        assert!(
+            matches!(&error, ClientError::ReusedConnectionLost(inner) if matches!(**inner, ClientError::Closed)),
+            "{error}"
+        );
         assert_eq!(
             node.requests.lock().unwrap().len(),
             2,
@@ -1472,6 +1508,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn heads_with_bare_lf_line_ends_are_read() {
+        let (node, client) = node_and_client(|_, n| match n {
+            0 => Reply::Trickle(b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok"),
+            _ => Reply::Trickle(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\nok"),
+        })
+        .await;
+        for _ in 0..2 {
+            let response = fetch(&client, &node).await;
+            assert_eq!(text(response).await.unwrap(), "ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_length_next_to_another_coding_is_dropped() {
+        let (node, client) = node_and_client(|_, _| {
+            Reply::SendAndClose(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 3\r\n\r\nabcdef",
+            )
+        })
+        .await;
+        let response = fetch(&client, &node).await;
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(text(response).await.unwrap(), "abcdef");
+    }
+
+    #[test]
+    fn a_sweeper_gone_with_its_runtime_is_started_again() {
+        let client: HttpClient = HttpClient::new(ClientConfig::default());
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let sweeping = |client: &HttpClient| client.shared.sweeping.load(Ordering::Relaxed);
+        let first = runtime();
+        first.block_on(async {
+            let node = node(|_, _| Reply::Send(HELLO)).await;
+            assert_eq!(text(fetch(&client, &node).await).await.unwrap(), "hello");
+        });
+        assert!(sweeping(&client));
+        drop(first);
+        assert!(!sweeping(&client), "the next request starts a sweeper");
+        runtime().block_on(async {
+            let node = node(|_, _| Reply::Send(HELLO)).await;
+            assert_eq!(text(fetch(&client, &node).await).await.unwrap(), "hello");
+            assert!(sweeping(&client));
+        });
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_a_connect_error() {
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1587,6 +1674,7 @@ mod tests {
         assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);
         assert_eq!(parse_chunk_size(b"FF ").unwrap(), 255);
         assert_eq!(parse_chunk_size(b"a\t;x=\"y\"").unwrap(), 10);
+        assert_eq!(parse_chunk_size(b"00000000000000000005").unwrap(), 5);
         for bad in [&b""[..], b"g", b";x", b"1000000000000000", b" 5", b"5;x\ny"] {
             assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
         }

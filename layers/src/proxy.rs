@@ -469,6 +469,12 @@ where
                             let answer = answered_by(RouterError::Internal, &node);
                             return Poll::Ready(Ok(answer));
                         }
+                        Ok(Err(error @ ClientError::ReusedConnectionLost(_))) => {
+                            // The node most likely closed an idle connection as the request went
+                            // out: retried elsewhere like any failure, without blaming the node.
+                            tracing::info!(node = node.id(), %error, "upstream connection lost");
+                            Failure::Unreachable
+                        }
                         Ok(Err(error)) => {
                             let failures = node.state().record_failure();
                             tracing::warn!(node = node.id(), %error, failures, "upstream request failed");
