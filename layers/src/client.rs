@@ -61,7 +61,9 @@ use tokio::net::TcpStream;
 pub struct ClientConfig {
     /// Longest TCP connect. Default 2 s.
     pub connect_timeout: Duration,
-    /// How long an idle pooled connection is kept. Default 90 s.
+    /// How long an idle pooled connection is kept. Default 4 s: below the 5 s after which
+    /// uvicorn (vLLM, SGLang) and llama.cpp's server close idle connections, so a request
+    /// never goes out on a connection the node is closing at that moment.
     pub pool_idle_timeout: Duration,
     /// Most idle connections kept per node. Default 256.
     pub pool_max_idle_per_host: usize,
@@ -71,7 +73,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(2),
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_host: 256,
         }
     }

@@ -225,6 +225,10 @@ pub struct ProxySection {
     /// Idle connections kept per node by each connection worker (see `[limits] workers`).
     /// Default 256.
     pub pool_max_idle_per_node: usize,
+    /// How long an idle connection to a node is kept for reuse, in milliseconds. Default 4000:
+    /// below the 5 s after which uvicorn (vLLM, SGLang) and llama.cpp's server close idle
+    /// connections, so a request never goes out on one the node is closing.
+    pub pool_idle_timeout_ms: u64,
     /// More nodes a failed request is tried on, before any byte reached the client. Default 1.
     pub retries: u32,
     /// Retries allowed at once before the budget needs new requests. Default 10.
@@ -242,6 +246,7 @@ impl Default for ProxySection {
             first_byte_timeout_ms: p.first_byte_timeout.as_millis() as u64,
             idle_timeout_ms: p.idle_timeout.as_millis() as u64,
             pool_max_idle_per_node: c.pool_max_idle_per_host,
+            pool_idle_timeout_ms: c.pool_idle_timeout.as_millis() as u64,
             retries: p.retries,
             retry_reserve: p.retry_reserve,
             retry_percent: p.retry_percent,
@@ -533,7 +538,7 @@ impl Config {
         ClientConfig {
             connect_timeout: ms(self.proxy.connect_timeout_ms),
             pool_max_idle_per_host: self.proxy.pool_max_idle_per_node,
-            ..ClientConfig::default()
+            pool_idle_timeout: ms(self.proxy.pool_idle_timeout_ms),
         }
     }
 }
@@ -640,5 +645,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/router.toml");
         let config = Config::load(&path).unwrap();
         assert!(!config.nodes.is_empty());
+        assert_eq!(
+            config.client(),
+            ClientConfig::default(),
+            "the example shows the defaults"
+        );
     }
 }
