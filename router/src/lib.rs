@@ -2,7 +2,7 @@
 //! `layers` crate's tower layers.
 //!
 //! [`AppState`] holds what every request shares: the node pool and the one HTTP client.
-//! [`app`] builds the axum application; [`stack`] turns a list of layer names into the
+//! [`app()`] builds the axum application; [`stack`] turns a list of layer names into the
 //! request path, in the order given.
 #![deny(missing_docs)]
 
