@@ -77,7 +77,7 @@ impl Services {
             stack,
             credentials: Arc::default(),
             registry,
-            history: History::disabled(),
+            history: History::turned_off(),
             metrics: Arc::default(),
             connections: Arc::default(),
             reloader,

@@ -126,6 +126,8 @@ struct Inner {
     counters: Arc<Counters>,
     closed: AtomicBool,
     retention: Option<Duration>,
+    /// Whether a row that cannot be kept counts as dropped: not when the history is turned off.
+    counts_drops: bool,
 }
 
 /// The request history. Cheap to clone; all clones share the database and counters.
@@ -168,6 +170,7 @@ impl History {
             counters: counters.clone(),
             closed: AtomicBool::new(false),
             retention: config.retention,
+            counts_drops: true,
         });
         tokio::spawn(writer(
             options,
@@ -194,8 +197,20 @@ impl History {
         Ok(history)
     }
 
-    /// No database: every row is counted as dropped, queries answer [`HistoryError::Unavailable`].
+    /// No database although one was asked for (it could not be opened): every row is counted as
+    /// dropped, queries answer [`HistoryError::Unavailable`].
     pub fn disabled() -> History {
+        Self::without_database(true)
+    }
+
+    /// No database because the history is turned off (`[history] enabled = false`): rows are
+    /// not kept and not counted as dropped (nothing is lost that was meant to be kept); queries
+    /// answer [`HistoryError::Unavailable`].
+    pub fn turned_off() -> History {
+        Self::without_database(false)
+    }
+
+    fn without_database(counts_drops: bool) -> History {
         History {
             inner: Arc::new(Inner {
                 pool: None,
@@ -204,6 +219,7 @@ impl History {
                 counters: Arc::default(),
                 closed: AtomicBool::new(false),
                 retention: None,
+                counts_drops,
             }),
         }
     }
@@ -216,7 +232,7 @@ impl History {
             }
             _ => false,
         };
-        if !sent {
+        if !sent && self.inner.counts_drops {
             self.inner.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -1115,6 +1131,18 @@ mod tests {
         let left = history.logs(&LogQuery::default()).await.unwrap();
         assert_eq!(left.logs.len(), 1);
         assert_eq!(left.logs[0].record.request_id, "req-1");
+    }
+
+    #[tokio::test]
+    async fn a_history_turned_off_counts_no_drops() {
+        let history = History::turned_off();
+        history.record(record(0));
+        history.flush().await;
+        assert_eq!((history.written(), history.dropped()), (0, 0));
+        assert!(matches!(
+            history.logs(&LogQuery::default()).await,
+            Err(HistoryError::Unavailable)
+        ));
     }
 
     #[tokio::test]

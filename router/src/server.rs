@@ -116,7 +116,7 @@ pub async fn start(
             }
         }
     } else {
-        History::disabled()
+        History::turned_off()
     };
     let credentials = Credentials::from_config(
         &config.auth,
