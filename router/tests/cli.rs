@@ -179,3 +179,59 @@ async fn the_cli_manages_nodes_and_reads_history() {
     assert_eq!(tls.status.code(), Some(2));
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reloads_the_config_file() {
+    let a = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let b = SimNode::start(SimConfig::instant(&["m"])).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router.toml");
+    let file = |nodes: &[(&str, &SimNode)], max_connections: usize| {
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\n[limits]\nmax_connections = {max_connections}\n[history]\nenabled = false\n"
+        );
+        for (id, node) in nodes {
+            toml.push_str(&format!(
+                "[[nodes]]\nid = \"{id}\"\nurl = \"{}\"\nmodels = [\"m\"]\nmax_concurrency = 4\n",
+                node.url()
+            ));
+        }
+        toml
+    };
+    std::fs::write(&path, file(&[("a", &a)], 1000)).unwrap();
+    let config = Config::load(&path).unwrap();
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let options = StartOptions {
+        admin_token: Some("admin".into()),
+        config_path: Some(path.clone()),
+        ..StartOptions::default()
+    };
+    let router = start(config, listener, options).await.unwrap();
+    let url = format!("http://{}", router.addr);
+
+    std::fs::write(&path, file(&[("b", &b)], 500)).unwrap();
+    let reloaded = stdout(&cli(&url, "admin", &["reload"]));
+    assert!(reloaded.contains("nodes added: b"), "{reloaded}");
+    assert!(reloaded.contains("nodes removed: a"), "{reloaded}");
+    assert!(
+        reloaded.contains("applied at the next restart: limits"),
+        "{reloaded}"
+    );
+    let list = stdout(&cli(&url, "admin", &["nodes", "list"]));
+    assert!(list.lines().nth(1).unwrap().starts_with("b "), "{list}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&cli(&url, "admin", &["--json", "reload"]))).unwrap();
+    assert_eq!(json["nodes"]["added"], serde_json::json!([]));
+
+    std::fs::write(&path, "listen = not toml").unwrap();
+    let refused = cli(&url, "admin", &["reload"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("invalid_config"), "{message}");
+    let list = stdout(&cli(&url, "admin", &["nodes", "list"]));
+    assert!(
+        list.lines().nth(1).unwrap().starts_with("b "),
+        "the running config stays: {list}"
+    );
+}

@@ -49,6 +49,8 @@ enum Command {
     Models,
     /// The request history, newest last.
     Logs(LogsArgs),
+    /// Read the router's config file again: apply its nodes, list what waits for a restart.
+    Reload,
     /// Counts, error rates and latency percentiles.
     Stats {
         /// Only requests since this: a duration ago (30s, 10m, 2h, 1d) or unix milliseconds.
@@ -142,6 +144,19 @@ struct Node {
     source: String,
     consecutive_failures: u32,
     ttfb_ewma_ms: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReloadReport {
+    nodes: NodeChanges,
+    restart_needed: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeChanges {
+    added: Vec<String>,
+    updated: Vec<String>,
+    removed: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +313,30 @@ fn render_nodes(nodes: &[Node]) -> String {
         ],
         &rows,
     )
+}
+
+fn render_reload(report: &ReloadReport) -> String {
+    let changes = &report.nodes;
+    let mut out = String::from("config reloaded\n");
+    for (what, ids) in [
+        ("added", &changes.added),
+        ("updated", &changes.updated),
+        ("removed", &changes.removed),
+    ] {
+        if !ids.is_empty() {
+            out.push_str(&format!("nodes {what}: {}\n", ids.join(", ")));
+        }
+    }
+    if changes.added.is_empty() && changes.updated.is_empty() && changes.removed.is_empty() {
+        out.push_str("nodes unchanged\n");
+    }
+    if !report.restart_needed.is_empty() {
+        out.push_str(&format!(
+            "changed, applied at the next restart: {}\n",
+            report.restart_needed.join(", ")
+        ));
+    }
+    out
 }
 
 fn render_models(models: &[Model]) -> String {
@@ -665,6 +704,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Logs(args) => logs(&api, args, cli.json, None).await?,
+        Command::Reload => {
+            let value = api
+                .call(Method::POST, "/api/config/reload", &[], None)
+                .await?;
+            if cli.json {
+                print_value(&value);
+            } else {
+                print!("{}", render_reload(&typed::<ReloadReport>(value)?));
+            }
+        }
     }
     Ok(())
 }
