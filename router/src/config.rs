@@ -37,6 +37,30 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Command-line values that replace the file's (`--listen`, `--layers`): applied at start and
+/// again to every reload, so a reload compares like with like.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigOverrides {
+    /// Replaces `listen`.
+    pub listen: Option<SocketAddr>,
+    /// Replaces `layers`.
+    pub layers: Option<Vec<LayerKind>>,
+}
+
+impl ConfigOverrides {
+    /// `config` with these values in place of its own, validated again.
+    pub fn apply(&self, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(layers) = &self.layers {
+            config.layers = layers.clone();
+            config.validate()?;
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use layers::NodeSpec;
 use router::LayerKind;
-use router::config::{Config, LogFormat};
+use router::config::{Config, ConfigOverrides, LogFormat};
 use router::server::{StartOptions, start};
 use tokio::net::TcpListener;
 
@@ -129,19 +129,18 @@ async fn serve(cli: Cli) -> Result<(), String> {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
-    if let Some(listen) = cli.listen {
-        config.listen = listen;
-    }
-    if let Some(layers) = cli.layers {
-        config.layers = layers;
-        config.validate().map_err(|e| e.to_string())?;
-    }
+    let overrides = ConfigOverrides {
+        listen: cli.listen,
+        layers: cli.layers,
+    };
+    overrides.apply(&mut config).map_err(|e| e.to_string())?;
     init_logging(&config)?;
 
     let mut options = StartOptions {
         admin_token: env_secret("LLM_ROUTER_ADMIN_TOKEN"),
         registration_secret: env_secret("LLM_ROUTER_REGISTRATION_SECRET"),
         config_path: cli.config.clone(),
+        overrides,
         ..StartOptions::default()
     };
     for (i, url) in cli.upstream.iter().enumerate() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigOverrides};
 use crate::registry::{NodeChanges, Registry};
 
 /// What a successful reload did.
@@ -45,6 +45,7 @@ pub struct Reloader {
     path: Option<PathBuf>,
     registry: Arc<Registry>,
     running: Mutex<Config>,
+    overrides: ConfigOverrides,
 }
 
 impl Reloader {
@@ -54,7 +55,15 @@ impl Reloader {
             path,
             registry,
             running: Mutex::new(config),
+            overrides: ConfigOverrides::default(),
         }
+    }
+
+    /// The same, applying `overrides` to every file it reads (as they were applied to the
+    /// running config at start).
+    pub fn with_overrides(mut self, overrides: ConfigOverrides) -> Self {
+        self.overrides = overrides;
+        self
     }
 
     /// Reads the file again and applies it; see the module docs.
@@ -77,7 +86,10 @@ impl Reloader {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;
         // Read under the lock, so that of two reloads racing an edit the later read wins.
         let mut running = self.running.lock().await;
-        let next = Config::load(path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let mut next = Config::load(path).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        self.overrides
+            .apply(&mut next)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let previous: Vec<String> = running.node_specs().into_iter().map(|s| s.id).collect();
         let nodes = self
             .registry
@@ -128,5 +140,31 @@ mod tests {
         b.wait.max_waiters = 7;
         b.layers.pop();
         assert_eq!(differing_sections(&a, &b), vec!["layers", "wait"]);
+    }
+
+    #[tokio::test]
+    async fn command_line_values_are_applied_to_a_reloaded_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9\"\n[history]\nenabled = false\n",
+        )
+        .unwrap();
+        let overrides = ConfigOverrides {
+            listen: Some("127.0.0.1:7".parse().unwrap()),
+            layers: Some(Vec::new()),
+        };
+        let mut running = Config::load(&path).unwrap();
+        overrides.apply(&mut running).unwrap();
+        let reloader = |overrides: ConfigOverrides| {
+            let registry = Arc::new(Registry::new(layers::NodePool::new(), Default::default()));
+            Reloader::new(Some(path.clone()), running.clone(), registry).with_overrides(overrides)
+        };
+        let report = reloader(overrides).reload().await.unwrap();
+        assert!(report.restart_needed.is_empty(), "{report:?}");
+        // Without them the file's own listen and layers differ from what runs.
+        let report = reloader(ConfigOverrides::default()).reload().await.unwrap();
+        assert_eq!(report.restart_needed, vec!["listen", "layers"]);
     }
 }

@@ -49,6 +49,8 @@ pub struct StartOptions {
     pub registration_secret: Option<String>,
     /// The config file, for reloads; `None` when there is none.
     pub config_path: Option<std::path::PathBuf>,
+    /// Command-line values applied over the file; reloads apply them too.
+    pub overrides: crate::config::ConfigOverrides,
 }
 
 /// A running router.
@@ -135,11 +137,14 @@ pub async fn start(
         metrics: Arc::default(),
         shutting_down: Arc::default(),
         connections: Arc::default(),
-        reloader: Arc::new(Reloader::new(
-            options.config_path.clone(),
-            config.clone(),
-            registry.clone(),
-        )),
+        reloader: Arc::new(
+            Reloader::new(
+                options.config_path.clone(),
+                config.clone(),
+                registry.clone(),
+            )
+            .with_overrides(options.overrides.clone()),
+        ),
     };
     // Each connection worker keeps its own upstream connections, so that a request and its
     // node's connection live on one thread (see `listen`).
