@@ -161,11 +161,7 @@ impl<B> HttpClient<B> {
 
     /// Idle connections in the pool, over all nodes.
     pub fn idle_connections(&self) -> usize {
-        self.shared
-            .lock()
-            .values()
-            .map(|n| n.connections.len())
-            .sum()
+        self.shared.lock().values().map(Vec::len).sum()
     }
 
     /// Sends `request` (an absolute `http://` URI) and resolves to the answer's head; the
@@ -201,18 +197,12 @@ impl Future for ResponseFuture {
     }
 }
 
-/// The pool: idle connections per node authority.
+/// The pool: idle connections per node authority, oldest first.
 struct ClientShared {
     config: ClientConfig,
-    idle: Mutex<HashMap<Arc<str>, NodeConnections>>,
+    idle: Mutex<HashMap<Box<str>, Vec<IdleConnection>>>,
     /// Whether the sweeper task runs (it starts with the first request, inside a runtime).
     sweeping: AtomicBool,
-}
-
-/// One node's idle connections, oldest first.
-struct NodeConnections {
-    key: Arc<str>,
-    connections: Vec<IdleConnection>,
 }
 
 struct IdleConnection {
@@ -221,35 +211,26 @@ struct IdleConnection {
 }
 
 impl ClientShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, NodeConnections>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<IdleConnection>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The newest idle connection to `key` that is still open, and the pool's key for it.
-    fn checkout(&self, key: &str) -> (Option<TcpStream>, Arc<str>) {
+    /// The newest idle connection to `key` that is still open.
+    fn checkout(&self, key: &str) -> Option<TcpStream> {
         let mut unusable = Vec::new();
         let found = {
             let mut idle = self.lock();
-            let node = match idle.get_mut(key) {
-                Some(node) => node,
-                None => {
-                    let key: Arc<str> = Arc::from(key);
-                    idle.entry(key.clone()).or_insert(NodeConnections {
-                        key,
-                        connections: Vec::new(),
-                    })
-                }
-            };
+            let connections = idle.get_mut(key)?;
             let now = Instant::now();
             let mut found = None;
-            while let Some(idle) = node.connections.pop() {
+            while let Some(idle) = connections.pop() {
                 if self.usable(&idle, now) {
                     found = Some(idle.stream);
                     break;
                 }
                 unusable.push(idle.stream);
             }
-            (found, node.key.clone())
+            found
         };
         // Closed outside the lock.
         drop(unusable);
@@ -257,14 +238,14 @@ impl ClientShared {
     }
 
     /// Puts a connection whose answer was read to the end back into the pool.
-    fn check_in(&self, key: &Arc<str>, stream: TcpStream) {
+    fn check_in(&self, key: &str, stream: TcpStream) {
         let mut idle = self.lock();
-        let node = idle.entry(key.clone()).or_insert_with(|| NodeConnections {
-            key: key.clone(),
-            connections: Vec::new(),
-        });
-        if node.connections.len() < self.config.pool_max_idle_per_host {
-            node.connections.push(IdleConnection {
+        let connections = match idle.get_mut(key) {
+            Some(connections) => connections,
+            None => idle.entry(key.into()).or_default(),
+        };
+        if connections.len() < self.config.pool_max_idle_per_host {
+            connections.push(IdleConnection {
                 stream,
                 since: Instant::now(),
             });
@@ -284,14 +265,14 @@ impl ClientShared {
         {
             let mut idle = self.lock();
             let now = Instant::now();
-            for node in idle.values_mut() {
-                let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut node.connections)
+            for connections in idle.values_mut() {
+                let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(connections)
                     .into_iter()
                     .partition(|c| self.usable(c, now));
-                node.connections = keep;
+                *connections = keep;
                 unusable.extend(gone);
             }
-            idle.retain(|_, node| !node.connections.is_empty());
+            idle.retain(|_, connections| !connections.is_empty());
         }
         drop(unusable);
     }
@@ -367,7 +348,7 @@ where
     let no_body = parts.method == Method::HEAD;
     let repeatable = parts.method.is_idempotent() || parts.headers.contains_key("idempotency-key");
     shared.start_sweeping();
-    let (mut pooled, key) = shared.checkout(authority.as_str());
+    let mut pooled = shared.checkout(authority.as_str());
     loop {
         let reused = pooled.is_some();
         let stream = match pooled.take() {
@@ -385,7 +366,7 @@ where
                 let mut response = Response::new(UpstreamBody::new(
                     connection,
                     framing,
-                    keep_alive.then(|| (shared.clone(), key.clone())),
+                    keep_alive.then(|| (shared.clone(), authority.clone())),
                 ));
                 *response.status_mut() = answer.status;
                 *response.version_mut() = answer.version;
@@ -440,9 +421,6 @@ async fn exchange(
             && let Some(answer) =
                 parse_head(&mut connection.buf, &mut interim).map_err(Failed::Answering)?
         {
-            if connection.buf.is_empty() {
-                connection.buf = BytesMut::new();
-            }
             return Ok(answer);
         }
         searched = connection.buf.len();
@@ -634,9 +612,6 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
                 return Err(ClientError::Malformed("too many interim answers"));
             }
             buf.advance(length);
-            if buf.is_empty() {
-                *buf = BytesMut::new();
-            }
             continue;
         }
         let status =
@@ -803,6 +778,7 @@ impl Connection {
     /// Reads more into the buffer; `Ok(0)` when the node has closed the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         // Wait before taking memory: a stream waiting for its next token holds no buffer.
+        self.release_if_empty();
         ready!(self.stream.poll_read_ready(cx))?;
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
@@ -813,9 +789,7 @@ impl Connection {
             Poll::Ready(read) => read?,
             Poll::Pending => {
                 // The readiness was stale; the wait goes on without the buffer.
-                if self.buf.is_empty() {
-                    self.buf = BytesMut::new();
-                }
+                self.release_if_empty();
                 return Poll::Pending;
             }
         };
@@ -828,22 +802,20 @@ impl Connection {
         Poll::Ready(Ok(read))
     }
 
-    /// Drops the next `n` bytes of the buffer (framing), letting go of an emptied buffer.
-    fn consume(&mut self, n: usize) {
-        self.buf.advance(n);
-        if self.buf.is_empty() {
-            self.buf = BytesMut::new();
-        }
-    }
-
-    /// The next `n` bytes of the buffer. An emptied buffer lets go of its memory: an idle
-    /// stream should hold none.
+    /// The next `n` bytes of the buffer.
     fn take(&mut self, n: usize) -> Bytes {
         let data = self.buf.split_to(n).freeze();
-        if self.buf.is_empty() {
+        // The emptied buffer still shares the frame's allocation: let go of it, so the
+        // allocation goes with the frame.
+        self.release_if_empty();
+        data
+    }
+
+    /// Lets go of an empty buffer's memory.
+    fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
         }
-        data
     }
 }
 
@@ -854,7 +826,7 @@ pub struct UpstreamBody {
     connection: Option<Connection>,
     framing: Framing,
     /// Where the connection goes back to, when it may.
-    pool: Option<(Arc<ClientShared>, Arc<str>)>,
+    pool: Option<(Arc<ClientShared>, Authority)>,
 }
 
 impl std::fmt::Debug for UpstreamBody {
@@ -878,7 +850,7 @@ impl UpstreamBody {
     fn new(
         connection: Connection,
         framing: Framing,
-        pool: Option<(Arc<ClientShared>, Arc<str>)>,
+        pool: Option<(Arc<ClientShared>, Authority)>,
     ) -> Self {
         let mut body = Self {
             connection: Some(connection),
@@ -897,7 +869,7 @@ impl UpstreamBody {
         if let (Some(connection), Some((shared, key))) = (self.connection.take(), self.pool.take())
             && connection.buf.is_empty()
         {
-            shared.check_in(&key, connection.stream);
+            shared.check_in(key.as_str(), connection.stream);
         }
     }
 
@@ -983,7 +955,7 @@ impl Body for UpstreamBody {
                         return this
                             .fail(ClientError::Malformed("chunk data not followed by CRLF"));
                     }
-                    connection.consume(2);
+                    connection.buf.advance(2);
                     this.framing = Framing::Chunked(Chunk::Size);
                 }
                 Framing::Chunked(Chunk::Size) => {
@@ -992,7 +964,7 @@ impl Body for UpstreamBody {
                         Ok(size) => size,
                         Err(error) => return this.fail(error),
                     };
-                    connection.consume(end + 2);
+                    connection.buf.advance(end + 2);
                     this.framing = Framing::Chunked(match size {
                         0 => Chunk::Trailers,
                         size => Chunk::Data(size),
@@ -1006,7 +978,7 @@ impl Body for UpstreamBody {
                     {
                         return this.fail(ClientError::Malformed("bare CR or LF in a trailer"));
                     }
-                    connection.consume(end + 2);
+                    connection.buf.advance(end + 2);
                     if end == 0 {
                         this.finish();
                         return Poll::Ready(None);
@@ -1077,6 +1049,11 @@ mod tests {
     /// The node's answer to a GET of `/`, which must come.
     async fn fetch(client: &HttpClient, node: &ScriptedNode) -> Response<UpstreamBody> {
         client.request(node.get()).await.unwrap()
+    }
+
+    /// The body of that answer, which must come whole.
+    async fn fetch_text(client: &HttpClient, node: &ScriptedNode) -> String {
+        text(fetch(client, node).await).await.unwrap()
     }
 
     /// A node on loopback that answers request `n` of connection `c` with `script(c, n)`.
@@ -1180,8 +1157,7 @@ mod tests {
             5;ext=1\r\nhello\r\nB\r\n big world!\r\n0\r\nx-trailer: t\r\n\r\n";
         let (node, client) = node_and_client(|_, _| Reply::Trickle(CHUNKED)).await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "hello big world!");
+            assert_eq!(fetch_text(&client, &node).await, "hello big world!");
         }
         assert_eq!(
             node.connections(),
@@ -1196,8 +1172,7 @@ mod tests {
             node_and_client(|_, _| Reply::SendAndClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the end"))
                 .await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "until the end");
+            assert_eq!(fetch_text(&client, &node).await, "until the end");
         }
         assert_eq!(node.connections(), 2);
         assert_eq!(client.idle_connections(), 0);
@@ -1226,8 +1201,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "hello");
+            assert_eq!(fetch_text(&client, &node).await, "hello");
         }
         assert_eq!(node.connections(), 2);
         assert_eq!(
@@ -1245,8 +1219,7 @@ mod tests {
             _ => Reply::Send(HELLO),
         })
         .await;
-        let response = fetch(&client, &node).await;
-        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(fetch_text(&client, &node).await, "hello");
         let post = Request::post(node.url("/v1/chat/completions"))
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap();
@@ -1297,8 +1270,7 @@ mod tests {
         let response = fetch(&client, &node).await;
         assert_eq!(response.status(), 304);
         assert_eq!(text(response).await.unwrap(), "");
-        let response = fetch(&client, &node).await;
-        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(fetch_text(&client, &node).await, "hello");
         assert_eq!(node.connections(), 1);
     }
 
@@ -1310,8 +1282,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "hello");
+            assert_eq!(fetch_text(&client, &node).await, "hello");
         }
         assert_eq!(node.connections(), 2);
     }
@@ -1336,8 +1307,7 @@ mod tests {
             0,
             "the sweeper dropped the expired one"
         );
-        let response = fetch(&client, &node).await;
-        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(fetch_text(&client, &node).await, "hello");
         assert_eq!(node.connections(), 3);
     }
 
@@ -1349,8 +1319,7 @@ mod tests {
             ..ClientConfig::default()
         };
         let client = HttpClient::new(config);
-        let response = fetch(&client, &node).await;
-        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(fetch_text(&client, &node).await, "hello");
         assert_eq!(client.idle_connections(), 1);
         // Well before the idle timeout, the sweep (every 150 ms) finds it closed.
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1374,8 +1343,7 @@ mod tests {
     async fn an_idle_connection_the_node_closed_is_not_used() {
         let (node, client) = node_and_client(|_, _| Reply::SendAndClose(HELLO)).await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "hello");
+            assert_eq!(fetch_text(&client, &node).await, "hello");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(node.connections(), 2);
@@ -1415,8 +1383,7 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"half");
         drop(body);
-        let response = fetch(&client, &node).await;
-        assert_eq!(text(response).await.unwrap(), "hello");
+        assert_eq!(fetch_text(&client, &node).await, "hello");
         assert_eq!(node.connections(), 2);
     }
 
@@ -1517,8 +1484,7 @@ mod tests {
         })
         .await;
         for _ in 0..2 {
-            let response = fetch(&client, &node).await;
-            assert_eq!(text(response).await.unwrap(), "ok");
+            assert_eq!(fetch_text(&client, &node).await, "ok");
         }
     }
 

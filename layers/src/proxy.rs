@@ -5,11 +5,11 @@
 //! [`SelectedNode`] extension (put there by [`CachedSelectLayer`](crate::cached_select) or
 //! [`TimeoutWaitLayer`](crate::timeout_wait)); on its own it picks the least-loaded eligible node.
 //!
-//! - **One client.** [`HttpClient`] is built once per process ([`build_client`](crate::build_client)) and cloned into
-//!   every service: connections to nodes are kept alive and reused, with TCP no-delay on. It is
-//!   this crate's own lean HTTP/1.1 client (see [`client`](crate::client) for why), not reqwest:
-//!   a bare proxy measured in this project lost about a quarter of its throughput with reqwest
-//!   (`shared/bench/NOTES.md`).
+//! - **One client.** [`HttpClient`] is built once per process
+//!   ([`build_client`](crate::build_client)) and cloned into every service: connections to
+//!   nodes are kept alive and reused, with TCP no-delay on. It is this crate's own lean HTTP/1.1
+//!   client (see [`client`](crate::client) for why), not reqwest: a bare proxy measured in this
+//!   project lost about a quarter of its throughput with reqwest (`shared/bench/NOTES.md`).
 //! - **Streaming.** The node's body goes back frame by frame as it arrives; nothing is buffered.
 //!   The node's slot is held by the response body until its last byte, or until the client goes
 //!   away, so a stream counts as load for its whole length.
@@ -588,12 +588,12 @@ fn stream_answer(
     idle_timeout: Duration,
     sent_at: Instant,
 ) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, node_body) = response.into_parts();
     forwardable_parts(&mut parts, selected.node());
     let sse = is_event_stream(&parts.headers);
     let failure = UpstreamFailure::default();
     parts.extensions.insert(failure.clone());
-    let body = ProxyBody::streaming(incoming, selected, idle_timeout, sse, sent_at, failure);
+    let body = ProxyBody::streaming(node_body, selected, idle_timeout, sse, sent_at, failure);
     Response::from_parts(parts, body)
 }
 
@@ -603,11 +603,11 @@ async fn read_error(
     selected: SelectedNode,
     read_timeout: Duration,
 ) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
+    let (mut parts, node_body) = response.into_parts();
     let node = selected.node().clone();
     let read = tokio::time::timeout(
         read_timeout,
-        Limited::new(incoming, MAX_ERROR_BODY).collect(),
+        Limited::new(node_body, MAX_ERROR_BODY).collect(),
     )
     .await;
     // The slot is held until the node's answer is read, like a streamed body's.
@@ -701,7 +701,7 @@ pin_project! {
 }
 
 struct Upstream {
-    incoming: UpstreamBody,
+    body: UpstreamBody,
     selected: SelectedNode,
     idle_timeout: Duration,
     sse: bool,
@@ -743,7 +743,7 @@ pub enum ProxyBodyError {
 
 impl ProxyBody {
     fn streaming(
-        incoming: UpstreamBody,
+        body: UpstreamBody,
         selected: SelectedNode,
         idle_timeout: Duration,
         sse: bool,
@@ -753,7 +753,7 @@ impl ProxyBody {
         Self {
             idle: Some(tokio::time::sleep(idle_timeout)),
             upstream: Some(Upstream {
-                incoming,
+                body,
                 selected,
                 idle_timeout,
                 sse,
@@ -782,7 +782,7 @@ impl Body for ProxyBody {
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(this.full.take().map(|b| Ok(Frame::data(b))));
         };
-        let failure = match Pin::new(&mut upstream.incoming).poll_frame(cx) {
+        let failure = match Pin::new(&mut upstream.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.data_ref().is_some_and(|d| !d.is_empty())
                     && let Some(sent_at) = upstream.awaiting_first_byte.take()
@@ -835,14 +835,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.upstream {
-            Some(u) => u.incoming.is_end_stream(),
+            Some(u) => u.body.is_end_stream(),
             None => self.full.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.upstream {
-            Some(u) => u.incoming.size_hint(),
+            Some(u) => u.body.size_hint(),
             None => SizeHint::with_exact(self.full.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
