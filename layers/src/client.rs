@@ -620,12 +620,17 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
             Some(1) => Version::HTTP_11,
             _ => Version::HTTP_10,
         };
+        // One copy of the head, which the values then share: a copy per value was an
+        // allocation each, and slicing the read buffer itself would keep all of it alive for as
+        // long as any forwarded header lives.
+        let head = Bytes::copy_from_slice(&buf[..length]);
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ClientError::Malformed("header name"))?;
-            let value = HeaderValue::from_bytes(field.value)
-                .map_err(|_| ClientError::Malformed("header value"))?;
+            let value =
+                HeaderValue::from_maybe_shared(slice_of(&head, &buf[..length], field.value))
+                    .map_err(|_| ClientError::Malformed("header value"))?;
             headers.append(name, value);
         }
         buf.advance(length);
@@ -634,6 +639,15 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
             version,
             headers,
         }));
+    }
+}
+
+/// `part` of `original` (a slice of it), as the same bytes of `copy`, its copy.
+fn slice_of(copy: &Bytes, original: &[u8], part: &[u8]) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(original.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= original.len() => copy.slice(start..end),
+        _ => Bytes::copy_from_slice(part),
     }
 }
 
@@ -1008,6 +1022,31 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn answer_header_values_share_one_copy_of_the_head() {
+        let text = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Extra: a b\r\nContent-Length: 2\r\n\r\nok";
+        let mut buf = BytesMut::from(text);
+        let head = parse_head(&mut buf, &mut 0).unwrap().unwrap();
+        assert_eq!(&buf[..], b"ok", "the body stays in the read buffer");
+        let value = |name: &str| head.headers.get(name).unwrap().as_bytes().as_ptr() as usize;
+        let apart = text.find("2\r\n\r\n").unwrap() - text.find("text/plain").unwrap();
+        assert_eq!(
+            value("content-length") - value("content-type"),
+            apart,
+            "values lie where they were in the head"
+        );
+        assert_eq!(head.headers["x-extra"], "a b");
+
+        let copy = Bytes::from_static(b"abc");
+        let elsewhere = b"zz";
+        assert_eq!(slice_of(&copy, b"abc", &b"abc"[1..]), "bc");
+        assert_eq!(
+            slice_of(&copy, b"abc", elsewhere),
+            "zz",
+            "not a part: copied"
+        );
+    }
 
     /// What a scripted node does with a request.
     enum Reply {
