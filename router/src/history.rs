@@ -599,12 +599,17 @@ async fn insert(
 
 /// The INSERT text for `rows` rows, a power of two up to [`ROWS_PER_STATEMENT`]: made once per
 /// size, since building it per batch cost about a thousand instructions a row.
+///
+/// `OR FAIL`, because a failing statement need not undo its own rows: the whole transaction is
+/// rolled back and its rows counted as dropped. Under the default (`ABORT`) SQLite keeps a
+/// statement journal of every page a multi-row INSERT touches, and past 64 KiB it spills that
+/// journal to a temporary file: a third of the writer's `pwrite` calls.
 fn insert_sql(rows: usize) -> &'static str {
     static BY_POWER: LazyLock<Vec<String>> = LazyLock::new(|| {
         (0..=ROWS_PER_STATEMENT.ilog2())
             .map(|power| {
                 let mut sql = String::from(
-                    "INSERT INTO requests (ts_ms, request_id, path, model, node_id, status, \
+                    "INSERT OR FAIL INTO requests (ts_ms, request_id, path, model, node_id, status, \
                      stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, api_key_id, \
                      client_disconnected, upstream_error) VALUES ",
                 );
