@@ -21,7 +21,6 @@
 //! the slot is taken even on a full node (the node queues it). No node for the model answers 404;
 //! no node up answers 503. The layer never reads the body and is generic over body types.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -31,6 +30,7 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
+use crate::FastMap;
 use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
@@ -62,7 +62,7 @@ impl Default for SelectConfig {
 struct Ranking {
     generation: u64,
     built_at: Instant,
-    by_model: HashMap<Arc<str>, Ranked>,
+    by_model: FastMap<Arc<str>, Ranked>,
     any: Ranked,
     wildcard: Ranked,
 }

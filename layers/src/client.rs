@@ -37,7 +37,6 @@
 //!   body; the caller's `host`, framing and hop-by-hop headers (and `expect`: the body is sent at
 //!   once) are not sent.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
@@ -55,6 +54,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use crate::FastMap;
 
 /// Settings for the shared client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +153,7 @@ impl<B> HttpClient<B> {
         Self {
             shared: Arc::new(ClientShared {
                 config,
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(FastMap::default()),
                 sweeping: AtomicBool::new(false),
             }),
             _body: PhantomData,
@@ -200,7 +201,7 @@ impl Future for ResponseFuture {
 /// The pool: idle connections per node authority, oldest first.
 struct ClientShared {
     config: ClientConfig,
-    idle: Mutex<HashMap<Box<str>, Vec<IdleConnection>>>,
+    idle: Mutex<FastMap<Box<str>, Vec<IdleConnection>>>,
     /// Whether the sweeper task runs (it starts with the first request, inside a runtime).
     sweeping: AtomicBool,
 }
@@ -211,7 +212,7 @@ struct IdleConnection {
 }
 
 impl ClientShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Vec<IdleConnection>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<Box<str>, Vec<IdleConnection>>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

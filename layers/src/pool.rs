@@ -10,7 +10,7 @@
 //! straight to the oldest waiter that can use it, so no wake-up is lost and no newcomer can barge
 //! past the queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +21,8 @@ use arc_swap::ArcSwap;
 use http::HeaderValue;
 use http::uri::{Authority, Scheme, Uri};
 use tokio::sync::oneshot;
+
+use crate::FastMap;
 
 /// How a node is described to the pool: the static part that comes from config or registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,11 +389,11 @@ pub struct PoolSnapshot {
     generation: u64,
     nodes: Box<[Arc<Node>]>,
     eligible_any: Box<[Arc<Node>]>,
-    eligible_by_model: HashMap<Arc<str>, Box<[Arc<Node>]>>,
+    eligible_by_model: FastMap<Arc<str>, Box<[Arc<Node>]>>,
     /// Nodes that serve any model: eligible for models no listed node names.
     eligible_wildcard: Box<[Arc<Node>]>,
     has_wildcard: bool,
-    known_models: HashMap<Arc<str>, ()>,
+    known_models: FastMap<Arc<str>, ()>,
     capacity: usize,
 }
 
@@ -405,7 +407,7 @@ impl PoolSnapshot {
             .filter(|n| n.models.is_empty())
             .cloned()
             .collect();
-        let mut known_models = HashMap::new();
+        let mut known_models = FastMap::default();
         for m in nodes.iter().flat_map(|n| n.models.iter()) {
             known_models.insert(m.clone(), ());
         }
@@ -728,7 +730,7 @@ struct Waiter {
 #[derive(Default)]
 struct Queue {
     next_seq: u64,
-    by_model: HashMap<Option<Arc<str>>, VecDeque<Waiter>>,
+    by_model: FastMap<Option<Arc<str>>, VecDeque<Waiter>>,
     len: usize,
 }
 
