@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Closed-loop overhead against nginx, measured in alternation.
+#
+#   scripts/overhead-ab.sh [ROUNDS] [SECONDS]     defaults: 6 rounds of 8 s per target
+#
+# Each round runs nginx (as the shared bench configures it), the router (default stack, history
+# on, log level warn) and the floor proxy (router/examples/floor_proxy.rs) one after another on
+# 127.0.0.1:18200, in front of the shared bench's two mock nodes, with oha keeping 64
+# connections busy, and reads each target's user and system CPU time from /proc. The ratio to
+# nginx is taken within each round, then the median over rounds: on this project's 2-core
+# machine the throughput of any one target drifts by about 10% over minutes, and the shared
+# bench (../shared/bench/run.sh), which runs each target's three repeats back to back, catches
+# nginx and the router in different phases of that drift.
+#
+# Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
+# (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
+# Writes loadtest/results/overhead-ab-DATE.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-6}
+seconds=${2:-8}
+port=18200
+shared=../shared/bench
+oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+command -v nginx >/dev/null && [ -x "$oha" ] || {
+  echo "needs nginx and oha: run $shared/setup.sh" >&2
+  exit 1
+}
+body='{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+url=http://127.0.0.1:$port/v1/chat/completions
+nodes=http://127.0.0.1:18001,http://127.0.0.1:18002
+
+started_mocks=no
+if ! curl -s -o /dev/null http://127.0.0.1:18001/; then
+  "$shared/mock-nodes.sh" start >/dev/null
+  started_mocks=yes
+fi
+work=$(mktemp -d)
+cleanup() {
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  [ "$started_mocks" = yes ] && "$shared/mock-nodes.sh" stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release -q -p llm-router --bin llm-router --example floor_proxy
+
+mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
+cat > "$work/nginx.conf" <<EOF
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $work/nginx.pid;
+error_log $work/nginx.error.log warn;
+events { worker_connections 16384; multi_accept on; }
+http {
+    access_log off; server_tokens off;
+    keepalive_requests 1000000; keepalive_timeout 120s;
+    client_body_temp_path $work/client_body; proxy_temp_path $work/proxy;
+    fastcgi_temp_path $work/fastcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
+    upstream mock_nodes {
+        server 127.0.0.1:18001 max_fails=0; server 127.0.0.1:18002 max_fails=0;
+        keepalive 256; keepalive_requests 1000000; keepalive_timeout 120s;
+    }
+    server {
+        listen 127.0.0.1:$port reuseport backlog=4096;
+        location / {
+            proxy_pass http://mock_nodes; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 3600s;
+        }
+    }
+}
+EOF
+printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+
+# Sum of utime and stime (clock ticks) over the given processes and all their threads.
+cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
+
+wait_ready() {
+  for _ in $(seq 100); do
+    curl -s -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && return 0
+    sleep 0.05
+  done
+  echo "target did not come up on port $port" >&2
+  return 1
+}
+
+# measure NAME PID...: one closed loop; appends "name rps user_us sys_us" to $work/rows.
+measure() {
+  local name=$1; shift
+  "$oha" --no-tui -z 2s -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null 2>&1
+  local before after json
+  before=$(cpu_ticks "$@")
+  json=$("$oha" --no-tui --output-format json -z "${seconds}s" -c 64 -m POST -T application/json -d "$body" "$url")
+  after=$(cpu_ticks "$@")
+  python3 - "$name" "$before" "$after" "$json" "$(getconf CLK_TCK)" >> "$work/rows" <<'PY'
+import json, sys
+name, before, after, out, tck = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+u0, s0 = map(int, before.split()); u1, s1 = map(int, after.split())
+n = sum(out["statusCodeDistribution"].values())
+us = 1e6 / tck / max(n, 1)
+print(name, round(out["summary"]["requestsPerSec"]), round((u1 - u0) * us, 2), round((s1 - s0) * us, 2))
+PY
+  tail -1 "$work/rows"
+}
+
+for round in $(seq "$rounds"); do
+  echo "round $round of $rounds"
+  nginx -p "$work" -c "$work/nginx.conf"
+  wait_ready
+  measure nginx $(pgrep -P "$(cat "$work/nginx.pid")")
+  kill "$(cat "$work/nginx.pid")"; rm -f "$work/nginx.pid"; sleep 1
+
+  rm -f "$work"/history.db*
+  LLM_ROUTER_LOG=warn target/release/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port" \
+    --upstream "$nodes" --max-concurrency 256 >/dev/null 2>&1 &
+  pid=$!
+  wait_ready
+  measure router "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+
+  target/release/examples/floor_proxy "127.0.0.1:$port" "$nodes" >/dev/null 2>&1 &
+  pid=$!
+  wait_ready
+  measure floor "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
+
+report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d).md
+python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$report" <<'PY'
+import statistics as st, sys
+rows = [l.split() for l in open(sys.argv[1])]
+rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
+rounds = [rows[i:i + 3] for i in range(0, len(rows), 3)]
+print(f"# Overhead in alternation: nginx, router, floor (commit {sys.argv[4]})\n")
+print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
+print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
+print("bench's two mock nodes. CPU is the target's own user and system time per request.\n")
+print("| round | nginx req/s | router req/s | floor req/s | router / nginx | floor / nginx |")
+print("|---:|---:|---:|---:|---:|---:|")
+for i, r in enumerate(rounds, 1):
+    n, ro, fl = r
+    print(f"| {i} | {n[1]:,} | {ro[1]:,} | {fl[1]:,} | {ro[1] / n[1]:.2f} | {fl[1] / n[1]:.2f} |")
+print("\n| target | median req/s | median user µs/req | median system µs/req | median ratio to nginx |")
+print("|---|---:|---:|---:|---:|")
+for k, name in enumerate(["nginx", "router", "floor"]):
+    v = [r[k] for r in rounds]
+    ratio = st.median(r[k][1] / r[0][1] for r in rounds)
+    print(f"| {name} | {st.median(x[1] for x in v):,.0f} | {st.median(x[2] for x in v):.1f} | {st.median(x[3] for x in v):.1f} | {ratio:.2f} |")
+PY
+cat "$report"
+echo "written: $report"
