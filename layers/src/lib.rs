@@ -91,6 +91,6 @@ pub use client::{ClientConfig, ClientError, HttpClient, UpstreamBody, build_clie
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
 pub use proxy::{PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure};
-pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer};
+pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

@@ -6,12 +6,14 @@
 //! configured otherwise) names no model. Everything else in the body is skipped, not built into
 //! values. The request goes on with its body buffered as [`Full<Bytes>`] and a [`RequestInfo`]
 //! in its extensions; the response carries the same [`RequestInfo`] back out in its extensions,
-//! for logging and history around the stack.
+//! for logging and history around the stack. A layer outside that must know the request even
+//! when no response comes (the client left while the request waited) puts a [`RequestInfoSlot`]
+//! in the request's extensions: the layer fills it once the body is parsed.
 
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -61,6 +63,30 @@ impl RequestInfo {
             model: probe.model.map(|m| Arc::from(m.as_ref())),
             stream: probe.stream.unwrap_or(false),
         })
+    }
+}
+
+/// A place for the [`RequestInfo`] that outlives the request: put a clone in the request's
+/// extensions before the stack, keep one, and [`RequestInfoLayer`] fills both once it has parsed
+/// the body. The response carries the same info, but a request that ends without one (its
+/// client went away while it waited for a slot) can still be told apart by model.
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfoSlot(Arc<OnceLock<RequestInfo>>);
+
+impl RequestInfoSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the layer parsed, once it has.
+    pub fn get(&self) -> Option<&RequestInfo> {
+        self.0.get()
+    }
+
+    fn fill(&self, info: &RequestInfo) {
+        // A slot is filled once; a second layer in the same stack parses the same body.
+        let _ = self.0.set(info.clone());
     }
 }
 
@@ -224,6 +250,9 @@ where
                         Ok(info) => info,
                         Err(error) => return Poll::Ready(Ok(error.into_response())),
                     };
+                    if let Some(slot) = parts.extensions.get::<RequestInfoSlot>() {
+                        slot.fill(&info);
+                    }
                     parts.extensions.insert(info.clone());
                     let future = inner.call(Request::from_parts(parts, Full::new(bytes)));
                     this.state.set(State::Calling {
@@ -246,7 +275,27 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[tokio::test]
+    async fn the_slot_is_filled_even_when_no_answer_comes() {
+        let never = tower::service_fn(|_: Request<Full<Bytes>>| {
+            std::future::pending::<Result<Response<Full<Bytes>>, std::convert::Infallible>>()
+        });
+        let mut service = RequestInfoLayer::default().layer(never);
+        let slot = RequestInfoSlot::new();
+        let mut request = Request::new(Full::new(Bytes::from_static(
+            br#"{"model":"llama","stream":true}"#,
+        )));
+        request.extensions_mut().insert(slot.clone());
+        let waiting = tokio::time::timeout(Duration::from_millis(20), service.call(request)).await;
+        assert!(waiting.is_err(), "the inner service never answers");
+        let info = slot.get().expect("filled once the body was parsed");
+        assert_eq!(info.model.as_deref(), Some("llama"));
+        assert!(info.stream);
+    }
 
     #[test]
     fn parses_model_and_stream_and_skips_the_rest() {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use layers::{NodePool, RequestInfo, ServedBy, UpstreamFailure};
+use layers::{NodePool, RequestInfoSlot, ServedBy, UpstreamFailure};
 use memchr::memmem;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -141,6 +141,10 @@ where
             .get::<ApiKeyId>()
             .map(|k| k.0.to_string());
         let path = request.uri().path().to_owned();
+        // Filled by `RequestInfoLayer` inside the stack, so that a row without an answer (499)
+        // still names the model.
+        let info = RequestInfoSlot::new();
+        request.extensions_mut().insert(info.clone());
         let span = tracing::info_span!(
             "request",
             request_id = %request_id,
@@ -156,6 +160,7 @@ where
             request_id,
             path,
             api_key_id,
+            info,
         }));
         Box::pin(
             async move {
@@ -164,13 +169,12 @@ where
                     return Ok(response);
                 };
                 let ttfb = start.started.elapsed();
-                let info = response.extensions().get::<RequestInfo>().cloned();
                 let node_id = response
                     .extensions()
                     .get::<ServedBy>()
                     .map(|s| s.0.to_string());
                 let span = tracing::Span::current();
-                if let Some(model) = info.as_ref().and_then(|i| i.model.as_deref()) {
+                if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
                     span.record("model", model);
                 }
                 if let Some(node) = &node_id {
@@ -181,11 +185,7 @@ where
                     response.headers_mut().insert(REQUEST_ID, value);
                 }
                 let (recorder, started, mut record) = start.into_record(response.status().as_u16());
-                record.model = info
-                    .as_ref()
-                    .and_then(|i| i.model.as_deref().map(str::to_owned));
                 record.node_id = node_id;
-                record.stream = info.as_ref().is_some_and(|i| i.stream);
                 record.ttfb_ms = Some(ms(ttfb));
                 let pending = Pending {
                     recorder,
@@ -216,19 +216,21 @@ struct RowStart {
     request_id: String,
     path: String,
     api_key_id: Option<String>,
+    info: RequestInfoSlot,
 }
 
 impl RowStart {
     /// The row so far, with `status`; the answer fills in the rest.
     fn into_record(self, status: u16) -> (Recorder, Instant, RequestRecord) {
+        let info = self.info.get();
         let record = RequestRecord {
             ts_ms: self.ts_ms,
             request_id: self.request_id,
             path: self.path,
-            model: None,
+            model: info.and_then(|i| i.model.as_deref().map(str::to_owned)),
             node_id: None,
             status,
-            stream: false,
+            stream: info.is_some_and(|i| i.stream),
             latency_ms: 0.0,
             ttfb_ms: None,
             prompt_tokens: None,

@@ -396,7 +396,7 @@ async fn a_client_that_leaves_mid_stream_is_marked_in_its_row() {
 }
 
 /// A client that gives up while its request waits for a slot: it leaves the line, nothing
-/// reaches the node for it, and its row says 499 with `client_disconnected`.
+/// reaches the node for it, and its row says 499 with `client_disconnected` and the model.
 #[tokio::test]
 async fn a_client_that_leaves_while_waiting_for_a_slot_is_marked_in_its_row() {
     let dir = tempfile::tempdir().unwrap();
@@ -462,6 +462,7 @@ async fn a_client_that_leaves_while_waiting_for_a_slot_is_marked_in_its_row() {
     let left = rows.iter().find(|r| r["status"] == 499).expect("a 499 row");
     assert_eq!(left["client_disconnected"], true);
     assert_eq!(left["node_id"], Value::Null);
+    assert_eq!(left["model"], "chat", "the row names what was asked for");
     let served = rows
         .iter()
         .find(|r| r["status"] == 200)
