@@ -255,7 +255,7 @@ impl Registry {
 
     /// Makes the nodes that came from the config file match `specs`, in one step: `previous`
     /// are the ids the file gave before. Nodes that stay keep their load, health and
-    /// discovered models; nodes from elsewhere (registered, added by an operator, `--upstream`)
+    /// discovered models (read again when their URL changed); nodes from elsewhere (registered, added by an operator, `--upstream`)
     /// are left alone, and a file node may not take the id of one of them.
     pub async fn sync_config_nodes(
         &self,
@@ -263,9 +263,18 @@ impl Registry {
         mut specs: Vec<NodeSpec>,
     ) -> Result<NodeChanges, RegistryError> {
         NodePool::from_specs(specs.clone()).map_err(|e| RegistryError::Invalid(e.to_string()))?;
-        let known: Vec<String> = self.entries().iter().map(|e| e.spec.id.clone()).collect();
+        // Models read from a node stay with its URL: a node that is new, or moved to another
+        // URL, has its models read (again) unless the file names them.
+        let known: Vec<(String, String)> = self
+            .entries()
+            .iter()
+            .map(|e| (e.spec.id.clone(), e.spec.base_url.clone()))
+            .collect();
         for spec in specs.iter_mut() {
-            if spec.models.is_empty() && !known.contains(&spec.id) {
+            let unmoved = known
+                .iter()
+                .any(|(id, url)| *id == spec.id && *url == spec.base_url);
+            if spec.models.is_empty() && !unmoved {
                 self.discover_into(spec).await;
             }
         }
@@ -289,7 +298,7 @@ impl Registry {
         for mut spec in specs {
             match entries.iter_mut().find(|e| e.spec.id == spec.id) {
                 Some(entry) => {
-                    if spec.models.is_empty() {
+                    if spec.models.is_empty() && spec.base_url == entry.spec.base_url {
                         spec.models = entry.spec.models.clone();
                     }
                     spec.draining = entry.spec.draining;
@@ -564,6 +573,52 @@ mod tests {
             .add(NodeSpec::new("a", node.url()), NodeSource::Admin, None)
             .await;
         assert_eq!(again, Err(RegistryError::Conflict("a".into())));
+    }
+
+    #[tokio::test]
+    async fn a_file_node_moved_to_another_url_serves_that_urls_models() {
+        let first = SimNode::start(SimConfig::instant(&["old"])).await.unwrap();
+        let second = SimNode::start(SimConfig::instant(&["new"])).await.unwrap();
+        let registry = Registry::new(NodePool::new(), fast_health());
+        registry
+            .sync_config_nodes(&[], vec![NodeSpec::new("n", first.url())])
+            .await
+            .unwrap();
+        assert_eq!(registry.list()[0].models, vec!["old"]);
+        let changes = registry
+            .sync_config_nodes(&["n".into()], vec![NodeSpec::new("n", second.url())])
+            .await
+            .unwrap();
+        assert_eq!(changes.updated, vec!["n"]);
+        assert_eq!(
+            registry.list()[0].models,
+            vec!["new"],
+            "read again at the new URL"
+        );
+
+        // A file that names the same URL again keeps what was read there.
+        let changes = registry
+            .sync_config_nodes(&["n".into()], vec![NodeSpec::new("n", second.url())])
+            .await
+            .unwrap();
+        assert!(changes.updated.is_empty(), "{changes:?}");
+        assert_eq!(registry.list()[0].models, vec!["new"]);
+
+        // A new URL that cannot be read yet: no models (no requests) until discovery succeeds.
+        second.stop().await;
+        let addr = first.addr();
+        first.stop().await;
+        registry
+            .sync_config_nodes(
+                &["n".into()],
+                vec![NodeSpec::new("n", format!("http://{addr}"))],
+            )
+            .await
+            .unwrap();
+        assert!(
+            registry.list()[0].models.is_empty(),
+            "not the old URL's models"
+        );
     }
 
     #[tokio::test]
