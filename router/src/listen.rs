@@ -8,6 +8,8 @@
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Connection limit.** Past `max_connections` open connections, a new one gets a short 503
 //!   with `Retry-After` and is closed, so memory stays bounded however many clients connect.
+//!   What such a client still sends is read and dropped for up to 2 s (by at most 64 tasks), so
+//!   that it reads the answer instead of a reset.
 //! - **Graceful shutdown.** When told to stop, no new connection is accepted; open ones finish
 //!   their in-flight requests (streams included) and close.
 //! - **Connection workers.** Accepted connections are handed to `workers` threads, each running
@@ -75,8 +77,7 @@ pub struct ListenCounters {
     pub refused: AtomicU64,
 }
 
-/// The answer to a connection over the limit. Written best-effort without waiting: a client
-/// that does not read it just sees the connection close.
+/// The answer to a connection over the limit (see [`refuse`]).
 static OVER_LIMIT: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let body = r#"{"error":{"message":"too many open connections; retry later","type":"service_unavailable","param":null,"code":"too_many_connections"}}"#;
     format!(
@@ -317,6 +318,7 @@ pub async fn serve<F, S>(
     // Without workers (none configured, or none could start), connections run here.
     let local_app = workers.is_empty().then(|| make_app());
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -334,7 +336,7 @@ pub async fn serve<F, S>(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             counters.refused.fetch_add(1, Ordering::Relaxed);
-            refuse(stream);
+            refuse(stream, &lingering);
             continue;
         };
         if let Err(error) = stream.set_nodelay(true) {
@@ -402,9 +404,35 @@ fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, 
     }
 }
 
-fn refuse(stream: TcpStream) {
+/// Refused connections read out at once; past this many, one is closed right after its answer.
+const MAX_LINGERING: usize = 64;
+
+/// How long a refused connection's client may go on sending after the answer.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Answers 503 and closes. Closing a socket with unread bytes sends a reset, and a client still
+/// sending its request body then sees the reset instead of the answer; so the answer is followed
+/// by a FIN, and what the client still sends is read and dropped for up to [`LINGER`] (nginx's
+/// lingering close), by at most [`MAX_LINGERING`] tasks.
+fn refuse(stream: TcpStream, lingering: &Arc<Semaphore>) {
     tracing::debug!("connection limit reached; refusing a connection");
-    let _ = stream.try_write(&OVER_LIMIT);
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        let _ = stream.try_write(&OVER_LIMIT);
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER, answer_and_drain(stream)).await;
+        drop(permit);
+    });
+}
+
+async fn answer_and_drain(mut stream: TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(&OVER_LIMIT).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 #[cfg(test)]
@@ -504,6 +532,59 @@ mod tests {
             "each new connection goes to the worker with the fewest open ones"
         );
         drop(connections);
+        stop_and_wait(stop, server).await;
+    }
+
+    /// A client over the connection limit that is still sending a large body gets the 503 and a
+    /// clean end, and its body is read and dropped instead of met with a reset.
+    #[tokio::test]
+    async fn a_refused_client_sending_a_body_reads_the_503() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let config = ListenConfig {
+            workers: 1,
+            max_connections: 1,
+            ..ListenConfig::default()
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            thread_name_app,
+            config,
+            Arc::default(),
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        let mut holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+        get_body(&mut holder).await;
+        for _ in 0..5 {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut read, mut write) = stream.into_split();
+            let sender = tokio::spawn(async move {
+                let body = vec![b'x'; 4 << 20];
+                let head = format!(
+                    "POST / HTTP/1.1\r\nhost: test\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                write.write_all(head.as_bytes()).await?;
+                write.write_all(&body).await
+            });
+            let mut answer = Vec::new();
+            // A reset here (instead of the answer and then the end) is what this test is about.
+            read.read_to_end(&mut answer)
+                .await
+                .expect("the answer and a clean end, not a reset");
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(answer.contains("retry-after: 1"), "{answer}");
+            // Read and dropped, not met with a reset: a client that checks its write first
+            // still goes on to read the answer.
+            let sent = sender.await.unwrap();
+            assert!(sent.is_ok(), "the body was taken: {sent:?}");
+        }
+        drop(holder);
         stop_and_wait(stop, server).await;
     }
 
