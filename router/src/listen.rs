@@ -478,22 +478,30 @@ mod tests {
         }
     }
 
-    /// Serves `make_app` on `workers` workers; the sender stops it.
-    async fn start(
-        workers: usize,
-        make_app: fn() -> Router,
-    ) -> (
+    /// A server's address, the sender that stops it, and its task.
+    type TestServer = (
         std::net::SocketAddr,
         oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
-    ) {
+    );
+
+    /// Serves `make_app` on `workers` workers; the sender stops it.
+    async fn start(workers: usize, make_app: fn() -> Router) -> TestServer {
+        start_with(
+            ListenConfig {
+                workers,
+                ..ListenConfig::default()
+            },
+            make_app,
+        )
+        .await
+    }
+
+    /// Serves `make_app` with `config`; the sender stops it.
+    async fn start_with(config: ListenConfig, make_app: fn() -> Router) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = ListenConfig {
-            workers,
-            ..ListenConfig::default()
-        };
         let server = tokio::spawn(serve(
             listener,
             make_app,
@@ -539,24 +547,12 @@ mod tests {
     /// clean end, and its body is read and dropped instead of met with a reset.
     #[tokio::test]
     async fn a_refused_client_sending_a_body_reads_the_503() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
         let config = ListenConfig {
             workers: 1,
             max_connections: 1,
             ..ListenConfig::default()
         };
-        let server = tokio::spawn(serve(
-            listener,
-            thread_name_app,
-            config,
-            Arc::default(),
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
+        let (addr, stop, server) = start_with(config, thread_name_app).await;
         let mut holder = tokio::net::TcpStream::connect(addr).await.unwrap();
         get_body(&mut holder).await;
         for _ in 0..5 {
