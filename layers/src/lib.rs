@@ -78,8 +78,10 @@ pub mod retry;
 pub mod timeout_wait;
 
 /// The maps looked up on every request (models, nodes, idle connections): foldhash, seeded per
-/// map, hashes a short key in a fraction of the time of std's SipHash. The keys come from the
-/// configuration and node discovery; a client's model name is only looked up, never inserted.
+/// map, hashes a short key in a fraction of the time of std's SipHash. Its resistance to
+/// chosen collisions is weaker; the keys come from the configuration and node discovery, except
+/// the slot queue's lines, which hold at most `max_waiters` clients' model names (a line is
+/// forgotten when it empties).
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 pub use admission::{

@@ -850,10 +850,19 @@ impl Queue {
     /// Drops waiters at the front whose receiver is gone (their entry is removed on drop too;
     /// this only catches the moment between a cancel and its cleanup).
     fn prune(&mut self) {
-        for q in self.by_model.values_mut() {
+        self.by_model.retain(|_, q| {
             while q.front().is_some_and(|w| w.tx.is_closed()) {
                 q.pop_front();
             }
+            !q.is_empty()
+        });
+    }
+
+    /// Forgets `key`'s line once nobody is in it: model names come from clients (any name a
+    /// wildcard node makes eligible), so empty lines must not pile up.
+    fn forget_if_empty(&mut self, key: &Option<Arc<str>>) {
+        if self.by_model.get(key).is_some_and(VecDeque::is_empty) {
+            self.by_model.remove(key);
         }
     }
 
@@ -866,6 +875,7 @@ impl Queue {
         let Some(waiter) = self.by_model.get_mut(key).and_then(VecDeque::pop_front) else {
             return Err(slot);
         };
+        self.forget_if_empty(key);
         self.len -= 1;
         waiting.fetch_sub(1, Ordering::SeqCst);
         match waiter.tx.send(slot.into_guard()) {
@@ -891,6 +901,7 @@ impl Queue {
             q.remove(pos);
             self.len -= 1;
             waiting.fetch_sub(1, Ordering::SeqCst);
+            self.forget_if_empty(key);
         }
     }
 }
@@ -1188,6 +1199,31 @@ mod tests {
             Eligible::NoneAvailable
         ));
         assert_eq!(pool.snapshot().capacity(), 1);
+    }
+
+    #[test]
+    fn lines_for_models_no_one_waits_for_are_forgotten() {
+        // A node without a model list serves any name a client sends.
+        let pool = NodePool::from_specs([spec("any", &[], 1)]).unwrap();
+        let _busy = pool.try_acquire_free(Some("x")).unwrap();
+        let mut entries = Vec::new();
+        for i in 0..50 {
+            match pool.enqueue(Some(&format!("model-{i}")), 100) {
+                Enqueued::Waiting(entry) => entries.push(entry),
+                _ => panic!("the only slot is taken: the request waits"),
+            }
+        }
+        assert_eq!(pool.shared.queue().by_model.len(), 50);
+        entries.truncate(10);
+        assert_eq!(pool.shared.queue().by_model.len(), 10, "left: lines gone");
+        drop(_busy);
+        assert_eq!(
+            pool.shared.queue().by_model.len(),
+            9,
+            "served: its line gone"
+        );
+        drop(entries);
+        assert!(pool.shared.queue().by_model.is_empty());
     }
 
     #[test]
