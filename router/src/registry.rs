@@ -298,11 +298,22 @@ impl Registry {
         for mut spec in specs {
             match entries.iter_mut().find(|e| e.spec.id == spec.id) {
                 Some(entry) => {
-                    if spec.models.is_empty() && spec.base_url == entry.spec.base_url {
+                    let moved = spec.base_url != entry.spec.base_url;
+                    if spec.models.is_empty() && !moved {
                         spec.models = entry.spec.models.clone();
                     }
                     spec.draining = entry.spec.draining;
                     spec.healthy = entry.spec.healthy;
+                    if moved {
+                        // What the checks learned was about the old address.
+                        entry.check_failures = 0;
+                        entry.ejected_until = None;
+                        entry.backoff = Duration::ZERO;
+                        entry.next_check = now;
+                        if let Some(node) = self.pool.snapshot().node(&spec.id) {
+                            node.state().record_success();
+                        }
+                    }
                     if spec != entry.spec {
                         changes.updated.push(spec.id.clone());
                         entry.models_known = !spec.models.is_empty();
@@ -449,15 +460,18 @@ impl Registry {
                 } else {
                     None
                 };
-                (id, healthy, models)
+                (id, url, healthy, models)
             });
         let results = futures_util::future::join_all(probes).await;
         let mut entries = self.entries();
         let now = Instant::now();
         let mut models_changed = false;
-        for (id, healthy, models) in results {
-            let Some(entry) = entries.iter_mut().find(|e| e.spec.id == id) else {
-                continue; // Removed while we probed.
+        for (id, url, healthy, models) in results {
+            let Some(entry) = entries
+                .iter_mut()
+                .find(|e| e.spec.id == id && e.spec.base_url == url)
+            else {
+                continue; // Removed, or moved to another URL, while we probed.
             };
             if let Some(models) = models {
                 tracing::info!(node = id, ?models, "node models discovered");
@@ -604,8 +618,28 @@ mod tests {
         assert!(changes.updated.is_empty(), "{changes:?}");
         assert_eq!(registry.list()[0].models, vec!["new"]);
 
-        // A new URL that cannot be read yet: no models (no requests) until discovery succeeds.
+        // Ejected at a dead address, then moved to a live one: usable at once.
+        let third = SimNode::start(SimConfig::instant(&["new"])).await.unwrap();
         second.stop().await;
+        for _ in 0..40 {
+            registry.tick().await;
+            if !healthy(&registry, "n") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(!healthy(&registry, "n"), "ejected at the dead address");
+        registry
+            .sync_config_nodes(&["n".into()], vec![NodeSpec::new("n", third.url())])
+            .await
+            .unwrap();
+        assert!(
+            healthy(&registry, "n"),
+            "the old address's ejection is not carried over"
+        );
+
+        // A new URL that cannot be read yet: no models (no requests) until discovery succeeds.
+        third.stop().await;
         let addr = first.addr();
         first.stop().await;
         registry
