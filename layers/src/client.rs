@@ -1039,14 +1039,15 @@ mod tests {
         );
         assert_eq!(head.headers["x-extra"], "a b");
 
-        let copy = Bytes::from_static(b"abc");
-        let elsewhere = b"zz";
-        assert_eq!(slice_of(&copy, b"abc", &b"abc"[1..]), "bc");
-        assert_eq!(
-            slice_of(&copy, b"abc", elsewhere),
-            "zz",
-            "not a part: copied"
-        );
+        let original = b"abc".to_vec();
+        let copy = Bytes::copy_from_slice(&original);
+        let part = slice_of(&copy, &original, &original[1..]);
+        assert_eq!(part, "bc");
+        assert_eq!(part.as_ptr(), copy[1..].as_ptr(), "a slice of the copy");
+        let elsewhere = b"zz".to_vec();
+        let copied = slice_of(&copy, &original, &elsewhere);
+        assert_eq!(copied, "zz", "not a part: copied");
+        assert_ne!(copied.as_ptr(), elsewhere.as_ptr());
     }
 
     /// What a scripted node does with a request.

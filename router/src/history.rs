@@ -1101,6 +1101,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_of_several_statements_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: None,
+            batch_size: 4096,
+            flush_interval: Duration::from_millis(50),
+            queue_capacity: 10_000,
+        })
+        .await
+        .unwrap();
+        // 1,000 rows in one batch: statements of 256, 256, 256, 128, 64, 32 and 8 rows.
+        for i in 0..1000 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        assert_eq!((history.written(), history.dropped()), (1000, 0));
+        assert_eq!(history.batches(), 1);
+        let page = history
+            .logs(&LogQuery {
+                limit: Some(1000),
+                ..LogQuery::default()
+            })
+            .await
+            .unwrap();
+        let mut ids: Vec<_> = page
+            .logs
+            .iter()
+            .map(|r| r.record.request_id.clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 1000);
+        assert_eq!(
+            page.logs[0].record,
+            record(999),
+            "every field in the right column"
+        );
+        assert_eq!(page.logs[999].record, record(0));
+    }
+
+    #[tokio::test]
     async fn stats_count_errors_and_percentiles() {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 10_000).await;
