@@ -36,7 +36,9 @@ if ! curl -s -o /dev/null http://127.0.0.1:18001/; then
   started_mocks=yes
 fi
 work=$(mktemp -d)
+pid=
 cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   [ "$started_mocks" = yes ] && "$shared/mock-nodes.sh" stop >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -75,6 +77,16 @@ printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.
 cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
 
+# Until nothing listens on the port any more (a stopped target may take a moment to let go).
+wait_port_free() {
+  for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/" || return 0
+    sleep 0.05
+  done
+  echo "port $port is still taken" >&2
+  return 1
+}
+
 wait_ready() {
   for _ in $(seq 100); do
     curl -s -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && return 0
@@ -87,7 +99,8 @@ wait_ready() {
 # measure NAME PID...: one closed loop; appends "name rps user_us sys_us" to $work/rows.
 measure() {
   local name=$1; shift
-  "$oha" --no-tui -z 2s -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null 2>&1
+  [ "$#" -gt 0 ] || { echo "$name: no process to measure" >&2; return 1; }
+  "$oha" --no-tui -z 2s -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null
   local before after json
   before=$(cpu_ticks "$@")
   json=$("$oha" --no-tui --output-format json -z "${seconds}s" -c 64 -m POST -T application/json -d "$body" "$url")
@@ -96,7 +109,12 @@ measure() {
 import json, sys
 name, before, after, out, tck = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
 u0, s0 = map(int, before.split()); u1, s1 = map(int, after.split())
-n = sum(out["statusCodeDistribution"].values())
+codes = out["statusCodeDistribution"]
+# Requests still in flight when the duration ends are cut off by oha, not failed.
+errors = {k: v for k, v in out.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
+if set(codes) != {"200"} or errors:
+    sys.exit(f"{name}: not every request answered 200: {codes} {errors}")
+n = sum(codes.values())
 us = 1e6 / tck / max(n, 1)
 print(name, round(out["summary"]["requestsPerSec"]), round((u1 - u0) * us, 2), round((s1 - s0) * us, 2))
 PY
@@ -105,24 +123,28 @@ PY
 
 for round in $(seq "$rounds"); do
   echo "round $round of $rounds"
+  wait_port_free
   nginx -p "$work" -c "$work/nginx.conf"
   wait_ready
-  measure nginx $(pgrep -P "$(cat "$work/nginx.pid")")
-  kill "$(cat "$work/nginx.pid")"; rm -f "$work/nginx.pid"; sleep 1
+  workers=$(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')
+  measure nginx $workers
+  kill "$(cat "$work/nginx.pid")"
+  wait_port_free
 
   rm -f "$work"/history.db*
   LLM_ROUTER_LOG=warn target/release/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port" \
-    --upstream "$nodes" --max-concurrency 256 >/dev/null 2>&1 &
+    --upstream "$nodes" --max-concurrency 256 >"$work/router.log" 2>&1 &
   pid=$!
-  wait_ready
+  wait_ready || { cat "$work/router.log" >&2; exit 1; }
   measure router "$pid"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  wait_port_free
 
-  target/release/examples/floor_proxy "127.0.0.1:$port" "$nodes" >/dev/null 2>&1 &
+  target/release/examples/floor_proxy "127.0.0.1:$port" "$nodes" >"$work/floor.log" 2>&1 &
   pid=$!
-  wait_ready
+  wait_ready || { cat "$work/floor.log" >&2; exit 1; }
   measure floor "$pid"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 done
 
 report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d).md
