@@ -270,14 +270,14 @@ impl Registry {
             .iter()
             .map(|e| (e.spec.id.clone(), e.spec.base_url.clone()))
             .collect();
-        for spec in specs.iter_mut() {
+        // All at once: a reload that names several unreachable nodes waits one timeout.
+        let to_discover = specs.iter_mut().filter(|spec| {
             let unmoved = known
                 .iter()
                 .any(|(id, url)| *id == spec.id && *url == spec.base_url);
-            if spec.models.is_empty() && !unmoved {
-                self.discover_into(spec).await;
-            }
-        }
+            spec.models.is_empty() && !unmoved
+        });
+        futures_util::future::join_all(to_discover.map(|spec| self.discover_into(spec))).await;
         let mut entries = self.entries();
         let from_file = |e: &Entry| e.source == NodeSource::Config && previous.contains(&e.spec.id);
         if let Some(taken) = specs
@@ -653,6 +653,39 @@ mod tests {
             registry.list()[0].models.is_empty(),
             "not the old URL's models"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reload_reads_new_nodes_models_at_the_same_time() {
+        // Listeners that never accept: every model read waits out the whole timeout.
+        let silent: Vec<_> = futures_util::future::join_all(
+            (0..3).map(|_| tokio::net::TcpListener::bind("127.0.0.1:0")),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        let specs = silent
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                NodeSpec::new(
+                    format!("s{i}"),
+                    format!("http://{}", l.local_addr().unwrap()),
+                )
+            })
+            .collect();
+        let config = fast_health();
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let registry = Registry::new(NodePool::new(), config);
+        let started = Instant::now();
+        registry.sync_config_nodes(&[], specs).await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < timeout * 2,
+            "three reads one after another would take three timeouts: {took:?}"
+        );
+        assert!(registry.list().iter().all(|n| n.models.is_empty()));
     }
 
     #[tokio::test]
