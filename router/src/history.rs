@@ -1143,6 +1143,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_database_from_before_the_error_index_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 16).await;
+        // Back to the state before the migration: the full status index, the migration unrun.
+        let pool = history.pool().unwrap();
+        sqlx::query("DROP INDEX requests_errors")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("CREATE INDEX requests_status ON requests (status, id)")
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE description = 'error index'")
+            .execute(pool)
+            .await
+            .unwrap();
+        history.shutdown(Duration::from_secs(5)).await;
+        drop(history);
+
+        let history = open(&dir, 16).await;
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
+        )
+        .fetch_all(history.pool().unwrap())
+        .await
+        .unwrap();
+        assert!(
+            indexes.contains(&"requests_errors".to_owned()),
+            "{indexes:?}"
+        );
+        assert!(
+            !indexes.contains(&"requests_status".to_owned()),
+            "{indexes:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn stats_count_errors_and_percentiles() {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 10_000).await;
