@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: a measure of the router's own CPU that
+# does not drift with the machine, for changes too small to show in a throughput run.
+#
+#   scripts/instructions.sh [REQUESTS]       default 2000 (after 3000 of warm-up)
+#
+# Runs the profiling build (`cargo build --profile profiling`) under valgrind with one connection
+# worker and the history on (in a temporary directory), in front of the shared bench's mock
+# nodes, and prints instructions per request: in all, on the request path (the connection
+# worker), on SQLite's thread, and in the history writer task; then the router's own functions
+# with the most inclusive instructions. Compare two commits by running it on each: the request
+# path's count repeats within 1%, SQLite's moves by up to a third with where its checkpoints fall.
+#
+# Needs valgrind (apt package) and oha (../shared/bench/setup.sh). Starts the mock nodes
+# (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-2000}
+port=18201
+shared=../shared/bench
+oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
+command -v valgrind >/dev/null && command -v callgrind_annotate >/dev/null || {
+  echo "needs valgrind: apt-get install valgrind" >&2
+  exit 1
+}
+[ -x "$oha" ] || { echo "needs oha: run $shared/setup.sh" >&2; exit 1; }
+body='{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+url=http://127.0.0.1:$port/v1/chat/completions
+
+started_mocks=no
+if ! curl -s -o /dev/null http://127.0.0.1:18001/; then
+  "$shared/mock-nodes.sh" start >/dev/null
+  started_mocks=yes
+fi
+work=$(mktemp -d)
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  [ "$started_mocks" = yes ] && "$shared/mock-nodes.sh" stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --profile profiling -q -p llm-router --bin llm-router
+printf '[limits]\nworkers = 1\n[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+
+LLM_ROUTER_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+  target/profiling/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port" \
+  --upstream http://127.0.0.1:18001,http://127.0.0.1:18002 --max-concurrency 256 \
+  >"$work/router.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do
+  curl -s -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && break
+  sleep 0.1
+done
+# Warm-up at 64 connections: every INSERT size gets prepared, buffers reach their size.
+"$oha" --no-tui -n 3000 -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null
+callgrind_control -z "$pid" >/dev/null
+"$oha" --no-tui --output-format json -n "$requests" -c 4 -m POST -T application/json -d "$body" "$url" \
+  > "$work/oha.json"
+callgrind_control -d "$pid" >/dev/null
+sleep 1
+kill -INT "$pid"; wait "$pid" 2>/dev/null || true; pid=
+
+dump=$(ls "$work"/cg.*.1 | head -1)
+python3 - "$work/oha.json" "$requests" <<'PY'
+import json, sys
+codes = json.load(open(sys.argv[1]))["statusCodeDistribution"]
+if set(codes) != {"200"}:
+    sys.exit(f"not every request answered 200: {codes}")
+PY
+callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null \
+  | sed -E "s#$PWD/##; s#/root/.cargo/registry/src/[^/]+/##; s#/rustc/[0-9a-f]+/##; s# \[[^]]*\]\$##" \
+  > "$work/inclusive.txt"
+python3 - "$work/inclusive.txt" "$requests" "$(git rev-parse --short HEAD)" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+n = int(sys.argv[2])
+def cost(pattern):
+    for l in lines:
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)", l)
+        if m and re.search(pattern, m[2]):
+            return int(m[1].replace(",", ""))
+    return 0
+closure = r"\{\{closure\}\}"
+parts = [
+    ("all threads", cost(r"PROGRAM TOTALS")),
+    ("request path", cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")),
+    ("SQLite thread", cost(r"ConnectionWorker::establish::" + closure + "::" + closure + "$")),
+    ("history writer", cost(r"history\.rs:router::history::writer::" + closure + "$")),
+]
+print(f"commit {sys.argv[3]}: {n} requests, instructions per request")
+for name, value in parts:
+    print(f"  {name:<15} {value / n:9,.0f}")
+print("  the router's and the layers' functions with the most (inclusive):")
+seen = 0
+for l in lines:
+    m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+?\.rs):(.*)", l)
+    if not m or not m[2].startswith(("router/src", "layers/src")):
+        continue
+    if "spawn_worker" in m[3] or "ResponseFuture" in m[3] or "Oneshot" in m[3] or "writer::" in m[3]:
+        continue
+    print(f"    {int(m[1].replace(',', '')) / n:8,.0f}  {(m[2] + ':' + m[3])[:120]}")
+    seen += 1
+    if seen == 15:
+        break
+PY
