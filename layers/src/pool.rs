@@ -470,6 +470,14 @@ impl PoolSnapshot {
         self.known_models.contains_key(model)
     }
 
+    /// The pool's own copy of the name `model`, if some node names it: a label or key that
+    /// costs a reference count instead of a copy.
+    pub fn known_model(&self, model: &str) -> Option<&Arc<str>> {
+        self.known_models
+            .get_key_value(model)
+            .map(|(name, ())| name)
+    }
+
     /// Every model some node names, eligible or not, sorted.
     pub fn models(&self) -> Vec<Arc<str>> {
         let mut models: Vec<_> = self.known_models.keys().cloned().collect();

@@ -8,6 +8,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use layers::{AdmissionCounters, NodePool};
@@ -21,14 +22,14 @@ use prometheus_client::registry::Registry;
 /// Labels of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    model: String,
-    status: String,
+    model: Arc<str>,
+    status: u16,
 }
 
 /// Labels of the histograms.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
-    model: String,
+    model: Arc<str>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -82,12 +83,17 @@ impl Default for Metrics {
     }
 }
 
-/// The label for `model`: itself if the pool knows it, `other` if not, `none` if absent.
-pub fn model_label(pool: &NodePool, model: Option<&str>) -> String {
+/// The label for `model`: itself if the pool knows it, `other` if not, `none` if absent. Shared,
+/// not copied: labels are made for every request.
+pub fn model_label(pool: &NodePool, model: Option<&str>) -> Arc<str> {
+    static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("none"));
+    static OTHER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("other"));
     match model {
-        None => "none".into(),
-        Some(m) if pool.snapshot().knows_model(m) => m.to_owned(),
-        Some(_) => "other".into(),
+        None => NONE.clone(),
+        Some(m) => pool
+            .snapshot()
+            .known_model(m)
+            .map_or_else(|| OTHER.clone(), Arc::clone),
     }
 }
 
@@ -107,11 +113,11 @@ pub struct Sources<'a> {
 
 impl Metrics {
     /// Records one finished request.
-    pub fn observe(&self, model: String, status: u16, latency: Duration, ttfb: Option<Duration>) {
+    pub fn observe(&self, model: Arc<str>, status: u16, latency: Duration, ttfb: Option<Duration>) {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.clone(),
-                status: status.to_string(),
+                status,
             })
             .inc();
         let labels = ModelLabels { model };
