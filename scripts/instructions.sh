@@ -17,26 +17,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-2000}
 port=18201
-shared=../shared/bench
-oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 command -v valgrind >/dev/null && command -v callgrind_annotate >/dev/null || {
   echo "needs valgrind: apt-get install valgrind" >&2
   exit 1
 }
-[ -x "$oha" ] || { echo "needs oha: run $shared/setup.sh" >&2; exit 1; }
-body='{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
-url=http://127.0.0.1:$port/v1/chat/completions
-
-started_mocks=no
-if ! curl -s -o /dev/null http://127.0.0.1:18001/; then
-  "$shared/mock-nodes.sh" start >/dev/null
-  started_mocks=yes
-fi
-work=$(mktemp -d)
-pid=
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 cleanup() {
   [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  [ "$started_mocks" = yes ] && "$shared/mock-nodes.sh" stop >/dev/null 2>&1 || true
+  stop_mocks
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -46,7 +35,7 @@ printf '[limits]\nworkers = 1\n[history]\npath = "%s/history.db"\n' "$work" > "$
 
 LLM_ROUTER_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
   target/profiling/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port" \
-  --upstream http://127.0.0.1:18001,http://127.0.0.1:18002 --max-concurrency 256 \
+  --upstream "$nodes" --max-concurrency 256 \
   >"$work/router.log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do

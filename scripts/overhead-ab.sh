@@ -20,27 +20,13 @@ cd "$(dirname "$0")/.."
 rounds=${1:-6}
 seconds=${2:-8}
 port=18200
-shared=../shared/bench
-oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
-command -v nginx >/dev/null && [ -x "$oha" ] || {
-  echo "needs nginx and oha: run $shared/setup.sh" >&2
-  exit 1
-}
-body='{"model":"mock","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
-url=http://127.0.0.1:$port/v1/chat/completions
-nodes=http://127.0.0.1:18001,http://127.0.0.1:18002
-
-started_mocks=no
-if ! curl -s -o /dev/null http://127.0.0.1:18001/; then
-  "$shared/mock-nodes.sh" start >/dev/null
-  started_mocks=yes
-fi
-work=$(mktemp -d)
-pid=
+command -v nginx >/dev/null || { echo "needs nginx: run ../shared/bench/setup.sh" >&2; exit 1; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  [ "$started_mocks" = yes ] && "$shared/mock-nodes.sh" stop >/dev/null 2>&1 || true
+  stop_mocks
   rm -rf "$work"
 }
 trap cleanup EXIT
