@@ -84,6 +84,9 @@ pub mod timeout_wait;
 /// forgotten when it empties).
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// A set with [`FastMap`]'s hasher.
+pub(crate) type FastSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
 pub use admission::{
     AdmissionConfig, AdmissionCounters, AdmissionDecision, AdmissionLayer, LoadSource, decide,
 };

@@ -22,7 +22,7 @@ use http::HeaderValue;
 use http::uri::{Authority, Scheme, Uri};
 use tokio::sync::oneshot;
 
-use crate::FastMap;
+use crate::{FastMap, FastSet};
 
 /// How a node is described to the pool: the static part that comes from config or registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -393,7 +393,7 @@ pub struct PoolSnapshot {
     /// Nodes that serve any model: eligible for models no listed node names.
     eligible_wildcard: Box<[Arc<Node>]>,
     has_wildcard: bool,
-    known_models: FastMap<Arc<str>, ()>,
+    known_models: FastSet<Arc<str>>,
     capacity: usize,
 }
 
@@ -407,12 +407,12 @@ impl PoolSnapshot {
             .filter(|n| n.models.is_empty())
             .cloned()
             .collect();
-        let mut known_models = FastMap::default();
-        for m in nodes.iter().flat_map(|n| n.models.iter()) {
-            known_models.insert(m.clone(), ());
-        }
+        let known_models: FastSet<Arc<str>> = nodes
+            .iter()
+            .flat_map(|n| n.models.iter().cloned())
+            .collect();
         let eligible_by_model = known_models
-            .keys()
+            .iter()
             .map(|m| {
                 let list: Box<[Arc<Node>]> = eligible_any
                     .iter()
@@ -464,23 +464,15 @@ impl PoolSnapshot {
         }
     }
 
-    /// Whether some node names `model`, eligible or not: [`models`](Self::models) without
-    /// building the list.
-    pub fn knows_model(&self, model: &str) -> bool {
-        self.known_models.contains_key(model)
-    }
-
     /// The pool's own copy of the name `model`, if some node names it: a label or key that
     /// costs a reference count instead of a copy.
     pub fn known_model(&self, model: &str) -> Option<&Arc<str>> {
-        self.known_models
-            .get_key_value(model)
-            .map(|(name, ())| name)
+        self.known_models.get(model)
     }
 
     /// Every model some node names, eligible or not, sorted.
     pub fn models(&self) -> Vec<Arc<str>> {
-        let mut models: Vec<_> = self.known_models.keys().cloned().collect();
+        let mut models: Vec<_> = self.known_models.iter().cloned().collect();
         models.sort();
         models
     }

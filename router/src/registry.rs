@@ -255,8 +255,9 @@ impl Registry {
 
     /// Makes the nodes that came from the config file match `specs`, in one step: `previous`
     /// are the ids the file gave before. Nodes that stay keep their load, health and
-    /// discovered models (read again when their URL changed); nodes from elsewhere (registered, added by an operator, `--upstream`)
-    /// are left alone, and a file node may not take the id of one of them.
+    /// discovered models (a node moved to another URL starts over on both); nodes from elsewhere
+    /// (registered, added by an operator, `--upstream`) are left alone, and a file node may not
+    /// take the id of one of them.
     pub async fn sync_config_nodes(
         &self,
         previous: &[String],
