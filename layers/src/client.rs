@@ -34,8 +34,11 @@
 //! - **Request body.** Written whole, before the answer is read: a node that answers early (a
 //!   413, say) and stops reading is waited for until the caller's timeout.
 //! - **Headers.** The request goes out with `host` from its URI and `content-length` from its
-//!   body; the caller's `host`, framing and hop-by-hop headers (and `expect`: the body is sent at
-//!   once) are not sent.
+//!   body; the caller's `host`, framing, hop-by-hop and `proxy-*` headers (and `expect`: the
+//!   body is sent at once) are not sent.
+//! - **Sending without giving up the request.** [`HttpClient::request_to`] writes out the head
+//!   of a borrowed request, so a caller that may send it again elsewhere keeps it as it is,
+//!   with no copy of its headers.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -173,8 +176,50 @@ impl<B> HttpClient<B> {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let (parts, body) = request.into_parts();
+        if parts.uri.scheme_str() != Some("http") {
+            return ResponseFuture::failed(ClientError::Uri("only http:// is supported"));
+        }
+        let Some(authority) = parts.uri.authority() else {
+            return ResponseFuture::failed(ClientError::Uri("no host"));
+        };
+        let outgoing = Outgoing::new(authority, "", &parts.method, &parts.uri, &parts.headers);
+        self.start(outgoing, body)
+    }
+
+    /// Sends a copy of `request` to `http://{authority}{path_prefix}{request's path and
+    /// query}`, leaving the request with the caller: the head is written out at once, and the
+    /// body is cloned (for an in-memory body, a reference count). For a caller that may send
+    /// the same request to another node after a failure, without copying its headers.
+    pub fn request_to(
+        &self,
+        authority: &Authority,
+        path_prefix: &str,
+        request: &Request<B>,
+    ) -> ResponseFuture
+    where
+        B: Body + Clone + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let outgoing = Outgoing::new(
+            authority,
+            path_prefix,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+        self.start(outgoing, request.body().clone())
+    }
+
+    fn start(&self, outgoing: Outgoing, body: B) -> ResponseFuture
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         ResponseFuture {
-            inner: Box::pin(send(self.shared.clone(), request)),
+            inner: Box::pin(send(self.shared.clone(), outgoing, body)),
         }
     }
 }
@@ -187,6 +232,14 @@ pub struct ResponseFuture {
 impl std::fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl ResponseFuture {
+    fn failed(error: ClientError) -> Self {
+        Self {
+            inner: Box::pin(std::future::ready(Err(error))),
+        }
     }
 }
 
@@ -324,30 +377,27 @@ fn still_open(stream: &TcpStream) -> bool {
 
 async fn send<B>(
     shared: Arc<ClientShared>,
-    request: Request<B>,
+    outgoing: Outgoing,
+    body: B,
 ) -> Result<Response<UpstreamBody>, ClientError>
 where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (parts, body) = request.into_parts();
-    if parts.uri.scheme_str() != Some("http") {
-        return Err(ClientError::Uri("only http:// is supported"));
-    }
-    let authority = parts
-        .uri
-        .authority()
-        .ok_or(ClientError::Uri("no host"))?
-        .clone();
+    let Outgoing {
+        authority,
+        mut head,
+        no_body,
+        repeatable,
+        body_expected,
+    } = outgoing;
     let body = body
         .collect()
         .await
         .map_err(|e| ClientError::RequestBody(e.into()))?
         .to_bytes();
-    let head = encode_head(&parts, &authority, body.len());
-    let no_body = parts.method == Method::HEAD;
-    let repeatable = parts.method.is_idempotent() || parts.headers.contains_key("idempotency-key");
+    end_head(&mut head, body.len(), body_expected);
     shared.start_sweeping();
     let mut pooled = shared.checkout(authority.as_str());
     loop {
@@ -490,8 +540,9 @@ async fn connect(config: &ClientConfig, authority: &Authority) -> Result<TcpStre
     Ok(stream)
 }
 
-/// Request headers not sent as given: the client sets `host` and the framing itself, and the
-/// rest belong to one connection (RFC 9110 7.6.1) or ask for an interim answer.
+/// Request headers not sent as given: the client sets `host` and the framing itself, the
+/// rest belong to one connection (RFC 9110 7.6.1), ask for an interim answer, or are meant for
+/// a proxy (this client talks to its nodes directly).
 fn sent_as_given(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
@@ -501,6 +552,8 @@ fn sent_as_given(name: &HeaderName) -> bool {
             | "connection"
             | "keep-alive"
             | "proxy-connection"
+            | "proxy-authorization"
+            | "proxy-authenticate"
             | "te"
             | "trailer"
             | "upgrade"
@@ -508,36 +561,68 @@ fn sent_as_given(name: &HeaderName) -> bool {
     )
 }
 
-fn encode_head(parts: &http::request::Parts, authority: &Authority, body_len: usize) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256);
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    head.extend_from_slice(if target.is_empty() {
-        &b"/"[..]
-    } else {
-        target.as_bytes()
-    });
-    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    let host = authority.as_str();
-    head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
-    head.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        if sent_as_given(name) {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+/// A request on its way out: its head up to the framing, and what the exchange needs to know.
+struct Outgoing {
+    authority: Authority,
+    /// The request line and headers; `end_head` adds the framing and the blank line.
+    head: Vec<u8>,
+    /// An answer to `HEAD` has no body.
+    no_body: bool,
+    /// Whether it may be sent twice (RFC 9110 9.2.2, or an `Idempotency-Key`).
+    repeatable: bool,
+    /// Whether the method has a body, so `content-length: 0` is sent for an empty one.
+    body_expected: bool,
+}
+
+impl Outgoing {
+    fn new(
+        authority: &Authority,
+        path_prefix: &str,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Self {
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(path_prefix.as_bytes());
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        head.extend_from_slice(if target.is_empty() {
+            &b"/"[..]
+        } else {
+            target.as_bytes()
+        });
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        let host = authority.as_str();
+        head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
+        head.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            if sent_as_given(name) {
+                head.extend_from_slice(name.as_str().as_bytes());
+                head.extend_from_slice(b": ");
+                head.extend_from_slice(value.as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+        }
+        Self {
+            authority: authority.clone(),
+            head,
+            no_body: method == Method::HEAD,
+            repeatable: method.is_idempotent() || headers.contains_key("idempotency-key"),
+            body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
         }
     }
-    let body_expected = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+}
+
+/// Ends the head with the body's length (when there is a body, or the method expects one)
+/// and the blank line.
+fn end_head(head: &mut Vec<u8>, body_len: usize, body_expected: bool) {
     if body_len > 0 || body_expected {
         head.extend_from_slice(b"content-length: ");
-        push_decimal(&mut head, body_len);
+        push_decimal(head, body_len);
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
@@ -1469,6 +1554,7 @@ mod tests {
             .header("connection", "keep-alive")
             .header("expect", "100-continue")
             .header("transfer-encoding", "chunked")
+            .header("proxy-authorization", "Basic cHJveHk=")
             .header("x-request-id", "abc")
             .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
             .unwrap();
@@ -1487,9 +1573,48 @@ mod tests {
             "connection:",
             "expect:",
             "transfer-encoding:",
+            "proxy-authorization:",
         ] {
             assert!(!sent.contains(gone), "{gone} was sent: {sent}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_borrowed_request_goes_under_the_path_prefix_and_stays_as_it_was() {
+        let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
+        let authority: Authority = node.authority.parse().unwrap();
+        // The request's own URI names some other host: only its path and query are used.
+        let request = Request::post("http://client.example/v1/chat?x=1")
+            .header("x-request-id", "abc")
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+            .unwrap();
+        for _ in 0..2 {
+            let response = client
+                .request_to(&authority, "/base", &request)
+                .await
+                .unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello");
+        }
+        let sent = node.requests.lock().unwrap().clone();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0], sent[1], "the second sending differs");
+        let expected_start = format!(
+            "POST /base/v1/chat?x=1 HTTP/1.1\r\nhost: {}\r\n",
+            node.authority
+        );
+        assert!(sent[0].starts_with(&expected_start), "{}", sent[0]);
+        assert!(sent[0].contains("\r\nx-request-id: abc\r\n"), "{}", sent[0]);
+        assert!(!sent[0].contains("connection:"), "{}", sent[0]);
+        assert!(
+            sent[0].ends_with("\r\ncontent-length: 7\r\n\r\n{\"a\":1}"),
+            "{}",
+            sent[0]
+        );
+        // Untouched: the caller can send it again, to another node.
+        assert_eq!(request.uri(), "http://client.example/v1/chat?x=1");
+        assert_eq!(request.headers().len(), 2);
+        assert_eq!(request.body().size_hint().exact(), Some(7));
     }
 
     #[tokio::test]

@@ -282,9 +282,16 @@ impl Node {
             .build()
     }
 
-    /// The node's host and port. For operators only, and for scrubbing it from answers.
+    /// The node's host and port. For operators, for scrubbing it from answers, and for the
+    /// client.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// The path of the node's base URL, without its trailing `/` (empty for most nodes): what
+    /// goes before a request's path on this node.
+    pub fn path_prefix(&self) -> &str {
+        &self.path_prefix
     }
 
     /// The node's base URL (scheme, host, port and path prefix). For operators only.

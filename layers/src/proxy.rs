@@ -13,7 +13,8 @@
 //! - **Streaming.** The node's body goes back frame by frame as it arrives; nothing is buffered.
 //!   The node's slot is held by the response body until its last byte, or until the client goes
 //!   away, so a stream counts as load for its whole length.
-//! - **Headers.** Hop-by-hop headers are dropped both ways. The client's `Authorization` is
+//! - **Headers.** Hop-by-hop headers are dropped both ways (on the way to the node, by the
+//!   client as it writes the head). The client's `Authorization` is
 //!   replaced by the node's own key, or removed. Only an allowlist of response headers goes back
 //!   (`content-type`, `content-length`, `content-encoding`, `cache-control`, `x-request-id`,
 //!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node.
@@ -170,21 +171,6 @@ impl<B> PooledProxyService<B> {
     }
 }
 
-/// Request headers that belong to one connection and are not forwarded (RFC 9110 7.6.1), plus
-/// `host` (set from the node's URI) and `content-length` (set from the body).
-const HOP_BY_HOP: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::HOST,
-    header::CONTENT_LENGTH,
-];
-
 fn forwardable_response_header(name: &HeaderName) -> bool {
     let name = name.as_str();
     matches!(
@@ -227,20 +213,15 @@ impl<B> PooledProxyService<B> {
 
 impl<B> Shared<B>
 where
-    B: Body + Send + Unpin + 'static,
+    B: Body + Clone + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// Sends `request` (hop-by-hop headers already gone) to the selected node.
-    fn send(&self, mut request: Request<B>, selected: &SelectedNode) -> Result<Sent, RouterError> {
+    /// Sends `request` to the selected node, with the node's key (if it has one) in place of
+    /// the client's `authorization`. The request stays here, to be sent again on a retry: the
+    /// client writes out its own copy of the head, and the body is shared.
+    fn send(&self, request: &mut Request<B>, selected: &SelectedNode) -> Sent {
         let node = selected.node();
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = node.uri_for(path_and_query).map_err(|error| {
-            tracing::error!(node = node.id(), %error, "cannot build the upstream URI");
-            RouterError::Internal
-        })?;
-        *request.uri_mut() = uri;
-        *request.version_mut() = http::Version::HTTP_11;
         let headers = request.headers_mut();
         match node.authorization() {
             Some(key) => {
@@ -250,13 +231,13 @@ where
                 headers.remove(header::AUTHORIZATION);
             }
         }
-        Ok(Sent {
-            future: tokio::time::timeout(
-                self.config.first_byte_timeout,
-                self.client.request(request),
-            ),
+        let to_node = self
+            .client
+            .request_to(node.authority(), node.path_prefix(), request);
+        Sent {
+            future: tokio::time::timeout(self.config.first_byte_timeout, to_node),
             sent_at: Instant::now(),
-        })
+        }
     }
 
     /// A slot on a node with room for `model` that has not failed this request yet.
@@ -286,14 +267,6 @@ struct Replay<B> {
     tried: Vec<Arc<str>>,
 }
 
-fn copy_request<B: Clone>(request: &Request<B>) -> Request<B> {
-    let mut copy = Request::new(request.body().clone());
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.headers_mut() = request.headers().clone();
-    copy
-}
-
 impl<B> Service<Request<B>> for PooledProxyService<B>
 where
     B: Body + Clone + Send + Unpin + 'static,
@@ -314,25 +287,19 @@ where
             Ok(selected) => selected,
             Err(error) => return ProxyFuture::failed(error),
         };
-        let headers = request.headers_mut();
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
-        }
         let shared = &self.shared;
         shared.budget.deposit();
+        let sent = shared.send(&mut request, &selected);
         let replay = (shared.config.retries > 0).then(|| Replay {
-            request: copy_request(&request),
             model: request
                 .extensions()
                 .get::<RequestInfo>()
                 .and_then(|i| i.model.clone()),
+            request,
             retries_left: shared.config.retries,
             tried: Vec::new(),
         });
-        match shared.send(request, &selected) {
-            Ok(sent) => ProxyFuture::sending(shared.clone(), sent, selected, replay),
-            Err(error) => ProxyFuture::failed(error),
-        }
+        ProxyFuture::sending(shared.clone(), sent, selected, replay)
     }
 }
 
@@ -551,12 +518,8 @@ where
         return None;
     };
     replay.retries_left -= 1;
-    let (request, replay) = if replay.retries_left == 0 {
-        (replay.request, None)
-    } else {
-        (copy_request(&replay.request), Some(replay))
-    };
-    let sent = shared.send(request, &again).ok()?;
+    let sent = shared.send(&mut replay.request, &again);
+    let replay = (replay.retries_left > 0).then_some(replay);
     Some((sent, again, replay))
 }
 

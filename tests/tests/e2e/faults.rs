@@ -486,3 +486,108 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     server.abort();
     router.shutdown().await;
 }
+
+/// What a recording node saw of one POST: path, headers, body.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, http::HeaderMap, String)>>>;
+
+/// A node under `/{prefix}` that records every POST and answers it with `status`; anything
+/// else (its health checks) gets 200.
+async fn recording_node(prefix: &str, status: u16) -> (String, Seen) {
+    use axum::response::IntoResponse;
+    let seen = Seen::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/{prefix}", listener.local_addr().unwrap());
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |method: http::Method, uri: http::Uri, headers: http::HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                if method != http::Method::POST {
+                    return "ok".into_response();
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), headers, body));
+                let answer = serde_json::json!({"id": "x", "object": "chat.completion",
+                    "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hi"}}]});
+                let status = http::StatusCode::from_u16(status).unwrap();
+                (status, answer.to_string()).into_response()
+            }
+        },
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+/// A request retried on another node reaches it as the first node got it: the same path under
+/// that node's base URL, the same headers and body, and each node's own key in place of the
+/// client's; headers meant for one connection or for a proxy reach neither.
+#[tokio::test]
+async fn a_retried_request_reaches_the_next_node_as_the_first_got_it() {
+    let (failing_url, failing_seen) = recording_node("a", 500).await;
+    let (good_url, good_seen) = recording_node("b", 200).await;
+    let mut config = quick_config(&[]);
+    config.health.failures_to_eject = 1_000;
+    config.proxy.retry_reserve = 100;
+    for (id, url, key) in [
+        ("failing", &failing_url, Some("key-a")),
+        ("good", &good_url, None),
+    ] {
+        config.nodes.push(router::config::NodeConfig {
+            id: Some(id.into()),
+            url: url.clone(),
+            models: Some(vec!["m".into()]),
+            max_concurrency: 4,
+            weight: 1,
+            api_key: key.map(Into::into),
+        });
+    }
+    let router = start_full(config, StartOptions::default()).await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    for i in 0..20 {
+        let request = http::Request::post(&url)
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer client-secret")
+            .header("proxy-authorization", "Basic cHJveHk=")
+            .header("te", "trailers")
+            .header("x-request-id", format!("req-{i}"))
+            .header("x-tag", "kept")
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
+                "m", false,
+            ))))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let failing = failing_seen.lock().unwrap().clone();
+    let good = good_seen.lock().unwrap().clone();
+    assert!(!failing.is_empty(), "the failing node was never tried");
+    assert_eq!(good.len(), 20);
+    for (path, headers, body) in &failing {
+        let id = &headers["x-request-id"];
+        let (good_path, good_headers, good_body) = good
+            .iter()
+            .find(|(_, h, _)| h["x-request-id"] == id)
+            .unwrap_or_else(|| panic!("{id:?} failed and was not retried"));
+        assert_eq!(path, "/a/v1/chat/completions");
+        assert_eq!(good_path, "/b/v1/chat/completions");
+        assert_eq!(body, good_body);
+        assert_eq!(body, &chat_body("m", false));
+        assert_eq!(headers["authorization"], "Bearer key-a");
+        assert!(
+            !good_headers.contains_key("authorization"),
+            "{good_headers:?}"
+        );
+        for seen in [headers, good_headers] {
+            assert_eq!(seen["x-tag"], "kept");
+            assert_eq!(seen["content-type"], "application/json");
+            for gone in ["proxy-authorization", "te"] {
+                assert!(!seen.contains_key(gone), "{gone} reached a node: {seen:?}");
+            }
+        }
+    }
+    router.shutdown().await;
+}
