@@ -183,7 +183,14 @@ impl<B> HttpClient<B> {
         let Some(authority) = parts.uri.authority() else {
             return ResponseFuture::failed(ClientError::Uri("no host"));
         };
-        let outgoing = Outgoing::new(authority, "", &parts.method, &parts.uri, &parts.headers);
+        let outgoing = Outgoing::new(
+            authority,
+            "",
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &[],
+        );
         self.start(outgoing, body)
     }
 
@@ -191,11 +198,16 @@ impl<B> HttpClient<B> {
     /// query}`, leaving the request with the caller: the head is written out at once, and the
     /// body is cloned (for an in-memory body, a reference count). For a caller that may send
     /// the same request to another node after a failure, without copying its headers.
+    ///
+    /// The request's own headers named in `replaced` are not sent; where a value is given, it
+    /// is sent in their place. So a caller sets or removes a header per node without touching
+    /// the request (and without an insert that may have to grow its header map).
     pub fn request_to(
         &self,
         authority: &Authority,
         path_prefix: &str,
         request: &Request<B>,
+        replaced: &[(&HeaderName, Option<&HeaderValue>)],
     ) -> ResponseFuture
     where
         B: Body + Clone + Send + 'static,
@@ -208,6 +220,7 @@ impl<B> HttpClient<B> {
             request.method(),
             request.uri(),
             request.headers(),
+            replaced,
         );
         self.start(outgoing, request.body().clone())
     }
@@ -581,6 +594,7 @@ impl Outgoing {
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
+        replaced: &[(&HeaderName, Option<&HeaderValue>)],
     ) -> Self {
         let mut head = Vec::with_capacity(256);
         head.extend_from_slice(method.as_str().as_bytes());
@@ -596,12 +610,22 @@ impl Outgoing {
         let host = authority.as_str();
         head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
         head.extend_from_slice(b"\r\n");
+        let mut push_header = |name: &HeaderName, value: &HeaderValue| {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        };
         for (name, value) in headers {
-            if sent_as_given(name) {
-                head.extend_from_slice(name.as_str().as_bytes());
-                head.extend_from_slice(b": ");
-                head.extend_from_slice(value.as_bytes());
-                head.extend_from_slice(b"\r\n");
+            if sent_as_given(name) && !replaced.iter().any(|(r, _)| *r == name) {
+                push_header(name, value);
+            }
+        }
+        for (name, value) in replaced {
+            if let Some(value) = value
+                && sent_as_given(name)
+            {
+                push_header(name, value);
             }
         }
         Self {
@@ -1587,11 +1611,18 @@ mod tests {
         let request = Request::post("http://client.example/v1/chat?x=1")
             .header("x-request-id", "abc")
             .header("connection", "close")
+            .header("authorization", "Bearer client-key")
+            .header("x-gone", "1")
             .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
             .unwrap();
         for _ in 0..2 {
+            let key = HeaderValue::from_static("Bearer node-key");
+            let replaced = [
+                (&header::AUTHORIZATION, Some(&key)),
+                (&HeaderName::from_static("x-gone"), None),
+            ];
             let response = client
-                .request_to(&authority, "/base", &request)
+                .request_to(&authority, "/base", &request, &replaced)
                 .await
                 .unwrap();
             assert_eq!(text(response).await.unwrap(), "hello");
@@ -1605,7 +1636,14 @@ mod tests {
         );
         assert!(sent[0].starts_with(&expected_start), "{}", sent[0]);
         assert!(sent[0].contains("\r\nx-request-id: abc\r\n"), "{}", sent[0]);
-        assert!(!sent[0].contains("connection:"), "{}", sent[0]);
+        assert!(
+            sent[0].contains("\r\nauthorization: Bearer node-key\r\n"),
+            "{}",
+            sent[0]
+        );
+        for gone in ["connection:", "client-key", "x-gone"] {
+            assert!(!sent[0].contains(gone), "{gone} was sent: {}", sent[0]);
+        }
         assert!(
             sent[0].ends_with("\r\ncontent-length: 7\r\n\r\n{\"a\":1}"),
             "{}",
@@ -1613,7 +1651,8 @@ mod tests {
         );
         // Untouched: the caller can send it again, to another node.
         assert_eq!(request.uri(), "http://client.example/v1/chat?x=1");
-        assert_eq!(request.headers().len(), 2);
+        assert_eq!(request.headers().len(), 4);
+        assert_eq!(request.headers()["authorization"], "Bearer client-key");
         assert_eq!(request.body().size_hint().exact(), Some(7));
     }
 

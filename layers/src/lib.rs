@@ -95,7 +95,9 @@ pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
 pub use client::{ClientConfig, ClientError, HttpClient, UpstreamBody, build_client};
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
-pub use proxy::{PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure};
+pub use proxy::{
+    PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure, UpstreamRequestId,
+};
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

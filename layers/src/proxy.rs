@@ -42,7 +42,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -55,6 +55,15 @@ use crate::error::RouterError;
 use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
 use crate::retry::RetryBudget;
+
+/// A request id for the node, in the request's extensions: the proxy sends it as `x-request-id`
+/// in place of any the request carries. Set by whatever makes request ids around the stack
+/// (the router's recorder does), so the request's own headers stay as the client sent them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamRequestId(pub HeaderValue);
+
+/// `x-request-id`.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Which node served a response, in the response's extensions: for history and logs on the
 /// router side. Never sent to the client.
@@ -218,22 +227,23 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// Sends `request` to the selected node, with the node's key (if it has one) in place of
-    /// the client's `authorization`. The request stays here, to be sent again on a retry: the
-    /// client writes out its own copy of the head, and the body is shared.
-    fn send(&self, request: &mut Request<B>, selected: &SelectedNode) -> Sent {
+    /// the client's `authorization`, and the [`UpstreamRequestId`] if there is one. The request
+    /// stays as it is, to be sent again on a retry: the client writes out its own copy of the
+    /// head, and the body is shared.
+    fn send(&self, request: &Request<B>, selected: &SelectedNode) -> Sent {
         let node = selected.node();
-        let headers = request.headers_mut();
-        match node.authorization() {
-            Some(key) => {
-                headers.insert(header::AUTHORIZATION, key.clone());
-            }
-            None => {
-                headers.remove(header::AUTHORIZATION);
-            }
-        }
-        let to_node = self
-            .client
-            .request_to(node.authority(), node.path_prefix(), request);
+        let key = (&header::AUTHORIZATION, node.authorization());
+        let to_node = match request.extensions().get::<UpstreamRequestId>() {
+            Some(id) => self.client.request_to(
+                node.authority(),
+                node.path_prefix(),
+                request,
+                &[key, (&X_REQUEST_ID, Some(&id.0))],
+            ),
+            None => self
+                .client
+                .request_to(node.authority(), node.path_prefix(), request, &[key]),
+        };
         Sent {
             future: tokio::time::timeout(self.config.first_byte_timeout, to_node),
             sent_at: Instant::now(),
@@ -289,7 +299,7 @@ where
         };
         let shared = &self.shared;
         shared.budget.deposit();
-        let sent = shared.send(&mut request, &selected);
+        let sent = shared.send(&request, &selected);
         let replay = (shared.config.retries > 0).then(|| Replay {
             model: request
                 .extensions()
@@ -518,7 +528,7 @@ where
         return None;
     };
     replay.retries_left -= 1;
-    let sent = shared.send(&mut replay.request, &again);
+    let sent = shared.send(&replay.request, &again);
     let replay = (replay.retries_left > 0).then_some(replay);
     Some((sent, again, replay))
 }

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use layers::{NodePool, RequestInfoSlot, ServedBy, UpstreamFailure};
+use layers::{NodePool, RequestInfoSlot, ServedBy, UpstreamFailure, UpstreamRequestId};
 use memchr::memmem;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -131,14 +131,23 @@ where
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let request_id = match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
-            Some(id) => id.to_owned(),
-            None => self.recorder.ids.next(),
-        };
-        let id_header = HeaderValue::from_str(&request_id).ok();
-        if let Some(value) = &id_header {
-            request.headers_mut().insert(REQUEST_ID, value.clone());
-        }
+        let (request_id, id_header) =
+            match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
+                Some(id) => (id.to_owned(), HeaderValue::from_str(id).ok()),
+                None => {
+                    let id = self.recorder.ids.next();
+                    let value = HeaderValue::from_str(&id).ok();
+                    // To the node by the proxy, in place of the client's (missing or unusable)
+                    // header. An insert into the request's header map would cost more: hyper
+                    // sizes the map to the headers it parsed, so one more has to grow it.
+                    if let Some(value) = &value {
+                        request
+                            .extensions_mut()
+                            .insert(UpstreamRequestId(value.clone()));
+                    }
+                    (id, value)
+                }
+            };
         let api_key_id = request
             .extensions()
             .get::<ApiKeyId>()

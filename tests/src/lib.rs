@@ -314,3 +314,37 @@ pub async fn flushed_rows(router: &router::server::Running) -> Vec<serde_json::V
     router.services.history.flush().await;
     all_rows(&client(), &format!("http://{}", router.addr)).await
 }
+
+/// What a recording node saw of one POST: path, headers, body.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, http::HeaderMap, String)>>>;
+
+/// A node under `/{prefix}` that records every POST and answers it with `status`; anything
+/// else (its health checks) gets 200.
+pub async fn recording_node(prefix: &str, status: u16) -> (String, Seen) {
+    use axum::response::IntoResponse;
+    let seen = Seen::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/{prefix}", listener.local_addr().unwrap());
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |method: http::Method, uri: http::Uri, headers: http::HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                if method != http::Method::POST {
+                    return "ok".into_response();
+                }
+                record
+                    .lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), headers, body));
+                let answer = serde_json::json!({"id": "x", "object": "chat.completion",
+                    "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hi"}}]});
+                let status = http::StatusCode::from_u16(status).unwrap();
+                (status, answer.to_string()).into_response()
+            }
+        },
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}

@@ -487,40 +487,6 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     router.shutdown().await;
 }
 
-/// What a recording node saw of one POST: path, headers, body.
-type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, http::HeaderMap, String)>>>;
-
-/// A node under `/{prefix}` that records every POST and answers it with `status`; anything
-/// else (its health checks) gets 200.
-async fn recording_node(prefix: &str, status: u16) -> (String, Seen) {
-    use axum::response::IntoResponse;
-    let seen = Seen::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/{prefix}", listener.local_addr().unwrap());
-    let record = seen.clone();
-    let app = axum::Router::new().fallback(
-        move |method: http::Method, uri: http::Uri, headers: http::HeaderMap, body: String| {
-            let record = record.clone();
-            async move {
-                if method != http::Method::POST {
-                    return "ok".into_response();
-                }
-                record
-                    .lock()
-                    .unwrap()
-                    .push((uri.path().to_owned(), headers, body));
-                let answer = serde_json::json!({"id": "x", "object": "chat.completion",
-                    "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": "hi"}}]});
-                let status = http::StatusCode::from_u16(status).unwrap();
-                (status, answer.to_string()).into_response()
-            }
-        },
-    );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, seen)
-}
-
 /// A request retried on another node reaches it as the first node got it: the same path under
 /// that node's base URL, the same headers and body, and each node's own key in place of the
 /// client's; headers meant for one connection or for a proxy reach neither.

@@ -605,3 +605,56 @@ async fn operators_drain_and_remove_nodes_and_admin_needs_its_token() {
     assert_eq!(ready.status, 200);
     router.shutdown().await;
 }
+
+/// The node gets the same request id as the client: the client's own when it is sane, a new
+/// one in place of a missing or unusable one, and only ever one `x-request-id`.
+#[tokio::test]
+async fn the_node_and_the_client_see_the_same_request_id() {
+    let (node_url, seen) = recording_node("", 200).await;
+    let mut config = quick_config(&[]);
+    config.nodes.push(router::config::NodeConfig {
+        id: Some("n".into()),
+        url: node_url,
+        models: Some(vec!["m".into()]),
+        max_concurrency: 4,
+        weight: 1,
+        api_key: None,
+    });
+    let router = start_full(config, StartOptions::default()).await;
+    let url = format!("http://{}/v1/chat/completions", router.addr);
+    let client = client();
+    let too_long = "x".repeat(200);
+    let cases: [(Option<&str>, bool); 4] = [
+        (None, false),
+        (Some("client-id-1"), true),
+        (Some("has space"), false),
+        (Some(&too_long), false),
+    ];
+    for (i, (sent, kept)) in cases.into_iter().enumerate() {
+        let mut request = http::Request::post(&url).header("content-type", "application/json");
+        if let Some(id) = sent {
+            request = request.header("x-request-id", id);
+        }
+        let request = request
+            .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
+                "m", false,
+            ))))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let answered = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let node_saw = seen.lock().unwrap()[i].1.clone();
+        let at_node: Vec<_> = node_saw.get_all("x-request-id").iter().collect();
+        assert_eq!(at_node.len(), 1, "case {i}: {at_node:?}");
+        assert_eq!(at_node[0], answered.as_str(), "case {i}");
+        assert_eq!(
+            sent == Some(answered.as_str()),
+            kept,
+            "case {i}: {answered}"
+        );
+    }
+    router.shutdown().await;
+}
