@@ -194,34 +194,25 @@ impl<B> HttpClient<B> {
         self.start(outgoing, body)
     }
 
-    /// Sends a copy of `request` to `http://{authority}{path_prefix}{request's path and
-    /// query}`, leaving the request with the caller: the head is written out at once, and the
-    /// body is cloned (for an in-memory body, a reference count). For a caller that may send
-    /// the same request to another node after a failure, without copying its headers.
-    ///
-    /// The request's own headers named in `replaced` are not sent; where a value is given, it
-    /// is sent in their place. So a caller sets or removes a header per node without touching
-    /// the request (and without an insert that may have to grow its header map).
-    pub fn request_to(
-        &self,
-        authority: &Authority,
-        path_prefix: &str,
-        request: &Request<B>,
-        replaced: &[(&HeaderName, Option<&HeaderValue>)],
-    ) -> ResponseFuture
+    /// Sends a copy of `request` to a node, as [`Forward`] says, leaving the request with the
+    /// caller: the head is written out at once, and the body is cloned (for an in-memory body,
+    /// a reference count). For a caller that may send the same request to another node after
+    /// a failure, without copying its headers.
+    pub fn request_to(&self, request: &Request<B>, to: Forward<'_>) -> ResponseFuture
     where
         B: Body + Clone + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let outgoing = Outgoing::new(
-            authority,
-            path_prefix,
+            to.authority,
+            to.path_prefix,
             request.method(),
             request.uri(),
             request.headers(),
-            replaced,
-        );
+            to.replaced,
+        )
+        .keeping(to.keep_answer_header);
         self.start(outgoing, request.body().clone())
     }
 
@@ -235,6 +226,29 @@ impl<B> HttpClient<B> {
             inner: Box::pin(send(self.shared.clone(), outgoing, body)),
         }
     }
+}
+
+/// Where and how [`HttpClient::request_to`] sends a borrowed request, and what it keeps of
+/// the answer's head.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// The node's host and port: the request goes to `http://{authority}`.
+    pub authority: &'a Authority,
+    /// Goes before the request's path and query (a node's base path; usually empty).
+    pub path_prefix: &'a str,
+    /// The request's own headers of these names are not sent; where a value is given, it is
+    /// sent in their place. So a caller sets or removes a header per node without touching the
+    /// request (and without an insert that may have to grow its header map).
+    pub replaced: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
+    /// The answer headers to hand back; the others are read for framing where they matter
+    /// (`content-length`, `transfer-encoding`, `connection`) and otherwise skipped as the head
+    /// is parsed, so a caller that passes on only some does not build a second header map.
+    pub keep_answer_header: fn(&HeaderName) -> bool,
+}
+
+/// Every answer header.
+fn keep_every_header(_: &HeaderName) -> bool {
+    true
 }
 
 /// The answer to [`HttpClient::request`]: its head, with the body still on the connection.
@@ -404,6 +418,7 @@ where
         no_body,
         repeatable,
         body_expected,
+        keep_answer_header,
     } = outgoing;
     let body = body
         .collect()
@@ -420,12 +435,19 @@ where
             None => connect(&shared.config, &authority).await?,
         };
         let mut connection = Connection::new(stream);
-        match exchange(&mut connection, &head, &body).await {
+        match exchange(&mut connection, &head, &body, keep_answer_header).await {
             Ok(mut answer) => {
                 let (framing, keep_alive) = framing(&answer, no_body)?;
                 if answer.headers.contains_key(header::TRANSFER_ENCODING) {
                     // Ignored for framing (RFC 9112 6.3), so not passed on either.
                     answer.headers.remove(header::CONTENT_LENGTH);
+                }
+                if answer.read_for_framing_only {
+                    for name in FRAMING {
+                        if !keep_answer_header(&name) {
+                            answer.headers.remove(name);
+                        }
+                    }
                 }
                 let mut response = Response::new(UpstreamBody::new(
                     connection,
@@ -466,6 +488,7 @@ async fn exchange(
     connection: &mut Connection,
     head: &[u8],
     body: &[u8],
+    keep_header: fn(&HeaderName) -> bool,
 ) -> Result<AnswerHead, Failed> {
     write_request(&mut connection.stream, head, body)
         .await
@@ -482,8 +505,8 @@ async fn exchange(
             w == b"\n\n" || (w == b"\r\n" && i > 0 && connection.buf[from + i - 1] == b'\n')
         });
         if head_ended
-            && let Some(answer) =
-                parse_head(&mut connection.buf, &mut interim).map_err(Failed::Answering)?
+            && let Some(answer) = parse_head(&mut connection.buf, &mut interim, keep_header)
+                .map_err(Failed::Answering)?
         {
             return Ok(answer);
         }
@@ -585,6 +608,8 @@ struct Outgoing {
     repeatable: bool,
     /// Whether the method has a body, so `content-length: 0` is sent for an empty one.
     body_expected: bool,
+    /// Which answer headers to hand back.
+    keep_answer_header: fn(&HeaderName) -> bool,
 }
 
 impl Outgoing {
@@ -634,6 +659,14 @@ impl Outgoing {
             no_body: method == Method::HEAD,
             repeatable: method.is_idempotent() || headers.contains_key("idempotency-key"),
             body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
+            keep_answer_header: keep_every_header,
+        }
+    }
+
+    fn keeping(self, keep_answer_header: fn(&HeaderName) -> bool) -> Self {
+        Self {
+            keep_answer_header,
+            ..self
         }
     }
 }
@@ -701,11 +734,25 @@ struct AnswerHead {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// Whether `headers` holds framing headers the caller did not ask for.
+    read_for_framing_only: bool,
 }
 
+/// The answer headers that decide how its body is framed and whether its connection is kept.
+const FRAMING: [HeaderName; 3] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+];
+
 /// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers and
-/// counting them in `interim`; `None` until the head is complete.
-fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead>, ClientError> {
+/// counting them in `interim`; `None` until the head is complete. Only the headers `keep`
+/// accepts and the framing headers are read into the map.
+fn parse_head(
+    buf: &mut BytesMut,
+    interim: &mut u32,
+    keep: fn(&HeaderName) -> bool,
+) -> Result<Option<AnswerHead>, ClientError> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut fields);
@@ -735,9 +782,16 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
         // long as any forwarded header lives.
         let head = Bytes::copy_from_slice(&buf[..length]);
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        let mut read_for_framing_only = false;
         for field in parsed.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
                 .map_err(|_| ClientError::Malformed("header name"))?;
+            if !keep(&name) {
+                if !FRAMING.contains(&name) {
+                    continue;
+                }
+                read_for_framing_only = true;
+            }
             let value =
                 HeaderValue::from_maybe_shared(slice_of(&head, &buf[..length], field.value))
                     .map_err(|_| ClientError::Malformed("header value"))?;
@@ -748,6 +802,7 @@ fn parse_head(buf: &mut BytesMut, interim: &mut u32) -> Result<Option<AnswerHead
             status,
             version,
             headers,
+            read_for_framing_only,
         }));
     }
 }
@@ -1137,7 +1192,9 @@ mod tests {
     fn answer_header_values_share_one_copy_of_the_head() {
         let text = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Extra: a b\r\nContent-Length: 2\r\n\r\nok";
         let mut buf = BytesMut::from(text);
-        let head = parse_head(&mut buf, &mut 0).unwrap().unwrap();
+        let head = parse_head(&mut buf, &mut 0, keep_every_header)
+            .unwrap()
+            .unwrap();
         assert_eq!(&buf[..], b"ok", "the body stays in the read buffer");
         let value = |name: &str| head.headers.get(name).unwrap().as_bytes().as_ptr() as usize;
         let apart = text.find("2\r\n\r\n").unwrap() - text.find("text/plain").unwrap();
@@ -1621,10 +1678,13 @@ mod tests {
                 (&header::AUTHORIZATION, Some(&key)),
                 (&HeaderName::from_static("x-gone"), None),
             ];
-            let response = client
-                .request_to(&authority, "/base", &request, &replaced)
-                .await
-                .unwrap();
+            let to = Forward {
+                authority: &authority,
+                path_prefix: "/base",
+                replaced: &replaced,
+                keep_answer_header: keep_every_header,
+            };
+            let response = client.request_to(&request, to).await.unwrap();
             assert_eq!(text(response).await.unwrap(), "hello");
         }
         let sent = node.requests.lock().unwrap().clone();
@@ -1654,6 +1714,46 @@ mod tests {
         assert_eq!(request.headers().len(), 4);
         assert_eq!(request.headers()["authorization"], "Bearer client-key");
         assert_eq!(request.body().size_hint().exact(), Some(7));
+    }
+
+    /// Keeps `content-type` and nothing else.
+    fn content_type_only(name: &HeaderName) -> bool {
+        name == header::CONTENT_TYPE
+    }
+
+    #[tokio::test]
+    async fn answer_headers_not_asked_for_are_skipped_but_still_frame_the_body() {
+        const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nServer: node-7\r\nX-Node: 10.0.0.7\r\n\
+            Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n\
+            5\r\nhello\r\n0\r\n\r\n";
+        const CLOSING: &[u8] =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        let (node, client) =
+            node_and_client(|_, n| Reply::Send(if n == 1 { CLOSING } else { CHUNKED })).await;
+        let authority: Authority = node.authority.parse().unwrap();
+        let to = Forward {
+            authority: &authority,
+            path_prefix: "",
+            replaced: &[],
+            keep_answer_header: content_type_only,
+        };
+        let request = node.get();
+        let first = client.request_to(&request, to).await.unwrap();
+        let names: Vec<_> = first.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-type"]);
+        assert_eq!(
+            text(first).await.unwrap(),
+            "hello",
+            "chunked, though not kept"
+        );
+        // Kept alive: the second request goes on the same connection. It says close, unseen by
+        // the caller, and so the third needs a new one.
+        let second = client.request_to(&request, to).await.unwrap();
+        assert!(second.headers().is_empty(), "{:?}", second.headers());
+        assert_eq!(text(second).await.unwrap(), "ok");
+        assert_eq!(node.connections(), 1);
+        assert_eq!(fetch_text(&client, &node).await, "hello");
+        assert_eq!(node.connections(), 2);
     }
 
     #[tokio::test]
@@ -1757,6 +1857,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             version,
             headers: map,
+            read_for_framing_only: false,
         }
     }
 

@@ -92,7 +92,7 @@ pub use admission::{
 };
 pub use body::ResponseBody;
 pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
-pub use client::{ClientConfig, ClientError, HttpClient, UpstreamBody, build_client};
+pub use client::{ClientConfig, ClientError, Forward, HttpClient, UpstreamBody, build_client};
 pub use error::RouterError;
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
 pub use proxy::{

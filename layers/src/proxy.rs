@@ -17,7 +17,9 @@
 //!   client as it writes the head). The client's `Authorization` is
 //!   replaced by the node's own key, or removed. Only an allowlist of response headers goes back
 //!   (`content-type`, `content-length`, `content-encoding`, `cache-control`, `x-request-id`,
-//!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node.
+//!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node. The
+//!   client applies the allowlist as it parses the node's head, so the others are never read
+//!   into a header map.
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
@@ -50,7 +52,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, Timeout};
 use tower::Service;
 
-use crate::client::{ClientError, HttpClient, ResponseFuture as ClientFuture, UpstreamBody};
+use crate::client::{
+    ClientError, Forward, HttpClient, ResponseFuture as ClientFuture, UpstreamBody,
+};
 use crate::error::RouterError;
 use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::request_info::RequestInfo;
@@ -63,7 +67,7 @@ use crate::retry::RetryBudget;
 pub struct UpstreamRequestId(pub HeaderValue);
 
 /// `x-request-id`.
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Which node served a response, in the response's extensions: for history and logs on the
 /// router side. Never sent to the client.
@@ -233,17 +237,22 @@ where
     fn send(&self, request: &Request<B>, selected: &SelectedNode) -> Sent {
         let node = selected.node();
         let key = (&header::AUTHORIZATION, node.authorization());
-        let to_node = match request.extensions().get::<UpstreamRequestId>() {
-            Some(id) => self.client.request_to(
-                node.authority(),
-                node.path_prefix(),
-                request,
-                &[key, (&X_REQUEST_ID, Some(&id.0))],
-            ),
-            None => self
-                .client
-                .request_to(node.authority(), node.path_prefix(), request, &[key]),
+        let with_id;
+        let replaced: &[_] = match request.extensions().get::<UpstreamRequestId>() {
+            Some(id) => {
+                with_id = [key, (&X_REQUEST_ID, Some(&id.0))];
+                &with_id
+            }
+            None => &[key],
         };
+        let to = Forward {
+            authority: node.authority(),
+            path_prefix: node.path_prefix(),
+            replaced,
+            // Nothing that names the node is even parsed.
+            keep_answer_header: forwardable_response_header,
+        };
+        let to_node = self.client.request_to(request, to);
         Sent {
             future: tokio::time::timeout(self.config.first_byte_timeout, to_node),
             sent_at: Instant::now(),
@@ -542,15 +551,9 @@ fn answered_by(error: RouterError, node: &Node) -> Response<ProxyBody> {
     response
 }
 
-/// Keeps only the response headers that name no node, and notes which node served.
+/// Notes which node served. The client kept only the headers that name no node
+/// ([`forwardable_response_header`]).
 fn forwardable_parts(parts: &mut http::response::Parts, node: &Node) {
-    let mut headers = HeaderMap::with_capacity(parts.headers.len());
-    for (name, value) in parts.headers.drain().filter_map(|(n, v)| Some((n?, v))) {
-        if forwardable_response_header(&name) {
-            headers.append(name, value);
-        }
-    }
-    parts.headers = headers;
     parts.extensions.insert(ServedBy(node.id_arc().clone()));
 }
 
