@@ -151,7 +151,7 @@ where
         let api_key_id = request
             .extensions()
             .get::<ApiKeyId>()
-            .map(|k| k.0.to_string());
+            .map(|k| String::from(&*k.0));
         let path = request.uri().path().to_owned();
         // Filled by `RequestInfoLayer` inside the stack, so that a row without an answer (499)
         // still names the model.
@@ -184,7 +184,7 @@ where
                 let node_id = response
                     .extensions()
                     .get::<ServedBy>()
-                    .map(|s| s.0.to_string());
+                    .map(|s| String::from(&*s.0));
                 let span = tracing::Span::current();
                 if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
                     span.record("model", model);
@@ -390,12 +390,14 @@ impl Drop for RecordedBody {
 
 /// Finds `"prompt_tokens": N` and `"completion_tokens": N` in a byte stream split into chunks
 /// at arbitrary places. The last value seen wins (usage comes last in a stream).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct UsageScanner {
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
-    /// The end of the previous chunk, so a key split across chunks is still found.
-    carry: Vec<u8>,
+    /// The end of the previous chunk (its first `carry_len` bytes), so a key split across
+    /// chunks is still found. In place rather than a `Vec`: no allocation per answer.
+    carry: [u8; CARRY],
+    carry_len: usize,
 }
 
 /// Longest `"completion_tokens" : 1234567890` worth carrying over a chunk boundary.
@@ -406,23 +408,42 @@ static PROMPT_TOKENS: LazyLock<memmem::Finder<'static>> =
 static COMPLETION_TOKENS: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(b"\"completion_tokens\""));
 
+impl Default for UsageScanner {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: None,
+            completion_tokens: None,
+            carry: [0; CARRY],
+            carry_len: 0,
+        }
+    }
+}
+
 impl UsageScanner {
     fn scan(&mut self, chunk: &[u8]) {
         // A key that straddles the boundary is in the carry plus the head of this chunk. Only
         // that small seam is copied; the chunk itself is searched in place.
-        if !self.carry.is_empty() {
-            let mut seam = std::mem::take(&mut self.carry);
-            seam.extend_from_slice(&chunk[..chunk.len().min(CARRY)]);
-            self.scan_window(&seam);
+        if self.carry_len > 0 {
+            let head = &chunk[..chunk.len().min(CARRY)];
+            let mut seam = [0u8; 2 * CARRY];
+            seam[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
+            seam[self.carry_len..self.carry_len + head.len()].copy_from_slice(head);
+            let seam = &seam[..self.carry_len + head.len()];
+            self.scan_window(seam);
             if chunk.len() < CARRY {
-                let keep = seam.len().saturating_sub(CARRY);
-                self.carry = seam.split_off(keep);
+                self.carry_tail_of(seam);
                 return;
             }
         }
         self.scan_window(chunk);
-        self.carry
-            .extend_from_slice(&chunk[chunk.len().saturating_sub(CARRY)..]);
+        self.carry_tail_of(chunk);
+    }
+
+    /// Keeps the last `CARRY` bytes of `bytes` (all of them, if fewer) for the next scan.
+    fn carry_tail_of(&mut self, bytes: &[u8]) {
+        let tail = &bytes[bytes.len().saturating_sub(CARRY)..];
+        self.carry[..tail.len()].copy_from_slice(tail);
+        self.carry_len = tail.len();
     }
 
     fn scan_window(&mut self, window: &[u8]) {
