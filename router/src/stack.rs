@@ -3,7 +3,8 @@
 //!
 //! Each order gives a different concrete type, so each layer's service is type-erased
 //! ([`SharedService`]) and the stack is assembled at start-up from [`StackConfig::layers`].
-//! A layer left out of the list is not in the path at all.
+//! A layer left out of the list is not in the path at all. The default order, which most
+//! routers run, is also built as one concrete stack, erased once at the top.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -168,8 +169,33 @@ pub fn request_service(
     config: &StackConfig,
     budget: Arc<RetryBudget>,
 ) -> SharedService<Request<Body>, Response<Body>> {
+    if config.layers == LayerKind::ALL {
+        return default_request_service(state, config, budget);
+    }
     let inner = inference_service(state, config, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
+}
+
+/// [`request_service`] for the default order, with no type erasure between the layers: one
+/// boxed future per request instead of one per layer, and no dynamic calls in between. Any
+/// other order or subset takes the erased path, which builds the same services.
+fn default_request_service(
+    state: &AppState,
+    config: &StackConfig,
+    budget: Arc<RetryBudget>,
+) -> SharedService<Request<Body>, Response<Body>> {
+    let stack = tower::ServiceBuilder::new()
+        .layer(RequestInfoLayer::new(config.request_info))
+        .layer(
+            AdmissionLayer::new(state.pool.clone(), config.admission)
+                .with_counters(state.admission.clone()),
+        )
+        .layer(TimeoutWaitLayer::new(state.pool.clone(), config.wait))
+        .layer(CachedSelectLayer::new(state.pool.clone(), config.select))
+        .service(proxy_service(state, config, budget));
+    SharedService::new(ServiceExt::<Request<Body>>::map_response(stack, |r| {
+        r.map(Body::new)
+    }))
 }
 
 /// A type-erased service that is cheap to clone.
