@@ -43,6 +43,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -55,7 +56,7 @@ use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::FastMap;
@@ -958,6 +959,9 @@ impl Connection {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         // Wait before taking memory: a stream waiting for its next token holds no buffer.
         self.release_if_empty();
+        if self.buf.capacity() == 0 && self.read_size == READ_MIN {
+            return self.poll_fill_exact(cx);
+        }
         ready!(self.stream.poll_read_ready(cx))?;
         if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
             self.buf.reserve(self.read_size);
@@ -981,8 +985,29 @@ impl Connection {
         Poll::Ready(Ok(read))
     }
 
+    /// Reads into an empty buffer through the stack, keeping exactly what came. Most answers
+    /// and stream events are far smaller than a read: an allocation of their size is cheaper
+    /// than one of `READ_MIN` (which glibc serves from outside its per-thread cache), and the
+    /// frames made from it hold no unused room.
+    fn poll_fill_exact(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut landing = [MaybeUninit::<u8>::uninit(); READ_MIN];
+        let mut read = ReadBuf::uninit(&mut landing);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        let filled = read.filled();
+        if filled.len() == READ_MIN {
+            self.read_size = (READ_MIN * 2).min(READ_MAX);
+        }
+        self.buf = BytesMut::from(filled);
+        Poll::Ready(Ok(filled.len()))
+    }
+
     /// The next `n` bytes of the buffer.
     fn take(&mut self, n: usize) -> Bytes {
+        if n == self.buf.len() {
+            // All of it: the buffer's allocation becomes the frame's as it is (a split would
+            // first make it shared, an allocation of its own).
+            return std::mem::take(&mut self.buf).freeze();
+        }
         let data = self.buf.split_to(n).freeze();
         // The emptied buffer still shares the frame's allocation: let go of it, so the
         // allocation goes with the frame.
