@@ -403,10 +403,9 @@ struct UsageScanner {
 /// Longest `"completion_tokens" : 1234567890` worth carrying over a chunk boundary.
 const CARRY: usize = 40;
 
-static PROMPT_TOKENS: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"prompt_tokens\""));
-static COMPLETION_TOKENS: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(b"\"completion_tokens\""));
+/// `_tokens"`, the end of both keys: one pass finds both, and the word before tells which.
+static TOKENS_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"_tokens\""));
 
 impl Default for UsageScanner {
     fn default() -> Self {
@@ -447,41 +446,46 @@ impl UsageScanner {
     }
 
     fn scan_window(&mut self, window: &[u8]) {
-        if let Some(v) = last_number_after(window, &PROMPT_TOKENS) {
-            self.prompt_tokens = Some(v);
-        }
-        if let Some(v) = last_number_after(window, &COMPLETION_TOKENS) {
-            self.completion_tokens = Some(v);
+        for pos in TOKENS_KEY.find_iter(window) {
+            let before = &window[..pos];
+            let count = if before.ends_with(b"\"prompt") {
+                &mut self.prompt_tokens
+            } else if before.ends_with(b"\"completion") {
+                &mut self.completion_tokens
+            } else {
+                continue;
+            };
+            if let Some(n) = number_after(window, pos + TOKENS_KEY.needle().len()) {
+                *count = Some(n);
+            }
         }
     }
 }
 
-/// The number after the last complete `key: N` in `window`. A number that runs to the end of the
-/// window may be cut off, so it is left for the next scan (the key is then in the carry).
-fn last_number_after(window: &[u8], key: &memmem::Finder<'_>) -> Option<u32> {
-    let mut found = None;
-    for pos in key.find_iter(window) {
-        let mut i = pos + key.needle().len();
-        while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-            i += 1;
-        }
-        if window.get(i) == Some(&b':') {
-            i += 1;
-            while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
-                i += 1;
-            }
-            let digits_start = i;
-            while window.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i > digits_start && i < window.len() {
-                found = std::str::from_utf8(&window[digits_start..i])
-                    .ok()
-                    .and_then(|d| d.parse().ok());
-            }
-        }
+/// The number in `: N` at `at` in `window`. A number that runs to the end of the window may be
+/// cut off, so it is left for the next scan (the key is then in the carry).
+fn number_after(window: &[u8], mut i: usize) -> Option<u32> {
+    while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+        i += 1;
     }
-    found
+    if window.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
+        i += 1;
+    }
+    let digits_start = i;
+    while window.get(i).is_some_and(u8::is_ascii_digit) {
+        i += 1;
+    }
+    if i == digits_start || i >= window.len() {
+        return None;
+    }
+    std::str::from_utf8(&window[digits_start..i])
+        .ok()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -539,6 +543,22 @@ mod tests {
             assert_eq!(
                 (chunked.prompt_tokens, chunked.completion_tokens),
                 (Some(12), Some(345)),
+                "chunks of {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_token_counts_are_not_taken_for_these() {
+        let body = br#"{"usage":{"prompt_tokens" : 7,"completion_tokens":9,"total_tokens":16,"prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        for size in [1, 5, 40, body.len()] {
+            let mut scanner = UsageScanner::default();
+            for chunk in body.chunks(size) {
+                scanner.scan(chunk);
+            }
+            assert_eq!(
+                (scanner.prompt_tokens, scanner.completion_tokens),
+                (Some(7), Some(9)),
                 "chunks of {size}"
             );
         }
