@@ -669,6 +669,8 @@ pin_project! {
     /// While the node's stream lasts it holds the node's slot; the slot is given back at the end
     /// of the stream, on error, or when the client drops the body.
     pub struct ProxyBody {
+        // Armed at the first wait for the node, not before: an answer that arrives whole never
+        // touches the timer wheel.
         #[pin]
         idle: Option<Sleep>,
         upstream: Option<Upstream>,
@@ -686,6 +688,9 @@ struct Upstream {
     /// first token).
     awaiting_first_byte: Option<Instant>,
     failure: UpstreamFailure,
+    /// A frame came since the idle timer was last set: it is moved on at the next wait. Frames
+    /// leave the timer alone, so a stream that keeps coming costs no timer work per frame.
+    idle_stale: bool,
 }
 
 impl std::fmt::Debug for ProxyBody {
@@ -727,7 +732,7 @@ impl ProxyBody {
         failure: UpstreamFailure,
     ) -> Self {
         Self {
-            idle: Some(tokio::time::sleep(idle_timeout)),
+            idle: None,
             upstream: Some(Upstream {
                 body,
                 selected,
@@ -735,6 +740,7 @@ impl ProxyBody {
                 sse,
                 awaiting_first_byte: Some(sent_at),
                 failure,
+                idle_stale: false,
             }),
             full: None,
         }
@@ -769,9 +775,7 @@ impl Body for ProxyBody {
                         .state()
                         .record_ttfb(sent_at.elapsed());
                 }
-                if let Some(idle) = this.idle.as_mut().as_pin_mut() {
-                    idle.reset(tokio::time::Instant::now() + upstream.idle_timeout);
-                }
+                upstream.idle_stale = true;
                 return Poll::Ready(Some(Ok(frame)));
             }
             Poll::Ready(None) => {
@@ -787,10 +791,24 @@ impl Body for ProxyBody {
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(error))) => ProxyBodyError::Upstream(error),
-            Poll::Pending => match this.idle.as_mut().as_pin_mut().map(|s| s.poll(cx)) {
-                Some(Poll::Ready(())) => ProxyBodyError::Idle,
-                _ => return Poll::Pending,
-            },
+            Poll::Pending => {
+                // The idle gap counts from the first wait after a frame (or after the head).
+                match this.idle.as_mut().as_pin_mut() {
+                    None => {
+                        let deadline = tokio::time::Instant::now() + upstream.idle_timeout;
+                        this.idle.set(Some(tokio::time::sleep_until(deadline)));
+                    }
+                    Some(idle) if upstream.idle_stale => {
+                        idle.reset(tokio::time::Instant::now() + upstream.idle_timeout);
+                    }
+                    Some(_) => {}
+                }
+                upstream.idle_stale = false;
+                match this.idle.as_mut().as_pin_mut().map(|s| s.poll(cx)) {
+                    Some(Poll::Ready(())) => ProxyBodyError::Idle,
+                    _ => return Poll::Pending,
+                }
+            }
         };
         let node = upstream.selected.node();
         let failures = node.state().record_failure();

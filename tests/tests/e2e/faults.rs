@@ -487,6 +487,42 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     router.shutdown().await;
 }
 
+/// The idle timeout is a gap between tokens, not a limit on the stream: a stream whose tokens
+/// keep coming runs to its end, however much longer than the timeout it lasts.
+#[tokio::test]
+async fn a_steady_stream_outlasts_the_idle_timeout() {
+    let steady = SimNode::start(SimConfig {
+        tokens: 12,
+        ttft_ms: 60,
+        inter_token_ms: 60,
+        ..quick_node(&["m"])
+    })
+    .await
+    .unwrap();
+    let mut config = quick_config(&[("steady", &steady, &["m"], 2)]);
+    config.proxy.idle_timeout_ms = 200;
+    let router = start_full(config, StartOptions::default()).await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let started = Instant::now();
+    let response = post_streaming(&client(), &url, chat_body("m", true)).await;
+    assert_eq!(response.status(), 200);
+    let events = within(
+        Duration::from_secs(5),
+        "the stream ends",
+        read_events(&mut response.into_body(), started),
+    )
+    .await;
+    assert!(
+        started.elapsed() > Duration::from_millis(600),
+        "the stream was meant to outlast the timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(error_event(&events).is_none(), "{events:?}");
+    assert!(events.len() >= 12, "{events:?}");
+    assert_eq!(node_state(&router, "steady").0, 0);
+    router.shutdown().await;
+}
+
 /// A request retried on another node reaches it as the first node got it: the same path under
 /// that node's base URL, the same headers and body, and each node's own key in place of the
 /// client's; headers meant for one connection or for a proxy reach neither.
