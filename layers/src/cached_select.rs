@@ -175,43 +175,64 @@ impl NodeSelector {
         model: Option<&str>,
         held: Option<SelectedNode>,
     ) -> Result<SelectedNode, RouterError> {
+        match held {
+            Some(mut held) => self.reselect(model, &mut held).map(|()| held),
+            None => self.select_new(model),
+        }
+    }
+
+    /// [`select`](Self::select) for a slot that stays where it is (a request's extension),
+    /// replaced only when the choice moves.
+    fn reselect(&self, model: Option<&str>, held: &mut SelectedNode) -> Result<(), RouterError> {
+        if !held.within_capacity() {
+            *held = self.select_new(model)?;
+            return Ok(());
+        }
         let ranking = self.ranking();
         let ranked = ranking.nodes(model);
         if ranked.0.is_empty() {
-            // The ranking may be a moment behind; the snapshot has the final word.
-            return Err(match self.pool.snapshot().eligible(model) {
-                Eligible::UnknownModel => {
-                    RouterError::ModelNotFound(model.unwrap_or_default().to_owned())
-                }
-                _ => RouterError::NoNodeAvailable {
-                    retry_after: retry_delay(1, 0.0),
-                },
-            });
+            return Err(self.nothing_ranked(model));
         }
-        match held {
-            Some(held) if held.within_capacity() => {
-                let best = self.pick(ranked, SlotBound::WithinCapacity, Some(&held));
-                match best {
-                    Some(node) if !Arc::ptr_eq(node.state(), held.node().state()) => {
-                        let moved = self
-                            .pool
-                            .acquire(node, SlotBound::WithinCapacity)
-                            .and_then(SelectedNode::new);
-                        // The old slot is given back as `held` drops, once the new one is ours.
-                        Ok(moved.unwrap_or(held))
-                    }
-                    _ => Ok(held),
-                }
+        let best = self.pick(ranked, SlotBound::WithinCapacity, Some(held));
+        if let Some(node) = best
+            && !Arc::ptr_eq(node.state(), held.node().state())
+            && let Some(moved) = self
+                .pool
+                .acquire(node, SlotBound::WithinCapacity)
+                .and_then(SelectedNode::new)
+        {
+            // The old slot is given back as it is replaced, once the new one is ours.
+            *held = moved;
+        }
+        Ok(())
+    }
+
+    /// A slot on the best node for `model`, with nothing held.
+    fn select_new(&self, model: Option<&str>) -> Result<SelectedNode, RouterError> {
+        let ranking = self.ranking();
+        let ranked = ranking.nodes(model);
+        if ranked.0.is_empty() {
+            return Err(self.nothing_ranked(model));
+        }
+        let node = self
+            .pick(ranked, SlotBound::MayExceed, None)
+            .ok_or(RouterError::Internal)?;
+        self.pool
+            .acquire(node, SlotBound::MayExceed)
+            .and_then(SelectedNode::new)
+            .ok_or(RouterError::Internal)
+    }
+
+    /// Why no node could be ranked for `model`. The ranking may be a moment behind; the
+    /// snapshot has the final word.
+    fn nothing_ranked(&self, model: Option<&str>) -> RouterError {
+        match self.pool.snapshot().eligible(model) {
+            Eligible::UnknownModel => {
+                RouterError::ModelNotFound(model.unwrap_or_default().to_owned())
             }
-            _ => {
-                let node = self
-                    .pick(ranked, SlotBound::MayExceed, None)
-                    .ok_or(RouterError::Internal)?;
-                self.pool
-                    .acquire(node, SlotBound::MayExceed)
-                    .and_then(SelectedNode::new)
-                    .ok_or(RouterError::Internal)
-            }
+            _ => RouterError::NoNodeAvailable {
+                retry_after: retry_delay(1, 0.0),
+            },
         }
     }
 
@@ -292,16 +313,20 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let held = request.extensions_mut().remove::<SelectedNode>();
         let model = request
             .extensions()
             .get::<RequestInfo>()
             .and_then(|i| i.model.clone());
-        match self.selector.select(model.as_deref(), held) {
-            Ok(selected) => {
+        // A slot an earlier layer took is moved or kept where it is, in the extensions: taking
+        // it out and putting it back would cost two map operations and an allocation.
+        let chosen = match request.extensions_mut().get_mut::<SelectedNode>() {
+            Some(held) => self.selector.reselect(model.as_deref(), held),
+            None => self.selector.select_new(model.as_deref()).map(|selected| {
                 request.extensions_mut().insert(selected);
-                ResponseFuture::called(self.inner.call(request))
-            }
+            }),
+        };
+        match chosen {
+            Ok(()) => ResponseFuture::called(self.inner.call(request)),
             Err(error) => ResponseFuture::rejected(error, ErrorFormat::of(request.headers())),
         }
     }
@@ -439,6 +464,58 @@ mod tests {
         let kept = selector.select(Some("m"), Some(on_a)).unwrap();
         assert_eq!(id(&kept), "a");
         assert!(b.state().in_flight() <= b.max_concurrency());
+    }
+
+    /// Through the service: a slot held in the request's extensions is moved there, and the
+    /// inner service sees the one slot it ends up with.
+    #[tokio::test]
+    async fn the_service_moves_a_held_slot_in_place() {
+        let pool = pool(&[("a", 1), ("b", 2)]);
+        let snapshot = pool.snapshot();
+        let (a, b) = (snapshot.nodes()[0].clone(), snapshot.nodes()[1].clone());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let inner = tower::service_fn(move |request: Request<()>| {
+            let selected = request.extensions().get::<SelectedNode>().map(id);
+            record.lock().unwrap().push(selected);
+            std::future::ready(Ok::<_, std::convert::Infallible>(Response::new(())))
+        });
+        let mut service =
+            CachedSelectLayer::new(pool.clone(), SelectConfig::default()).layer(inner);
+        let info = RequestInfo {
+            model: Some("m".into()),
+            stream: false,
+        };
+        let request = |held: Option<SelectedNode>| {
+            let mut request = Request::new(());
+            request.extensions_mut().insert(info.clone());
+            if let Some(held) = held {
+                request.extensions_mut().insert(held);
+            }
+            request
+        };
+        // Held on a, which it fills; b has room: moved, and a is free again.
+        let on_a = SelectedNode::new(pool.acquire(&a, SlotBound::WithinCapacity).unwrap()).unwrap();
+        service.call(request(Some(on_a))).await.unwrap();
+        // Nothing held: one is taken.
+        service.call(request(None)).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [Some("b".to_owned()), Some("b".to_owned())]
+        );
+        assert_eq!((a.state().in_flight(), b.state().in_flight()), (0, 0));
+        // An unknown model is refused, and the held slot goes with the request.
+        let mut unknown = request(Some(
+            SelectedNode::new(pool.acquire(&a, SlotBound::WithinCapacity).unwrap()).unwrap(),
+        ));
+        unknown.extensions_mut().insert(RequestInfo {
+            model: Some("nope".into()),
+            stream: false,
+        });
+        let refused = service.call(unknown).await.unwrap();
+        assert_eq!(refused.status(), http::StatusCode::NOT_FOUND);
+        assert_eq!(a.state().in_flight(), 0);
+        assert_eq!(seen.lock().unwrap().len(), 2);
     }
 
     #[test]
