@@ -101,7 +101,7 @@ impl<S> Layer<S> for Recorder {
     fn layer(&self, inner: S) -> Self::Service {
         Recorded {
             inner,
-            recorder: self.clone(),
+            recorder: Arc::new(self.clone()),
         }
     }
 }
@@ -110,7 +110,8 @@ impl<S> Layer<S> for Recorder {
 #[derive(Debug, Clone)]
 pub struct Recorded<S> {
     inner: S,
-    recorder: Recorder,
+    // One reference count per request instead of one per shared part.
+    recorder: Arc<Recorder>,
 }
 
 impl<S> Service<Request<Body>> for Recorded<S>
@@ -222,7 +223,7 @@ where
 
 /// What a row needs from the request, held while the answer is awaited.
 struct RowStart {
-    recorder: Recorder,
+    recorder: Arc<Recorder>,
     started: Instant,
     ts_ms: i64,
     request_id: String,
@@ -233,7 +234,7 @@ struct RowStart {
 
 impl RowStart {
     /// The row so far, with `status`; the answer fills in the rest.
-    fn into_record(self, status: u16) -> (Recorder, Instant, RequestRecord) {
+    fn into_record(self, status: u16) -> (Arc<Recorder>, Instant, RequestRecord) {
         let info = self.info.get();
         let record = RequestRecord {
             ts_ms: self.ts_ms,
@@ -295,7 +296,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 struct Pending {
-    recorder: Recorder,
+    recorder: Arc<Recorder>,
     started: Instant,
     record: RequestRecord,
     ttfb: Duration,
