@@ -227,6 +227,23 @@ pub fn quick_config(nodes: &[(&str, &SimNode, &[&str], usize)]) -> router::confi
     config
 }
 
+/// A config node at `url` serving `models`, 4 slots, with the node's own `api_key` if any.
+pub fn node_at(
+    id: &str,
+    url: &str,
+    models: &[&str],
+    api_key: Option<&str>,
+) -> router::config::NodeConfig {
+    router::config::NodeConfig {
+        id: Some(id.to_owned()),
+        url: url.to_owned(),
+        models: Some(models.iter().map(|m| (*m).to_owned()).collect()),
+        max_concurrency: 4,
+        weight: 1,
+        api_key: api_key.map(str::to_owned),
+    }
+}
+
 /// Sends a request with a method, optional bearer token and optional JSON body.
 pub async fn send(
     client: &TestClient,

@@ -430,20 +430,12 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut config = quick_config(&[]);
-    config.nodes.push(router::config::NodeConfig {
-        id: Some("talkative".into()),
-        url: me.clone(),
-        models: Some(vec![
-            "ok".into(),
-            "bad".into(),
-            "moved".into(),
-            "gz".into(),
-            "huge".into(),
-        ]),
-        max_concurrency: 4,
-        weight: 1,
-        api_key: None,
-    });
+    config.nodes.push(node_at(
+        "talkative",
+        &me,
+        &["ok", "bad", "moved", "gz", "huge"],
+        None,
+    ));
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("http://{}/v1/chat/completions", router.addr);
     let client = client();
@@ -537,14 +529,7 @@ async fn a_retried_request_reaches_the_next_node_as_the_first_got_it() {
         ("failing", &failing_url, Some("key-a")),
         ("good", &good_url, None),
     ] {
-        config.nodes.push(router::config::NodeConfig {
-            id: Some(id.into()),
-            url: url.clone(),
-            models: Some(vec!["m".into()]),
-            max_concurrency: 4,
-            weight: 1,
-            api_key: key.map(Into::into),
-        });
+        config.nodes.push(node_at(id, url, &["m"], key));
     }
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("{}/v1/chat/completions", base(&router));

@@ -307,14 +307,12 @@ async fn no_v1_response_reveals_a_node_address() {
         l.local_addr().unwrap().port()
     };
     let mut config = quick_config(&[("a", &a, &["m"], 4), ("b", &b, &["m", "e"], 4)]);
-    config.nodes.push(router::config::NodeConfig {
-        id: Some("dead".into()),
-        url: format!("http://127.0.0.1:{dead_port}"),
-        models: Some(vec!["gone".into()]),
-        max_concurrency: 4,
-        weight: 1,
-        api_key: None,
-    });
+    config.nodes.push(node_at(
+        "dead",
+        &format!("http://127.0.0.1:{dead_port}"),
+        &["gone"],
+        None,
+    ));
     // Keep the dead node in rotation long enough to be tried.
     config.health.interval_ms = 60_000;
     config.health.failures_to_eject = 100;
@@ -612,14 +610,7 @@ async fn operators_drain_and_remove_nodes_and_admin_needs_its_token() {
 async fn the_node_and_the_client_see_the_same_request_id() {
     let (node_url, seen) = recording_node("", 200).await;
     let mut config = quick_config(&[]);
-    config.nodes.push(router::config::NodeConfig {
-        id: Some("n".into()),
-        url: node_url,
-        models: Some(vec!["m".into()]),
-        max_concurrency: 4,
-        weight: 1,
-        api_key: None,
-    });
+    config.nodes.push(node_at("n", &node_url, &["m"], None));
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("http://{}/v1/chat/completions", router.addr);
     let client = client();
