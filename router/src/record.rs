@@ -132,23 +132,28 @@ where
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let (request_id, id_header) =
-            match request.headers().get(&REQUEST_ID).and_then(sane_request_id) {
-                Some(id) => (id.to_owned(), HeaderValue::from_str(id).ok()),
-                None => {
-                    let id = self.recorder.ids.next();
-                    let value = HeaderValue::from_str(&id).ok();
-                    // To the node by the proxy, in place of the client's (missing or unusable)
-                    // header. An insert into the request's header map would cost more: hyper
-                    // sizes the map to the headers it parsed, so one more has to grow it.
-                    if let Some(value) = &value {
-                        request
-                            .extensions_mut()
-                            .insert(UpstreamRequestId(value.clone()));
-                    }
-                    (id, value)
-                }
-            };
+        let headers = request.headers();
+        let client_id = headers.get(&REQUEST_ID).and_then(sane_request_id);
+        let (request_id, id_header) = match client_id {
+            Some(id) => (id.to_owned(), HeaderValue::from_str(id).ok()),
+            None => {
+                let id = self.recorder.ids.next();
+                let value = HeaderValue::from_str(&id).ok();
+                (id, value)
+            }
+        };
+        // The node gets exactly the id the client is told. The client's own goes as it came
+        // when it is the only one; otherwise the proxy sends this one in place of the client's
+        // (missing, unusable or repeated) headers. An insert into the request's header map
+        // would cost more: hyper sizes the map to the headers it parsed, so one more grows it.
+        let repeated = client_id.is_some() && headers.get_all(&REQUEST_ID).iter().nth(1).is_some();
+        if (client_id.is_none() || repeated)
+            && let Some(value) = &id_header
+        {
+            request
+                .extensions_mut()
+                .insert(UpstreamRequestId(value.clone()));
+        }
         let api_key_id = request
             .extensions()
             .get::<ApiKeyId>()

@@ -615,16 +615,18 @@ async fn the_node_and_the_client_see_the_same_request_id() {
     let url = format!("http://{}/v1/chat/completions", router.addr);
     let client = client();
     let too_long = "x".repeat(200);
-    let cases: [(Option<&str>, bool); 4] = [
-        (None, false),
-        (Some("client-id-1"), true),
-        (Some("has space"), false),
-        (Some(&too_long), false),
+    // The ids the client sends (all of them, in order), and whether the first is kept.
+    let cases: [(&[&str], bool); 5] = [
+        (&[], false),
+        (&["client-id-1"], true),
+        (&["has space"], false),
+        (&[&too_long], false),
+        (&["first-id", "second-id"], true),
     ];
     for (i, (sent, kept)) in cases.into_iter().enumerate() {
         let mut request = http::Request::post(&url).header("content-type", "application/json");
-        if let Some(id) = sent {
-            request = request.header("x-request-id", id);
+        for id in sent {
+            request = request.header("x-request-id", *id);
         }
         let request = request
             .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
@@ -642,7 +644,7 @@ async fn the_node_and_the_client_see_the_same_request_id() {
         assert_eq!(at_node.len(), 1, "case {i}: {at_node:?}");
         assert_eq!(at_node[0], answered.as_str(), "case {i}");
         assert_eq!(
-            sent == Some(answered.as_str()),
+            sent.first() == Some(&answered.as_str()),
             kept,
             "case {i}: {answered}"
         );
