@@ -33,8 +33,9 @@
 //!   error, and its connection is closed.
 //! - **Request body.** Written whole, before the answer is read: a node that answers early (a
 //!   413, say) and stops reading is waited for until the caller's timeout.
-//! - **Headers.** The request goes out with `host` from its URI and `content-length` from its
-//!   body; the caller's `host`, framing, hop-by-hop and `proxy-*` headers (and `expect`: the
+//! - **Headers.** The request goes out with `host` from its URI (or from
+//!   [`Forward::authority`]) and `content-length` from its body; the caller's `host`, framing
+//!   and hop-by-hop headers, `proxy-authorization` and `proxy-authenticate`, and `expect` (the
 //!   body is sent at once) are not sent.
 //! - **Sending without giving up the request.** [`HttpClient::request_to`] writes out the head
 //!   of a borrowed request, so a caller that may send it again elsewhere keeps it as it is,
@@ -238,12 +239,14 @@ pub struct Forward<'a> {
     /// Goes before the request's path and query (a node's base path; usually empty).
     pub path_prefix: &'a str,
     /// The request's own headers of these names are not sent; where a value is given, it is
-    /// sent in their place. So a caller sets or removes a header per node without touching the
-    /// request (and without an insert that may have to grow its header map).
+    /// sent in their place, unless the name is one the client never sends as given (`host`,
+    /// framing, hop-by-hop). So a caller sets or removes a header per node without touching
+    /// the request (and without an insert that may have to grow its header map).
     pub replaced: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
-    /// The answer headers to hand back; the others are read for framing where they matter
-    /// (`content-length`, `transfer-encoding`, `connection`) and otherwise skipped as the head
-    /// is parsed, so a caller that passes on only some does not build a second header map.
+    /// The answer headers to hand back. The others are put in the map only where they frame
+    /// the answer (`content-length`, `transfer-encoding`, `connection`), and taken out again
+    /// once it is framed; the rest are skipped as the head is parsed (their names are still
+    /// read), so a caller that passes on only some does not build a second header map.
     pub keep_answer_header: fn(&HeaderName) -> bool,
 }
 
@@ -1206,6 +1209,7 @@ impl Body for UpstreamBody {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use tokio::io::AsyncReadExt;
@@ -1739,6 +1743,29 @@ mod tests {
         assert_eq!(request.headers().len(), 4);
         assert_eq!(request.headers()["authorization"], "Bearer client-key");
         assert_eq!(request.body().size_hint().exact(), Some(7));
+    }
+
+    /// An answer whose head alone (a 9,000-byte header) and whose body are each larger than
+    /// one read: the first read fills its 8 KiB and the rest go through the growing buffer.
+    static LARGE_ANSWER: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        let pad = "p".repeat(9_000);
+        let body = "x".repeat(20_000);
+        format!(
+            "HTTP/1.1 200 OK\r\nX-Pad: {pad}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    });
+
+    #[tokio::test]
+    async fn a_head_and_body_larger_than_a_read_arrive_whole() {
+        let (node, client) = node_and_client(|_, _| Reply::Send(LARGE_ANSWER.as_slice())).await;
+        for _ in 0..2 {
+            let response = fetch(&client, &node).await;
+            assert_eq!(response.headers()["x-pad"].len(), 9_000);
+            assert_eq!(text(response).await.unwrap(), "x".repeat(20_000));
+        }
+        assert_eq!(node.connections(), 1, "the connection was kept");
     }
 
     /// Keeps `content-type` and nothing else.

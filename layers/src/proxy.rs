@@ -18,8 +18,8 @@
 //!   replaced by the node's own key, or removed. Only an allowlist of response headers goes back
 //!   (`content-type`, `content-length`, `content-encoding`, `cache-control`, `x-request-id`,
 //!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node. The
-//!   client applies the allowlist as it parses the node's head, so the others are never read
-//!   into a header map.
+//!   client applies the allowlist as it parses the node's head, so the others are not copied
+//!   into a header map (the framing headers only until the answer is framed).
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
@@ -792,7 +792,8 @@ impl Body for ProxyBody {
             }
             Poll::Ready(Some(Err(error))) => ProxyBodyError::Upstream(error),
             Poll::Pending => {
-                // The idle gap counts from the first wait after a frame (or after the head).
+                // The idle gap counts from the first poll that has to wait after a frame (or,
+                // before any frame, from the first such poll after the head).
                 match this.idle.as_mut().as_pin_mut() {
                     None => {
                         let deadline = tokio::time::Instant::now() + upstream.idle_timeout;

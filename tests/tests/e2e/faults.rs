@@ -515,6 +515,38 @@ async fn a_steady_stream_outlasts_the_idle_timeout() {
     router.shutdown().await;
 }
 
+/// A stream whose node sends its head and then nothing times out after the idle timeout, with
+/// no frame to start the clock: it runs from the first wait.
+#[tokio::test]
+async fn a_stream_silent_after_its_head_times_out() {
+    let slow = SimConfig {
+        ttft_ms: 5_000,
+        ..quick_node(&["m"])
+    };
+    let node = SimNode::start(slow).await.unwrap();
+    let mut config = quick_config(&[("slow", &node, &["m"], 2)]);
+    config.proxy.idle_timeout_ms = 300;
+    config.health.failures_to_eject = 100;
+    let router = start_full(config, StartOptions::default()).await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let started = Instant::now();
+    let response = post_streaming(&client(), &url, chat_body("m", true)).await;
+    assert_eq!(response.status(), 200);
+    let events = within(
+        Duration::from_secs(3),
+        "the silent stream ends",
+        read_events(&mut response.into_body(), started),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert_eq!(events.len(), 1, "only the error: {events:?}");
+    let error = error_event(&events).expect("the stream ends with an error event");
+    assert_eq!(error["code"], "upstream_timeout", "{error}");
+    assert_eq!(node_state(&router, "slow").0, 0);
+    router.shutdown().await;
+}
+
 /// A request retried on another node reaches it as the first node got it: the same path under
 /// that node's base URL, the same headers and body, and each node's own key in place of the
 /// client's; headers meant for one connection or for a proxy reach neither.
