@@ -479,20 +479,16 @@ async fn a_node_naming_itself_in_headers_and_errors_is_never_revealed() {
     router.shutdown().await;
 }
 
-/// The idle timeout is a gap between tokens, not a limit on the stream: a stream whose tokens
-/// keep coming runs to its end, however much longer than the timeout it lasts.
-#[tokio::test]
-async fn a_steady_stream_outlasts_the_idle_timeout() {
-    let steady = SimNode::start(SimConfig {
-        tokens: 12,
-        ttft_ms: 60,
-        inter_token_ms: 60,
-        ..quick_node(&["m"])
-    })
-    .await
-    .unwrap();
-    let mut config = quick_config(&[("steady", &steady, &["m"], 2)]);
-    config.proxy.idle_timeout_ms = 200;
+/// Streams one chat from a router over `node` (model `m`) with an idle timeout of `idle_ms`:
+/// the events, how long the stream took, and the slots the node holds after it.
+async fn stream_with_idle_timeout(
+    node: SimConfig,
+    idle_ms: u64,
+) -> (Vec<(Duration, String)>, Duration, usize) {
+    let node = SimNode::start(node).await.unwrap();
+    let mut config = quick_config(&[("only", &node, &["m"], 2)]);
+    config.proxy.idle_timeout_ms = idle_ms;
+    config.health.failures_to_eject = 100;
     let router = start_full(config, StartOptions::default()).await;
     let url = format!("{}/v1/chat/completions", base(&router));
     let started = Instant::now();
@@ -504,47 +500,47 @@ async fn a_steady_stream_outlasts_the_idle_timeout() {
         read_events(&mut response.into_body(), started),
     )
     .await;
+    let elapsed = started.elapsed();
+    let held = node_state(&router, "only").0;
+    router.shutdown().await;
+    (events, elapsed, held)
+}
+
+/// The idle timeout is a gap between tokens, not a limit on the stream: a stream whose tokens
+/// keep coming runs to its end, however much longer than the timeout it lasts.
+#[tokio::test]
+async fn a_steady_stream_outlasts_the_idle_timeout() {
+    let steady = SimConfig {
+        tokens: 12,
+        ttft_ms: 60,
+        inter_token_ms: 60,
+        ..quick_node(&["m"])
+    };
+    let (events, elapsed, held) = stream_with_idle_timeout(steady, 200).await;
     assert!(
-        started.elapsed() > Duration::from_millis(600),
-        "the stream was meant to outlast the timeout: {:?}",
-        started.elapsed()
+        elapsed > Duration::from_millis(600),
+        "the stream was meant to outlast the timeout: {elapsed:?}"
     );
     assert!(error_event(&events).is_none(), "{events:?}");
     assert!(events.len() >= 12, "{events:?}");
-    assert_eq!(node_state(&router, "steady").0, 0);
-    router.shutdown().await;
+    assert_eq!(held, 0);
 }
 
 /// A stream whose node sends its head and then nothing times out after the idle timeout, with
 /// no frame to start the clock: it runs from the first wait.
 #[tokio::test]
 async fn a_stream_silent_after_its_head_times_out() {
-    let slow = SimConfig {
+    let silent = SimConfig {
         ttft_ms: 5_000,
         ..quick_node(&["m"])
     };
-    let node = SimNode::start(slow).await.unwrap();
-    let mut config = quick_config(&[("slow", &node, &["m"], 2)]);
-    config.proxy.idle_timeout_ms = 300;
-    config.health.failures_to_eject = 100;
-    let router = start_full(config, StartOptions::default()).await;
-    let url = format!("{}/v1/chat/completions", base(&router));
-    let started = Instant::now();
-    let response = post_streaming(&client(), &url, chat_body("m", true)).await;
-    assert_eq!(response.status(), 200);
-    let events = within(
-        Duration::from_secs(3),
-        "the silent stream ends",
-        read_events(&mut response.into_body(), started),
-    )
-    .await;
-    let elapsed = started.elapsed();
+    let (events, elapsed, held) = stream_with_idle_timeout(silent, 300).await;
     assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
     assert_eq!(events.len(), 1, "only the error: {events:?}");
     let error = error_event(&events).expect("the stream ends with an error event");
     assert_eq!(error["code"], "upstream_timeout", "{error}");
-    assert_eq!(node_state(&router, "slow").0, 0);
-    router.shutdown().await;
+    assert_eq!(held, 0);
 }
 
 /// A request retried on another node reaches it as the first node got it: the same path under
