@@ -56,8 +56,12 @@ async fn forward(State(floor): State<Floor>, request: Request) -> Response {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(nodes)) = (args.next(), args.next()) else {
-        return Err("usage: floor_proxy LISTEN_ADDR NODE_URL[,NODE_URL...]".into());
+        return Err("usage: floor_proxy LISTEN_ADDR NODE_URL[,NODE_URL...] [WORKERS]".into());
     };
+    let mut listen_config = ListenConfig::default();
+    if let Some(workers) = args.next() {
+        listen_config.workers = workers.parse()?;
+    }
     let nodes: Arc<[String]> = nodes.split(',').map(str::to_owned).collect();
     let next = Arc::new(AtomicUsize::new(0));
     let listener = tokio::net::TcpListener::bind(&listen).await?;
@@ -73,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     serve(
         listener,
         make_app,
-        ListenConfig::default(),
+        listen_config,
         Arc::default(),
         std::future::pending(),
         Duration::from_secs(1),
