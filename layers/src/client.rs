@@ -185,14 +185,13 @@ impl<B> HttpClient<B> {
         let Some(authority) = parts.uri.authority() else {
             return ResponseFuture::failed(ClientError::Uri("no host"));
         };
-        let outgoing = Outgoing::new(
+        let to = Forward {
             authority,
-            "",
-            &parts.method,
-            &parts.uri,
-            &parts.headers,
-            &[],
-        );
+            path_prefix: "",
+            replaced: &[],
+            keep_answer_header: keep_every_header,
+        };
+        let outgoing = Outgoing::new(&parts.method, &parts.uri, &parts.headers, to);
         self.start(outgoing, body)
     }
 
@@ -206,15 +205,7 @@ impl<B> HttpClient<B> {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let outgoing = Outgoing::new(
-            to.authority,
-            to.path_prefix,
-            request.method(),
-            request.uri(),
-            request.headers(),
-            to.replaced,
-        )
-        .keeping(to.keep_answer_header);
+        let outgoing = Outgoing::new(request.method(), request.uri(), request.headers(), to);
         self.start(outgoing, request.body().clone())
     }
 
@@ -617,14 +608,15 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn new(
-        authority: &Authority,
-        path_prefix: &str,
-        method: &Method,
-        uri: &http::Uri,
-        headers: &HeaderMap,
-        replaced: &[(&HeaderName, Option<&HeaderValue>)],
-    ) -> Self {
+    /// The head of a request with `method`, `uri`'s path and query and `headers`, sent as `to`
+    /// says.
+    fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
+        let Forward {
+            authority,
+            path_prefix,
+            replaced,
+            keep_answer_header,
+        } = to;
         let mut head = Vec::with_capacity(256);
         head.extend_from_slice(method.as_str().as_bytes());
         head.push(b' ');
@@ -663,14 +655,7 @@ impl Outgoing {
             no_body: method == Method::HEAD,
             repeatable: method.is_idempotent() || headers.contains_key("idempotency-key"),
             body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
-            keep_answer_header: keep_every_header,
-        }
-    }
-
-    fn keeping(self, keep_answer_header: fn(&HeaderName) -> bool) -> Self {
-        Self {
             keep_answer_header,
-            ..self
         }
     }
 }

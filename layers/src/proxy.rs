@@ -551,9 +551,9 @@ fn answered_by(error: RouterError, node: &Node) -> Response<ProxyBody> {
     response
 }
 
-/// Notes which node served. The client kept only the headers that name no node
-/// ([`forwardable_response_header`]).
-fn forwardable_parts(parts: &mut http::response::Parts, node: &Node) {
+/// Notes which node served. (The client kept only the headers that name no node:
+/// [`forwardable_response_header`].)
+fn note_served_by(parts: &mut http::response::Parts, node: &Node) {
     parts.extensions.insert(ServedBy(node.id_arc().clone()));
 }
 
@@ -565,7 +565,7 @@ fn stream_answer(
     sent_at: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, node_body) = response.into_parts();
-    forwardable_parts(&mut parts, selected.node());
+    note_served_by(&mut parts, selected.node());
     let sse = is_event_stream(&parts.headers);
     let failure = UpstreamFailure::default();
     parts.extensions.insert(failure.clone());
@@ -601,7 +601,7 @@ async fn read_error(
             return answered_by(RouterError::UpstreamTimeout, &node);
         }
     };
-    forwardable_parts(&mut parts, &node);
+    note_served_by(&mut parts, &node);
     // The body may change length.
     parts.headers.remove(header::CONTENT_LENGTH);
     let encoded = parts

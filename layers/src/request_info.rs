@@ -68,8 +68,9 @@ impl RequestInfo {
 
 /// A place for the [`RequestInfo`] that outlives the request: put a clone in the request's
 /// extensions before the stack and keep one; the clones share one cell, which
-/// [`RequestInfoLayer`] fills once it has parsed the body. The response carries the same info, but a request that ends without one (its
-/// client went away while it waited for a slot) can still be told apart by model.
+/// [`RequestInfoLayer`] fills once it has parsed the body. The response carries the same info,
+/// but a request that ends without one (its client went away while it waited for a slot) can
+/// still be told apart by model.
 #[derive(Debug, Clone, Default)]
 pub struct RequestInfoSlot(Arc<OnceLock<RequestInfo>>);
 

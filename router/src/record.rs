@@ -468,8 +468,8 @@ impl UsageScanner {
     }
 }
 
-/// The number in `: N` at `at` in `window`. A number that runs to the end of the window may be
-/// cut off, so it is left for the next scan (the key is then in the carry).
+/// The number in `: N` from index `i` of `window` on. A number that runs to the end of the
+/// window may be cut off, so it is left for the next scan (the key is then in the carry).
 fn number_after(window: &[u8], mut i: usize) -> Option<u32> {
     while window.get(i).is_some_and(|b| b.is_ascii_whitespace()) {
         i += 1;

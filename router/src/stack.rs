@@ -145,22 +145,28 @@ pub fn inference_service(
 ) -> InferenceService {
     let proxy = proxy_service(state, config, budget).map_response(|r| r.map(Body::new));
     let mut service = SharedService::new(proxy);
+    let (admission, wait, select) = configured_layers(state, config);
     for kind in config.layers.iter().rev() {
         service = match kind {
-            LayerKind::Admission => {
-                let admission = AdmissionLayer::new(state.pool.clone(), config.admission)
-                    .with_counters(state.admission.clone());
-                shared(admission.layer(service))
-            }
-            LayerKind::TimeoutWait => {
-                shared(TimeoutWaitLayer::new(state.pool.clone(), config.wait).layer(service))
-            }
-            LayerKind::CachedSelect => {
-                shared(CachedSelectLayer::new(state.pool.clone(), config.select).layer(service))
-            }
+            LayerKind::Admission => shared(admission.layer(service)),
+            LayerKind::TimeoutWait => shared(wait.layer(service)),
+            LayerKind::CachedSelect => shared(select.layer(service)),
         };
     }
     service
+}
+
+/// The three configurable layers over the state's pool, with the config's settings.
+fn configured_layers(
+    state: &AppState,
+    config: &StackConfig,
+) -> (AdmissionLayer, TimeoutWaitLayer, CachedSelectLayer) {
+    (
+        AdmissionLayer::new(state.pool.clone(), config.admission)
+            .with_counters(state.admission.clone()),
+        TimeoutWaitLayer::new(state.pool.clone(), config.wait),
+        CachedSelectLayer::new(state.pool.clone(), config.select),
+    )
 }
 
 /// The whole path from the client's request: body parsing, then [`inference_service`].
@@ -184,14 +190,12 @@ fn default_request_service(
     config: &StackConfig,
     budget: Arc<RetryBudget>,
 ) -> SharedService<Request<Body>, Response<Body>> {
+    let (admission, wait, select) = configured_layers(state, config);
     let stack = tower::ServiceBuilder::new()
         .layer(RequestInfoLayer::new(config.request_info))
-        .layer(
-            AdmissionLayer::new(state.pool.clone(), config.admission)
-                .with_counters(state.admission.clone()),
-        )
-        .layer(TimeoutWaitLayer::new(state.pool.clone(), config.wait))
-        .layer(CachedSelectLayer::new(state.pool.clone(), config.select))
+        .layer(admission)
+        .layer(wait)
+        .layer(select)
         .service(proxy_service(state, config, budget));
     SharedService::new(ServiceExt::<Request<Body>>::map_response(stack, |r| {
         r.map(Body::new)
