@@ -61,6 +61,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::FastMap;
+use crate::wire::{has_token, line_end, parse_chunk_size, parse_length, push_decimal};
 
 /// Settings for the shared client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -671,20 +672,6 @@ fn end_head(head: &mut Vec<u8>, body_len: usize, body_expected: bool) {
     head.extend_from_slice(b"\r\n");
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
 /// Head and body in as few writes as the socket allows: usually one.
 async fn write_request(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
     let (mut head, mut body) = (head, body);
@@ -829,14 +816,6 @@ enum Chunk {
     Trailers,
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
-}
-
 /// How the body of `answer` ends (RFC 9112 6.3), and whether its connection may be reused.
 fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), ClientError> {
     let headers = &answer.headers;
@@ -876,7 +855,8 @@ fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), Client
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part.trim_ascii())?;
+            let n =
+                parse_length(part.trim_ascii()).ok_or(ClientError::Malformed("content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(ClientError::Malformed("conflicting content-length"));
             }
@@ -887,44 +867,6 @@ fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), Client
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
     })
-}
-
-fn parse_length(digits: &[u8]) -> Result<u64, ClientError> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return Err(ClientError::Malformed("content-length"));
-    }
-    Ok(digits
-        .iter()
-        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
-}
-
-/// The size in a chunk-size line: hex digits, then optional blanks and extensions (ignored).
-fn parse_chunk_size(line: &[u8]) -> Result<u64, ClientError> {
-    const BAD: ClientError = ClientError::Malformed("chunk size");
-    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
-        return Err(BAD);
-    }
-    let size = line.split(|&b| b == b';').next().unwrap_or_default();
-    let end = size
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(0, |i| i + 1);
-    let size = &size[..end];
-    let significant = &size[size.iter().position(|&b| b != b'0').unwrap_or(size.len())..];
-    if size.is_empty() || significant.len() > 15 {
-        return Err(BAD);
-    }
-    let mut n = 0u64;
-    for &b in size {
-        let digit = (b as char).to_digit(16).ok_or(BAD)?;
-        n = n * 16 + u64::from(digit);
-    }
-    Ok(n)
-}
-
-/// Where the line at the front of `buf` ends (the index of its CR LF).
-fn line_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
 }
 
 /// A connection with what has been read from it and not used yet.
@@ -1152,9 +1094,8 @@ impl Body for UpstreamBody {
                 }
                 Framing::Chunked(Chunk::Size) => {
                     let end = line_end(&connection.buf).unwrap_or_default();
-                    let size = match parse_chunk_size(&connection.buf[..end]) {
-                        Ok(size) => size,
-                        Err(error) => return this.fail(error),
+                    let Some(size) = parse_chunk_size(&connection.buf[..end]) else {
+                        return this.fail(ClientError::Malformed("chunk size"));
                     };
                     connection.buf.advance(end + 2);
                     this.framing = Framing::Chunked(match size {
@@ -1976,27 +1917,6 @@ mod tests {
         for bad in ["+5", "-1", "", "1 2", "99999999999999999999"] {
             let answer = head(V::HTTP_11, 200, &[("content-length", bad)]);
             assert!(framing(&answer, false).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn chunk_sizes_are_hex_with_optional_extensions() {
-        assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
-        assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);
-        assert_eq!(parse_chunk_size(b"FF ").unwrap(), 255);
-        assert_eq!(parse_chunk_size(b"a\t;x=\"y\"").unwrap(), 10);
-        assert_eq!(parse_chunk_size(b"00000000000000000005").unwrap(), 5);
-        for bad in [&b""[..], b"g", b";x", b"1000000000000000", b" 5", b"5;x\ny"] {
-            assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn decimals_are_written_in_full() {
-        for n in [0, 7, 10, 1234, usize::MAX] {
-            let mut out = Vec::new();
-            push_decimal(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 }

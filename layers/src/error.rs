@@ -55,6 +55,12 @@ pub enum RouterError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request head is larger than the server reads, or has too many headers.
+    #[error("the request head is larger than {limit} bytes, or has more than 100 headers")]
+    HeadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// Admission control turned the request away: the fleet is too busy.
     #[error("the router is at capacity; retry after the indicated delay")]
     Overloaded {
@@ -122,6 +128,7 @@ impl RouterError {
             Self::InvalidRequest(_) | Self::MissingModel => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -139,7 +146,8 @@ impl RouterError {
             Self::InvalidRequest(_)
             | Self::MissingModel
             | Self::ModelNotFound(_)
-            | Self::PayloadTooLarge { .. } => "invalid_request_error",
+            | Self::PayloadTooLarge { .. }
+            | Self::HeadTooLarge { .. } => "invalid_request_error",
             Self::Overloaded { .. } | Self::QueueFull { .. } => "rate_limit_error",
             Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } => "service_unavailable",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "server_error",
@@ -155,6 +163,7 @@ impl RouterError {
             Self::MissingModel => "missing_model",
             Self::ModelNotFound(_) => "model_not_found",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::HeadTooLarge { .. } => "request_header_fields_too_large",
             Self::Overloaded { .. } => "overloaded",
             Self::QueueFull { .. } => "queue_full",
             Self::WaitTimeout { .. } => "wait_timeout",
@@ -219,8 +228,11 @@ impl RouterError {
             Self::InvalidRequest(_) | Self::MissingModel => 3, // INVALID_ARGUMENT
             Self::UpstreamTimeout => 4,                        // DEADLINE_EXCEEDED
             Self::ModelNotFound(_) => 5,                       // NOT_FOUND
-            Self::PayloadTooLarge { .. } | Self::Overloaded { .. } | Self::QueueFull { .. } => 8, // RESOURCE_EXHAUSTED
-            Self::Internal => 13, // INTERNAL
+            Self::PayloadTooLarge { .. }
+            | Self::HeadTooLarge { .. }
+            | Self::Overloaded { .. }
+            | Self::QueueFull { .. } => 8, // RESOURCE_EXHAUSTED
+            Self::Internal => 13,                              // INTERNAL
             Self::WaitTimeout { .. }
             | Self::NoNodeAvailable { .. }
             | Self::UpstreamUnavailable

@@ -75,7 +75,9 @@ pub mod pool;
 pub mod proxy;
 pub mod request_info;
 pub mod retry;
+pub mod server;
 pub mod timeout_wait;
+mod wire;
 
 /// The maps looked up on every request (models, nodes, idle connections): foldhash, seeded per
 /// map, hashes a short key in a fraction of the time of std's SipHash. Its resistance to
@@ -100,4 +102,5 @@ pub use proxy::{
 };
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
+pub use server::{BodyTooLarge, RequestBody, ServerConfig, serve_connection};
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

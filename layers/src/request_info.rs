@@ -232,7 +232,7 @@ where
                     let bytes = match collected {
                         Ok(c) => c.to_bytes(),
                         Err(e) => {
-                            let error = if e.is::<http_body_util::LengthLimitError>() {
+                            let error = if over_limit(&*e) {
                                 RouterError::PayloadTooLarge {
                                     limit: config.max_body_bytes,
                                 }
@@ -272,6 +272,13 @@ where
             }
         }
     }
+}
+
+/// Whether a body failed for being too large: over this layer's limit, or over the server's
+/// (a [`crate::BodyTooLarge`] from [`crate::serve_connection`], wrapped or not).
+fn over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source())
+        .any(|e| e.is::<http_body_util::LengthLimitError>() || e.is::<crate::BodyTooLarge>())
 }
 
 #[cfg(test)]

@@ -549,6 +549,7 @@ impl Config {
         ListenConfig {
             header_read_timeout: ms(self.limits.header_read_timeout_ms),
             max_header_bytes: self.limits.max_header_bytes,
+            max_body_bytes: self.limits.max_body_bytes,
             max_connections: self.limits.max_connections,
             workers: self
                 .limits

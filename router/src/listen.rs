@@ -6,6 +6,11 @@
 //!   a trickle at a time (slowloris), do not hold a connection. HTTP/2 connections are pinged
 //!   every 30 s and closed when a ping goes unanswered for 10 s.
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
+//! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
+//!   `max_body_bytes`; a larger one is not read, the app gets a body that fails as too large
+//!   (the request path answers 413), and the connection closes after the answer.
+//! - **Protocols.** HTTP/1 is served by [`layers::serve_connection`]; a connection that opens
+//!   with HTTP/2's preface (h2c with prior knowledge) goes to hyper's HTTP/2 server.
 //! - **Connection limit.** Past `max_connections` open connections, a new one gets a short 503
 //!   with `Retry-After` and is closed, so memory stays bounded however many clients connect.
 //!   What such a client still sends is read and dropped for up to 2 s (by at most 64 tasks), so
@@ -26,13 +31,14 @@ use std::time::Duration;
 
 use std::convert::Infallible;
 
+use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use layers::{RequestBody, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tower::Service;
@@ -42,8 +48,10 @@ use tower::Service;
 pub struct ListenConfig {
     /// Longest time to receive a whole request head. Default 10 s.
     pub header_read_timeout: Duration,
-    /// Largest request head, in bytes; larger gets 431. Default 64 KiB (at least 8 KiB).
+    /// Largest request head, in bytes; larger gets 431. Default 64 KiB.
     pub max_header_bytes: usize,
+    /// Largest HTTP/1 request body read before the app is called. Default 16 MiB.
+    pub max_body_bytes: usize,
     /// Most open client connections. Default 10,000.
     pub max_connections: usize,
     /// Threads serving client connections, each with its own single-threaded runtime; 0 serves
@@ -61,14 +69,12 @@ impl Default for ListenConfig {
         Self {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            max_body_bytes: ServerConfig::default().max_body_bytes,
             max_connections: 10_000,
             workers: default_workers(),
         }
     }
 }
-
-/// hyper's HTTP/1 read buffer cannot be smaller.
-const MIN_HEADER_BYTES: usize = 8 * 1024;
 
 /// Connections turned away at the limit, for `/metrics`.
 #[derive(Debug, Default)]
@@ -88,16 +94,10 @@ static OVER_LIMIT: LazyLock<Vec<u8>> = LazyLock::new(|| {
     .into_bytes()
 });
 
-fn builder(config: &ListenConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_header_bytes.max(MIN_HEADER_BYTES));
+fn http2_builder(config: &ListenConfig) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     // Pings find HTTP/2 clients that vanished without closing.
     builder
-        .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
@@ -105,11 +105,11 @@ fn builder(config: &ListenConfig) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// What can serve client connections: a tower service over hyper's requests, as axum's
-/// `Router` and the router's `AppService` are.
+/// What can serve client connections: a tower service over requests with axum's body, as
+/// axum's `Router` and the router's `AppService` are.
 pub trait ConnectionApp:
     Service<
-        Request<Incoming>,
+        Request<Body>,
         Response = Response<Self::ResponseBody>,
         Error = Infallible,
         Future = Self::ResponseFuture,
@@ -129,10 +129,7 @@ pub trait ConnectionApp:
 
 impl<S, B> ConnectionApp for S
 where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -141,18 +138,34 @@ where
     type ResponseFuture = S::Future;
 }
 
-/// What a connection needs to be served: its stream, its slot and the shutdown watcher.
+/// What a connection needs to be served: its stream, its slot and the shutdown signal.
 struct Accepted {
     stream: TcpStream,
     slot: OwnedSemaphorePermit,
-    watcher: Watcher,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// How every connection is served, wherever it runs.
 #[derive(Clone)]
 struct ConnectionSettings {
-    builder: auto::Builder<TokioExecutor>,
-    first_bytes: Duration,
+    http2: http2::Builder<TokioExecutor>,
+    http1: ServerConfig,
+}
+
+/// What an HTTP/2 client sends first.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a connection that began with `first` speaks HTTP/2; `None` until that is known.
+fn is_http2(first: &[u8]) -> Option<bool> {
+    let known = first.len().min(3);
+    if first[..known] != HTTP2_PREFACE[..known] {
+        Some(false)
+    } else if known == 3 {
+        // No HTTP/1 method is PRI.
+        Some(true)
+    } else {
+        None
+    }
 }
 
 impl ConnectionSettings {
@@ -160,27 +173,59 @@ impl ConnectionSettings {
         let Accepted {
             stream,
             slot,
-            watcher,
+            mut shutdown,
         } = accepted;
         // The connection's slot, given back when this ends, however it ends.
         let _slot = slot;
-        // hyper's header timeout starts only once the protocol is known, which takes the first
-        // bytes: a client that sends none must not hold a slot either.
-        // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
-        let mut first = [0u8; 1];
-        if tokio::time::timeout(self.first_bytes, stream.peek(&mut first))
-            .await
-            .is_err()
-        {
-            tracing::debug!("no bytes within the header read timeout; closing");
+        // The header timeout starts once the protocol is known, which takes the first bytes: a
+        // client that sends none must not hold a slot either.
+        let Some(http2) = self.protocol(&stream).await else {
+            tracing::debug!("no request within the header read timeout; closing");
+            return;
+        };
+        if !http2 {
+            let app = tower::util::MapRequest::new(app, |r: Request<RequestBody>| r.map(Body::new));
+            layers::serve_connection(stream, app, self.http1, shutdown).await;
             return;
         }
+        let app = tower::util::MapRequest::new(app, |r: Request<Incoming>| r.map(Body::new));
         let connection = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app))
-            .into_owned();
-        if let Err(error) = watcher.watch(connection).await {
+            .http2
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+        let mut connection = std::pin::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = ended {
             tracing::debug!(error = %error, "client connection ended with an error");
+        }
+    }
+
+    /// Whether the client speaks HTTP/2, from its first bytes; `None` if it sent too few
+    /// within the header read timeout, or closed.
+    async fn protocol(&self, stream: &TcpStream) -> Option<bool> {
+        let deadline = tokio::time::Instant::now() + self.http1.header_read_timeout;
+        let mut first = [0u8; 3];
+        loop {
+            // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
+            let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
+            match peeked {
+                Ok(Ok(n)) if n > 0 => {
+                    if let Some(http2) = is_http2(&first[..n]) {
+                        return Some(http2);
+                    }
+                    // "P" or "PR" so far: wait for the rest.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+                _ => return None,
+            }
         }
     }
 }
@@ -190,7 +235,7 @@ type Handoff = (
     std::net::TcpStream,
     OpenConnection,
     OwnedSemaphorePermit,
-    Watcher,
+    watch::Receiver<bool>,
 );
 
 /// A connection worker thread, as the accept loop sees it.
@@ -242,7 +287,7 @@ where
             runtime.block_on(async move {
                 let app = make_app();
                 let _ = built.send(());
-                while let Some((stream, counted, slot, watcher)) = incoming.recv().await {
+                while let Some((stream, counted, slot, shutdown)) = incoming.recv().await {
                     let stream = match TcpStream::from_std(stream) {
                         Ok(stream) => stream,
                         Err(error) => {
@@ -253,7 +298,7 @@ where
                     let accepted = Accepted {
                         stream,
                         slot,
-                        watcher,
+                        shutdown,
                     };
                     let served = settings.clone().serve(accepted, app.clone());
                     tokio::spawn(async move {
@@ -292,8 +337,12 @@ pub async fn serve<F, S>(
     S: ConnectionApp,
 {
     let settings = ConnectionSettings {
-        builder: builder(&config),
-        first_bytes: config.header_read_timeout,
+        http2: http2_builder(&config),
+        http1: ServerConfig {
+            header_read_timeout: config.header_read_timeout,
+            max_header_bytes: config.max_header_bytes,
+            max_body_bytes: config.max_body_bytes,
+        },
     };
     let make_app = Arc::new(make_app);
     let (finish, finished) = watch::channel(false);
@@ -319,7 +368,8 @@ pub async fn serve<F, S>(
     let local_app = workers.is_empty().then(|| make_app());
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING));
-    let graceful = GracefulShutdown::new();
+    // Each connection holds a receiver: `closed` resolves once all have ended.
+    let (graceful, _) = watch::channel(false);
     tokio::pin!(stop);
     loop {
         let stream = tokio::select! {
@@ -342,17 +392,17 @@ pub async fn serve<F, S>(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY on an accepted connection");
         }
-        let watcher = graceful.watcher();
+        let shutdown = graceful.subscribe();
         match &local_app {
             Some(app) => {
                 let accepted = Accepted {
                     stream,
                     slot,
-                    watcher,
+                    shutdown,
                 };
                 tokio::spawn(settings.clone().serve(accepted, app.clone()));
             }
-            None => hand_over(&workers, stream, slot, watcher),
+            None => hand_over(&workers, stream, slot, shutdown),
         }
     }
     drop(listener);
@@ -366,7 +416,8 @@ pub async fn serve<F, S>(
         drop(worker.connections);
         exits.push(worker.exited);
     }
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    let _ = graceful.send(true);
+    match tokio::time::timeout(grace, graceful.closed()).await {
         Ok(()) => tracing::info!("all connections finished"),
         Err(_) => tracing::warn!("grace period over; closing the remaining connections"),
     }
@@ -377,7 +428,12 @@ pub async fn serve<F, S>(
 }
 
 /// Gives a connection to the worker with the fewest open connections.
-fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, watcher: Watcher) {
+fn hand_over(
+    workers: &[Worker],
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    shutdown: watch::Receiver<bool>,
+) {
     let Some(worker) = workers
         .iter()
         .filter(|w| !w.connections.is_closed())
@@ -397,7 +453,7 @@ fn hand_over(workers: &[Worker], stream: TcpStream, slot: OwnedSemaphorePermit, 
     // A failed send drops the handoff, and with it the count and the slot.
     if worker
         .connections
-        .send((stream, counted, slot, watcher))
+        .send((stream, counted, slot, shutdown))
         .is_err()
     {
         tracing::warn!("a connection worker has stopped; connection dropped");

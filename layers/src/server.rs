@@ -1,0 +1,1303 @@
+//! An HTTP/1.1 server for one client connection, in front of any tower service.
+//!
+//! [`serve_connection`] reads requests off a TCP connection, calls the service with each and
+//! writes the answers back, one request at a time (pipelined requests wait their turn). The
+//! router serves its HTTP/1 clients with it; HTTP/2 stays with hyper.
+//!
+//! Use it for a service that reads whole request bodies anyway, as one that parses JSON does.
+//! Against hyper's server it does less per request:
+//!
+//! - **Whole bodies.** A request's body is read before the service is called, so the service
+//!   gets it in one piece ([`RequestBody`]). A body over `max_body_bytes` (by its
+//!   `content-length`, or once its chunks pass the limit) is not read: the service gets a body
+//!   that fails with [`BodyTooLarge`], so it answers as it does for any body over its limit
+//!   (413), and the connection closes after the answer.
+//! - **One allocation per request.** Head and body are read through the stack and kept in one
+//!   allocation of their exact size, which the header values and the body share. Between
+//!   requests, and while an answer streams, the connection holds no read buffer.
+//! - **Few writes.** An answer whose length is known goes out with its head in one write. A
+//!   streamed one is written as its frames come (chunked), each at once.
+//!
+//! Limits, as in hyper's server:
+//!
+//! - a request head must arrive whole within `header_read_timeout` of the connection being
+//!   ready for it, so a connection idle between requests is closed after that time too;
+//! - a head over `max_header_bytes`, or with more than 100 headers, gets 431; a malformed one,
+//!   or one with both `content-length` and `transfer-encoding` (or two different lengths), gets
+//!   400; the connection then closes;
+//! - a client that closes its connection while its answer is pending or streaming (it cannot
+//!   read the answer any more) has the service's future, or the answer's body, dropped at once.
+//!
+//! When `shutdown` turns true, an idle connection closes, and a busy one closes after its
+//! answer.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use crate::RouterError;
+use crate::wire::{line_end, parse_chunk_size, parse_length, push_decimal};
+
+/// Limits for [`serve_connection`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Longest wait for a whole request head, from when the connection is ready for one.
+    /// Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; larger gets 431. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Largest request body read; a larger one reaches the service as [`BodyTooLarge`].
+    /// Default 16 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Most headers in a request head.
+const MAX_HEADERS: usize = 100;
+
+/// Size of a read through the stack.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Data frames up to this size are copied next to their chunk framing (one write); larger ones
+/// are written on their own.
+const COPY_LIMIT: usize = 16 * 1024;
+
+/// The body of a request from [`serve_connection`]: all of it, or an error when it was larger
+/// than `max_body_bytes`.
+#[derive(Debug)]
+pub struct RequestBody {
+    state: BodyState,
+}
+
+#[derive(Debug)]
+enum BodyState {
+    Whole(Bytes),
+    TooLarge,
+    Done,
+}
+
+impl RequestBody {
+    fn whole(bytes: Bytes) -> Self {
+        let state = if bytes.is_empty() {
+            BodyState::Done
+        } else {
+            BodyState::Whole(bytes)
+        };
+        Self { state }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyTooLarge;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyTooLarge>>> {
+        Poll::Ready(match std::mem::replace(&mut self.state, BodyState::Done) {
+            BodyState::Whole(bytes) => Some(Ok(Frame::data(bytes))),
+            BodyState::TooLarge => Some(Err(BodyTooLarge)),
+            BodyState::Done => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Whole(bytes) => SizeHint::with_exact(bytes.len() as u64),
+            BodyState::TooLarge => SizeHint::default(),
+            BodyState::Done => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A request body was larger than the server's `max_body_bytes`, and was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request body is larger than the server reads")]
+pub struct BodyTooLarge;
+
+/// Why a connection is answered with an error and closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    HeadTooLarge,
+    Malformed(&'static str),
+}
+
+impl Refusal {
+    fn answer(self, max_header_bytes: usize) -> RouterError {
+        match self {
+            Refusal::HeadTooLarge => RouterError::HeadTooLarge {
+                limit: max_header_bytes,
+            },
+            Refusal::Malformed(what) => {
+                RouterError::InvalidRequest(format!("malformed HTTP request: {what}"))
+            }
+        }
+    }
+}
+
+/// How a request's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// What the head says beyond the request itself.
+#[derive(Debug, Clone, Copy)]
+struct HeadFacts {
+    framing: Framing,
+    keep_alive: bool,
+    expects_continue: bool,
+}
+
+/// A request head as parsed, by offsets into the bytes it was parsed from, so that the request
+/// can be built from a frozen copy of those bytes without parsing again.
+struct ParsedHead {
+    len: usize,
+    method: Method,
+    target: (usize, usize),
+    version: Version,
+    /// Name start and end, value start and end, for each header.
+    headers: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+    facts: HeadFacts,
+}
+
+/// A request read off the connection, with what its answer needs to know.
+struct Incoming {
+    request: Request<RequestBody>,
+    keep_alive: bool,
+    head_only: bool,
+    /// The body was not read: the connection cannot take another request.
+    body_left: bool,
+}
+
+/// Serves HTTP/1.1 (and 1.0) requests on `stream` with `service` until the client closes the
+/// connection, a request is refused, or `shutdown` turns true (see the module docs).
+pub async fn serve_connection<S, B>(
+    stream: TcpStream,
+    mut service: S,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    let mut connection = Connection {
+        stream,
+        pending: BytesMut::new(),
+        config,
+        timer: None,
+    };
+    let stopping = shutdown.clone();
+    let mut stop = pin!(async move {
+        let mut shutdown = shutdown;
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    });
+    loop {
+        let incoming = match connection.next_request(stop.as_mut()).await {
+            Ok(Some(incoming)) => incoming,
+            Ok(None) => return,
+            Err(refusal) => {
+                let answer = refusal
+                    .answer(config.max_header_bytes)
+                    .into_response::<Whole>();
+                let _ = connection
+                    .write_answer(answer, Version::HTTP_11, false, true)
+                    .await;
+                connection.linger().await;
+                return;
+            }
+        };
+        let Incoming {
+            request,
+            keep_alive,
+            head_only,
+            body_left,
+        } = incoming;
+        let version = request.version();
+        if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
+            return;
+        }
+        let answer = match connection.unless_gone(service.call(request)).await {
+            Some(Ok(answer)) => answer,
+            Some(Err(never)) => match never {},
+            None => return,
+        };
+        let close = !keep_alive || body_left || stopping.has_changed().unwrap_or(true);
+        let reusable = connection
+            .write_answer(answer, version, head_only, close)
+            .await;
+        match reusable {
+            Ok(true) => {}
+            Ok(false) if body_left => {
+                connection.linger().await;
+                return;
+            }
+            Ok(false) | Err(_) => {
+                let _ = connection.stream.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// The body of the server's own error answers.
+type Whole = http_body_util::Full<Bytes>;
+
+/// How long, and how much, a client's unread bytes are read and dropped before its connection
+/// closes, so that it reads the answer rather than a reset.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read and not used yet: part of a request, or pipelined ones.
+    pending: BytesMut,
+    config: ServerConfig,
+    /// The header read timeout, made at the first wait.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Connection {
+    /// The next request: `Ok(None)` when the client closed the connection or went silent, or
+    /// `stop` came while the connection was idle.
+    async fn next_request<F: Future<Output = ()>>(
+        &mut self,
+        mut stop: Pin<&mut F>,
+    ) -> Result<Option<Incoming>, Refusal> {
+        let deadline = Instant::now() + self.config.header_read_timeout;
+        let head = loop {
+            if !self.pending.is_empty() {
+                if let Some(head) = parse_head(&self.pending)? {
+                    break head;
+                }
+                if self.pending.len() >= self.config.max_header_bytes {
+                    return Err(Refusal::HeadTooLarge);
+                }
+            }
+            let idle = self.pending.is_empty();
+            match self
+                .read_before(deadline, idle.then_some(stop.as_mut()))
+                .await
+            {
+                Some(Ok(read)) if read > 0 => {}
+                _ => return Ok(None),
+            }
+        };
+        if head.len > self.config.max_header_bytes {
+            return Err(Refusal::HeadTooLarge);
+        }
+        let limit = self.config.max_body_bytes as u64;
+        let mut asked_to_continue = false;
+        let body_end = match head.facts.framing {
+            Framing::Length(length) if length > limit => None,
+            Framing::Length(length) => {
+                let total = head.len + length as usize;
+                while self.pending.len() < total {
+                    self.continue_if_expected(&head, &mut asked_to_continue)
+                        .await;
+                    if !self.read_body_part(total - self.pending.len()).await {
+                        return Ok(None);
+                    }
+                }
+                Some(total)
+            }
+            Framing::Chunked => loop {
+                match scan_chunked(&self.pending[head.len..], limit)? {
+                    ChunkScan::Complete(len) => break Some(head.len + len),
+                    ChunkScan::TooLarge => break None,
+                    ChunkScan::Partial => {
+                        self.continue_if_expected(&head, &mut asked_to_continue)
+                            .await;
+                        if !self.read_body_part(READ_SIZE).await {
+                            return Ok(None);
+                        }
+                    }
+                }
+            },
+        };
+        let message = self.take(body_end.unwrap_or(head.len));
+        let body = match body_end {
+            None => RequestBody {
+                state: BodyState::TooLarge,
+            },
+            Some(_) => RequestBody::whole(match head.facts.framing {
+                Framing::Length(_) => message.slice(head.len..),
+                Framing::Chunked => decode_chunked(&message[head.len..]),
+            }),
+        };
+        let request = build_request(&message, &head, body)?;
+        Ok(Some(Incoming {
+            request,
+            keep_alive: head.facts.keep_alive,
+            head_only: head.method == Method::HEAD,
+            body_left: body_end.is_none(),
+        }))
+    }
+
+    /// The first `n` bytes read, as one frozen piece.
+    fn take(&mut self, n: usize) -> Bytes {
+        if n == self.pending.len() {
+            // All of it: the allocation goes with the message as it is (a split would make it
+            // shared first, an allocation of its own).
+            return std::mem::take(&mut self.pending).freeze();
+        }
+        let message = self.pending.split_to(n).freeze();
+        // Pipelined bytes: keep them in memory of their own, not in the message's.
+        self.pending = BytesMut::from(&self.pending[..]);
+        message
+    }
+
+    /// Tells a client that waits for it before sending its body (`expect: 100-continue`) to
+    /// go on, once.
+    async fn continue_if_expected(&mut self, head: &ParsedHead, asked: &mut bool) {
+        if head.facts.expects_continue && !*asked {
+            *asked = true;
+            let _ = self
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await;
+        }
+    }
+
+    /// Reads more of a body, room made for up to `wanted` bytes: `false` when the client
+    /// closed, failed or sent nothing for a whole header read timeout.
+    async fn read_body_part(&mut self, wanted: usize) -> bool {
+        self.pending.reserve(wanted.min(1024 * 1024));
+        let deadline = Instant::now() + self.config.header_read_timeout;
+        matches!(
+            self.read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
+                .await,
+            Some(Ok(read)) if read > 0
+        )
+    }
+
+    /// Reads what the client sends next; `None` if `deadline` passes or `stop` resolves
+    /// first.
+    async fn read_before<F: Future<Output = ()>>(
+        &mut self,
+        deadline: Instant,
+        mut stop: Option<Pin<&mut F>>,
+    ) -> Option<io::Result<usize>> {
+        let Connection {
+            stream,
+            pending,
+            timer,
+            ..
+        } = self;
+        let mut armed = false;
+        poll_fn(|cx| {
+            if let Poll::Ready(read) = poll_read_into(stream, cx, pending) {
+                return Poll::Ready(Some(read));
+            }
+            if let Some(stop) = stop.as_mut()
+                && stop.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(None);
+            }
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if !armed {
+                timer.as_mut().reset(deadline);
+                armed = true;
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Runs `future` to its end, unless the client closes the connection first (`None`).
+    async fn unless_gone<F: Future>(&mut self, future: F) -> Option<F::Output> {
+        let mut future = pin!(future);
+        let mut watching = true;
+        poll_fn(|cx| {
+            if let Poll::Ready(output) = future.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            if watching {
+                match self.poll_gone(cx) {
+                    Poll::Ready(true) => return Poll::Ready(None),
+                    Poll::Ready(false) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// `Ready(true)` once the client has closed the connection (or it failed); `Ready(false)`
+    /// when it has sent so much ahead that it is no longer read until its answer is out.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            if self.pending.len() >= self.config.max_header_bytes + READ_SIZE {
+                return Poll::Ready(false);
+            }
+            match poll_read_into(&mut self.stream, cx, &mut self.pending) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(true),
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Writes `answer`: `Ok(true)` when it went out whole and the connection may take another
+    /// request. The body is dropped if the client goes away while it streams.
+    async fn write_answer<B: Body<Data = Bytes>>(
+        &mut self,
+        answer: Response<B>,
+        version: Version,
+        head_only: bool,
+        mut close: bool,
+    ) -> io::Result<bool> {
+        let (parts, body) = answer.into_parts();
+        let mut body = pin!(body);
+        let status = parts.status;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| parse_length(value.as_bytes()));
+        let framing = if status.is_informational() || status == StatusCode::NO_CONTENT {
+            Out::Bodiless
+        } else if let Some(length) = declared {
+            Out::Length(length)
+        } else if status == StatusCode::NOT_MODIFIED {
+            Out::Bodiless
+        } else if let Some(length) = body.size_hint().exact() {
+            Out::Length(length)
+        } else if version == Version::HTTP_11 {
+            Out::Chunked
+        } else {
+            close = true;
+            Out::Close
+        };
+        let mut out = Vec::with_capacity(256);
+        write_head(&mut out, status, &parts.headers, framing, version, close);
+        if head_only || matches!(framing, Out::Bodiless) || status == StatusCode::NOT_MODIFIED {
+            self.stream.write_all(&out).await?;
+            return Ok(!close);
+        }
+        let mut left = match framing {
+            Out::Length(length) => length,
+            _ => u64::MAX,
+        };
+        loop {
+            // A body's error is of no use here, and need not be `Send` across the writes.
+            let polled = poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx)))
+                .await
+                .map(|frame| frame.map(|frame| frame.map_err(drop)));
+            let frame = match polled {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    // Nothing more yet: what is ready goes out before the wait.
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await?;
+                        out.clear();
+                    }
+                    let next = poll_fn(|cx| {
+                        body.as_mut()
+                            .poll_frame(cx)
+                            .map(|frame| frame.map(|frame| frame.map_err(drop)))
+                    });
+                    match self.unless_gone(next).await {
+                        Some(frame) => frame,
+                        None => return Ok(false),
+                    }
+                }
+            };
+            let data = match frame {
+                None => {
+                    let whole = match framing {
+                        Out::Chunked => {
+                            out.extend_from_slice(b"0\r\n\r\n");
+                            true
+                        }
+                        Out::Length(_) => left == 0,
+                        Out::Close | Out::Bodiless => false,
+                    };
+                    self.stream.write_all(&out).await?;
+                    return Ok(whole && !close);
+                }
+                Some(Err(_)) => {
+                    // The client gets a body cut short: no chunked end, or fewer bytes than
+                    // announced, then the connection closes.
+                    self.stream.write_all(&out).await?;
+                    return Ok(false);
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            let data = match framing {
+                Out::Length(_) if data.len() as u64 > left => {
+                    // More than announced: the excess is not sent, and the connection closes.
+                    out.extend_from_slice(&data[..left as usize]);
+                    self.stream.write_all(&out).await?;
+                    return Ok(false);
+                }
+                Out::Length(_) => {
+                    left -= data.len() as u64;
+                    data
+                }
+                Out::Chunked => {
+                    push_hex(&mut out, data.len());
+                    out.extend_from_slice(b"\r\n");
+                    data
+                }
+                Out::Close | Out::Bodiless => data,
+            };
+            if data.len() > COPY_LIMIT {
+                self.stream.write_all(&out).await?;
+                out.clear();
+                self.stream.write_all(&data).await?;
+            } else {
+                out.extend_from_slice(&data);
+            }
+            if matches!(framing, Out::Chunked) {
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Closes the sending side, then reads and drops what the client still sends, for a
+    /// while, so that it reads the answer instead of a reset.
+    async fn linger(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let mut dropped = 0;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while dropped < LINGER_BYTES {
+                self.pending.clear();
+                match poll_fn(|cx| poll_read_into(&mut self.stream, cx, &mut self.pending)).await {
+                    Ok(read) if read > 0 => dropped += read,
+                    _ => break,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// How an answer's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// None may be sent (1xx, 204, 304).
+    Bodiless,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// Reads what the socket has through the stack, and appends exactly that to `pending`.
+fn poll_read_into(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    pending: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    if pending.capacity() - pending.len() >= READ_SIZE {
+        // Room made for a body: read straight into it.
+        return tokio_util::io::poll_read_buf(Pin::new(stream), cx, pending);
+    }
+    let mut landing = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+    let mut read = ReadBuf::uninit(&mut landing);
+    match Pin::new(stream).poll_read(cx, &mut read) {
+        Poll::Pending => return Poll::Pending,
+        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+        Poll::Ready(Ok(())) => {}
+    }
+    let filled = read.filled();
+    if pending.is_empty() {
+        *pending = BytesMut::from(filled);
+    } else {
+        pending.extend_from_slice(filled);
+    }
+    Poll::Ready(Ok(filled.len()))
+}
+
+/// Parses a request head at the front of `buf`: `Ok(None)` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Refusal> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
+        Err(_) => return Err(Refusal::Malformed("request head")),
+    };
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| Refusal::Malformed("method"))?;
+    let version = match request.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let offset = |part: &[u8]| part.as_ptr() as usize - buf.as_ptr() as usize;
+    let path = request.path.unwrap_or_default().as_bytes();
+    let target = (offset(path), offset(path) + path.len());
+    let mut head = ParsedHead {
+        len,
+        method,
+        target,
+        version,
+        headers: [(0, 0, 0, 0); MAX_HEADERS],
+        count: request.headers.len(),
+        facts: HeadFacts {
+            framing: Framing::Length(0),
+            keep_alive: version == Version::HTTP_11,
+            expects_continue: false,
+        },
+    };
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for (slot, found) in head.headers.iter_mut().zip(request.headers.iter()) {
+        let (name, value) = (found.name.as_bytes(), found.value);
+        let at = |part: &[u8]| u32::try_from(offset(part)).unwrap_or(u32::MAX);
+        *slot = (
+            at(name),
+            at(name) + name.len() as u32,
+            at(value),
+            at(value) + value.len() as u32,
+        );
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in value.split(|&b| b == b',') {
+                let n =
+                    parse_length(part.trim_ascii()).ok_or(Refusal::Malformed("content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(Refusal::Malformed("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The last coding must be chunked: a request body cannot be framed by the close.
+            chunked = Some(
+                value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    head.facts.keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    head.facts.keep_alive = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            head.facts.expects_continue = version == Version::HTTP_11
+                && value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    head.facts.framing = match (chunked, length) {
+        (Some(_), Some(_)) => {
+            return Err(Refusal::Malformed(
+                "both content-length and transfer-encoding",
+            ));
+        }
+        (Some(_), None) if version == Version::HTTP_10 => {
+            return Err(Refusal::Malformed("transfer-encoding in HTTP/1.0"));
+        }
+        (Some(true), None) => Framing::Chunked,
+        (Some(false), None) => return Err(Refusal::Malformed("transfer-encoding")),
+        (None, length) => Framing::Length(length.unwrap_or(0)),
+    };
+    Ok(Some(head))
+}
+
+/// The request `head` describes, its parts shared with `message` (from which it was parsed).
+fn build_request(
+    message: &Bytes,
+    head: &ParsedHead,
+    body: RequestBody,
+) -> Result<Request<RequestBody>, Refusal> {
+    let uri = Uri::from_maybe_shared(message.slice(head.target.0..head.target.1))
+        .map_err(|_| Refusal::Malformed("request target"))?;
+    let mut headers = HeaderMap::with_capacity(head.count);
+    for &(name_start, name_end, value_start, value_end) in &head.headers[..head.count] {
+        let name = HeaderName::from_bytes(&message[name_start as usize..name_end as usize])
+            .map_err(|_| Refusal::Malformed("header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(message.slice(value_start as usize..value_end as usize))
+                .map_err(|_| Refusal::Malformed("header value"))?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = head.version;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// How far a chunked body at the front of a buffer has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkScan {
+    /// All of it, trailers included, in this many bytes.
+    Complete(usize),
+    Partial,
+    /// Its chunks add up to more than the limit.
+    TooLarge,
+}
+
+/// Longest chunk-size line, extensions included, and longest trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Checks the chunked body at the front of `buf` without copying it.
+fn scan_chunked(buf: &[u8], limit: u64) -> Result<ChunkScan, Refusal> {
+    let mut at = 0;
+    let mut total = 0u64;
+    loop {
+        let Some(end) = line_end(&buf[at..]) else {
+            return if buf.len() - at > MAX_CHUNK_LINE {
+                Err(Refusal::Malformed("chunk size line"))
+            } else {
+                Ok(ChunkScan::Partial)
+            };
+        };
+        let size = parse_chunk_size(&buf[at..at + end]).ok_or(Refusal::Malformed("chunk size"))?;
+        at += end + 2;
+        if size == 0 {
+            let trailers_start = at;
+            loop {
+                let Some(end) = line_end(&buf[at..]) else {
+                    return if buf.len() - trailers_start > MAX_TRAILERS {
+                        Err(Refusal::Malformed("trailers"))
+                    } else {
+                        Ok(ChunkScan::Partial)
+                    };
+                };
+                at += end + 2;
+                if end == 0 {
+                    return Ok(ChunkScan::Complete(at));
+                }
+            }
+        }
+        total += size;
+        if total > limit {
+            return Ok(ChunkScan::TooLarge);
+        }
+        let size = size as usize;
+        if buf.len() < at + size + 2 {
+            return Ok(ChunkScan::Partial);
+        }
+        if &buf[at + size..at + size + 2] != b"\r\n" {
+            return Err(Refusal::Malformed("chunk data"));
+        }
+        at += size + 2;
+    }
+}
+
+/// The data of a complete chunked body that [`scan_chunked`] accepted.
+fn decode_chunked(mut raw: &[u8]) -> Bytes {
+    let mut data = BytesMut::new();
+    while let Some(end) = line_end(raw) {
+        let size = parse_chunk_size(&raw[..end]).unwrap_or(0) as usize;
+        raw = &raw[end + 2..];
+        if size == 0 || raw.len() < size {
+            break;
+        }
+        data.extend_from_slice(&raw[..size]);
+        raw = &raw[(size + 2).min(raw.len())..];
+    }
+    data.freeze()
+}
+
+/// Headers the server writes itself, from the answer's framing.
+fn framing_header(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::CONTENT_LENGTH
+        || name == "keep-alive"
+}
+
+fn write_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Out,
+    version: Version,
+    close: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        if framing_header(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        push_date(out);
+    }
+    match framing {
+        Out::Length(length) if status != StatusCode::NOT_MODIFIED => {
+            out.extend_from_slice(b"content-length: ");
+            push_decimal(out, usize::try_from(length).unwrap_or(usize::MAX));
+            out.extend_from_slice(b"\r\n");
+        }
+        Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (shift * 4)) & 0xf]);
+    }
+}
+
+/// Appends a `date` header, formatted once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    type Answer = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+    /// Answers with the method, the path, the `x-test` header and the body, as text.
+    async fn echo(request: Request<RequestBody>) -> Result<Response<Answer>, Infallible> {
+        let (parts, body) = request.into_parts();
+        let body = match body.collect().await {
+            Ok(collected) => String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            Err(BodyTooLarge) => "too large".to_owned(),
+        };
+        let test = parts
+            .headers
+            .get("x-test")
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .unwrap_or_default();
+        let text = format!("{} {} {test} {body}", parts.method, parts.uri);
+        Ok(Response::new(Full::new(Bytes::from(text)).boxed_unsync()))
+    }
+
+    /// Serves `service` on a loopback port; the sender starts a shutdown.
+    async fn serve<S, F>(
+        config: ServerConfig,
+        service: S,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>)
+    where
+        S: Fn(Request<RequestBody>) -> F + Clone + Send + 'static,
+        F: Future<Output = Result<Response<Answer>, Infallible>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = tower::service_fn(service.clone());
+                tokio::spawn(serve_connection(stream, service, config, shutdown.clone()));
+            }
+        });
+        (addr, stop)
+    }
+
+    /// Sends `raw` and reads until the server closes the connection (or 5 s pass).
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(raw).await.unwrap();
+        read_to_close(&mut stream).await
+    }
+
+    async fn read_to_close(stream: &mut TcpStream) -> String {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    fn statuses(answer: &str) -> Vec<&str> {
+        answer
+            .match_indices("HTTP/1.1 ")
+            .map(|(at, _)| &answer[at + 9..at + 12])
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn requests_on_one_connection_are_answered_in_order_with_their_bodies() {
+        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+        // Three requests in one write (pipelined), the last asking to close.
+        let answer = exchange(
+            addr,
+            b"POST /a?q=1 HTTP/1.1\r\nhost: t\r\nx-test: one\r\ncontent-length: 5\r\n\r\nhello\
+              GET /b HTTP/1.1\r\nhost: t\r\n\r\n\
+              POST /c HTTP/1.1\r\nhost: t\r\nX-Test: three\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi",
+        )
+        .await;
+        let bodies: Vec<&str> = answer
+            .split("HTTP/1.1 200 OK\r\n")
+            .skip(1)
+            .map(|a| a.split_once("\r\n\r\n").unwrap().1)
+            .collect();
+        assert_eq!(
+            bodies,
+            ["POST /a?q=1 one hello", "GET /b  ", "POST /c three hi"],
+            "{answer}"
+        );
+        assert!(answer.contains("content-length: 21\r\n"), "{answer}");
+        assert!(answer.contains("date: "), "{answer}");
+        assert!(
+            answer.ends_with("connection: close\r\n\r\nPOST /c three hi"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_reads_and_chunks_arrives_whole() {
+        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let parts: [&[u8]; 5] = [
+            b"POST /chunked HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"5;ext=1\r\nhel",
+            b"lo\r\n6\r\n world\r\n",
+            b"0\r\ntrailer: x\r\n",
+            b"\r\nGET /next HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+        ];
+        for part in parts {
+            stream.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answer = read_to_close(&mut stream).await;
+        assert!(
+            answer.contains("\r\n\r\nPOST /chunked  hello world"),
+            "{answer}"
+        );
+        assert!(answer.ends_with("GET /next  "), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_client_expecting_100_continue_is_told_to_send_its_body() {
+        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /e HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\nconnection: close\r\ncontent-length: 4\r\n\r\n")
+            .await
+            .unwrap();
+        let mut interim = [0u8; 25];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut interim))
+            .await
+            .expect("100 Continue before the body")
+            .unwrap();
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        stream.write_all(b"body").await.unwrap();
+        let answer = read_to_close(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.ends_with("POST /e  body"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_not_read_and_the_client_still_reads_the_answer() {
+        let config = ServerConfig {
+            max_body_bytes: 1024,
+            ..ServerConfig::default()
+        };
+        let (addr, _stop) = serve(config, echo).await;
+        for raw in [
+            format!(
+                "POST /big HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n{}",
+                1 << 20,
+                "x".repeat(1 << 20)
+            ),
+            format!(
+                "POST /big HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n800\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(2048)
+            ),
+        ] {
+            let answer = exchange(addr, raw.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+            assert!(answer.contains("connection: close\r\n"), "{answer}");
+            assert!(answer.ends_with("POST /big  too large"), "{answer}");
+        }
+        // Exactly at the limit is fine.
+        let raw = format!(
+            "POST /ok HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-length: 1024\r\n\r\n{}",
+            "y".repeat(1024)
+        );
+        assert!(
+            exchange(addr, raw.as_bytes())
+                .await
+                .ends_with(&"y".repeat(1024))
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_or_oversized_heads_are_refused_and_the_connection_closes() {
+        let config = ServerConfig {
+            max_header_bytes: 1024,
+            ..ServerConfig::default()
+        };
+        let (addr, _stop) = serve(config, echo).await;
+        let long = format!("GET / HTTP/1.1\r\nx-long: {}\r\n\r\n", "a".repeat(2000));
+        let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let cases: [(&[u8], &str); 8] = [
+            (long.as_bytes(), "431"),
+            (many.as_bytes(), "431"),
+            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", "400"),
+            (b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+            (b"POST / HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
+            (b"POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\nabcd", "400"),
+            (b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "400"),
+            (b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ];
+        for (raw, status) in cases {
+            let answer = exchange(addr, raw).await;
+            assert_eq!(statuses(&answer), [status], "{answer}");
+            assert!(answer.contains("\"error\""), "OpenAI's shape: {answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http_1_0_clients_keep_the_connection_only_when_they_ask() {
+        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+        let answer = exchange(addr, b"GET /one HTTP/1.0\r\n\r\n").await;
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        let answer = exchange(
+            addr,
+            b"GET /a HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+        )
+        .await;
+        assert_eq!(statuses(&answer), ["200", "200"], "{answer}");
+        assert!(answer.contains("connection: keep-alive\r\n"), "{answer}");
+        // A HEAD answer has the length but no body.
+        let answer = exchange(addr, b"HEAD /h HTTP/1.1\r\nconnection: close\r\n\r\n").await;
+        assert!(
+            answer.ends_with("content-length: 9\r\nconnection: close\r\n\r\n"),
+            "{answer}"
+        );
+    }
+
+    /// A body fed through a channel.
+    struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|part| part.map(|data| Ok(Frame::data(data))))
+        }
+    }
+
+    /// An answer whose body comes in two parts, `gap` apart.
+    fn streamed(gap: Duration) -> Answer {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            for part in ["one", "two"] {
+                let _ = sender.send(Bytes::from(part)).await;
+                tokio::time::sleep(gap).await;
+            }
+        });
+        Fed(receiver).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_goes_out_chunked_as_each_part_comes() {
+        let (addr, _stop) = serve(ServerConfig::default(), |_| async {
+            Ok(Response::new(streamed(Duration::from_millis(300))))
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut first))
+            .await
+            .expect("the first part does not wait for the second")
+            .unwrap();
+        let first = String::from_utf8_lossy(&first[..n]).into_owned();
+        assert!(first.contains("transfer-encoding: chunked\r\n"), "{first}");
+        assert!(first.ends_with("\r\n\r\n3\r\none\r\n"), "{first}");
+        let rest = read_to_close(&mut stream).await;
+        assert_eq!(rest, "3\r\ntwo\r\n0\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_goes_away_has_its_pending_answer_dropped() {
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let seen = dropped.clone();
+        let (addr, _stop) = serve(ServerConfig::default(), move |_| {
+            let guard = Dropped(seen.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                Ok(Response::new(Full::new(Bytes::new()).boxed_unsync()))
+            }
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!dropped.load(Ordering::SeqCst), "still waited for");
+        drop(stream);
+        for _ in 0..50 {
+            if dropped.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the answer of a client that left was not dropped");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_at_the_header_timeout_and_at_shutdown() {
+        let config = ServerConfig {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        };
+        let (addr, stop) = serve(config, echo).await;
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_to_close(&mut idle).await;
+        assert_eq!(statuses(&answer), ["200"], "{answer}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+            "closed after {waited:?}"
+        );
+
+        let config = ServerConfig::default();
+        let (addr, stop_second) = serve(config, echo).await;
+        drop(stop);
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        idle.read_exact(&mut head).await.unwrap();
+        stop_second.send(true).unwrap();
+        let rest = read_to_close(&mut idle).await;
+        assert!(rest.ends_with("GET /  "), "answered, then closed: {rest}");
+    }
+
+    #[test]
+    fn chunked_bodies_are_scanned_without_copying_and_decoded_once_whole() {
+        let body = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nt: 1\r\n\r\nNEXT";
+        assert_eq!(
+            scan_chunked(body, 100),
+            Ok(ChunkScan::Complete(body.len() - 4))
+        );
+        assert_eq!(decode_chunked(body), Bytes::from_static(b"wikipedia"));
+        for cut in [1, 3, 8, 20, body.len() - 6] {
+            assert_eq!(
+                scan_chunked(&body[..cut], 100),
+                Ok(ChunkScan::Partial),
+                "{cut}"
+            );
+        }
+        assert_eq!(scan_chunked(body, 8), Ok(ChunkScan::TooLarge));
+        assert!(scan_chunked(b"4\r\nwikiXX", 100).is_err());
+        assert!(scan_chunked(&[b'1'; MAX_CHUNK_LINE + 1], 100).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes_are_written_in_lowercase_hex() {
+        for n in [0, 9, 10, 255, 4096, 0x1_0000_0001] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, format!("{n:x}").into_bytes());
+        }
+    }
+
+    #[test]
+    fn heads_say_how_the_body_is_framed_and_whether_to_keep_the_connection() {
+        let facts = |raw: &[u8]| parse_head(raw).unwrap().unwrap().facts;
+        let f = facts(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+        assert_eq!((f.framing, f.keep_alive), (Framing::Length(12), true));
+        let f = facts(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: Close\r\n\r\n",
+        );
+        assert_eq!((f.framing, f.keep_alive), (Framing::Chunked, false));
+        let f = facts(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert_eq!((f.framing, f.keep_alive), (Framing::Length(0), true));
+        assert!(facts(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expects_continue);
+        assert!(!facts(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expects_continue);
+        assert!(parse_head(b"GET / HTTP/1.1\r\nhost: a").unwrap().is_none());
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n").err(),
+            Some(Refusal::Malformed("conflicting content-length"))
+        );
+    }
+}

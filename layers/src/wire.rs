@@ -1,0 +1,109 @@
+//! HTTP/1.1 wire details shared by the client and the server: lengths, chunk sizes, lines,
+//! header tokens.
+
+use http::header::{HeaderMap, HeaderName};
+
+/// Appends `n` in decimal.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Whether a comma-separated header `name` lists `token` (case-insensitively).
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// A `content-length` value: decimal digits only, and no more than fit in 19 of them.
+pub(crate) fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+/// The size in a chunk-size line: hex digits, then optional blanks and extensions (ignored).
+pub(crate) fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    if line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return None;
+    }
+    let size = line.split(|&b| b == b';').next().unwrap_or_default();
+    let end = size
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |i| i + 1);
+    let size = &size[..end];
+    let significant = &size[size.iter().position(|&b| b != b'0').unwrap_or(size.len())..];
+    if size.is_empty() || significant.len() > 15 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &b in size {
+        n = n * 16 + u64::from((b as char).to_digit(16)?);
+    }
+    Some(n)
+}
+
+/// Where the line at the front of `buf` ends (the index of its CR LF).
+pub(crate) fn line_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_with_optional_extensions() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"0;name=value"), Some(0));
+        assert_eq!(parse_chunk_size(b"FF "), Some(255));
+        assert_eq!(parse_chunk_size(b"a\t;x=\"y\""), Some(10));
+        assert_eq!(parse_chunk_size(b"00000000000000000005"), Some(5));
+        for bad in [&b""[..], b"g", b";x", b"1000000000000000", b" 5", b"5;x\ny"] {
+            assert_eq!(parse_chunk_size(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lengths_are_plain_decimals() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"1234"), Some(1234));
+        for bad in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b"1 ",
+            b"0x10",
+            b"12345678901234567890",
+        ] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        for n in [0, 7, 10, 1234, usize::MAX] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
+}
