@@ -12,6 +12,10 @@
 //! | [`CachedSelectLayer`] | load-aware node choice over a cached ranking |
 //! | [`PooledProxyService`] | one shared pooled client; streams the answer; holds load until the body ends |
 //!
+//! Two building blocks go with them: [`HttpClient`], the pooled HTTP/1.1 client the proxy
+//! sends with, and [`serve_connection`], an HTTP/1.1 server for one client connection in front
+//! of any tower service, which reads whole request bodies before calling it.
+//!
 //! All layers share one [`NodePool`]: a lock-free snapshot of the nodes plus live load per node.
 //! A request's slot on a node is a [`LoadGuard`] that travels in a [`SelectedNode`] request
 //! extension and then in the response body, so a stream counts as load until its last byte.
@@ -102,5 +106,7 @@ pub use proxy::{
 };
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
-pub use server::{BodyTooLarge, RequestBody, ServerConfig, serve_connection};
+pub use server::{
+    BodyTooLarge, RequestBody, ServerConfig, serve_connection, serve_connection_after,
+};
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

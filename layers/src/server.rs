@@ -39,7 +39,7 @@ use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -50,7 +50,7 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use crate::RouterError;
-use crate::wire::{line_end, parse_chunk_size, parse_length, push_decimal};
+use crate::wire::{has_token, line_end, parse_chunk_size, parse_length, push_decimal};
 
 /// Limits for [`serve_connection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,9 @@ const MAX_HEADERS: usize = 100;
 
 /// Size of a read through the stack.
 const READ_SIZE: usize = 8 * 1024;
+
+/// A body's deadline is the header read timeout plus a second for every this many bytes of it.
+const BODY_BYTES_PER_SECOND: u64 = 64 * 1024;
 
 /// Data frames up to this size are copied next to their chunk framing (one write); larger ones
 /// are written on their own.
@@ -204,6 +207,21 @@ struct Incoming {
 /// connection, a request is refused, or `shutdown` turns true (see the module docs).
 pub async fn serve_connection<S, B>(
     stream: TcpStream,
+    service: S,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    serve_connection_after(stream, &[], service, config, shutdown).await;
+}
+
+/// [`serve_connection`] for a connection whose first bytes were already read off it (to tell
+/// the protocol, say): `read` is served as if it came first.
+pub async fn serve_connection_after<S, B>(
+    stream: TcpStream,
+    read: &[u8],
     mut service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
@@ -213,7 +231,7 @@ pub async fn serve_connection<S, B>(
 {
     let mut connection = Connection {
         stream,
-        pending: BytesMut::new(),
+        pending: BytesMut::from(read),
         config,
         timer: None,
     };
@@ -258,14 +276,13 @@ pub async fn serve_connection<S, B>(
             .await;
         match reusable {
             Ok(true) => {}
-            Ok(false) if body_left => {
+            // The client may still be sending (a body left unread, pipelined requests): it
+            // must read the answer, not a reset.
+            Ok(false) => {
                 connection.linger().await;
                 return;
             }
-            Ok(false) | Err(_) => {
-                let _ = connection.stream.shutdown().await;
-                return;
-            }
+            Err(_) => return,
         }
     }
 }
@@ -318,49 +335,65 @@ impl Connection {
         }
         let limit = self.config.max_body_bytes as u64;
         let mut asked_to_continue = false;
-        let body_end = match head.facts.framing {
-            Framing::Length(length) if length > limit => None,
+        // The whole body must come within this, so a trickle cannot hold the connection.
+        let timeout = self.config.header_read_timeout;
+        let body_deadline = move |length: u64| {
+            Instant::now() + timeout + Duration::from_secs(length / BODY_BYTES_PER_SECOND)
+        };
+        let (message, body) = match head.facts.framing {
+            Framing::Length(length) if length > limit => (self.take(head.len), None),
             Framing::Length(length) => {
                 let total = head.len + length as usize;
+                let deadline = body_deadline(length);
                 while self.pending.len() < total {
                     self.continue_if_expected(&head, &mut asked_to_continue)
                         .await;
-                    if !self.read_body_part(total - self.pending.len()).await {
+                    if !self
+                        .read_body_part(total - self.pending.len(), deadline)
+                        .await
+                    {
                         return Ok(None);
                     }
                 }
-                Some(total)
+                let message = self.take(total);
+                let body = message.slice(head.len..);
+                (message, Some(body))
             }
-            Framing::Chunked => loop {
-                match scan_chunked(&self.pending[head.len..], limit)? {
-                    ChunkScan::Complete(len) => break Some(head.len + len),
-                    ChunkScan::TooLarge => break None,
-                    ChunkScan::Partial => {
-                        self.continue_if_expected(&head, &mut asked_to_continue)
-                            .await;
-                        if !self.read_body_part(READ_SIZE).await {
-                            return Ok(None);
+            Framing::Chunked => {
+                // The head goes first; the chunks are decoded as they come, so the buffer never
+                // holds more than a read's worth of their framing.
+                let message = self.take(head.len);
+                let mut dechunker = Dechunker::default();
+                let deadline = body_deadline(limit);
+                let body = loop {
+                    match dechunker.advance(&mut self.pending, limit)? {
+                        Dechunked::Done => break Some(dechunker.data.freeze()),
+                        Dechunked::TooLarge => break None,
+                        Dechunked::NeedMore => {
+                            self.continue_if_expected(&head, &mut asked_to_continue)
+                                .await;
+                            if !self.read_body_part(READ_SIZE, deadline).await {
+                                return Ok(None);
+                            }
                         }
                     }
-                }
-            },
+                };
+                (message, body)
+            }
         };
-        let message = self.take(body_end.unwrap_or(head.len));
-        let body = match body_end {
+        let body_left = body.is_none();
+        let body = match body {
+            Some(bytes) => RequestBody::whole(bytes),
             None => RequestBody {
                 state: BodyState::TooLarge,
             },
-            Some(_) => RequestBody::whole(match head.facts.framing {
-                Framing::Length(_) => message.slice(head.len..),
-                Framing::Chunked => decode_chunked(&message[head.len..]),
-            }),
         };
         let request = build_request(&message, &head, body)?;
         Ok(Some(Incoming {
             request,
             keep_alive: head.facts.keep_alive,
             head_only: head.method == Method::HEAD,
-            body_left: body_end.is_none(),
+            body_left,
         }))
     }
 
@@ -390,10 +423,9 @@ impl Connection {
     }
 
     /// Reads more of a body, room made for up to `wanted` bytes: `false` when the client
-    /// closed, failed or sent nothing for a whole header read timeout.
-    async fn read_body_part(&mut self, wanted: usize) -> bool {
+    /// closed, failed, or `deadline` passed.
+    async fn read_body_part(&mut self, wanted: usize, deadline: Instant) -> bool {
         self.pending.reserve(wanted.min(1024 * 1024));
-        let deadline = Instant::now() + self.config.header_read_timeout;
         matches!(
             self.read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
                 .await,
@@ -484,6 +516,10 @@ impl Connection {
         let (parts, body) = answer.into_parts();
         let mut body = pin!(body);
         let status = parts.status;
+        // An app that closes the connection is obeyed; an interim (1xx) answer taken as the
+        // final one ends it too, since nothing here switches protocols.
+        close |=
+            status.is_informational() || has_token(&parts.headers, header::CONNECTION, "close");
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -588,6 +624,11 @@ impl Connection {
             if matches!(framing, Out::Chunked) {
                 out.extend_from_slice(b"\r\n");
             }
+            // A body with many frames ready at once goes out in pieces, not all held here.
+            if out.len() >= COPY_LIMIT {
+                self.stream.write_all(&out).await?;
+                out.clear();
+            }
         }
     }
 
@@ -682,13 +723,16 @@ fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Refusal> {
     let mut chunked = None;
     for (slot, found) in head.headers.iter_mut().zip(request.headers.iter()) {
         let (name, value) = (found.name.as_bytes(), found.value);
-        let at = |part: &[u8]| u32::try_from(offset(part)).unwrap_or(u32::MAX);
-        *slot = (
-            at(name),
-            at(name) + name.len() as u32,
-            at(value),
-            at(value) + value.len() as u32,
-        );
+        // Heads are far smaller than 4 GiB; one that is not is refused, not cut.
+        let range = |part: &[u8]| {
+            let start = offset(part);
+            u32::try_from(start)
+                .ok()
+                .zip(u32::try_from(start + part.len()).ok())
+                .ok_or(Refusal::HeadTooLarge)
+        };
+        let ((name_start, name_end), (value_start, value_end)) = (range(name)?, range(value)?);
+        *slot = (name_start, name_end, value_start, value_end);
         if name.eq_ignore_ascii_case(b"content-length") {
             for part in value.split(|&b| b == b',') {
                 let n =
@@ -760,78 +804,133 @@ fn build_request(
     Ok(request)
 }
 
-/// How far a chunked body at the front of a buffer has come.
+/// Where a chunked body's decoding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ChunkStage {
+    /// At a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk's data, with this much left.
+    Data(u64),
+    /// At the CR LF after a chunk's data.
+    DataEnd,
+    /// Among the trailer lines, this many bytes of them so far.
+    Trailers(usize),
+}
+
+/// What [`Dechunker::advance`] got to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkScan {
-    /// All of it, trailers included, in this many bytes.
-    Complete(usize),
-    Partial,
-    /// Its chunks add up to more than the limit.
+enum Dechunked {
+    Done,
+    NeedMore,
+    /// The data, or its framing, passed the limit.
     TooLarge,
+}
+
+/// Decodes a chunked body as it arrives, taking what it uses off the front of the buffer.
+#[derive(Debug, Default)]
+struct Dechunker {
+    stage: ChunkStage,
+    data: BytesMut,
+    /// Bytes of framing (size lines, extensions, line ends, trailers) so far.
+    framing: usize,
 }
 
 /// Longest chunk-size line, extensions included, and longest trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 
-/// Checks the chunked body at the front of `buf` without copying it.
-fn scan_chunked(buf: &[u8], limit: u64) -> Result<ChunkScan, Refusal> {
-    let mut at = 0;
-    let mut total = 0u64;
-    loop {
-        let Some(end) = line_end(&buf[at..]) else {
-            return if buf.len() - at > MAX_CHUNK_LINE {
-                Err(Refusal::Malformed("chunk size line"))
-            } else {
-                Ok(ChunkScan::Partial)
-            };
-        };
-        let size = parse_chunk_size(&buf[at..at + end]).ok_or(Refusal::Malformed("chunk size"))?;
-        at += end + 2;
-        if size == 0 {
-            let trailers_start = at;
-            loop {
-                let Some(end) = line_end(&buf[at..]) else {
-                    return if buf.len() - trailers_start > MAX_TRAILERS {
-                        Err(Refusal::Malformed("trailers"))
-                    } else {
-                        Ok(ChunkScan::Partial)
+/// Most framing bytes for a chunked body: a quarter of the data limit, plus 64 KiB.
+fn framing_allowance(limit: u64) -> usize {
+    usize::try_from(limit / 4)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 * 1024)
+}
+
+impl Dechunker {
+    fn advance(&mut self, buf: &mut BytesMut, limit: u64) -> Result<Dechunked, Refusal> {
+        loop {
+            if self.framing > framing_allowance(limit) {
+                return Ok(Dechunked::TooLarge);
+            }
+            match self.stage {
+                ChunkStage::Size => {
+                    let Some(end) = line_end(buf) else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err(Refusal::Malformed("chunk size line"))
+                        } else {
+                            Ok(Dechunked::NeedMore)
+                        };
                     };
-                };
-                at += end + 2;
-                if end == 0 {
-                    return Ok(ChunkScan::Complete(at));
+                    if end > MAX_CHUNK_LINE {
+                        return Err(Refusal::Malformed("chunk size line"));
+                    }
+                    let size =
+                        parse_chunk_size(&buf[..end]).ok_or(Refusal::Malformed("chunk size"))?;
+                    buf.advance(end + 2);
+                    self.framing += end + 2;
+                    if size == 0 {
+                        self.stage = ChunkStage::Trailers(0);
+                    } else if self.data.len() as u64 + size > limit {
+                        return Ok(Dechunked::TooLarge);
+                    } else {
+                        self.stage = ChunkStage::Data(size);
+                    }
+                }
+                ChunkStage::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Dechunked::NeedMore);
+                    }
+                    let taken = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.data.extend_from_slice(&buf[..taken]);
+                    buf.advance(taken);
+                    let left = left - taken as u64;
+                    self.stage = if left == 0 {
+                        ChunkStage::DataEnd
+                    } else {
+                        ChunkStage::Data(left)
+                    };
+                }
+                ChunkStage::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Dechunked::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Refusal::Malformed("chunk data"));
+                    }
+                    buf.advance(2);
+                    self.framing += 2;
+                    self.stage = ChunkStage::Size;
+                }
+                ChunkStage::Trailers(seen) => {
+                    let Some(end) = line_end(buf) else {
+                        return if seen + buf.len() > MAX_TRAILERS {
+                            Err(Refusal::Malformed("trailers"))
+                        } else {
+                            Ok(Dechunked::NeedMore)
+                        };
+                    };
+                    let line = &buf[..end];
+                    // A field line, with no bare CR or LF that another parser might take for
+                    // a line end (and so for the start of another request).
+                    if end > 0
+                        && (line.iter().any(|&b| b == b'\r' || b == b'\n') || !line.contains(&b':'))
+                    {
+                        return Err(Refusal::Malformed("trailer line"));
+                    }
+                    buf.advance(end + 2);
+                    self.framing += end + 2;
+                    if end == 0 {
+                        return Ok(Dechunked::Done);
+                    }
+                    if seen + end + 2 > MAX_TRAILERS {
+                        return Err(Refusal::Malformed("trailers"));
+                    }
+                    self.stage = ChunkStage::Trailers(seen + end + 2);
                 }
             }
         }
-        total += size;
-        if total > limit {
-            return Ok(ChunkScan::TooLarge);
-        }
-        let size = size as usize;
-        if buf.len() < at + size + 2 {
-            return Ok(ChunkScan::Partial);
-        }
-        if &buf[at + size..at + size + 2] != b"\r\n" {
-            return Err(Refusal::Malformed("chunk data"));
-        }
-        at += size + 2;
     }
-}
-
-/// The data of a complete chunked body that [`scan_chunked`] accepted.
-fn decode_chunked(mut raw: &[u8]) -> Bytes {
-    let mut data = BytesMut::new();
-    while let Some(end) = line_end(raw) {
-        let size = parse_chunk_size(&raw[..end]).unwrap_or(0) as usize;
-        raw = &raw[end + 2..];
-        if size == 0 || raw.len() < size {
-            break;
-        }
-        data.extend_from_slice(&raw[..size]);
-        raw = &raw[(size + 2).min(raw.len())..];
-    }
-    data.freeze()
 }
 
 /// Headers the server writes itself, from the answer's framing.
@@ -1189,14 +1288,17 @@ mod tests {
         assert_eq!(rest, "3\r\ntwo\r\n0\r\n\r\n");
     }
 
+    /// Sets its flag when dropped.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
     #[tokio::test]
     async fn a_client_that_goes_away_has_its_pending_answer_dropped() {
-        struct Dropped(Arc<AtomicBool>);
-        impl Drop for Dropped {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::SeqCst);
-            }
-        }
         let dropped = Arc::new(AtomicBool::new(false));
         let seen = dropped.clone();
         let (addr, _stop) = serve(ServerConfig::default(), move |_| {
@@ -1213,13 +1315,208 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!dropped.load(Ordering::SeqCst), "still waited for");
         drop(stream);
+        assert!(
+            eventually(&dropped).await,
+            "the answer of a client that left was not dropped"
+        );
+    }
+
+    /// An app answering `/<status>/<declared length>/<body>`: that status, that
+    /// `content-length` (unless `-`), that body (streamed when the path ends in `~`).
+    async fn framed(request: Request<RequestBody>) -> Result<Response<Answer>, Infallible> {
+        let path = request.uri().path().to_owned();
+        let mut parts = path.trim_start_matches('/').splitn(3, '/');
+        let status = parts.next().unwrap_or("200").parse().unwrap_or(200);
+        let declared = parts.next().unwrap_or("-").to_owned();
+        let body = parts.next().unwrap_or("").to_owned();
+        let mut answer = match body.strip_suffix('~') {
+            Some(text) => {
+                let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                let text = Bytes::from(text.to_owned());
+                tokio::spawn(async move { sender.send(text).await });
+                Response::new(Fed(receiver).boxed_unsync())
+            }
+            None => Response::new(Full::new(Bytes::from(body)).boxed_unsync()),
+        };
+        *answer.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        if declared != "-" {
+            answer
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, declared.parse().unwrap());
+        }
+        if request.headers().contains_key("x-close") {
+            answer
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn answers_are_framed_as_declared_and_a_wrong_length_ends_the_connection() {
+        let (addr, _stop) = serve(ServerConfig::default(), framed).await;
+        // Longer than declared: cut at the length, then closed (a second request gets nothing).
+        let answer = exchange(
+            addr,
+            b"GET /200/3/abcde HTTP/1.1\r\n\r\nGET /200/-/x HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.ends_with("content-length: 3\r\n\r\nabc"), "{answer}");
+        assert_eq!(statuses(&answer), ["200"], "{answer}");
+        // Shorter than declared: what there is, then closed.
+        let answer = exchange(
+            addr,
+            b"GET /200/10/abc HTTP/1.1\r\n\r\nGET /200/-/x HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(
+            answer.ends_with("content-length: 10\r\n\r\nabc"),
+            "{answer}"
+        );
+        // No body with 204 or 304, whatever the app gave; the connection goes on.
+        let answer = exchange(
+            addr,
+            b"GET /204/-/abc HTTP/1.1\r\n\r\nGET /304/3/abc HTTP/1.1\r\n\r\nGET /200/-/end HTTP/1.1\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(statuses(&answer), ["204", "304", "200"], "{answer}");
+        assert!(!answer.contains("abc"), "{answer}");
+        assert!(
+            answer.contains("content-length: 3\r\n"),
+            "304 keeps its declared length: {answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\nend"), "{answer}");
+        // Streamed to HTTP/1.0: no chunked framing, ended by the close.
+        let answer = exchange(
+            addr,
+            b"GET /200/-/stream~ HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        assert!(!answer.contains("transfer-encoding"), "{answer}");
+        assert!(
+            answer.ends_with("connection: close\r\n\r\nstream"),
+            "{answer}"
+        );
+        // Streamed to HTTP/1.1: chunked.
+        let answer = exchange(
+            addr,
+            b"GET /200/-/stream~ HTTP/1.1\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            answer.ends_with("\r\n\r\n6\r\nstream\r\n0\r\n\r\n"),
+            "{answer}"
+        );
+        // The app closing the connection is obeyed.
+        let answer = exchange(
+            addr,
+            b"GET /200/-/a HTTP/1.1\r\nx-close: 1\r\n\r\nGET /200/-/b HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert_eq!(statuses(&answer), ["200"], "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_mid_stream_has_the_answer_body_dropped() {
+        struct Guarded(Fed, #[allow(dead_code)] Dropped);
+        impl Body for Guarded {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                Pin::new(&mut self.0).poll_frame(cx)
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let seen = dropped.clone();
+        let (addr, _stop) = serve(ServerConfig::default(), move |_| {
+            let guard = Dropped(seen.clone());
+            async move {
+                let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(async move {
+                    let _ = sender.send(Bytes::from_static(b"first")).await;
+                    // Never a second part, never an end: only the client can end this.
+                    sender.closed().await;
+                });
+                Ok(Response::new(Guarded(Fed(receiver), guard).boxed_unsync()))
+            }
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 64];
+        let n = stream.read(&mut head).await.unwrap();
+        assert!(n > 0);
+        assert!(!dropped.load(Ordering::SeqCst), "the stream is still on");
+        drop(stream);
+        assert!(
+            eventually(&dropped).await,
+            "the body of a client that left was not dropped"
+        );
+    }
+
+    /// Whether `flag` turns true within a second.
+    async fn eventually(flag: &AtomicBool) -> bool {
         for _ in 0..50 {
-            if dropped.load(Ordering::SeqCst) {
-                return;
+            if flag.load(Ordering::SeqCst) {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the answer of a client that left was not dropped");
+        false
+    }
+
+    #[tokio::test]
+    async fn an_answer_in_flight_at_shutdown_says_the_connection_closes() {
+        let (addr, stop) = serve(ServerConfig::default(), |request| async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            echo(request).await
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /slow HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send(true).unwrap();
+        let answer = read_to_close(&mut stream).await;
+        assert_eq!(statuses(&answer), ["200"], "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("GET /slow  "), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_still_sending_reads_the_refusal_not_a_reset() {
+        let config = ServerConfig {
+            max_header_bytes: 1024,
+            ..ServerConfig::default()
+        };
+        let (addr, _stop) = serve(config, echo).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            write
+                .write_all(format!("GET / HTTP/1.1\r\nx-long: {}", "a".repeat(4096)).as_bytes())
+                .await?;
+            // Goes on sending after the server has answered.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            write.write_all(&vec![b'a'; 64 * 1024]).await?;
+            write.write_all(b"\r\n\r\n").await
+        });
+        let mut answer = Vec::new();
+        read.read_to_end(&mut answer)
+            .await
+            .expect("the answer and a clean end, not a reset");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        assert!(
+            sender.await.unwrap().is_ok(),
+            "what it sent after was read and dropped"
+        );
     }
 
     #[tokio::test]
@@ -1252,24 +1549,71 @@ mod tests {
         assert!(rest.ends_with("GET /  "), "answered, then closed: {rest}");
     }
 
+    /// Feeds `wire` to a dechunker `step` bytes at a time.
+    fn dechunk(
+        wire: &[u8],
+        step: usize,
+        limit: u64,
+    ) -> (Result<Dechunked, Refusal>, Dechunker, BytesMut) {
+        let mut dechunker = Dechunker::default();
+        let mut buf = BytesMut::new();
+        let mut outcome = Ok(Dechunked::NeedMore);
+        for part in wire.chunks(step) {
+            buf.extend_from_slice(part);
+            outcome = dechunker.advance(&mut buf, limit);
+            if outcome != Ok(Dechunked::NeedMore) {
+                break;
+            }
+        }
+        (outcome, dechunker, buf)
+    }
+
     #[test]
-    fn chunked_bodies_are_scanned_without_copying_and_decoded_once_whole() {
-        let body = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nt: 1\r\n\r\nNEXT";
-        assert_eq!(
-            scan_chunked(body, 100),
-            Ok(ChunkScan::Complete(body.len() - 4))
-        );
-        assert_eq!(decode_chunked(body), Bytes::from_static(b"wikipedia"));
-        for cut in [1, 3, 8, 20, body.len() - 6] {
-            assert_eq!(
-                scan_chunked(&body[..cut], 100),
-                Ok(ChunkScan::Partial),
-                "{cut}"
+    fn chunked_bodies_are_decoded_as_they_come_whatever_the_reads() {
+        let wire = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nt: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, wire.len()] {
+            let (outcome, dechunker, rest) = dechunk(wire, step, 100);
+            assert_eq!(outcome, Ok(Dechunked::Done), "{step}");
+            assert_eq!(&dechunker.data[..], b"wikipedia", "{step}");
+            if step == wire.len() {
+                assert_eq!(
+                    &rest[..],
+                    b"NEXT",
+                    "what follows stays for the next request"
+                );
+            }
+        }
+        assert_eq!(dechunk(wire, wire.len(), 8).0, Ok(Dechunked::TooLarge));
+        assert_eq!(dechunk(&wire[..20], 1, 100).0, Ok(Dechunked::NeedMore));
+        for bad in [
+            &b"4\r\nwikiXX"[..],
+            b"zz\r\n",
+            b"0\r\n\nGET /x HTTP/1.1\r\n\r\n",
+            b"0\r\nno colon\r\n\r\n",
+        ] {
+            assert!(
+                dechunk(bad, bad.len(), 100).0.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
             );
         }
-        assert_eq!(scan_chunked(body, 8), Ok(ChunkScan::TooLarge));
-        assert!(scan_chunked(b"4\r\nwikiXX", 100).is_err());
-        assert!(scan_chunked(&[b'1'; MAX_CHUNK_LINE + 1], 100).is_err());
+        assert!(dechunk(&[b'1'; MAX_CHUNK_LINE + 1], 64, 100).0.is_err());
+        let trailers: Vec<u8> = b"0\r\n"
+            .iter()
+            .chain(&b"t: v\r\n".repeat(MAX_TRAILERS / 6 + 1))
+            .copied()
+            .collect();
+        assert!(
+            dechunk(&trailers, 512, 100).0.is_err(),
+            "trailers past their limit"
+        );
+        // Framing out of all proportion to the data (one-byte chunks with long extensions).
+        let chunk = format!("1;{}\r\nx\r\n", "e".repeat(1000));
+        let wire = chunk.repeat(100);
+        assert_eq!(
+            dechunk(wire.as_bytes(), 4096, 1000).0,
+            Ok(Dechunked::TooLarge)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The floor for the shared bench: a proxy with this router's accept loop, connection workers
 //! and upstream client, but no routing logic at all (no layers, history, metrics, keys or
 //! request parsing; round robin over the nodes). Whatever the router costs above this is its
-//! own work; whatever this costs above nginx is the HTTP stack's (hyper, tokio, the kernel).
+//! own work; whatever this costs above nginx is the HTTP stack's (`layers::serve_connection`,
+//! tokio, the kernel).
 //!
 //! ```sh
 //! cargo build --release -p llm-router --example floor_proxy

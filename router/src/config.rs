@@ -152,10 +152,11 @@ pub struct LimitsConfig {
     /// Largest request body, in bytes. Default 16 MiB.
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers), in bytes; larger gets 431. Default
-    /// 65536; at least 8192 is used.
+    /// 65536.
     pub max_header_bytes: usize,
     /// Longest time for a new connection's first bytes, and then for a whole request head, in
-    /// milliseconds. Default 10000.
+    /// milliseconds; also how long an HTTP/1 connection may sit idle between requests, and
+    /// (plus a second per 64 KiB) how long a request body may take. Default 10000.
     pub header_read_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,

@@ -3,7 +3,9 @@
 //!
 //! - **Header read timeout.** A connection must send its first bytes, and then a whole request
 //!   head, within `header_read_timeout` each, or it is closed: a silent client, or headers sent
-//!   a trickle at a time (slowloris), do not hold a connection. HTTP/2 connections are pinged
+//!   a trickle at a time (slowloris), do not hold a connection. An HTTP/1 connection idle
+//!   between requests is closed after the same time, and a request body must arrive within it
+//!   plus a second per 64 KiB. HTTP/2 connections are pinged
 //!   every 30 s and closed when a ping goes unanswered for 10 s.
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
@@ -158,6 +160,9 @@ const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Whether a connection that began with `first` speaks HTTP/2; `None` until that is known.
 fn is_http2(first: &[u8]) -> Option<bool> {
     let known = first.len().min(3);
+    if known == 0 {
+        return None;
+    }
     if first[..known] != HTTP2_PREFACE[..known] {
         Some(false)
     } else if known == 3 {
@@ -179,19 +184,24 @@ impl ConnectionSettings {
         let _slot = slot;
         // The header timeout starts once the protocol is known, which takes the first bytes: a
         // client that sends none must not hold a slot either.
-        let Some(http2) = self.protocol(&stream).await else {
+        let mut stream = stream;
+        let Some(first) = self.first_bytes(&mut stream).await else {
             tracing::debug!("no request within the header read timeout; closing");
             return;
         };
-        if !http2 {
+        if is_http2(&first) != Some(true) {
             let app = tower::util::MapRequest::new(app, |r: Request<RequestBody>| r.map(Body::new));
-            layers::serve_connection(stream, app, self.http1, shutdown).await;
+            layers::serve_connection_after(stream, &first, app, self.http1, shutdown).await;
             return;
         }
         let app = tower::util::MapRequest::new(app, |r: Request<Incoming>| r.map(Body::new));
+        let io = Replayed {
+            first: Bytes::from(first),
+            io: TokioIo::new(stream),
+        };
         let connection = self
             .http2
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+            .serve_connection(io, TowerToHyperService::new(app));
         let mut connection = std::pin::pin!(connection);
         let ended = tokio::select! {
             ended = connection.as_mut() => ended,
@@ -205,28 +215,86 @@ impl ConnectionSettings {
         }
     }
 
-    /// Whether the client speaks HTTP/2, from its first bytes; `None` if it sent too few
-    /// within the header read timeout, or closed.
-    async fn protocol(&self, stream: &TcpStream) -> Option<bool> {
+    /// The client's first bytes, enough to tell its protocol; `None` if it sent too few within
+    /// the header read timeout, or closed.
+    async fn first_bytes(&self, stream: &mut TcpStream) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + self.http1.header_read_timeout;
-        let mut first = [0u8; 3];
+        let mut first = Vec::with_capacity(READ_FIRST);
         loop {
-            // `peek`, not `readable`: a fresh socket may be reported readable before any byte.
-            let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)).await;
-            match peeked {
+            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await;
+            match read {
                 Ok(Ok(n)) if n > 0 => {
-                    if let Some(http2) = is_http2(&first[..n]) {
-                        return Some(http2);
+                    if is_http2(&first).is_some() {
+                        return Some(first);
                     }
-                    // "P" or "PR" so far: wait for the rest.
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    if tokio::time::Instant::now() >= deadline {
-                        return None;
-                    }
+                    // "P" or "PR" so far: read on (reading, not peeking, so the wait is a real
+                    // one).
                 }
                 _ => return None,
             }
         }
+    }
+}
+
+/// How much of a new connection is read to tell its protocol: most requests whole.
+const READ_FIRST: usize = 4096;
+
+/// A connection whose first bytes were read to tell its protocol, given to hyper with those
+/// bytes put back in front.
+struct Replayed {
+    first: Bytes,
+    io: TokioIo<TcpStream>,
+}
+
+impl hyper::rt::Read for Replayed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            buf.put_slice(&self.first.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Replayed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -673,6 +741,30 @@ mod tests {
         assert!(
             served_by.iter().all(|w| *w == served_by[0]),
             "{served_by:?}"
+        );
+        stop_and_wait(stop, server).await;
+    }
+
+    /// A request whose first segment is only "P" (POST? or HTTP/2's "PRI"?) waits for more
+    /// and is then served as HTTP/1.
+    #[tokio::test]
+    async fn a_request_split_after_its_first_byte_is_served() {
+        let (addr, stop, server) = start(1, thread_name_app).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"P").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream
+            .write_all(
+                b"OST / HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 405"),
+            "POST on a GET route: {answer}"
         );
         stop_and_wait(stop, server).await;
     }
