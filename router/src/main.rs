@@ -11,12 +11,6 @@ use router::config::{Config, ConfigOverrides, LogFormat};
 use router::server::{StartOptions, start};
 use tokio::net::TcpListener;
 
-/// jemalloc instead of glibc's malloc: about 1 µs less user CPU a proxied request on this
-/// project's 2-core machine (the request path allocates on one thread and the history frees on
-/// another), measured in alternation in the same run.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// An OpenAI-compatible router for LLM inference nodes.
 #[derive(Debug, Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
