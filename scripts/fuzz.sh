@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes request parsing (`model`, `stream`) and config parsing with cargo-fuzz (libFuzzer) for
-# a bounded time per target. Not part of scripts/test.sh.
+# Fuzzes request parsing (`model`, `stream`), the HTTP/1 request reader and config parsing with
+# cargo-fuzz (libFuzzer) for a bounded time per target. Not part of scripts/test.sh.
 #
 #   scripts/fuzz.sh [seconds per target, default 60] [target...]
 #
@@ -14,7 +14,7 @@ scripts/setup.sh
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(request_info config)
+[ ${#targets[@]} -eq 0 ] && targets=(request_info config http1_request)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 cd fuzz
 for target in "${targets[@]}"; do

@@ -287,6 +287,58 @@ pub async fn serve_connection_after<S, B>(
     }
 }
 
+/// Reads one request from the front of `bytes` as [`serve_connection`] does when they are all
+/// the client sent: `Ok(None)` while it is incomplete, else the request and how many bytes it
+/// took; `Err` is the 400 or 431 the connection would get. For the fuzz target
+/// (`fuzz/fuzz_targets/http1_request.rs`) and its saved inputs, which need no socket.
+#[doc(hidden)]
+pub fn read_request_from(
+    bytes: &[u8],
+    config: &ServerConfig,
+) -> Result<Option<(Request<RequestBody>, usize)>, RouterError> {
+    let refused = |refusal: Refusal| refusal.answer(config.max_header_bytes);
+    let Some(head) = parse_head(bytes).map_err(refused)? else {
+        return if bytes.len() >= config.max_header_bytes {
+            Err(refused(Refusal::HeadTooLarge))
+        } else {
+            Ok(None)
+        };
+    };
+    if head.len > config.max_header_bytes {
+        return Err(refused(Refusal::HeadTooLarge));
+    }
+    let limit = config.max_body_bytes as u64;
+    let mut rest = BytesMut::from(bytes);
+    let message = rest.split_to(head.len).freeze();
+    let (body, used) = match head.facts.framing {
+        Framing::Length(length) if length > limit => (None, head.len),
+        Framing::Length(length) => {
+            let Some(body) = usize::try_from(length).ok().filter(|&n| n <= rest.len()) else {
+                return Ok(None);
+            };
+            (Some(rest.split_to(body).freeze()), head.len + body)
+        }
+        Framing::Chunked => {
+            let before = rest.len();
+            let mut dechunker = Dechunker::default();
+            let body = match dechunker.advance(&mut rest, limit).map_err(refused)? {
+                Dechunked::NeedMore => return Ok(None),
+                Dechunked::TooLarge => None,
+                Dechunked::Done => Some(dechunker.data.freeze()),
+            };
+            (body, head.len + before - rest.len())
+        }
+    };
+    let body = match body {
+        Some(bytes) => RequestBody::whole(bytes),
+        None => RequestBody {
+            state: BodyState::TooLarge,
+        },
+    };
+    let request = build_request(&message, &head, body).map_err(refused)?;
+    Ok(Some((request, used)))
+}
+
 /// The body of the server's own error answers.
 type Whole = http_body_util::Full<Bytes>;
 
@@ -1614,6 +1666,24 @@ mod tests {
             dechunk(wire.as_bytes(), 4096, 1000).0,
             Ok(Dechunked::TooLarge)
         );
+    }
+
+    #[test]
+    fn a_request_is_read_from_bytes_as_from_a_connection() {
+        let config = ServerConfig::default();
+        let wire = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let (request, used) = read_request_from(wire, &config).unwrap().unwrap();
+        assert_eq!(&wire[used..], b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(request.uri(), "/c");
+        assert_eq!(request.body().size_hint().exact(), Some(4));
+        assert!(read_request_from(&wire[..40], &config).unwrap().is_none());
+        let both = b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n";
+        let refused = read_request_from(both, &config).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        let over = b"POST / HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n";
+        let (request, used) = read_request_from(over, &config).unwrap().unwrap();
+        assert_eq!(used, over.len(), "the head only: the body is not read");
+        assert!(!request.body().is_end_stream());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use layers::{RequestInfo, RouterError};
+use http_body::Body;
+use layers::server::read_request_from;
+use layers::{RequestInfo, RouterError, ServerConfig};
 use router::config::Config;
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -48,6 +50,31 @@ fn config_parsing_answers_every_saved_input() {
             }
             // The seeds are valid configs (the annotated reference among them).
             Err(error) => assert!(!name.contains("/seeds/"), "{name}: {error}"),
+        }
+    }
+}
+
+#[test]
+fn http1_request_reading_answers_every_saved_input() {
+    let inputs = inputs("http1_request");
+    assert!(inputs.len() >= 4, "the seeds are there");
+    let config = ServerConfig {
+        max_header_bytes: 4096,
+        max_body_bytes: 1024,
+        ..ServerConfig::default()
+    };
+    for (name, bytes) in inputs {
+        match read_request_from(&bytes, &config) {
+            Ok(Some((request, used))) => {
+                assert!(used <= bytes.len(), "{name}");
+                let length = request.body().size_hint().exact();
+                assert!(length.is_none_or(|n| n <= 1024), "{name}");
+            }
+            Ok(None) => {}
+            Err(error) => assert!(
+                matches!(error.status().as_u16(), 400 | 431),
+                "{name}: {error:?}"
+            ),
         }
     }
 }
