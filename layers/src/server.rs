@@ -21,7 +21,9 @@
 //! Limits, as in hyper's server:
 //!
 //! - a request head must arrive whole within `header_read_timeout` of the connection being
-//!   ready for it, so a connection idle between requests is closed after that time too;
+//!   ready for it, so a connection idle between requests is closed after that time too; a
+//!   request body may not pause for longer, and after that time must have come at 1 KiB/s on
+//!   average;
 //! - a head over `max_header_bytes`, or with more than 100 headers, gets 431; a malformed one,
 //!   or one with both `content-length` and `transfer-encoding` (or two different lengths), gets
 //!   400; the connection then closes;
@@ -81,8 +83,31 @@ const MAX_HEADERS: usize = 100;
 /// Size of a read through the stack.
 const READ_SIZE: usize = 8 * 1024;
 
-/// A body's deadline is the header read timeout plus a second for every this many bytes of it.
-const BODY_BYTES_PER_SECOND: u64 = 64 * 1024;
+/// After the header read timeout, a body must have come at this many bytes a second on average.
+const BODY_MIN_BYTES_PER_SECOND: u64 = 1024;
+
+/// When a request body's next bytes are due: within the header read timeout of the last ones,
+/// and, after the first such time, at [`BODY_MIN_BYTES_PER_SECOND`] on average, so that neither
+/// a silent client nor a trickle holds the connection.
+#[derive(Debug, Clone, Copy)]
+struct BodyPace {
+    started: Instant,
+    timeout: Duration,
+}
+
+impl BodyPace {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            timeout,
+        }
+    }
+
+    fn deadline(&self, received: usize) -> Instant {
+        let earned = Duration::from_secs(received as u64 / BODY_MIN_BYTES_PER_SECOND);
+        (Instant::now() + self.timeout).min(self.started + self.timeout + earned)
+    }
+}
 
 /// Data frames up to this size are copied next to their chunk framing (one write); larger ones
 /// are written on their own.
@@ -278,8 +303,12 @@ pub async fn serve_connection_after<S, B>(
             Ok(true) => {}
             // The client may still be sending (a body left unread, pipelined requests): it
             // must read the answer, not a reset.
-            Ok(false) => {
+            Ok(false) if body_left || !connection.pending.is_empty() => {
                 connection.linger().await;
+                return;
+            }
+            Ok(false) => {
+                let _ = connection.stream.shutdown().await;
                 return;
             }
             Err(_) => return,
@@ -324,7 +353,7 @@ pub fn read_request_from(
             let body = match dechunker.advance(&mut rest, limit).map_err(refused)? {
                 Dechunked::NeedMore => return Ok(None),
                 Dechunked::TooLarge => None,
-                Dechunked::Done => Some(dechunker.data.freeze()),
+                Dechunked::Done => Some(dechunker.finish()),
             };
             (body, head.len + before - rest.len())
         }
@@ -387,24 +416,22 @@ impl Connection {
         }
         let limit = self.config.max_body_bytes as u64;
         let mut asked_to_continue = false;
-        // The whole body must come within this, so a trickle cannot hold the connection.
-        let timeout = self.config.header_read_timeout;
-        let body_deadline = move |length: u64| {
-            Instant::now() + timeout + Duration::from_secs(length / BODY_BYTES_PER_SECOND)
-        };
+        let pace = BodyPace::new(self.config.header_read_timeout);
         let (message, body) = match head.facts.framing {
             Framing::Length(length) if length > limit => (self.take(head.len), None),
             Framing::Length(length) => {
                 let total = head.len + length as usize;
-                let deadline = body_deadline(length);
+                let mut received = 0;
                 while self.pending.len() < total {
                     self.continue_if_expected(&head, &mut asked_to_continue)
                         .await;
-                    if !self
+                    let deadline = pace.deadline(received);
+                    match self
                         .read_body_part(total - self.pending.len(), deadline)
                         .await
                     {
-                        return Ok(None);
+                        Some(read) => received += read,
+                        None => return Ok(None),
                     }
                 }
                 let message = self.take(total);
@@ -416,16 +443,18 @@ impl Connection {
                 // holds more than a read's worth of their framing.
                 let message = self.take(head.len);
                 let mut dechunker = Dechunker::default();
-                let deadline = body_deadline(limit);
+                let mut received = 0;
                 let body = loop {
                     match dechunker.advance(&mut self.pending, limit)? {
-                        Dechunked::Done => break Some(dechunker.data.freeze()),
+                        Dechunked::Done => break Some(dechunker.finish()),
                         Dechunked::TooLarge => break None,
                         Dechunked::NeedMore => {
                             self.continue_if_expected(&head, &mut asked_to_continue)
                                 .await;
-                            if !self.read_body_part(READ_SIZE, deadline).await {
-                                return Ok(None);
+                            let deadline = pace.deadline(received);
+                            match self.read_body_part(READ_SIZE, deadline).await {
+                                Some(read) => received += read,
+                                None => return Ok(None),
                             }
                         }
                     }
@@ -474,15 +503,17 @@ impl Connection {
         }
     }
 
-    /// Reads more of a body, room made for up to `wanted` bytes: `false` when the client
-    /// closed, failed, or `deadline` passed.
-    async fn read_body_part(&mut self, wanted: usize, deadline: Instant) -> bool {
+    /// Reads more of a body, room made for up to `wanted` bytes: how many came, or `None` when
+    /// the client closed, failed, or `deadline` passed.
+    async fn read_body_part(&mut self, wanted: usize, deadline: Instant) -> Option<usize> {
         self.pending.reserve(wanted.min(1024 * 1024));
-        matches!(
-            self.read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
-                .await,
-            Some(Ok(read)) if read > 0
-        )
+        match self
+            .read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
+            .await
+        {
+            Some(Ok(read)) if read > 0 => Some(read),
+            _ => None,
+        }
     }
 
     /// Reads what the client sends next; `None` if `deadline` passes or `stop` resolves
@@ -875,7 +906,7 @@ enum ChunkStage {
 enum Dechunked {
     Done,
     NeedMore,
-    /// The data, or its framing, passed the limit.
+    /// The data passed the limit.
     TooLarge,
 }
 
@@ -900,10 +931,21 @@ fn framing_allowance(limit: u64) -> usize {
 }
 
 impl Dechunker {
+    /// The decoded body, in memory of its size (the buffer grew by doubling).
+    fn finish(self) -> Bytes {
+        if self.data.capacity() > self.data.len() + self.data.len() / 4 {
+            return Bytes::copy_from_slice(&self.data);
+        }
+        self.data.freeze()
+    }
+
     fn advance(&mut self, buf: &mut BytesMut, limit: u64) -> Result<Dechunked, Refusal> {
         loop {
             if self.framing > framing_allowance(limit) {
-                return Ok(Dechunked::TooLarge);
+                // Chunks far smaller than any client sends: refused, whatever the data's size.
+                return Err(Refusal::Malformed(
+                    "chunk framing out of proportion to the data",
+                ));
             }
             match self.stage {
                 ChunkStage::Size => {
@@ -1572,6 +1614,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_that_stops_or_trickles_is_cut_off() {
+        let config = ServerConfig {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServerConfig::default()
+        };
+        let (addr, _stop) = serve(config, echo).await;
+        for trickle in [false, true] {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"POST / HTTP/1.1\r\ncontent-length: 100000\r\n\r\nstart")
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            let closed = async {
+                let mut byte = [0u8; 1];
+                loop {
+                    if trickle {
+                        // A byte every 100 ms: never a pause of 300 ms, but far below 1 KiB/s.
+                        let _ = stream.write_all(b"x").await;
+                    }
+                    match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte))
+                        .await
+                    {
+                        Ok(Ok(0) | Err(_)) => break,
+                        Ok(Ok(_)) => panic!("an answer to a body that never came"),
+                        Err(_) => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), closed)
+                .await
+                .expect("the connection is closed");
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_millis(250) && waited < Duration::from_secs(1),
+                "trickle {trickle}: closed after {waited:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn idle_connections_close_at_the_header_timeout_and_at_shutdown() {
         let config = ServerConfig {
             header_read_timeout: Duration::from_millis(300),
@@ -1662,9 +1745,9 @@ mod tests {
         // Framing out of all proportion to the data (one-byte chunks with long extensions).
         let chunk = format!("1;{}\r\nx\r\n", "e".repeat(1000));
         let wire = chunk.repeat(100);
-        assert_eq!(
-            dechunk(wire.as_bytes(), 4096, 1000).0,
-            Ok(Dechunked::TooLarge)
+        assert!(
+            dechunk(wire.as_bytes(), 4096, 1000).0.is_err(),
+            "refused as malformed"
         );
     }
 

@@ -155,8 +155,9 @@ pub struct LimitsConfig {
     /// 65536.
     pub max_header_bytes: usize,
     /// Longest time for a new connection's first bytes, and then for a whole request head, in
-    /// milliseconds; also how long an HTTP/1 connection may sit idle between requests, and
-    /// (plus a second per 64 KiB) how long a request body may take. Default 10000.
+    /// milliseconds; also how long an HTTP/1 connection may sit idle between requests, and the
+    /// longest gap in a request body (which must also come at 1 KiB/s on average after the
+    /// first such time). Default 10000.
     pub header_read_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,

@@ -4,8 +4,9 @@
 //! - **Header read timeout.** A connection must send its first bytes, and then a whole request
 //!   head, within `header_read_timeout` each, or it is closed: a silent client, or headers sent
 //!   a trickle at a time (slowloris), do not hold a connection. An HTTP/1 connection idle
-//!   between requests is closed after the same time, and a request body must arrive within it
-//!   plus a second per 64 KiB. HTTP/2 connections are pinged
+//!   between requests is closed after the same time, and a request body must keep coming: no
+//!   gap longer than that time, and after it at least 1 KiB/s on average. An HTTP/2 client must
+//!   send its whole preface within the time. HTTP/2 connections are pinged
 //!   every 30 s and closed when a ping goes unanswered for 10 s.
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
@@ -157,6 +158,12 @@ struct ConnectionSettings {
 /// What an HTTP/2 client sends first.
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Whether `first` is the start of HTTP/2's preface (or all of it, and more).
+fn is_preface_prefix(first: &[u8]) -> bool {
+    let known = first.len().min(HTTP2_PREFACE.len());
+    first[..known] == HTTP2_PREFACE[..known]
+}
+
 /// Whether a connection that began with `first` speaks HTTP/2; `None` until that is known.
 fn is_http2(first: &[u8]) -> Option<bool> {
     let known = first.len().min(3);
@@ -224,13 +231,18 @@ impl ConnectionSettings {
         loop {
             let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await;
             match read {
-                Ok(Ok(n)) if n > 0 => {
-                    if is_http2(&first).is_some() {
+                Ok(Ok(n)) if n > 0 => match is_http2(&first) {
+                    Some(false) => return Some(first),
+                    // The whole preface, under this deadline: hyper's handshake has none.
+                    Some(true)
+                        if !is_preface_prefix(&first) || first.len() >= HTTP2_PREFACE.len() =>
+                    {
                         return Some(first);
                     }
-                    // "P" or "PR" so far: read on (reading, not peeking, so the wait is a real
-                    // one).
-                }
+                    // "P" or "PR" so far, or part of the preface: read on (reading, not
+                    // peeking, so the wait is a real one).
+                    _ => {}
+                },
                 _ => return None,
             }
         }
@@ -765,6 +777,28 @@ mod tests {
         assert!(
             answer.starts_with("HTTP/1.1 405"),
             "POST on a GET route: {answer}"
+        );
+        stop_and_wait(stop, server).await;
+    }
+
+    /// A client that starts HTTP/2's preface and stops is closed at the header read timeout
+    /// (hyper's handshake has no timeout of its own).
+    #[tokio::test]
+    async fn a_client_stopping_inside_the_http2_preface_is_closed() {
+        let config = ListenConfig {
+            workers: 1,
+            header_read_timeout: Duration::from_millis(300),
+            ..ListenConfig::default()
+        };
+        let (addr, stop, server) = start_with(config, thread_name_app).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"PRI * HTTP").await.unwrap();
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "closed, with nothing sent: {read:?} {rest:?}"
         );
         stop_and_wait(stop, server).await;
     }
