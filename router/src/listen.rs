@@ -435,15 +435,22 @@ pub async fn serve<F, S>(
             }
         }
     }
-    // A worker whose app could not be built (it panicked) takes no connections.
-    for worker in &mut workers {
-        if let Some(ready) = worker.ready.take()
-            && ready.await.is_err()
-        {
+    // A worker whose app could not be built (it panicked) takes no connections. Its answer
+    // decides, not whether its channel is closed yet: the panic drops the answer first, and
+    // the channel may still be open for a moment after.
+    let mut started = Vec::with_capacity(workers.len());
+    for mut worker in workers {
+        let built = match worker.ready.take() {
+            Some(ready) => ready.await.is_ok(),
+            None => true,
+        };
+        if built && !worker.connections.is_closed() {
+            started.push(worker);
+        } else {
             tracing::error!("a connection worker failed to start; serving without it");
         }
     }
-    workers.retain(|w| !w.connections.is_closed());
+    let workers = started;
     // Without workers (none configured, or none could start), connections run here.
     let local_app = workers.is_empty().then(|| make_app());
     let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
