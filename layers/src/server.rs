@@ -1156,6 +1156,13 @@ mod tests {
         (addr, stop)
     }
 
+    /// The default config with one change.
+    fn config_with(change: impl FnOnce(&mut ServerConfig)) -> ServerConfig {
+        let mut config = ServerConfig::default();
+        change(&mut config);
+        config
+    }
+
     /// Sends `raw` and reads until the server closes the connection (or 5 s pass).
     async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
         let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -1250,10 +1257,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_limit_is_not_read_and_the_client_still_reads_the_answer() {
-        let config = ServerConfig {
-            max_body_bytes: 1024,
-            ..ServerConfig::default()
-        };
+        let config = config_with(|c| c.max_body_bytes = 1024);
         let (addr, _stop) = serve(config, echo).await;
         for raw in [
             format!(
@@ -1285,10 +1289,7 @@ mod tests {
 
     #[tokio::test]
     async fn broken_or_oversized_heads_are_refused_and_the_connection_closes() {
-        let config = ServerConfig {
-            max_header_bytes: 1024,
-            ..ServerConfig::default()
-        };
+        let config = config_with(|c| c.max_header_bytes = 1024);
         let (addr, _stop) = serve(config, echo).await;
         let long = format!("GET / HTTP/1.1\r\nx-long: {}\r\n\r\n", "a".repeat(2000));
         let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
@@ -1585,10 +1586,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_client_still_sending_reads_the_refusal_not_a_reset() {
-        let config = ServerConfig {
-            max_header_bytes: 1024,
-            ..ServerConfig::default()
-        };
+        let config = config_with(|c| c.max_header_bytes = 1024);
         let (addr, _stop) = serve(config, echo).await;
         let stream = TcpStream::connect(addr).await.unwrap();
         let (mut read, mut write) = stream.into_split();
@@ -1615,10 +1613,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_stops_or_trickles_is_cut_off() {
-        let config = ServerConfig {
-            header_read_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        };
+        let config = config_with(|c| c.header_read_timeout = Duration::from_millis(300));
         let (addr, _stop) = serve(config, echo).await;
         for trickle in [false, true] {
             let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -1656,10 +1651,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_close_at_the_header_timeout_and_at_shutdown() {
-        let config = ServerConfig {
-            header_read_timeout: Duration::from_millis(300),
-            ..ServerConfig::default()
-        };
+        let config = config_with(|c| c.header_read_timeout = Duration::from_millis(300));
         let (addr, stop) = serve(config, echo).await;
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
