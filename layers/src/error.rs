@@ -61,6 +61,9 @@ pub enum RouterError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request body stopped coming, or came too slowly.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// Admission control turned the request away: the fleet is too busy.
     #[error("the router is at capacity; retry after the indicated delay")]
     Overloaded {
@@ -129,6 +132,7 @@ impl RouterError {
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded { .. } | Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -147,7 +151,8 @@ impl RouterError {
             | Self::MissingModel
             | Self::ModelNotFound(_)
             | Self::PayloadTooLarge { .. }
-            | Self::HeadTooLarge { .. } => "invalid_request_error",
+            | Self::HeadTooLarge { .. }
+            | Self::RequestTimeout => "invalid_request_error",
             Self::Overloaded { .. } | Self::QueueFull { .. } => "rate_limit_error",
             Self::WaitTimeout { .. } | Self::NoNodeAvailable { .. } => "service_unavailable",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::Internal => "server_error",
@@ -164,6 +169,7 @@ impl RouterError {
             Self::ModelNotFound(_) => "model_not_found",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::HeadTooLarge { .. } => "request_header_fields_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::Overloaded { .. } => "overloaded",
             Self::QueueFull { .. } => "queue_full",
             Self::WaitTimeout { .. } => "wait_timeout",
@@ -226,7 +232,7 @@ impl RouterError {
     pub fn grpc_code(&self) -> u8 {
         match self {
             Self::InvalidRequest(_) | Self::MissingModel => 3, // INVALID_ARGUMENT
-            Self::UpstreamTimeout => 4,                        // DEADLINE_EXCEEDED
+            Self::UpstreamTimeout | Self::RequestTimeout => 4, // DEADLINE_EXCEEDED
             Self::ModelNotFound(_) => 5,                       // NOT_FOUND
             Self::PayloadTooLarge { .. }
             | Self::HeadTooLarge { .. }

@@ -23,7 +23,7 @@
 //! - a request head must arrive whole within `header_read_timeout` of the connection being
 //!   ready for it, so a connection idle between requests is closed after that time too; a
 //!   request body may not pause for longer, and after that time must have come at 1 KiB/s on
-//!   average;
+//!   average, or it gets 408;
 //! - a head over `max_header_bytes`, or with more than 100 headers, gets 431; a malformed one,
 //!   or one with both `content-length` and `transfer-encoding` (or two different lengths), gets
 //!   400; the connection then closes;
@@ -176,6 +176,8 @@ pub struct BodyTooLarge;
 enum Refusal {
     HeadTooLarge,
     Malformed(&'static str),
+    /// The body stopped coming, or came too slowly.
+    BodyTimeout,
 }
 
 impl Refusal {
@@ -187,8 +189,17 @@ impl Refusal {
             Refusal::Malformed(what) => {
                 RouterError::InvalidRequest(format!("malformed HTTP request: {what}"))
             }
+            Refusal::BodyTimeout => RouterError::RequestTimeout,
         }
     }
+}
+
+/// Why a body read ended without bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRead {
+    /// The client closed the connection, or it failed.
+    Closed,
+    TimedOut,
 }
 
 /// How a request's body is framed.
@@ -430,8 +441,9 @@ impl Connection {
                         .read_body_part(total - self.pending.len(), deadline)
                         .await
                     {
-                        Some(read) => received += read,
-                        None => return Ok(None),
+                        Ok(read) => received += read,
+                        Err(BodyRead::Closed) => return Ok(None),
+                        Err(BodyRead::TimedOut) => return Err(Refusal::BodyTimeout),
                     }
                 }
                 let message = self.take(total);
@@ -453,8 +465,9 @@ impl Connection {
                                 .await;
                             let deadline = pace.deadline(received);
                             match self.read_body_part(READ_SIZE, deadline).await {
-                                Some(read) => received += read,
-                                None => return Ok(None),
+                                Ok(read) => received += read,
+                                Err(BodyRead::Closed) => return Ok(None),
+                                Err(BodyRead::TimedOut) => return Err(Refusal::BodyTimeout),
                             }
                         }
                     }
@@ -503,16 +516,20 @@ impl Connection {
         }
     }
 
-    /// Reads more of a body, room made for up to `wanted` bytes: how many came, or `None` when
-    /// the client closed, failed, or `deadline` passed.
-    async fn read_body_part(&mut self, wanted: usize, deadline: Instant) -> Option<usize> {
+    /// Reads more of a body, room made for up to `wanted` bytes: how many came.
+    async fn read_body_part(
+        &mut self,
+        wanted: usize,
+        deadline: Instant,
+    ) -> Result<usize, BodyRead> {
         self.pending.reserve(wanted.min(1024 * 1024));
         match self
             .read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
             .await
         {
-            Some(Ok(read)) if read > 0 => Some(read),
-            _ => None,
+            Some(Ok(read)) if read > 0 => Ok(read),
+            Some(_) => Err(BodyRead::Closed),
+            None => Err(BodyRead::TimedOut),
         }
     }
 
@@ -1622,18 +1639,19 @@ mod tests {
                 .await
                 .unwrap();
             let started = std::time::Instant::now();
+            let mut answer = Vec::new();
             let closed = async {
-                let mut byte = [0u8; 1];
+                let mut chunk = [0u8; 1024];
                 loop {
                     if trickle {
                         // A byte every 100 ms: never a pause of 300 ms, but far below 1 KiB/s.
                         let _ = stream.write_all(b"x").await;
                     }
-                    match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte))
+                    match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut chunk))
                         .await
                     {
                         Ok(Ok(0) | Err(_)) => break,
-                        Ok(Ok(_)) => panic!("an answer to a body that never came"),
+                        Ok(Ok(n)) => answer.extend_from_slice(&chunk[..n]),
                         Err(_) => {}
                     }
                 }
@@ -1646,6 +1664,9 @@ mod tests {
                 waited >= Duration::from_millis(250) && waited < Duration::from_secs(1),
                 "trickle {trickle}: closed after {waited:?}"
             );
+            let answer = String::from_utf8_lossy(&answer);
+            assert_eq!(statuses(&answer), ["408"], "trickle {trickle}: {answer}");
+            assert!(answer.contains("request_timeout"), "{answer}");
         }
     }
 
