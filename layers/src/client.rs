@@ -44,7 +44,6 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -57,11 +56,14 @@ use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::FastMap;
-use crate::wire::{has_token, line_end, parse_chunk_size, parse_length, push_decimal};
+use crate::wire::{
+    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
+    push_decimal,
+};
 
 /// Settings for the shared client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -701,7 +703,7 @@ const MAX_HEADERS: usize = 128;
 /// Longest chunk-size or trailer line.
 const MAX_LINE: usize = 4 * 1024;
 /// Smallest and largest read: reads grow while they fill the buffer.
-const READ_MIN: usize = 8 * 1024;
+const READ_MIN: usize = LANDING_SIZE;
 const READ_MAX: usize = 128 * 1024;
 
 /// A parsed answer head.
@@ -915,20 +917,14 @@ impl Connection {
         Poll::Ready(Ok(read))
     }
 
-    /// Reads into an empty buffer through the stack, keeping exactly what came. Most answers
-    /// and stream events are far smaller than a read: an allocation of their size is cheaper
-    /// than one of `READ_MIN` (which glibc serves from outside its per-thread cache), and the
-    /// frames made from it hold no unused room.
+    /// Reads into an empty buffer through the stack, keeping exactly what came
+    /// ([`poll_read_landing`]).
     fn poll_fill_exact(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut landing = [MaybeUninit::<u8>::uninit(); READ_MIN];
-        let mut read = ReadBuf::uninit(&mut landing);
-        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
-        let filled = read.filled();
-        if filled.len() == READ_MIN {
+        let read = ready!(poll_read_landing(&mut self.stream, cx, &mut self.buf))?;
+        if read == READ_MIN {
             self.read_size = (READ_MIN * 2).min(READ_MAX);
         }
-        self.buf = BytesMut::from(filled);
-        Poll::Ready(Ok(filled.len()))
+        Poll::Ready(Ok(read))
     }
 
     /// The next `n` bytes of the buffer.

@@ -45,14 +45,17 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use crate::RouterError;
-use crate::wire::{has_token, line_end, parse_chunk_size, parse_length, push_decimal};
+use crate::wire::{
+    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
+    push_decimal,
+};
 
 /// Limits for [`serve_connection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,30 +84,35 @@ impl Default for ServerConfig {
 const MAX_HEADERS: usize = 100;
 
 /// Size of a read through the stack.
-const READ_SIZE: usize = 8 * 1024;
+const READ_SIZE: usize = LANDING_SIZE;
 
 /// After the header read timeout, a body must have come at this many bytes a second on average.
 const BODY_MIN_BYTES_PER_SECOND: u64 = 1024;
 
-/// When a request body's next bytes are due: within the header read timeout of the last ones,
-/// and, after the first such time, at [`BODY_MIN_BYTES_PER_SECOND`] on average, so that neither
-/// a silent client nor a trickle holds the connection.
+/// How a request body is coming: its next bytes are due within the header read timeout of the
+/// last ones and, after the first such time, at [`BODY_MIN_BYTES_PER_SECOND`] on average, so
+/// that neither a silent client nor a trickle holds the connection.
 #[derive(Debug, Clone, Copy)]
 struct BodyPace {
     started: Instant,
     timeout: Duration,
+    received: usize,
+    /// The client waits for `100 Continue`, not yet sent.
+    expects_continue: bool,
 }
 
 impl BodyPace {
-    fn new(timeout: Duration) -> Self {
+    fn new(timeout: Duration, expects_continue: bool) -> Self {
         Self {
             started: Instant::now(),
             timeout,
+            received: 0,
+            expects_continue,
         }
     }
 
-    fn deadline(&self, received: usize) -> Instant {
-        let earned = Duration::from_secs(received as u64 / BODY_MIN_BYTES_PER_SECOND);
+    fn deadline(&self) -> Instant {
+        let earned = Duration::from_secs(self.received as u64 / BODY_MIN_BYTES_PER_SECOND);
         (Instant::now() + self.timeout).min(self.started + self.timeout + earned)
     }
 }
@@ -128,11 +136,12 @@ enum BodyState {
 }
 
 impl RequestBody {
-    fn whole(bytes: Bytes) -> Self {
-        let state = if bytes.is_empty() {
-            BodyState::Done
-        } else {
-            BodyState::Whole(bytes)
+    /// The body read, or `None` for one over the limit and not read.
+    fn read(body: Option<Bytes>) -> Self {
+        let state = match body {
+            None => BodyState::TooLarge,
+            Some(bytes) if bytes.is_empty() => BodyState::Done,
+            Some(bytes) => BodyState::Whole(bytes),
         };
         Self { state }
     }
@@ -192,14 +201,6 @@ impl Refusal {
             Refusal::BodyTimeout => RouterError::RequestTimeout,
         }
     }
-}
-
-/// Why a body read ended without bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyRead {
-    /// The client closed the connection, or it failed.
-    Closed,
-    TimedOut,
 }
 
 /// How a request's body is framed.
@@ -337,16 +338,9 @@ pub fn read_request_from(
     config: &ServerConfig,
 ) -> Result<Option<(Request<RequestBody>, usize)>, RouterError> {
     let refused = |refusal: Refusal| refusal.answer(config.max_header_bytes);
-    let Some(head) = parse_head(bytes).map_err(refused)? else {
-        return if bytes.len() >= config.max_header_bytes {
-            Err(refused(Refusal::HeadTooLarge))
-        } else {
-            Ok(None)
-        };
+    let Some(head) = parse_head(bytes, config.max_header_bytes).map_err(refused)? else {
+        return Ok(None);
     };
-    if head.len > config.max_header_bytes {
-        return Err(refused(Refusal::HeadTooLarge));
-    }
     let limit = config.max_body_bytes as u64;
     let mut rest = BytesMut::from(bytes);
     let message = rest.split_to(head.len).freeze();
@@ -369,13 +363,7 @@ pub fn read_request_from(
             (body, head.len + before - rest.len())
         }
     };
-    let body = match body {
-        Some(bytes) => RequestBody::whole(bytes),
-        None => RequestBody {
-            state: BodyState::TooLarge,
-        },
-    };
-    let request = build_request(&message, &head, body).map_err(refused)?;
+    let request = build_request(&message, &head, RequestBody::read(body)).map_err(refused)?;
     Ok(Some((request, used)))
 }
 
@@ -405,13 +393,10 @@ impl Connection {
     ) -> Result<Option<Incoming>, Refusal> {
         let deadline = Instant::now() + self.config.header_read_timeout;
         let head = loop {
-            if !self.pending.is_empty() {
-                if let Some(head) = parse_head(&self.pending)? {
-                    break head;
-                }
-                if self.pending.len() >= self.config.max_header_bytes {
-                    return Err(Refusal::HeadTooLarge);
-                }
+            if !self.pending.is_empty()
+                && let Some(head) = parse_head(&self.pending, self.config.max_header_bytes)?
+            {
+                break head;
             }
             let idle = self.pending.is_empty();
             match self
@@ -422,28 +407,18 @@ impl Connection {
                 _ => return Ok(None),
             }
         };
-        if head.len > self.config.max_header_bytes {
-            return Err(Refusal::HeadTooLarge);
-        }
         let limit = self.config.max_body_bytes as u64;
-        let mut asked_to_continue = false;
-        let pace = BodyPace::new(self.config.header_read_timeout);
+        let mut pace = BodyPace::new(self.config.header_read_timeout, head.facts.expects_continue);
         let (message, body) = match head.facts.framing {
             Framing::Length(length) if length > limit => (self.take(head.len), None),
             Framing::Length(length) => {
                 let total = head.len + length as usize;
-                let mut received = 0;
                 while self.pending.len() < total {
-                    self.continue_if_expected(&head, &mut asked_to_continue)
-                        .await;
-                    let deadline = pace.deadline(received);
-                    match self
-                        .read_body_part(total - self.pending.len(), deadline)
-                        .await
+                    if !self
+                        .more_body(total - self.pending.len(), &mut pace)
+                        .await?
                     {
-                        Ok(read) => received += read,
-                        Err(BodyRead::Closed) => return Ok(None),
-                        Err(BodyRead::TimedOut) => return Err(Refusal::BodyTimeout),
+                        return Ok(None);
                     }
                 }
                 let message = self.take(total);
@@ -455,19 +430,13 @@ impl Connection {
                 // holds more than a read's worth of their framing.
                 let message = self.take(head.len);
                 let mut dechunker = Dechunker::default();
-                let mut received = 0;
                 let body = loop {
                     match dechunker.advance(&mut self.pending, limit)? {
                         Dechunked::Done => break Some(dechunker.finish()),
                         Dechunked::TooLarge => break None,
                         Dechunked::NeedMore => {
-                            self.continue_if_expected(&head, &mut asked_to_continue)
-                                .await;
-                            let deadline = pace.deadline(received);
-                            match self.read_body_part(READ_SIZE, deadline).await {
-                                Ok(read) => received += read,
-                                Err(BodyRead::Closed) => return Ok(None),
-                                Err(BodyRead::TimedOut) => return Err(Refusal::BodyTimeout),
+                            if !self.more_body(READ_SIZE, &mut pace).await? {
+                                return Ok(None);
                             }
                         }
                     }
@@ -476,13 +445,7 @@ impl Connection {
             }
         };
         let body_left = body.is_none();
-        let body = match body {
-            Some(bytes) => RequestBody::whole(bytes),
-            None => RequestBody {
-                state: BodyState::TooLarge,
-            },
-        };
-        let request = build_request(&message, &head, body)?;
+        let request = build_request(&message, &head, RequestBody::read(body))?;
         Ok(Some(Incoming {
             request,
             keep_alive: head.facts.keep_alive,
@@ -504,32 +467,29 @@ impl Connection {
         message
     }
 
-    /// Tells a client that waits for it before sending its body (`expect: 100-continue`) to
-    /// go on, once.
-    async fn continue_if_expected(&mut self, head: &ParsedHead, asked: &mut bool) {
-        if head.facts.expects_continue && !*asked {
-            *asked = true;
+    /// Reads more of a body, room made for up to `wanted` bytes: `Ok(false)` when the client
+    /// closed or failed. A client waiting for it (`expect: 100-continue`) is first told to go
+    /// on, once.
+    async fn more_body(&mut self, wanted: usize, pace: &mut BodyPace) -> Result<bool, Refusal> {
+        if pace.expects_continue {
+            pace.expects_continue = false;
             let _ = self
                 .stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await;
         }
-    }
-
-    /// Reads more of a body, room made for up to `wanted` bytes: how many came.
-    async fn read_body_part(
-        &mut self,
-        wanted: usize,
-        deadline: Instant,
-    ) -> Result<usize, BodyRead> {
         self.pending.reserve(wanted.min(1024 * 1024));
+        let deadline = pace.deadline();
         match self
             .read_before(deadline, None::<Pin<&mut std::future::Pending<()>>>)
             .await
         {
-            Some(Ok(read)) if read > 0 => Ok(read),
-            Some(_) => Err(BodyRead::Closed),
-            None => Err(BodyRead::TimedOut),
+            Some(Ok(read)) if read > 0 => {
+                pace.received += read;
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+            None => Err(Refusal::BodyTimeout),
         }
     }
 
@@ -624,12 +584,13 @@ impl Connection {
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|value| parse_length(value.as_bytes()));
-        let framing = if status.is_informational() || status == StatusCode::NO_CONTENT {
+        let framing = if status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
             Out::Bodiless
         } else if let Some(length) = declared {
             Out::Length(length)
-        } else if status == StatusCode::NOT_MODIFIED {
-            Out::Bodiless
         } else if let Some(length) = body.size_hint().exact() {
             Out::Length(length)
         } else if version == Version::HTTP_11 {
@@ -640,7 +601,7 @@ impl Connection {
         };
         let mut out = Vec::with_capacity(256);
         write_head(&mut out, status, &parts.headers, framing, version, close);
-        if head_only || matches!(framing, Out::Bodiless) || status == StatusCode::NOT_MODIFIED {
+        if head_only || matches!(framing, Out::Bodiless) {
             self.stream.write_all(&out).await?;
             return Ok(!close);
         }
@@ -761,38 +722,30 @@ enum Out {
     Close,
 }
 
-/// Reads what the socket has through the stack, and appends exactly that to `pending`.
+/// Reads what the socket has: straight into `pending` when room was made there for a body,
+/// else through the stack ([`poll_read_landing`]).
 fn poll_read_into(
     stream: &mut TcpStream,
     cx: &mut Context<'_>,
     pending: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     if pending.capacity() - pending.len() >= READ_SIZE {
-        // Room made for a body: read straight into it.
         return tokio_util::io::poll_read_buf(Pin::new(stream), cx, pending);
     }
-    let mut landing = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-    let mut read = ReadBuf::uninit(&mut landing);
-    match Pin::new(stream).poll_read(cx, &mut read) {
-        Poll::Pending => return Poll::Pending,
-        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-        Poll::Ready(Ok(())) => {}
-    }
-    let filled = read.filled();
-    if pending.is_empty() {
-        *pending = BytesMut::from(filled);
-    } else {
-        pending.extend_from_slice(filled);
-    }
-    Poll::Ready(Ok(filled.len()))
+    poll_read_landing(stream, cx, pending)
 }
 
-/// Parses a request head at the front of `buf`: `Ok(None)` while it is incomplete.
-fn parse_head(buf: &[u8]) -> Result<Option<ParsedHead>, Refusal> {
+/// Parses a request head at the front of `buf`: `Ok(None)` while it is incomplete, and
+/// [`Refusal::HeadTooLarge`] once it is, or would be, longer than `max_len`.
+fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(len)) if len > max_len => return Err(Refusal::HeadTooLarge),
         Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= max_len => {
+            return Err(Refusal::HeadTooLarge);
+        }
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
         Err(_) => return Err(Refusal::Malformed("request head")),
@@ -1078,7 +1031,7 @@ fn write_head(
         push_date(out);
     }
     match framing {
-        Out::Length(length) if status != StatusCode::NOT_MODIFIED => {
+        Out::Length(length) => {
             out.extend_from_slice(b"content-length: ");
             push_decimal(out, usize::try_from(length).unwrap_or(usize::MAX));
             out.extend_from_slice(b"\r\n");
@@ -1493,9 +1446,13 @@ mod tests {
         .await;
         assert_eq!(statuses(&answer), ["204", "304", "200"], "{answer}");
         assert!(!answer.contains("abc"), "{answer}");
+        let not_modified = answer
+            .split("HTTP/1.1 ")
+            .find(|part| part.starts_with("304"))
+            .unwrap_or_default();
         assert!(
-            answer.contains("content-length: 3\r\n"),
-            "304 keeps its declared length: {answer}"
+            !not_modified.contains("content-length"),
+            "304 has no length of its own: {answer}"
         );
         assert!(answer.ends_with("\r\n\r\nend"), "{answer}");
         // Streamed to HTTP/1.0: no chunked framing, ended by the close.
@@ -1793,7 +1750,7 @@ mod tests {
 
     #[test]
     fn heads_say_how_the_body_is_framed_and_whether_to_keep_the_connection() {
-        let facts = |raw: &[u8]| parse_head(raw).unwrap().unwrap().facts;
+        let facts = |raw: &[u8]| parse_head(raw, 64 * 1024).unwrap().unwrap().facts;
         let f = facts(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
         assert_eq!((f.framing, f.keep_alive), (Framing::Length(12), true));
         let f = facts(
@@ -1804,9 +1761,17 @@ mod tests {
         assert_eq!((f.framing, f.keep_alive), (Framing::Length(0), true));
         assert!(facts(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expects_continue);
         assert!(!facts(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expects_continue);
-        assert!(parse_head(b"GET / HTTP/1.1\r\nhost: a").unwrap().is_none());
+        assert!(
+            parse_head(b"GET / HTTP/1.1\r\nhost: a", 64 * 1024)
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
-            parse_head(b"POST / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n").err(),
+            parse_head(
+                b"POST / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n",
+                64 * 1024
+            )
+            .err(),
             Some(Refusal::Malformed("conflicting content-length"))
         );
     }

@@ -1,7 +1,39 @@
 //! HTTP/1.1 wire details shared by the client and the server: lengths, chunk sizes, lines,
-//! header tokens.
+//! header tokens, and reads that keep exactly what came.
 
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
 use http::header::{HeaderMap, HeaderName};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Size of a read through the stack.
+pub(crate) const LANDING_SIZE: usize = 8 * 1024;
+
+/// Reads what the socket has through a stack buffer and appends exactly that to `buf`. Most
+/// requests, answers and stream events are far smaller than a read: an allocation of their
+/// size is cheaper than one of [`LANDING_SIZE`] (which glibc serves from outside its per-thread
+/// cache), and what is made from it holds no unused room.
+pub(crate) fn poll_read_landing(
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut landing = [MaybeUninit::<u8>::uninit(); LANDING_SIZE];
+    let mut read = ReadBuf::uninit(&mut landing);
+    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    let filled = read.filled();
+    if buf.is_empty() {
+        *buf = BytesMut::from(filled);
+    } else {
+        buf.extend_from_slice(filled);
+    }
+    Poll::Ready(Ok(filled.len()))
+}
 
 /// Appends `n` in decimal.
 pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
