@@ -28,7 +28,10 @@
 //!   or one with both `content-length` and `transfer-encoding` (or two different lengths), gets
 //!   400; the connection then closes;
 //! - a client that closes its connection while its answer is pending or streaming (it cannot
-//!   read the answer any more) has the service's future, or the answer's body, dropped at once.
+//!   read the answer any more) has the service's future, or the answer's body, dropped at once;
+//!   one that stops reading (its socket's buffers full) has them dropped once it has taken none
+//!   of the answer's bytes for `send_timeout`, so that it cannot hold a streamed answer, and
+//!   whatever the answer holds upstream, for ever.
 //!
 //! When `shutdown` turns true, an idle connection closes, and a busy one closes after its
 //! answer.
@@ -68,6 +71,9 @@ pub struct ServerConfig {
     /// Largest request body read; a larger one reaches the service as [`BodyTooLarge`].
     /// Default 16 MiB.
     pub max_body_bytes: usize,
+    /// Longest wait for a client to take any of an answer's bytes; past it the connection
+    /// closes and the answer's body is dropped. Default 60 s (nginx's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +82,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -473,10 +480,7 @@ impl Connection {
     async fn more_body(&mut self, wanted: usize, pace: &mut BodyPace) -> Result<bool, Refusal> {
         if pace.expects_continue {
             pace.expects_continue = false;
-            let _ = self
-                .stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await;
+            let _ = self.send(b"HTTP/1.1 100 Continue\r\n\r\n").await;
         }
         self.pending.reserve(wanted.min(1024 * 1024));
         let deadline = pace.deadline();
@@ -602,7 +606,7 @@ impl Connection {
         let mut out = Vec::with_capacity(256);
         write_head(&mut out, status, &parts.headers, framing, version, close);
         if head_only || matches!(framing, Out::Bodiless) {
-            self.stream.write_all(&out).await?;
+            self.send(&out).await?;
             return Ok(!close);
         }
         let mut left = match framing {
@@ -619,7 +623,7 @@ impl Connection {
                 Poll::Pending => {
                     // Nothing more yet: what is ready goes out before the wait.
                     if !out.is_empty() {
-                        self.stream.write_all(&out).await?;
+                        self.send(&out).await?;
                         out.clear();
                     }
                     let next = poll_fn(|cx| {
@@ -643,13 +647,13 @@ impl Connection {
                         Out::Length(_) => left == 0,
                         Out::Close | Out::Bodiless => false,
                     };
-                    self.stream.write_all(&out).await?;
+                    self.send(&out).await?;
                     return Ok(whole && !close);
                 }
                 Some(Err(_)) => {
                     // The client gets a body cut short: no chunked end, or fewer bytes than
                     // announced, then the connection closes.
-                    self.stream.write_all(&out).await?;
+                    self.send(&out).await?;
                     return Ok(false);
                 }
                 Some(Ok(frame)) => match frame.into_data() {
@@ -661,7 +665,7 @@ impl Connection {
                 Out::Length(_) if data.len() as u64 > left => {
                     // More than announced: the excess is not sent, and the connection closes.
                     out.extend_from_slice(&data[..left as usize]);
-                    self.stream.write_all(&out).await?;
+                    self.send(&out).await?;
                     return Ok(false);
                 }
                 Out::Length(_) => {
@@ -676,9 +680,9 @@ impl Connection {
                 Out::Close | Out::Bodiless => data,
             };
             if data.len() > COPY_LIMIT {
-                self.stream.write_all(&out).await?;
+                self.send(&out).await?;
                 out.clear();
-                self.stream.write_all(&data).await?;
+                self.send(&data).await?;
             } else {
                 out.extend_from_slice(&data);
             }
@@ -687,10 +691,28 @@ impl Connection {
             }
             // A body with many frames ready at once goes out in pieces, not all held here.
             if out.len() >= COPY_LIMIT {
-                self.stream.write_all(&out).await?;
+                self.send(&out).await?;
                 out.clear();
             }
         }
+    }
+
+    /// Writes all of `bytes`, or fails with `TimedOut` once the client has taken none of them
+    /// for `send_timeout`. The timer is made only when a write has to wait.
+    async fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            match self.stream.try_write(bytes) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => bytes = &bytes[written..],
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::timeout(self.config.send_timeout, self.stream.writable())
+                        .await
+                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     /// Closes the sending side, then reads and drops what the client still sends, for a
@@ -1525,6 +1547,45 @@ mod tests {
             eventually(&dropped).await,
             "the body of a client that left was not dropped"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_has_the_answer_body_dropped_after_the_send_timeout() {
+        /// Data for ever, as fast as it is taken.
+        struct Endless(#[allow(dead_code)] Dropped);
+        impl Body for Endless {
+            type Data = Bytes;
+            type Error = Infallible;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+                static PART: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&PART)))))
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let seen = dropped.clone();
+        let config = config_with(|c| c.send_timeout = Duration::from_millis(200));
+        let (addr, _stop) = serve(config, move |_| {
+            let body = Endless(Dropped(seen.clone()));
+            async move { Ok(Response::new(body.boxed_unsync())) }
+        })
+        .await;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        // The client keeps its connection open and reads nothing: once the socket's buffers
+        // are full, no byte of the answer moves.
+        let mut waited = Duration::ZERO;
+        while !dropped.load(Ordering::SeqCst) && waited < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the answer of a client that reads nothing was still held after {waited:?}"
+        );
+        drop(stream);
     }
 
     /// Whether `flag` turns true within a second.

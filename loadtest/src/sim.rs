@@ -604,7 +604,11 @@ fn stream_answer(
             } else {
                 st.sim.config.inter_token_ms
             };
-            tokio::time::sleep(st.sim.jittered(ms)).await;
+            // No pause between tokens means none: a zero sleep still waits for the timer's
+            // next millisecond, which would cap a stream at 1,000 tokens a second.
+            if st.next == 0 || ms > 0 {
+                tokio::time::sleep(st.sim.jittered(ms)).await;
+            }
             let value = st.chunk(Some(token_text(st.next)), None);
             st.next += 1;
             st.held = Some(held);

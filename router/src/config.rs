@@ -159,6 +159,10 @@ pub struct LimitsConfig {
     /// longest gap in a request body (which must also come at 1 KiB/s on average after the
     /// first such time). Default 10000.
     pub header_read_timeout_ms: u64,
+    /// Longest an HTTP/1 client may take none of its answer's bytes, in milliseconds; past it
+    /// the connection closes, and a streamed answer stops holding its node slot. Default 60000
+    /// (nginx's `send_timeout`).
+    pub send_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,
     /// Threads serving client connections, each with its own single-threaded runtime and its
@@ -173,6 +177,7 @@ impl Default for LimitsConfig {
             max_body_bytes: RequestInfoConfig::default().max_body_bytes,
             max_header_bytes: listen.max_header_bytes,
             header_read_timeout_ms: listen.header_read_timeout.as_millis() as u64,
+            send_timeout_ms: listen.send_timeout.as_millis() as u64,
             max_connections: listen.max_connections,
             workers: None,
         }
@@ -457,9 +462,14 @@ impl Config {
         if self.limits.max_body_bytes == 0 {
             return invalid("[limits] max_body_bytes must be at least 1".into());
         }
-        if self.limits.header_read_timeout_ms == 0 || self.limits.max_connections == 0 {
+        if self.limits.header_read_timeout_ms == 0
+            || self.limits.send_timeout_ms == 0
+            || self.limits.max_connections == 0
+        {
             return invalid(
-                "[limits] header_read_timeout_ms and max_connections must be at least 1".into(),
+                "[limits] header_read_timeout_ms, send_timeout_ms and max_connections must be at \
+                 least 1"
+                    .into(),
             );
         }
         if self.health.interval_ms == 0 || self.health.failures_to_eject == 0 {
@@ -552,6 +562,7 @@ impl Config {
             header_read_timeout: ms(self.limits.header_read_timeout_ms),
             max_header_bytes: self.limits.max_header_bytes,
             max_body_bytes: self.limits.max_body_bytes,
+            send_timeout: ms(self.limits.send_timeout_ms),
             max_connections: self.limits.max_connections,
             workers: self
                 .limits

@@ -55,6 +55,9 @@ pub struct ListenConfig {
     pub max_header_bytes: usize,
     /// Largest HTTP/1 request body read before the app is called. Default 16 MiB.
     pub max_body_bytes: usize,
+    /// Longest an HTTP/1 client may take none of its answer's bytes before its connection
+    /// closes (and a streamed answer, with its node slot, is let go). Default 60 s.
+    pub send_timeout: Duration,
     /// Most open client connections. Default 10,000.
     pub max_connections: usize,
     /// Threads serving client connections, each with its own single-threaded runtime; 0 serves
@@ -73,6 +76,7 @@ impl Default for ListenConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_body_bytes: ServerConfig::default().max_body_bytes,
+            send_timeout: ServerConfig::default().send_timeout,
             max_connections: 10_000,
             workers: default_workers(),
         }
@@ -422,6 +426,7 @@ pub async fn serve<F, S>(
             header_read_timeout: config.header_read_timeout,
             max_header_bytes: config.max_header_bytes,
             max_body_bytes: config.max_body_bytes,
+            send_timeout: config.send_timeout,
         },
     };
     let make_app = Arc::new(make_app);

@@ -241,3 +241,55 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
     assert_eq!(reply.status, 200);
     router.shutdown().await;
 }
+
+/// A client that asks for a long stream and then reads nothing: once the sockets' buffers are
+/// full and it has taken no byte for `send_timeout_ms`, the router closes its connection, the
+/// node's slot is let go (the node sees its stream end), the row says the client went away,
+/// and the node serves the next request.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
+    // About 100 bytes an event: some 50 MB, far more than loopback sockets buffer.
+    let sim = SimNode::start(SimConfig {
+        tokens: 500_000,
+        ..node()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_with_history(&dir.path().join("h.db"), &[("a", &sim, &["m"], 1)], |c| {
+        c.limits.send_timeout_ms = 300;
+    })
+    .await;
+    let body = chat_body("m", true);
+    let mut stream = TcpStream::connect(router.addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || sim.stats().in_flight() == 1).await,
+        "the stream never started"
+    );
+    // The client reads nothing from here on, and keeps its connection open.
+    assert!(
+        eventually(Duration::from_secs(10), || sim.stats().in_flight() == 0).await,
+        "a client that reads nothing still holds the node's slot after 10 s"
+    );
+    still_serves(&router).await;
+    let rows = flushed_rows(&router).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let stalled = rows
+        .iter()
+        .find(|row| row["stream"] == true)
+        .expect("the stalled stream has its row");
+    assert_eq!(stalled["client_disconnected"], true, "{stalled}");
+    drop(stream);
+    router.shutdown().await;
+}
