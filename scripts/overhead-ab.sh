@@ -4,7 +4,8 @@
 #   scripts/overhead-ab.sh [ROUNDS] [SECONDS]     defaults: 6 rounds of 8 s per target
 #
 # Each round runs nginx (as the shared bench configures it), the router (default stack, history
-# on, log level warn) and the floor proxy (router/examples/floor_proxy.rs) one after another on
+# on, log level warn), the floor proxy (router/examples/floor_proxy.rs) and the byte pump
+# (router/examples/byte_pump.rs: tokio and the kernel alone) one after another on
 # 127.0.0.1:18200, in front of the shared bench's two mock nodes, with oha keeping 64
 # connections busy, and reads each target's user and system CPU time from /proc. The ratio to
 # nginx is taken within each round, then the median over rounds: on this project's 2-core
@@ -31,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release -q -p llm-router --bin llm-router --example floor_proxy
+cargo build --release -q -p llm-router --bin llm-router --example floor_proxy --example byte_pump
 
 mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
 cat > "$work/nginx.conf" <<EOF
@@ -131,6 +132,13 @@ for round in $(seq "$rounds"); do
   wait_ready || { cat "$work/floor.log" >&2; exit 1; }
   measure floor "$pid"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  wait_port_free
+
+  target/release/examples/byte_pump "127.0.0.1:$port" "$nodes" >"$work/pump.log" 2>&1 &
+  pid=$!
+  wait_ready || { cat "$work/pump.log" >&2; exit 1; }
+  measure pump "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 done
 
 report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d).md
@@ -138,19 +146,21 @@ python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
-rounds = [rows[i:i + 3] for i in range(0, len(rows), 3)]
-print(f"# Overhead in alternation: nginx, router, floor (commit {sys.argv[4]})\n")
+rounds = [rows[i:i + 4] for i in range(0, len(rows), 4)]
+print(f"# Overhead in alternation: nginx, router, floor, pump (commit {sys.argv[4]})\n")
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
-print("bench's two mock nodes. CPU is the target's own user and system time per request.\n")
-print("| round | nginx req/s | router req/s | floor req/s | router / nginx | floor / nginx |")
-print("|---:|---:|---:|---:|---:|---:|")
+print("bench's two mock nodes. CPU is the target's own user and system time per request. The floor is")
+print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
+print("the pump forwards bytes with tokio and no HTTP library (router/examples/byte_pump.rs).\n")
+print("| round | nginx req/s | router req/s | floor req/s | pump req/s | router / nginx | floor / nginx | pump / nginx |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|")
 for i, r in enumerate(rounds, 1):
-    n, ro, fl = r
-    print(f"| {i} | {n[1]:,} | {ro[1]:,} | {fl[1]:,} | {ro[1] / n[1]:.2f} | {fl[1] / n[1]:.2f} |")
+    n, ro, fl, pu = r
+    print(f"| {i} | {n[1]:,} | {ro[1]:,} | {fl[1]:,} | {pu[1]:,} | {ro[1] / n[1]:.2f} | {fl[1] / n[1]:.2f} | {pu[1] / n[1]:.2f} |")
 print("\n| target | median req/s | median user µs/req | median system µs/req | median ratio to nginx |")
 print("|---|---:|---:|---:|---:|")
-for k, name in enumerate(["nginx", "router", "floor"]):
+for k, name in enumerate(["nginx", "router", "floor", "pump"]):
     v = [r[k] for r in rounds]
     ratio = st.median(r[k][1] / r[0][1] for r in rounds)
     print(f"| {name} | {st.median(x[1] for x in v):,.0f} | {st.median(x[2] for x in v):.1f} | {st.median(x[3] for x in v):.1f} | {ratio:.2f} |")

@@ -1,0 +1,154 @@
+//! The lower bound for the shared bench: what tokio and the kernel cost per proxied request on
+//! this machine, with no HTTP library at all. Each worker thread has its own single-threaded
+//! runtime, its own `SO_REUSEPORT` listener and its own idle node connections; a request is
+//! forwarded byte for byte as it came (framed by `content-length` only, no headers rewritten)
+//! and the node's answer likewise. It is not a proxy anyone should run: no chunked bodies, no
+//! timeouts, no errors answered. [`floor_proxy`](floor_proxy.rs) adds the router's HTTP stack
+//! to this; the router adds its layers, history and metrics to that.
+//!
+//! ```sh
+//! cargo build --release -p llm-router --example byte_pump
+//! target/release/examples/byte_pump 127.0.0.1:8080 http://127.0.0.1:18001,http://127.0.0.1:18002 [WORKERS]
+//! ```
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Where the head ends (after its blank line), once it has.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
+}
+
+/// The `content-length` of a head, 0 without one.
+fn content_length(head: &[u8]) -> usize {
+    const NAME: &[u8] = b"content-length:";
+    head.split(|&b| b == b'\n')
+        .find(|line| line.len() > NAME.len() && line[..NAME.len()].eq_ignore_ascii_case(NAME))
+        .and_then(|line| std::str::from_utf8(&line[NAME.len()..]).ok())
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads one message (head and body) into the front of `buf`: its length, or `None` when the
+/// peer closed or failed.
+async fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut have = 0;
+    loop {
+        if let Some(end) = head_end(&buf[..have]) {
+            let total = end + content_length(&buf[..end]);
+            if buf.len() < total {
+                buf.resize(total, 0);
+            }
+            while have < total {
+                match stream.read(&mut buf[have..total]).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(read) => have += read,
+                }
+            }
+            return Some(total);
+        }
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match stream.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => have += read,
+        }
+    }
+}
+
+/// One worker's idle node connections, and its round robin.
+struct Nodes {
+    addrs: Vec<SocketAddr>,
+    idle: Vec<Vec<TcpStream>>,
+    next: usize,
+}
+
+async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
+    let _ = client.set_nodelay(true);
+    let mut request = vec![0u8; 4096];
+    let mut answer = vec![0u8; 4096];
+    while let Some(len) = read_message(&mut client, &mut request).await {
+        let (index, addr, idle) = {
+            let mut nodes = nodes.borrow_mut();
+            let index = nodes.next % nodes.addrs.len();
+            nodes.next += 1;
+            (index, nodes.addrs[index], nodes.idle[index].pop())
+        };
+        let mut node = match idle {
+            Some(node) => node,
+            None => match TcpStream::connect(addr).await {
+                Ok(node) => node,
+                Err(_) => return,
+            },
+        };
+        let _ = node.set_nodelay(true);
+        if node.write_all(&request[..len]).await.is_err() {
+            return;
+        }
+        let Some(answer_len) = read_message(&mut node, &mut answer).await else {
+            return;
+        };
+        if client.write_all(&answer[..answer_len]).await.is_err() {
+            return;
+        }
+        nodes.borrow_mut().idle[index].push(node);
+    }
+}
+
+async fn worker(listen: SocketAddr, addrs: Vec<SocketAddr>) -> std::io::Result<()> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseport(true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener = socket.listen(4096)?;
+    let idle = addrs.iter().map(|_| Vec::new()).collect();
+    let nodes = Rc::new(RefCell::new(Nodes {
+        addrs,
+        idle,
+        next: 0,
+    }));
+    loop {
+        let (client, _) = listener.accept().await?;
+        tokio::task::spawn_local(serve_client(client, nodes.clone()));
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (Some(listen), Some(nodes)) = (args.next(), args.next()) else {
+        return Err("usage: byte_pump LISTEN_ADDR NODE_URL[,NODE_URL...] [WORKERS]".into());
+    };
+    let listen: SocketAddr = listen.parse()?;
+    let addrs = nodes
+        .split(',')
+        .map(|url| url.trim_start_matches("http://").parse())
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    let workers = match args.next() {
+        Some(workers) => workers.parse()?,
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                tokio::task::LocalSet::new().block_on(&runtime, worker(listen, addrs))
+            })
+        })
+        .collect();
+    for thread in threads {
+        if let Ok(Err(error)) = thread.join() {
+            return Err(error.into());
+        }
+    }
+    Ok(())
+}
