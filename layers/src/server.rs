@@ -29,9 +29,9 @@
 //!   400; the connection then closes;
 //! - a client that closes its connection while its answer is pending or streaming (it cannot
 //!   read the answer any more) has the service's future, or the answer's body, dropped at once;
-//!   one that stops reading (its socket's buffers full) has them dropped once it has taken none
-//!   of the answer's bytes for `send_timeout`, so that it cannot hold a streamed answer, and
-//!   whatever the answer holds upstream, for ever.
+//!   one that stops reading has them dropped, and its connection reset, once its socket has
+//!   not been ready to take more of the answer for `send_timeout` (its buffers full), so that
+//!   it cannot hold a streamed answer, and whatever the answer holds upstream, for ever.
 //!
 //! When `shutdown` turns true, an idle connection closes, and a busy one closes after its
 //! answer.
@@ -48,7 +48,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -56,8 +56,8 @@ use tower::Service;
 
 use crate::RouterError;
 use crate::wire::{
-    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
-    push_decimal,
+    LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
+    poll_read_landing, push_decimal,
 };
 
 /// Limits for [`serve_connection`].
@@ -71,8 +71,9 @@ pub struct ServerConfig {
     /// Largest request body read; a larger one reaches the service as [`BodyTooLarge`].
     /// Default 16 MiB.
     pub max_body_bytes: usize,
-    /// Longest wait for a client to take any of an answer's bytes; past it the connection
-    /// closes and the answer's body is dropped. Default 60 s (nginx's `send_timeout`).
+    /// Longest wait for a client's socket to be ready to take more of an answer; past it the
+    /// connection is reset and the answer's body dropped. Default 60 s (nginx's
+    /// `send_timeout`).
     pub send_timeout: Duration,
 }
 
@@ -330,7 +331,14 @@ pub async fn serve_connection_after<S, B>(
                 let _ = connection.stream.shutdown().await;
                 return;
             }
-            Err(_) => return,
+            Err(error) => {
+                // The kernel would otherwise keep the unsent answer, up to a few MiB, and
+                // probe a client that takes nothing for minutes after the close.
+                if error.kind() == io::ErrorKind::TimedOut {
+                    let _ = connection.stream.set_zero_linger();
+                }
+                return;
+            }
         }
     }
 }
@@ -697,20 +705,28 @@ impl Connection {
         }
     }
 
-    /// Writes all of `bytes`, or fails with `TimedOut` once the client has taken none of them
-    /// for `send_timeout`. The timer is made only when a write has to wait.
+    /// Writes all of `bytes`, or fails with `TimedOut` once the client's socket has taken no
+    /// more of them for `send_timeout`. Each write is tried first without a timer: most go
+    /// straight through, and the timer is made only when one has to wait.
     async fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        let stream = &mut self.stream;
+        let limit = self.config.send_timeout;
         while !bytes.is_empty() {
-            match self.stream.try_write(bytes) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => bytes = &bytes[written..],
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::timeout(self.config.send_timeout, self.stream.writable())
-                        .await
-                        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-                }
-                Err(error) => return Err(error),
+            let attempt =
+                poll_fn(|cx| Poll::Ready(Pin::new(&mut *stream).poll_write(cx, bytes))).await;
+            let written = match attempt {
+                Poll::Ready(written) => written?,
+                Poll::Pending => tokio::time::timeout(
+                    limit,
+                    poll_fn(|cx| Pin::new(&mut *stream).poll_write(cx, bytes)),
+                )
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??,
+            };
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
             }
+            bytes = &bytes[written..];
         }
         Ok(())
     }
@@ -864,7 +880,7 @@ fn build_request(
         .map_err(|_| Refusal::Malformed("request target"))?;
     let mut headers = HeaderMap::with_capacity(head.count);
     for &(name_start, name_end, value_start, value_end) in &head.headers[..head.count] {
-        let name = HeaderName::from_bytes(&message[name_start as usize..name_end as usize])
+        let name = header_name(&message[name_start as usize..name_end as usize])
             .map_err(|_| Refusal::Malformed("header name"))?;
         let value =
             HeaderValue::from_maybe_shared(message.slice(value_start as usize..value_end as usize))

@@ -159,9 +159,9 @@ pub struct LimitsConfig {
     /// longest gap in a request body (which must also come at 1 KiB/s on average after the
     /// first such time). Default 10000.
     pub header_read_timeout_ms: u64,
-    /// Longest an HTTP/1 client may take none of its answer's bytes, in milliseconds; past it
-    /// the connection closes, and a streamed answer stops holding its node slot. Default 60000
-    /// (nginx's `send_timeout`).
+    /// Longest an HTTP/1 client's socket may take no more of its answer, in milliseconds;
+    /// past it the connection is reset, and a streamed answer stops holding its node slot.
+    /// Default 60000 (nginx's `send_timeout`).
     pub send_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,
@@ -636,6 +636,7 @@ mod tests {
                 "accept_below",
             ),
             ("[auth]\nadmin_token_sha256 = \"abc\"", "64 hex"),
+            ("[limits]\nsend_timeout_ms = 0", "send_timeout_ms"),
             ("[[nodes]]\nurl = \"ftp://x\"", "http://"),
             (
                 "[[nodes]]\nid = \"a\"\nurl = \"http://x:1\"\n[[nodes]]\nid = \"a\"\nurl = \"http://y:1\"",

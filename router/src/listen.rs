@@ -8,6 +8,10 @@
 //!   gap longer than that time, and after it at least 1 KiB/s on average. An HTTP/2 client must
 //!   send its whole preface within the time. HTTP/2 connections are pinged
 //!   every 30 s and closed when a ping goes unanswered for 10 s.
+//! - **Send timeout.** An HTTP/1 client whose socket takes no more of its answer for
+//!   `send_timeout` (it stopped reading) is reset and its answer dropped, which lets go of a
+//!   streamed answer's node slot. HTTP/2 streams are not covered: flow control, not a blocked
+//!   write, stops a stream its client stopped reading.
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
 //!   `max_body_bytes`; a larger one is not read, the app gets a body that fails as too large
@@ -55,8 +59,9 @@ pub struct ListenConfig {
     pub max_header_bytes: usize,
     /// Largest HTTP/1 request body read before the app is called. Default 16 MiB.
     pub max_body_bytes: usize,
-    /// Longest an HTTP/1 client may take none of its answer's bytes before its connection
-    /// closes (and a streamed answer, with its node slot, is let go). Default 60 s.
+    /// Longest an HTTP/1 client's socket may take no more of its answer before the connection
+    /// is reset (and a streamed answer, with its node slot, is let go). Default 60 s. HTTP/2
+    /// streams have no such limit: flow control, not a blocked write, stops them.
     pub send_timeout: Duration,
     /// Most open client connections. Default 10,000.
     pub max_connections: usize,
