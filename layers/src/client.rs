@@ -61,8 +61,8 @@ use tokio::net::TcpStream;
 
 use crate::FastMap;
 use crate::wire::{
-    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
-    push_decimal,
+    LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
+    poll_read_landing, push_decimal,
 };
 
 /// Settings for the shared client.
@@ -762,7 +762,7 @@ fn parse_head(
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         let mut read_for_framing_only = false;
         for field in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
+            let name = header_name(field.name.as_bytes())
                 .map_err(|_| ClientError::Malformed("header name"))?;
             if !keep(&name) {
                 if !FRAMING.contains(&name) {

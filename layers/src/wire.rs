@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use http::header::{HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, InvalidHeaderName};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -98,9 +98,88 @@ pub(crate) fn line_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
 
+/// A header name as it came on the wire. The ones most requests and answers carry are found
+/// by their length and a comparison, case aside, with their lower-case spelling:
+/// `HeaderName::from_bytes` lower-cases every name into a scratch buffer first.
+pub(crate) fn header_name(bytes: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    let is = |name: &[u8]| bytes.eq_ignore_ascii_case(name);
+    let common = match bytes.len() {
+        4 if is(b"host") => header::HOST,
+        4 if is(b"date") => header::DATE,
+        6 if is(b"accept") => header::ACCEPT,
+        6 if is(b"server") => header::SERVER,
+        6 if is(b"expect") => header::EXPECT,
+        10 if is(b"connection") => header::CONNECTION,
+        10 if is(b"user-agent") => header::USER_AGENT,
+        12 if is(b"content-type") => header::CONTENT_TYPE,
+        13 if is(b"authorization") => header::AUTHORIZATION,
+        13 if is(b"cache-control") => header::CACHE_CONTROL,
+        14 if is(b"content-length") => header::CONTENT_LENGTH,
+        15 if is(b"accept-encoding") => header::ACCEPT_ENCODING,
+        17 if is(b"transfer-encoding") => header::TRANSFER_ENCODING,
+        _ => return HeaderName::from_bytes(bytes),
+    };
+    Ok(common)
+}
+
+/// What [`header_name`] finds without `HeaderName::from_bytes`.
+#[cfg(test)]
+const COMMON_NAMES: [HeaderName; 13] = [
+    header::HOST,
+    header::DATE,
+    header::ACCEPT,
+    header::SERVER,
+    header::EXPECT,
+    header::CONNECTION,
+    header::USER_AGENT,
+    header::CONTENT_TYPE,
+    header::AUTHORIZATION,
+    header::CACHE_CONTROL,
+    header::CONTENT_LENGTH,
+    header::ACCEPT_ENCODING,
+    header::TRANSFER_ENCODING,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_names_are_what_http_makes_of_them() {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for name in &COMMON_NAMES {
+            let lower = name.as_str().as_bytes().to_vec();
+            let upper = lower.to_ascii_uppercase();
+            // Capitalized per word, as curl and many clients send them.
+            let mut title = lower.clone();
+            let mut start = true;
+            for byte in &mut title {
+                if start {
+                    byte.make_ascii_uppercase();
+                }
+                start = *byte == b'-';
+            }
+            names.extend([lower, upper, title]);
+        }
+        for other in [
+            &b"x-request-id"[..],
+            b"X-Mock-Node",
+            b"hosts",
+            b"hos",
+            b"content-typ",
+            b"",
+            b"bad name",
+            b"content-type\0",
+            b"d\xc3\xa4te",
+        ] {
+            names.push(other.to_vec());
+        }
+        for name in names {
+            let ours = header_name(&name).map_err(|_| ());
+            let http = HeaderName::from_bytes(&name).map_err(|_| ());
+            assert_eq!(ours, http, "{:?}", String::from_utf8_lossy(&name));
+        }
+    }
 
     #[test]
     fn chunk_sizes_are_hex_with_optional_extensions() {
