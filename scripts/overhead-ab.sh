@@ -15,7 +15,7 @@
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
-# Writes loadtest/results/overhead-ab-DATE.md.
+# Writes loadtest/results/overhead-ab-DATE-COMMIT.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-6}
@@ -67,7 +67,10 @@ cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | a
 # Until nothing listens on the port any more (a stopped target may take a moment to let go).
 wait_port_free() {
   for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$port/" || return 0
+    # Refused (exit 7) means free; a listener that answers, or hangs, still holds it.
+    local code=0
+    curl -s --max-time 2 -o /dev/null "http://127.0.0.1:$port/" || code=$?
+    [ "$code" -eq 7 ] && return 0
     sleep 0.05
   done
   echo "port $port is still taken" >&2
@@ -76,7 +79,7 @@ wait_port_free() {
 
 wait_ready() {
   for _ in $(seq 100); do
-    curl -s -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && return 0
+    curl -s --max-time 2 -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && return 0
     sleep 0.05
   done
   echo "target did not come up on port $port" >&2
@@ -141,7 +144,7 @@ for round in $(seq "$rounds"); do
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 done
 
-report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d).md
+report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD).md
 python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$report" <<'PY'
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]

@@ -3,7 +3,8 @@
 //! runtime, its own `SO_REUSEPORT` listener and its own idle node connections; a request is
 //! forwarded byte for byte as it came (framed by `content-length` only, no headers rewritten)
 //! and the node's answer likewise. It is not a proxy anyone should run: no chunked bodies, no
-//! timeouts, no errors answered. [`floor_proxy`](floor_proxy.rs) adds the router's HTTP stack
+//! pipelining (bytes past a message are dropped), no `connection: close` from a node obeyed,
+//! no timeouts, no errors answered. The shared bench's mock nodes need none of these. [`floor_proxy`](floor_proxy.rs) adds the router's HTTP stack
 //! to this; the router adds its layers, history and metrics to that.
 //!
 //! ```sh
