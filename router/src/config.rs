@@ -159,9 +159,10 @@ pub struct LimitsConfig {
     /// longest gap in a request body (which must also come at 1 KiB/s on average after the
     /// first such time). Default 10000.
     pub header_read_timeout_ms: u64,
-    /// Longest an HTTP/1 client's socket may take no more of its answer, in milliseconds;
-    /// past it the connection is reset, and a streamed answer stops holding its node slot.
-    /// Default 60000 (nginx's `send_timeout`).
+    /// Longest an HTTP/1 client's socket may take no more of its answer, or an HTTP/2 stream's
+    /// answer may go unasked for after giving data, in milliseconds; past it the connection is
+    /// reset (HTTP/1) or the answer dropped (HTTP/2), and a streamed answer stops holding its
+    /// node slot. Default 60000 (nginx's `send_timeout`).
     pub send_timeout_ms: u64,
     /// Most open client connections; past it a new one gets 503 and is closed. Default 10000.
     pub max_connections: usize,

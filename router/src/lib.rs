@@ -20,6 +20,7 @@ pub mod registry;
 pub mod reload;
 pub mod server;
 pub mod stack;
+pub mod stalled;
 pub mod state;
 
 pub use app::{app, nodelay};

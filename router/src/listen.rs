@@ -10,8 +10,9 @@
 //!   every 30 s and closed when a ping goes unanswered for 10 s.
 //! - **Send timeout.** An HTTP/1 client whose socket takes no more of its answer for
 //!   `send_timeout` (it stopped reading) is reset and its answer dropped, which lets go of a
-//!   streamed answer's node slot. HTTP/2 streams are not covered: flow control, not a blocked
-//!   write, stops a stream its client stopped reading.
+//!   streamed answer's node slot. An HTTP/2 stream whose client stopped reading stops for lack
+//!   of flow-control window, not on a blocked write: its answer is dropped once it has not been
+//!   asked for more for `send_timeout` after giving data ([`crate::stalled`]).
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
 //!   `max_body_bytes`; a larger one is not read, the app gets a body that fails as too large
@@ -50,6 +51,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tower::Service;
 
+use crate::stalled::StallGuard;
+
 /// Limits on client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenConfig {
@@ -60,8 +63,8 @@ pub struct ListenConfig {
     /// Largest HTTP/1 request body read before the app is called. Default 16 MiB.
     pub max_body_bytes: usize,
     /// Longest an HTTP/1 client's socket may take no more of its answer before the connection
-    /// is reset (and a streamed answer, with its node slot, is let go). Default 60 s. HTTP/2
-    /// streams have no such limit: flow control, not a blocked write, stops them.
+    /// is reset, and an HTTP/2 stream's answer may go unasked for after giving data before it
+    /// is dropped; either way a streamed answer lets go of its node slot. Default 60 s.
     pub send_timeout: Duration,
     /// Most open client connections. Default 10,000.
     pub max_connections: usize,
@@ -211,6 +214,11 @@ impl ConnectionSettings {
             return;
         }
         let app = tower::util::MapRequest::new(app, |r: Request<Incoming>| r.map(Body::new));
+        // Flow control, not a blocked write, stops a stream whose client stopped reading.
+        let limit = self.http1.send_timeout;
+        let app = tower::util::MapResponse::new(app, move |r: Response<S::ResponseBody>| {
+            r.map(|body| StallGuard::new(body, limit))
+        });
         let io = Replayed {
             first: Bytes::from(first),
             io: TokioIo::new(stream),

@@ -293,3 +293,54 @@ async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
     drop(stream);
     router.shutdown().await;
 }
+
+/// The same over HTTP/2: a client that stops reading a stream (and keeps its connection, which
+/// answers pings) stops it for lack of flow-control window, not on a blocked write. Once the
+/// answer has gone `send_timeout_ms` without being asked for more, the router drops it, and
+/// the node's slot is let go.
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    let sim = SimNode::start(SimConfig {
+        tokens: 500_000,
+        ..node()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_with_history(&dir.path().join("h.db"), &[("a", &sim, &["m"], 1)], |c| {
+        c.limits.send_timeout_ms = 300;
+    })
+    .await;
+    let h2: Client<HttpConnector, http_body_util::Full<bytes::Bytes>> =
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(HttpConnector::new());
+    let request = http::Request::post(format!("http://{}/v1/chat/completions", router.addr))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat_body(
+            "m", true,
+        ))))
+        .unwrap();
+    let answer = h2.request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.version(), http::Version::HTTP_2);
+    assert_eq!(sim.stats().in_flight(), 1, "the stream is on");
+    // The answer's body is never read from here on.
+    assert!(
+        eventually(Duration::from_secs(10), || sim.stats().in_flight() == 0).await,
+        "an HTTP/2 client that reads nothing still holds the node's slot after 10 s"
+    );
+    still_serves(&router).await;
+    let rows = flushed_rows(&router).await;
+    let stalled = rows
+        .iter()
+        .find(|row| row["stream"] == true)
+        .expect("the stalled stream has its row");
+    assert_eq!(stalled["client_disconnected"], true, "{stalled}");
+    drop(answer);
+    router.shutdown().await;
+}

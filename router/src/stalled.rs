@@ -1,0 +1,255 @@
+//! Lets go of an HTTP/2 answer whose client stopped taking it.
+//!
+//! hyper polls a stream's body only while the client's flow-control window has room, so a
+//! client that stops reading a stream (and keeps answering pings) stops the polling: the body,
+//! and the node slot and node connection a streamed answer holds, would live as long as the
+//! connection. [`StallGuard`] wraps such a body. Once it has handed out data and then gone
+//! `limit` without being polled again, a watchdog task drops the body it wraps; the stream
+//! then ends with an error if hyper ever polls it. A body waiting for its own data (a slow
+//! node) is not stalled: it has said it is pending, and wakes hyper itself.
+//!
+//! HTTP/1 clients need none of this: there a client that stops reading blocks the server's
+//! write, which `send_timeout` bounds (`layers::server`).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body dropped by its [`StallGuard`]'s watchdog, should hyper poll it again.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took none of this answer for {0:?}; it was let go")]
+pub struct Stalled(Duration);
+
+/// An answer's body, dropped once its client has stopped taking it for `limit`.
+pub struct StallGuard<B> {
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    body: Mutex<Option<Pin<Box<B>>>>,
+    /// Milliseconds since `epoch` at which the body last handed out data that has not been
+    /// followed by another poll; 0 while it is not waiting on the client.
+    waiting_since_ms: AtomicU64,
+    epoch: Instant,
+    limit: Duration,
+}
+
+impl<B> StallGuard<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    /// Wraps `body`, and starts its watchdog on the current tokio runtime.
+    pub fn new(body: B, limit: Duration) -> Self {
+        let shared = Arc::new(Shared {
+            body: Mutex::new(Some(Box::pin(body))),
+            waiting_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            limit,
+        });
+        tokio::spawn(watch(Arc::downgrade(&shared), limit));
+        Self { shared }
+    }
+}
+
+impl<B> Shared<B> {
+    fn now_ms(&self) -> u64 {
+        // At least 1, since 0 means "not waiting".
+        u64::try_from(self.epoch.elapsed().as_millis()).map_or(u64::MAX, |ms| ms.max(1))
+    }
+}
+
+/// Checks twice per `limit` whether the body has waited on its client for `limit`, and drops
+/// it if so. Ends when the body is dropped either way.
+async fn watch<B>(shared: Weak<Shared<B>>, limit: Duration) {
+    let period = (limit / 2).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let since = shared.waiting_since_ms.load(Ordering::Relaxed);
+        if since == 0 || shared.now_ms().saturating_sub(since) < limit.as_millis() as u64 {
+            continue;
+        }
+        let stalled = shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if stalled.is_some() {
+            tracing::info!(
+                limit_ms = limit.as_millis() as u64,
+                "an HTTP/2 client stopped taking its answer; letting it go"
+            );
+        }
+        return;
+    }
+}
+
+impl<B> Body for StallGuard<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let shared = &self.shared;
+        let mut body = shared.body.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(inner) = body.as_mut() else {
+            return Poll::Ready(Some(Err(Stalled(shared.limit).into())));
+        };
+        let polled = inner.as_mut().poll_frame(cx);
+        let waiting_since = match &polled {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => shared.now_ms(),
+            _ => 0,
+        };
+        shared
+            .waiting_since_ms
+            .store(waiting_since, Ordering::Relaxed);
+        polled.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|body| body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.shared
+            .body
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or_else(SizeHint::default, |body| body.size_hint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicBool;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// Data whenever polled, or pending for ever once `pending` is set; notes its drop.
+    struct Source {
+        pending: bool,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Body for Source {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            if self.pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"token")))))
+            }
+        }
+    }
+
+    impl Drop for Source {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn source(pending: bool) -> (Source, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let source = Source {
+            pending,
+            dropped: dropped.clone(),
+        };
+        (source, dropped)
+    }
+
+    const LIMIT: Duration = Duration::from_millis(100);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_polled_after_giving_data_is_dropped_after_the_limit() {
+        let (body, dropped) = source(false);
+        let mut guarded = StallGuard::new(body, LIMIT);
+        let first = guarded.frame().await;
+        assert!(first.is_some_and(|f| f.is_ok()));
+        tokio::time::sleep(LIMIT / 2).await;
+        assert!(!dropped.load(Ordering::SeqCst), "dropped before the limit");
+        tokio::time::sleep(LIMIT * 2).await;
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "still held after twice the limit"
+        );
+        let after = guarded.frame().await;
+        assert!(
+            matches!(after, Some(Err(_))),
+            "the stream ends with an error"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_polled_on_time_or_waiting_for_its_own_data_is_kept() {
+        let (body, dropped) = source(false);
+        let mut guarded = StallGuard::new(body, LIMIT);
+        for _ in 0..10 {
+            assert!(guarded.frame().await.is_some_and(|f| f.is_ok()));
+            tokio::time::sleep(LIMIT / 2).await;
+        }
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "a client taking data in time"
+        );
+
+        let (body, dropped) = source(true);
+        let guarded = StallGuard::new(body, LIMIT);
+        let mut guarded = std::pin::pin!(guarded);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(guarded.as_mut().poll_frame(&mut cx).is_pending());
+        tokio::time::sleep(LIMIT * 5).await;
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "a body waiting on its node"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_ends_with_the_body() {
+        let (body, dropped) = source(false);
+        let guarded = StallGuard::new(body, LIMIT);
+        drop(guarded);
+        assert!(dropped.load(Ordering::SeqCst));
+        let weak_holders = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        tokio::time::sleep(LIMIT).await;
+        assert!(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+                < weak_holders,
+            "the watchdog outlived its body"
+        );
+    }
+}
