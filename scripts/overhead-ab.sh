@@ -111,6 +111,15 @@ PY
   tail -1 "$work/rows"
 }
 
+# measure_example NAME EXAMPLE: starts router/examples/EXAMPLE on the port, measures it, stops it.
+measure_example() {
+  target/release/examples/"$2" "127.0.0.1:$port" "$nodes" >"$work/$1.log" 2>&1 &
+  pid=$!
+  wait_ready || { cat "$work/$1.log" >&2; exit 1; }
+  measure "$1" "$pid"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+}
+
 for round in $(seq "$rounds"); do
   echo "round $round of $rounds"
   wait_port_free
@@ -130,18 +139,9 @@ for round in $(seq "$rounds"); do
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   wait_port_free
 
-  target/release/examples/floor_proxy "127.0.0.1:$port" "$nodes" >"$work/floor.log" 2>&1 &
-  pid=$!
-  wait_ready || { cat "$work/floor.log" >&2; exit 1; }
-  measure floor "$pid"
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  measure_example floor floor_proxy
   wait_port_free
-
-  target/release/examples/byte_pump "127.0.0.1:$port" "$nodes" >"$work/pump.log" 2>&1 &
-  pid=$!
-  wait_ready || { cat "$work/pump.log" >&2; exit 1; }
-  measure pump "$pid"
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  measure_example pump byte_pump
 done
 
 report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD).md

@@ -242,13 +242,10 @@ async fn slowloris_is_cut_off_at_the_header_timeout() {
     router.shutdown().await;
 }
 
-/// A client that asks for a long stream and then reads nothing: once the sockets' buffers are
-/// full and it has taken no byte for `send_timeout_ms`, the router closes its connection, the
-/// node's slot is let go (the node sees its stream end), the row says the client went away,
-/// and the node serves the next request.
-#[tokio::test]
-async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
-    // About 100 bytes an event: some 50 MB, far more than loopback sockets buffer.
+/// A router with history over node `a` (one slot) whose streams run to some 50 MB (500,000
+/// events of about 100 bytes), far more than loopback sockets buffer, with a 300 ms send
+/// timeout.
+async fn start_with_long_streams() -> (SimNode, Running, tempfile::TempDir) {
     let sim = SimNode::start(SimConfig {
         tokens: 500_000,
         ..node()
@@ -260,6 +257,37 @@ async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
         c.limits.send_timeout_ms = 300;
     })
     .await;
+    (sim, router, dir)
+}
+
+/// With a stream asked for by a `client` that then reads nothing: the node's slot is let go
+/// (the node sees its stream end), the router serves on, and the row says the client went
+/// away.
+async fn assert_the_stalled_stream_is_let_go(sim: &SimNode, router: &Running, client: &str) {
+    assert!(
+        eventually(Duration::from_secs(5), || sim.stats().in_flight() == 1).await,
+        "the stream never started"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || sim.stats().in_flight() == 0).await,
+        "{client} that reads nothing still holds the node's slot after 10 s"
+    );
+    still_serves(router).await;
+    let rows = flushed_rows(router).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let stalled = rows
+        .iter()
+        .find(|row| row["stream"] == true)
+        .expect("the stalled stream has its row");
+    assert_eq!(stalled["client_disconnected"], true, "{stalled}");
+}
+
+/// A client that asks for a long stream and then reads nothing, keeping its connection open:
+/// once the sockets' buffers are full and its socket has taken no more for `send_timeout_ms`,
+/// the router resets the connection and lets go of the answer.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
+    let (sim, router, _dir) = start_with_long_streams().await;
     let body = chat_body("m", true);
     let mut stream = TcpStream::connect(router.addr).await.unwrap();
     stream
@@ -273,48 +301,21 @@ async fn a_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
         )
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || sim.stats().in_flight() == 1).await,
-        "the stream never started"
-    );
-    // The client reads nothing from here on, and keeps its connection open.
-    assert!(
-        eventually(Duration::from_secs(10), || sim.stats().in_flight() == 0).await,
-        "a client that reads nothing still holds the node's slot after 10 s"
-    );
-    still_serves(&router).await;
-    let rows = flushed_rows(&router).await;
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    let stalled = rows
-        .iter()
-        .find(|row| row["stream"] == true)
-        .expect("the stalled stream has its row");
-    assert_eq!(stalled["client_disconnected"], true, "{stalled}");
+    assert_the_stalled_stream_is_let_go(&sim, &router, "an HTTP/1 client").await;
     drop(stream);
     router.shutdown().await;
 }
 
 /// The same over HTTP/2: a client that stops reading a stream (and keeps its connection, which
 /// answers pings) stops it for lack of flow-control window, not on a blocked write. Once the
-/// answer has gone `send_timeout_ms` without being asked for more, the router drops it, and
-/// the node's slot is let go.
+/// answer has gone `send_timeout_ms` without being asked for more, the router drops it.
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() {
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
 
-    let sim = SimNode::start(SimConfig {
-        tokens: 500_000,
-        ..node()
-    })
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let router = start_with_history(&dir.path().join("h.db"), &[("a", &sim, &["m"], 1)], |c| {
-        c.limits.send_timeout_ms = 300;
-    })
-    .await;
+    let (sim, router, _dir) = start_with_long_streams().await;
     let h2: Client<HttpConnector, http_body_util::Full<bytes::Bytes>> =
         Client::builder(TokioExecutor::new())
             .http2_only(true)
@@ -328,19 +329,8 @@ async fn an_http2_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() 
     let answer = h2.request(request).await.unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.version(), http::Version::HTTP_2);
-    assert_eq!(sim.stats().in_flight(), 1, "the stream is on");
-    // The answer's body is never read from here on.
-    assert!(
-        eventually(Duration::from_secs(10), || sim.stats().in_flight() == 0).await,
-        "an HTTP/2 client that reads nothing still holds the node's slot after 10 s"
-    );
-    still_serves(&router).await;
-    let rows = flushed_rows(&router).await;
-    let stalled = rows
-        .iter()
-        .find(|row| row["stream"] == true)
-        .expect("the stalled stream has its row");
-    assert_eq!(stalled["client_disconnected"], true, "{stalled}");
+    // The answer's body is never read.
+    assert_the_stalled_stream_is_let_go(&sim, &router, "an HTTP/2 client").await;
     drop(answer);
     router.shutdown().await;
 }
