@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -31,6 +32,9 @@ pub struct Stalled(Duration);
 /// An answer's body, dropped once its client has stopped taking it for `limit`.
 pub struct StallGuard<B> {
     shared: Arc<Shared<B>>,
+    /// Dropped with the guard, which ends its watchdog at once: every HTTP/2 answer has one,
+    /// and under load thousands end each second.
+    _alive: oneshot::Sender<()>,
 }
 
 struct Shared<B> {
@@ -54,8 +58,12 @@ where
             epoch: Instant::now(),
             limit,
         });
-        tokio::spawn(watch(Arc::downgrade(&shared), limit));
-        Self { shared }
+        let (alive, ended) = oneshot::channel();
+        tokio::spawn(watch(Arc::downgrade(&shared), limit, ended));
+        Self {
+            shared,
+            _alive: alive,
+        }
     }
 }
 
@@ -67,11 +75,15 @@ impl<B> Shared<B> {
 }
 
 /// Checks twice per `limit` whether the body has waited on its client for `limit`, and drops
-/// it if so. Ends when the body is dropped either way.
-async fn watch<B>(shared: Weak<Shared<B>>, limit: Duration) {
+/// it if so. Ends when the guard is dropped (`ended` resolves), or once it has dropped the
+/// body.
+async fn watch<B>(shared: Weak<Shared<B>>, limit: Duration, mut ended: oneshot::Receiver<()>) {
     let period = (limit / 2).max(Duration::from_millis(1));
     loop {
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            _ = &mut ended => return,
+            () = tokio::time::sleep(period) => {}
+        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -234,22 +246,23 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_watchdog_ends_with_the_body() {
-        let (body, dropped) = source(false);
-        let guarded = StallGuard::new(body, LIMIT);
-        drop(guarded);
-        assert!(dropped.load(Ordering::SeqCst));
-        let weak_holders = tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks();
-        tokio::time::sleep(LIMIT).await;
-        assert!(
+    #[tokio::test]
+    async fn the_watchdog_ends_with_the_body_at_once() {
+        let alive = || {
             tokio::runtime::Handle::current()
                 .metrics()
                 .num_alive_tasks()
-                < weak_holders,
-            "the watchdog outlived its body"
-        );
+        };
+        let before = alive();
+        let (body, dropped) = source(false);
+        // A limit far beyond the test: the watchdog must not wait out its period to end.
+        let guarded = StallGuard::new(body, Duration::from_secs(3600));
+        assert_eq!(alive(), before + 1, "one watchdog a body");
+        drop(guarded);
+        assert!(dropped.load(Ordering::SeqCst));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(alive(), before, "the watchdog outlived its body");
     }
 }
