@@ -5,8 +5,11 @@
 //! and the node slot and node connection a streamed answer holds, would live as long as the
 //! connection. [`StallGuard`] wraps such a body. Once it has handed out data and then gone
 //! `limit` without being polled again, a watchdog task drops the body it wraps; the stream
-//! then ends with an error if hyper ever polls it. A body waiting for its own data (a slow
-//! node) is not stalled: it has said it is pending, and wakes hyper itself.
+//! then ends with an error if hyper ever polls it (until then it stays open, with what hyper
+//! buffered for it, and counts against the connection's streams). A body waiting for its own
+//! data (a slow node) is not stalled: it has said it is pending, and wakes hyper itself. The
+//! limit is on the time between reads, not on progress: a client that needs longer than
+//! `limit` to take one frame (and its window) is cut off too; the router's frames are small.
 //!
 //! HTTP/1 clients need none of this: there a client that stops reading blocks the server's
 //! write, which `send_timeout` bounds (`layers::server`).
@@ -74,35 +77,45 @@ impl<B> Shared<B> {
     }
 }
 
-/// Checks twice per `limit` whether the body has waited on its client for `limit`, and drops
-/// it if so. Ends when the guard is dropped (`ended` resolves), or once it has dropped the
-/// body.
+/// Drops the body once it has waited on its client for `limit`: it looks again when a wait
+/// that has begun would reach the limit, or after half the limit when none has. Ends when the
+/// guard is dropped (`ended` resolves), or once it has dropped the body.
 async fn watch<B>(shared: Weak<Shared<B>>, limit: Duration, mut ended: oneshot::Receiver<()>) {
-    let period = (limit / 2).max(Duration::from_millis(1));
+    let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    let mut next = limit / 2;
     loop {
         tokio::select! {
             _ = &mut ended => return,
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep(next.max(Duration::from_millis(1))) => {}
         }
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let since = shared.waiting_since_ms.load(Ordering::Relaxed);
-        if since == 0 || shared.now_ms().saturating_sub(since) < limit.as_millis() as u64 {
+        // A body being read is not stalled; and a body's wait is read again under the lock,
+        // so that a client that took a frame since is not cut off.
+        let Ok(mut body) = shared.body.try_lock() else {
+            next = limit / 2;
             continue;
+        };
+        let since = shared.waiting_since_ms.load(Ordering::Relaxed);
+        let waited = if since == 0 {
+            None
+        } else {
+            Some(shared.now_ms().saturating_sub(since))
+        };
+        match waited {
+            Some(waited) if waited >= limit_ms => {
+                if body.take().is_some() {
+                    tracing::info!(
+                        limit_ms,
+                        "an HTTP/2 client stopped taking its answer; letting it go"
+                    );
+                }
+                return;
+            }
+            Some(waited) => next = Duration::from_millis(limit_ms - waited),
+            None => next = limit / 2,
         }
-        let stalled = shared
-            .body
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if stalled.is_some() {
-            tracing::info!(
-                limit_ms = limit.as_millis() as u64,
-                "an HTTP/2 client stopped taking its answer; letting it go"
-            );
-        }
-        return;
     }
 }
 
@@ -134,13 +147,15 @@ where
         polled.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
     }
 
+    /// A body let go is not at its end: hyper then polls it and ends the stream with an error,
+    /// so the client cannot take a cut-off answer for a whole one.
     fn is_end_stream(&self) -> bool {
         self.shared
             .body
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_none_or(|body| body.is_end_stream())
+            .is_some_and(|body| body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -206,12 +221,13 @@ mod tests {
         let mut guarded = StallGuard::new(body, LIMIT);
         let first = guarded.frame().await;
         assert!(first.is_some_and(|f| f.is_ok()));
-        tokio::time::sleep(LIMIT / 2).await;
+        tokio::time::sleep(LIMIT - Duration::from_millis(10)).await;
         assert!(!dropped.load(Ordering::SeqCst), "dropped before the limit");
-        tokio::time::sleep(LIMIT * 2).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(dropped.load(Ordering::SeqCst), "still held past the limit");
         assert!(
-            dropped.load(Ordering::SeqCst),
-            "still held after twice the limit"
+            !guarded.is_end_stream(),
+            "a body let go is not a finished one"
         );
         let after = guarded.frame().await;
         assert!(
@@ -232,6 +248,7 @@ mod tests {
             !dropped.load(Ordering::SeqCst),
             "a client taking data in time"
         );
+        drop(guarded);
 
         let (body, dropped) = source(true);
         let guarded = StallGuard::new(body, LIMIT);

@@ -319,6 +319,8 @@ async fn an_http2_client_that_stops_reading_a_stream_lets_go_of_the_node_slot() 
     let h2: Client<HttpConnector, http_body_util::Full<bytes::Bytes>> =
         Client::builder(TokioExecutor::new())
             .http2_only(true)
+            // HTTP/2's own default window, not hyper's 2 MiB: the stall comes sooner.
+            .http2_initial_stream_window_size(65_535)
             .build(HttpConnector::new());
     let request = http::Request::post(format!("http://{}/v1/chat/completions", router.addr))
         .header("content-type", "application/json")
