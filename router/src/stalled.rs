@@ -16,7 +16,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,9 +93,13 @@ async fn watch<B>(shared: Weak<Shared<B>>, limit: Duration, mut ended: oneshot::
         };
         // A body being read is not stalled; and a body's wait is read again under the lock,
         // so that a client that took a frame since is not cut off.
-        let Ok(mut body) = shared.body.try_lock() else {
-            next = limit / 2;
-            continue;
+        let mut body = match shared.body.try_lock() {
+            Ok(body) => body,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                next = limit / 2;
+                continue;
+            }
         };
         let since = shared.waiting_since_ms.load(Ordering::Relaxed);
         let waited = if since == 0 {
