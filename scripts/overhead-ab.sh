@@ -4,14 +4,22 @@
 #   scripts/overhead-ab.sh [ROUNDS] [SECONDS]     defaults: 6 rounds of 8 s per target
 #
 # Each round runs nginx (as the shared bench configures it), the router (default stack, history
-# on, log level warn), the floor proxy (router/examples/floor_proxy.rs) and the byte pump
-# (router/examples/byte_pump.rs: tokio and the kernel alone) one after another on
+# on, log level warn), the router with its history off, the floor proxy
+# (router/examples/floor_proxy.rs) and the byte pump (router/examples/byte_pump.rs: tokio and
+# the kernel alone) one after another on
 # 127.0.0.1:18200, in front of the shared bench's two mock nodes, with oha keeping 64
 # connections busy, and reads each target's user and system CPU time from /proc. The ratio to
 # nginx is taken within each round, then the median over rounds: on this project's 2-core
 # machine the throughput of any one target drifts by about 10% over minutes, and the shared
 # bench (../shared/bench/run.sh), which runs each target's three repeats back to back, catches
 # nginx and the router in different phases of that drift.
+#
+# The report also fits the CPU budget: with both cores busy, each target's throughput is
+# inversely proportional to REST + its own CPU time per request, where REST stands for what the
+# rest of the machine (oha, the mock nodes, the kernel's own threads) spends per request, the
+# same for every target. REST is fitted over all rounds; the report prints it, each target's
+# predicted ratio beside the measured one, and so the CPU a request may cost the router for it
+# to match nginx: nginx's own.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -60,6 +68,7 @@ http {
 }
 EOF
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+printf '[history]\nenabled = false\n' > "$work/router-nohistory.toml"
 
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.
 cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
@@ -130,14 +139,16 @@ for round in $(seq "$rounds"); do
   kill "$(cat "$work/nginx.pid")"
   wait_port_free
 
-  rm -f "$work"/history.db*
-  LLM_ROUTER_LOG=warn target/release/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port" \
-    --upstream "$nodes" --max-concurrency 256 >"$work/router.log" 2>&1 &
-  pid=$!
-  wait_ready || { cat "$work/router.log" >&2; exit 1; }
-  measure router "$pid"
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  wait_port_free
+  for variant in router router-nohistory; do
+    rm -f "$work"/history.db*
+    LLM_ROUTER_LOG=warn target/release/llm-router --config "$work/$variant.toml" \
+      --listen "127.0.0.1:$port" --upstream "$nodes" --max-concurrency 256 >"$work/router.log" 2>&1 &
+    pid=$!
+    wait_ready || { cat "$work/router.log" >&2; exit 1; }
+    measure "$variant" "$pid"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+    wait_port_free
+  done
 
   measure_example floor floor_proxy
   wait_port_free
@@ -149,24 +160,48 @@ python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
-rounds = [rows[i:i + 4] for i in range(0, len(rows), 4)]
-print(f"# Overhead in alternation: nginx, router, floor, pump (commit {sys.argv[4]})\n")
+names = ["nginx", "router", "router-nohistory", "floor", "pump"]
+rounds = [rows[i:i + len(names)] for i in range(0, len(rows), len(names))]
+print(f"# Overhead in alternation: nginx, router, router without history, floor, pump (commit {sys.argv[4]})\n")
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
 print("bench's two mock nodes. CPU is the target's own user and system time per request. The floor is")
 print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
 print("the pump forwards bytes with tokio and no HTTP library (router/examples/byte_pump.rs).\n")
-print("| round | nginx req/s | router req/s | floor req/s | pump req/s | router / nginx | floor / nginx | pump / nginx |")
-print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| round | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} / nginx" for n in names[1:]) + " |")
+print("|---:|" + "---:|" * (2 * len(names) - 1))
 for i, r in enumerate(rounds, 1):
-    n, ro, fl, pu = r
-    print(f"| {i} | {n[1]:,} | {ro[1]:,} | {fl[1]:,} | {pu[1]:,} | {ro[1] / n[1]:.2f} | {fl[1] / n[1]:.2f} | {pu[1] / n[1]:.2f} |")
+    print(f"| {i} | " + " | ".join(f"{x[1]:,}" for x in r) + " | " + " | ".join(f"{x[1] / r[0][1]:.2f}" for x in r[1:]) + " |")
 print("\n| target | median req/s | median user µs/req | median system µs/req | median ratio to nginx |")
 print("|---|---:|---:|---:|---:|")
-for k, name in enumerate(["nginx", "router", "floor", "pump"]):
+for k, name in enumerate(names):
     v = [r[k] for r in rounds]
     ratio = st.median(r[k][1] / r[0][1] for r in rounds)
     print(f"| {name} | {st.median(x[1] for x in v):,.0f} | {st.median(x[2] for x in v):.1f} | {st.median(x[3] for x in v):.1f} | {ratio:.2f} |")
+
+# The CPU budget: within a round, req/s x (REST + cpu) is the same for every target.
+def misfit(rest):
+    error = 0.0
+    for r in rounds:
+        products = [x[1] * (rest + x[2] + x[3]) for x in r]
+        mean = sum(products) / len(products)
+        error += sum((p / mean - 1) ** 2 for p in products)
+    return error
+rest = min((tenth / 10 for tenth in range(0, 1000)), key=misfit)
+rms = (misfit(rest) / len(rows)) ** 0.5
+cpu = {name: st.median(r[k][2] + r[k][3] for r in rounds) for k, name in enumerate(names)}
+print(f"\n## CPU budget\n")
+print(f"Fitted over all rounds: the rest of the machine (oha, the mock nodes, the kernel's threads) costs")
+print(f"REST = {rest:.1f} µs of CPU per request;")
+print(f"throughput = constant / (REST + the target's CPU per request) fits every row within {100 * rms:.1f}% (rms).\n")
+print("| target | median CPU µs/req (user + system) | predicted ratio to nginx | median measured |")
+print("|---|---:|---:|---:|")
+for k, name in enumerate(names):
+    measured = st.median(r[k][1] / r[0][1] for r in rounds)
+    print(f"| {name} | {cpu[name]:.1f} | {(rest + cpu['nginx']) / (rest + cpu[name]):.2f} | {measured:.2f} |")
+print(f"\nTo match nginx the router may spend what nginx does: {cpu['nginx']:.1f} µs a request, against its")
+print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history off); the history costs")
+print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs. The pump, which parses nothing, spends {cpu['pump']:.1f}.")
 PY
 cat "$report"
 echo "written: $report"
