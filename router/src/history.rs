@@ -278,10 +278,18 @@ impl History {
             return Ok(0);
         };
         let cutoff = now_ms() - retention.as_millis() as i64;
+        let pool = self.pool()?;
         let result = sqlx::query("DELETE FROM requests WHERE ts_ms < ?")
             .bind(cutoff)
-            .execute(self.pool()?)
+            .execute(pool)
             .await?;
+        // Ranges wholly below the oldest row left point at nothing any more.
+        sqlx::query(
+            "DELETE FROM request_keys WHERE last_id < \
+             coalesce((SELECT min(id) FROM requests), 9223372036854775807)",
+        )
+        .execute(pool)
+        .await?;
         Ok(result.rows_affected())
     }
 
@@ -311,7 +319,8 @@ impl History {
     /// Counts, error rates and latency percentiles; see [`Stats`].
     pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, HistoryError> {
         let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected FROM requests WHERE 1 = 1",
+            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected FROM requests r \
+             WHERE 1 = 1",
         );
         push_window(&mut sql, query.since, query.until);
         let mut all = Group::default();
@@ -376,57 +385,96 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The SELECT for one page of [`History::logs`], up to its ORDER BY.
+/// The SELECT for one page of [`History::logs`], up to its LIMIT.
+///
+/// Error statuses are found through their partial index. Otherwise a model or node filter
+/// reads that key's id ranges in `request_keys` (newest first, or oldest first when following),
+/// skipping those outside the time window, and the rows inside each range: the ranges' own
+/// order gives the rows' order, so SQLite stops at the page's end without sorting. Without
+/// either, rows are read by id.
 fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, HistoryError> {
     let status = query.status_filter()?;
+    let lowest_status = match status {
+        Some(StatusFilter::Exact(code)) => code,
+        Some(StatusFilter::Class(class)) => class * 100,
+        None => 0,
+    };
+    let key = match (&query.model, &query.node) {
+        _ if lowest_status >= 400 => None,
+        (Some(model), _) => Some((KIND_MODEL, model.clone())),
+        (None, Some(node)) => Some((KIND_NODE, node.clone())),
+        (None, None) => None,
+    };
     let mut sql = QueryBuilder::<Sqlite>::new(
-        "SELECT id, ts_ms, request_id, path, model, node_id, status, stream, latency_ms, ttfb_ms, \
-         prompt_tokens, completion_tokens, api_key_id, client_disconnected, upstream_error \
-         FROM requests WHERE 1 = 1",
+        "SELECT r.id, r.ts_ms, r.request_id, r.path, r.model, r.node_id, r.status, r.stream, \
+         r.latency_ms, r.ttfb_ms, r.prompt_tokens, r.completion_tokens, r.api_key_id, \
+         r.client_disconnected, r.upstream_error FROM ",
     );
+    if let Some((kind, key)) = &key {
+        // CROSS JOIN keeps the ranges as the outer loop.
+        sql.push("request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id");
+        sql.push(" WHERE k.kind = ").push_bind(*kind);
+        sql.push(" AND k.key = ").push_bind(key.clone());
+        if let Some(after) = query.after_id {
+            sql.push(" AND k.last_id > ").push_bind(after);
+        } else if let Some(before) = query.before_id {
+            sql.push(" AND k.first_id < ").push_bind(before);
+        }
+        if let Some(since) = query.since {
+            sql.push(" AND k.max_ts >= ").push_bind(since);
+        }
+        if let Some(until) = query.until {
+            sql.push(" AND k.min_ts < ").push_bind(until);
+        }
+    } else {
+        sql.push("requests r WHERE 1 = 1");
+    }
     if let Some(model) = &query.model {
-        sql.push(" AND model = ").push_bind(model.clone());
+        sql.push(" AND r.model = ").push_bind(model.clone());
     }
     if let Some(node) = &query.node {
-        sql.push(" AND node_id = ").push_bind(node.clone());
+        sql.push(" AND r.node_id = ").push_bind(node.clone());
     }
-    let lowest_status = match status {
+    match status {
         Some(StatusFilter::Exact(code)) => {
-            sql.push(" AND status = ").push_bind(i64::from(code));
-            code
+            sql.push(" AND r.status = ").push_bind(i64::from(code));
         }
         Some(StatusFilter::Class(class)) => {
             let low = class * 100;
-            sql.push(" AND status >= ").push_bind(i64::from(low));
-            sql.push(" AND status < ").push_bind(i64::from(low) + 100);
-            low
+            sql.push(" AND r.status >= ").push_bind(i64::from(low));
+            sql.push(" AND r.status < ").push_bind(i64::from(low) + 100);
         }
-        None => 0,
-    };
+        None => {}
+    }
     if lowest_status >= 400 {
         // Written out rather than bound: SQLite picks a partial index only when the query
         // states the index's own condition (see the requests_errors migration).
-        sql.push(" AND status >= 400");
+        sql.push(" AND r.status >= 400");
     }
     push_window(&mut sql, query.since, query.until);
-    if let Some(after) = query.after_id {
-        sql.push(" AND id > ").push_bind(after);
-        sql.push(" ORDER BY id ASC");
+    let (order, ranges_first) = if let Some(after) = query.after_id {
+        sql.push(" AND r.id > ").push_bind(after);
+        ("ASC", "k.first_id ASC, ")
     } else {
         if let Some(before) = query.before_id {
-            sql.push(" AND id < ").push_bind(before);
+            sql.push(" AND r.id < ").push_bind(before);
         }
-        sql.push(" ORDER BY id DESC");
+        ("DESC", "k.first_id DESC, ")
+    };
+    sql.push(" ORDER BY ");
+    if key.is_some() {
+        sql.push(ranges_first);
     }
+    sql.push("r.id ").push(order);
     Ok(sql)
 }
 
 fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
     if let Some(since) = since {
-        sql.push(" AND ts_ms >= ").push_bind(since);
+        sql.push(" AND r.ts_ms >= ").push_bind(since);
     }
     if let Some(until) = until {
-        sql.push(" AND ts_ms < ").push_bind(until);
+        sql.push(" AND r.ts_ms < ").push_bind(until);
     }
 }
 
@@ -565,12 +613,15 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     })
 }
 
-/// Writes `rows` in one transaction, emptying it. The values are moved into the statements'
-/// arguments, not copied.
+/// Writes `rows` in one transaction, emptying it, with their models' and nodes' id range in
+/// `request_keys`. The values are moved into the statements' arguments, not copied.
 async fn insert(
     conn: &mut SqliteConnection,
     rows: &mut Vec<RequestRecord>,
 ) -> Result<(), sqlx::Error> {
+    let keys = BatchKeys::of(rows);
+    let count = rows.len() as i64;
+    let mut last_id = 0;
     let mut tx = conn.begin().await?;
     let mut rows = rows.drain(..);
     for size in statement_sizes(rows.len()) {
@@ -592,10 +643,96 @@ async fn insert(
                 .bind(r.client_disconnected)
                 .bind(r.upstream_error);
         }
-        statement.execute(&mut *tx).await?;
+        last_id = statement.execute(&mut *tx).await?.last_insert_rowid();
+    }
+    // One writer at a time, and AUTOINCREMENT: the batch's ids are the `count` up to `last_id`,
+    // in the order of its rows.
+    let first_id = last_id - count + 1;
+    for (kind, key, span) in keys.iter() {
+        sqlx::query(
+            "INSERT OR REPLACE INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(kind)
+        .bind(key)
+        .bind(first_id + span.first as i64)
+        .bind(first_id + span.last as i64)
+        .bind(span.min_ts)
+        .bind(span.max_ts)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await
 }
+
+/// Where a model's or a node's rows are in a batch: the first and last by position, and their
+/// timestamps' range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeySpan {
+    first: usize,
+    last: usize,
+    min_ts: i64,
+    max_ts: i64,
+}
+
+impl KeySpan {
+    fn new(position: usize, ts: i64) -> Self {
+        Self {
+            first: position,
+            last: position,
+            min_ts: ts,
+            max_ts: ts,
+        }
+    }
+
+    fn add(&mut self, position: usize, ts: i64) {
+        self.last = position;
+        self.min_ts = self.min_ts.min(ts);
+        self.max_ts = self.max_ts.max(ts);
+    }
+}
+
+/// The distinct models and nodes of a batch, with where their rows are: a handful, however
+/// many rows.
+#[derive(Debug, Default)]
+struct BatchKeys {
+    models: BTreeMap<String, KeySpan>,
+    nodes: BTreeMap<String, KeySpan>,
+}
+
+impl BatchKeys {
+    fn of(rows: &[RequestRecord]) -> Self {
+        let mut keys = Self::default();
+        for (position, row) in rows.iter().enumerate() {
+            for (spans, key) in [
+                (&mut keys.models, &row.model),
+                (&mut keys.nodes, &row.node_id),
+            ] {
+                let Some(key) = key else { continue };
+                // Looked up before it is copied: most rows repeat a key already seen.
+                match spans.get_mut(key.as_str()) {
+                    Some(span) => span.add(position, row.ts_ms),
+                    None => {
+                        spans.insert(key.clone(), KeySpan::new(position, row.ts_ms));
+                    }
+                }
+            }
+        }
+        keys
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&'static str, &str, KeySpan)> {
+        let models = self
+            .models
+            .iter()
+            .map(|(m, s)| (KIND_MODEL, m.as_str(), *s));
+        models.chain(self.nodes.iter().map(|(n, s)| (KIND_NODE, n.as_str(), *s)))
+    }
+}
+
+/// `request_keys.kind` of a model's and of a node's id ranges.
+const KIND_MODEL: &str = "model";
+const KIND_NODE: &str = "node";
 
 /// The INSERT text for `rows` rows, a power of two up to [`ROWS_PER_STATEMENT`]: made once per
 /// size, since building it per batch cost about a thousand instructions a row.
@@ -1068,14 +1205,96 @@ mod tests {
         ));
     }
 
-    /// What SQLite plans for the page query of `status` (bound values left NULL: the plan
-    /// does not depend on them).
-    async fn plan_for_status(history: &History, status: &str) -> String {
-        let query = LogQuery {
-            status: Some(status.into()),
+    /// Every page of `query`, followed newest first (or oldest first from `after_id`), as
+    /// request ids.
+    async fn all_pages(history: &History, mut query: LogQuery) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let page = history.logs(&query).await.unwrap();
+            let last = page.logs.last().map(|r| r.id);
+            seen.extend(page.logs.into_iter().map(|r| r.record.request_id));
+            match (query.after_id, page.next_before_id, last) {
+                (Some(_), _, Some(last)) => query.after_id = Some(last),
+                (None, Some(next), _) => query.before_id = Some(next),
+                _ => break,
+            }
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn model_and_node_filters_page_through_many_batches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        // Batches of up to 64 rows, and a rare model in a few of them only.
+        let records: Vec<_> = (0..1000)
+            .map(|i| {
+                let mut r = record(i);
+                if i % 97 == 5 {
+                    r.model = Some("rare".into());
+                }
+                r
+            })
+            .collect();
+        for r in &records {
+            history.record(r.clone());
+        }
+        history.flush().await;
+        assert!(history.batches() > 10, "{} batches", history.batches());
+        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
+            let mut ids: Vec<_> = records
+                .iter()
+                .filter(|r| keep(r))
+                .map(|r| r.request_id.clone())
+                .collect();
+            ids.reverse();
+            ids
+        };
+        let page = |model: Option<&str>, node: Option<&str>, status: Option<&str>| LogQuery {
+            model: model.map(str::to_owned),
+            node: node.map(str::to_owned),
+            status: status.map(str::to_owned),
+            limit: Some(7),
             ..LogQuery::default()
         };
-        let sql = format!("EXPLAIN QUERY PLAN {}", logs_query(&query).unwrap().sql());
+        let is = |field: &Option<String>, want: &str| field.as_deref() == Some(want);
+        assert_eq!(
+            all_pages(&history, page(Some("rare"), None, None)).await,
+            expect(&|r| is(&r.model, "rare"))
+        );
+        assert_eq!(
+            all_pages(&history, page(Some("odd"), Some("n1"), Some("200"))).await,
+            expect(&|r| is(&r.model, "odd") && is(&r.node_id, "n1") && r.status == 200)
+        );
+        assert_eq!(
+            all_pages(&history, page(None, Some("n2"), Some("5xx"))).await,
+            expect(&|r| is(&r.node_id, "n2") && r.status >= 500)
+        );
+        assert_eq!(
+            all_pages(&history, page(Some("nobody"), None, None)).await,
+            Vec::<String>::new()
+        );
+        let in_window =
+            |r: &RequestRecord| (1_700_000_000_300..1_700_000_000_700).contains(&r.ts_ms);
+        let mut windowed = page(Some("odd"), None, None);
+        windowed.since = Some(1_700_000_000_300);
+        windowed.until = Some(1_700_000_000_700);
+        assert_eq!(
+            all_pages(&history, windowed).await,
+            expect(&|r| is(&r.model, "odd") && in_window(r))
+        );
+        // Following from the id of req-499 (ids start at 1): oldest first.
+        let mut follow = page(None, Some("n0"), None);
+        follow.after_id = Some(500);
+        let mut newer = expect(&|r| is(&r.node_id, "n0") && r.ts_ms >= 1_700_000_000_500);
+        newer.reverse();
+        assert_eq!(all_pages(&history, follow).await, newer);
+    }
+
+    /// What SQLite plans for the page query (bound values left NULL: the plan does not depend
+    /// on them).
+    async fn plan(history: &History, query: &LogQuery) -> String {
+        let sql = format!("EXPLAIN QUERY PLAN {}", logs_query(query).unwrap().sql());
         let rows = sqlx::query(&sql)
             .fetch_all(history.pool().unwrap())
             .await
@@ -1084,6 +1303,57 @@ mod tests {
             .map(|row| row.get::<String, _>("detail"))
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    #[tokio::test]
+    async fn model_and_node_filters_read_key_ranges_without_sorting() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 16).await;
+        for query in [
+            LogQuery {
+                model: Some("m".into()),
+                ..LogQuery::default()
+            },
+            LogQuery {
+                node: Some("n".into()),
+                before_id: Some(10),
+                ..LogQuery::default()
+            },
+            LogQuery {
+                model: Some("m".into()),
+                after_id: Some(10),
+                ..LogQuery::default()
+            },
+            LogQuery {
+                node: Some("n".into()),
+                since: Some(1),
+                until: Some(2),
+                ..LogQuery::default()
+            },
+        ] {
+            let plan = plan(&history, &query).await;
+            // `k` is request_keys: its ranges are the outer loop.
+            assert!(
+                plan.starts_with("SEARCH k USING PRIMARY KEY"),
+                "{query:?}: {plan}"
+            );
+            assert!(!plan.contains("TEMP B-TREE"), "{query:?}: {plan}");
+        }
+        let errors_of_a_model = LogQuery {
+            model: Some("m".into()),
+            status: Some("5xx".into()),
+            ..LogQuery::default()
+        };
+        let plan = plan(&history, &errors_of_a_model).await;
+        assert!(plan.contains("requests_errors"), "{plan}");
+    }
+
+    async fn plan_for_status(history: &History, status: &str) -> String {
+        let query = LogQuery {
+            status: Some(status.into()),
+            ..LogQuery::default()
+        };
+        plan(history, &query).await
     }
 
     #[tokio::test]
@@ -1178,6 +1448,58 @@ mod tests {
             !indexes.contains(&"requests_status".to_owned()),
             "{indexes:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_key_ranges_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        for i in 0..1000 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        // Back to the state before the migration: indexes on model and node, no key ranges.
+        let pool = history.pool().unwrap();
+        for sql in [
+            "DROP TABLE request_keys",
+            "CREATE INDEX requests_model ON requests (model, id)",
+            "CREATE INDEX requests_node ON requests (node_id, id)",
+            "DELETE FROM _sqlx_migrations WHERE description = 'request keys'",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        history.shutdown(Duration::from_secs(5)).await;
+        drop(history);
+
+        let history = open(&dir, 16).await;
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
+        )
+        .fetch_all(history.pool().unwrap())
+        .await
+        .unwrap();
+        assert!(
+            !indexes
+                .iter()
+                .any(|i| i == "requests_model" || i == "requests_node"),
+            "{indexes:?}"
+        );
+        let count = |model: Option<&str>, node: Option<&str>| {
+            let query = LogQuery {
+                model: model.map(str::to_owned),
+                node: node.map(str::to_owned),
+                limit: Some(1000),
+                ..LogQuery::default()
+            };
+            let history = history.clone();
+            async move { history.logs(&query).await.unwrap().logs.len() }
+        };
+        assert_eq!(
+            count(Some("even"), None).await,
+            500,
+            "rows written before it"
+        );
+        assert_eq!(count(None, Some("n1")).await, 333);
     }
 
     #[tokio::test]
@@ -1287,12 +1609,30 @@ mod tests {
         let mut fresh = record(1);
         fresh.ts_ms = now_ms();
         history.record(record(0)); // 2023: older than an hour
+        history.flush().await;
         history.record(fresh);
         history.flush().await;
+        let key_ranges = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM request_keys")
+                .fetch_one(history.pool().unwrap())
+                .await
+                .unwrap()
+        };
+        assert_eq!(key_ranges().await, 4, "a model and a node range per batch");
         assert_eq!(history.apply_retention().await.unwrap(), 1);
         let left = history.logs(&LogQuery::default()).await.unwrap();
         assert_eq!(left.logs.len(), 1);
         assert_eq!(left.logs[0].record.request_id, "req-1");
+        assert_eq!(
+            key_ranges().await,
+            2,
+            "the deleted batch's ranges go with it"
+        );
+        let by_model = LogQuery {
+            model: Some("odd".into()),
+            ..LogQuery::default()
+        };
+        assert_eq!(history.logs(&by_model).await.unwrap().logs.len(), 1);
     }
 
     #[tokio::test]
