@@ -283,13 +283,19 @@ impl History {
             .bind(cutoff)
             .execute(pool)
             .await?;
-        // Ranges wholly below the oldest row left point at nothing any more.
-        sqlx::query(
-            "DELETE FROM request_keys WHERE last_id < \
-             coalesce((SELECT min(id) FROM requests), 9223372036854775807)",
-        )
-        .execute(pool)
-        .await?;
+        if result.rows_affected() > 0 {
+            // Ranges wholly below the oldest row left point at nothing any more. They start
+            // below it too, which `request_keys_first` finds without reading the whole table.
+            sqlx::query(DELETE_STALE_KEYS)
+                .bind(
+                    sqlx::query_scalar::<_, Option<i64>>("SELECT min(id) FROM requests")
+                        .fetch_one(pool)
+                        .await?
+                        .unwrap_or(i64::MAX),
+                )
+                .execute(pool)
+                .await?;
+        }
         Ok(result.rows_affected())
     }
 
@@ -379,6 +385,9 @@ impl History {
     }
 }
 
+/// Deletes the key ranges below the oldest row left (bound: its id).
+const DELETE_STALE_KEYS: &str = "DELETE FROM request_keys WHERE first_id < ?1 AND last_id < ?1";
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -389,7 +398,7 @@ fn now_ms() -> i64 {
 ///
 /// Error statuses are found through their partial index. Otherwise a model or node filter
 /// reads that key's id ranges in `request_keys` (newest first, or oldest first when following),
-/// skipping those outside the time window, and the rows inside each range: the ranges' own
+/// leaving out those outside the time window, and the rows inside each range: the ranges' own
 /// order gives the rows' order, so SQLite stops at the page's end without sorting. Without
 /// either, rows are read by id.
 fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, HistoryError> {
@@ -399,6 +408,9 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
         Some(StatusFilter::Class(class)) => class * 100,
         None => 0,
     };
+    // Error rows are few, so for an error class the partial index (all models' errors, then
+    // sorted) beats walking every row of a model; with a model and a node, the model's ranges
+    // are walked and the node checked per row.
     let key = match (&query.model, &query.node) {
         _ if lowest_status >= 400 => None,
         (Some(model), _) => Some((KIND_MODEL, model.clone())),
@@ -416,6 +428,19 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
         sql.push(" WHERE k.kind = ").push_bind(*kind);
         sql.push(" AND k.key = ").push_bind(key.clone());
         if let Some(after) = query.after_id {
+            // A key's ranges do not overlap: those before the one that holds `after` (or the
+            // last to start before it) end before it. A bound on `first_id` lets SQLite seek
+            // there instead of reading every range from the first.
+            sql.push(
+                " AND k.first_id >= (SELECT coalesce(max(first_id), 0) FROM request_keys \
+                 WHERE kind = ",
+            )
+            .push_bind(*kind)
+            .push(" AND key = ")
+            .push_bind(key.clone())
+            .push(" AND first_id <= ")
+            .push_bind(after)
+            .push(")");
             sql.push(" AND k.last_id > ").push_bind(after);
         } else if let Some(before) = query.before_id {
             sql.push(" AND k.first_id < ").push_bind(before);
@@ -645,8 +670,11 @@ async fn insert(
         }
         last_id = statement.execute(&mut *tx).await?.last_insert_rowid();
     }
-    // One writer at a time, and AUTOINCREMENT: the batch's ids are the `count` up to `last_id`,
-    // in the order of its rows.
+    // The transaction holds SQLite's write lock from the first INSERT to the commit, so no other
+    // connection or process takes ids in between; AUTOINCREMENT hands them out in the order of
+    // the VALUES, and `OR FAIL` never skips a row. So the batch's ids are the `count` up to
+    // `last_id`, in the order of its rows. (REPLACE, not a plain INSERT, so that a broken
+    // assumption could at worst hide rows from a filter, not lose the batch.)
     let first_id = last_id - count + 1;
     for (kind, key, span) in keys.iter() {
         sqlx::query(
@@ -1332,6 +1360,13 @@ mod tests {
             },
         ] {
             let plan = plan(&history, &query).await;
+            if query.after_id.is_some() {
+                // Sought from the range that holds `after_id`, not read from the first.
+                assert!(
+                    plan.contains("SEARCH k USING PRIMARY KEY (kind=? AND key=? AND first_id>?)"),
+                    "{query:?}: {plan}"
+                );
+            }
             // `k` is request_keys: its ranges are the outer loop.
             assert!(
                 plan.starts_with("SEARCH k USING PRIMARY KEY"),
@@ -1339,6 +1374,15 @@ mod tests {
             );
             assert!(!plan.contains("TEMP B-TREE"), "{query:?}: {plan}");
         }
+        let retention = sqlx::query(&format!("EXPLAIN QUERY PLAN {DELETE_STALE_KEYS}"))
+            .fetch_all(history.pool().unwrap())
+            .await
+            .unwrap();
+        let retention: Vec<String> = retention.iter().map(|r| r.get("detail")).collect();
+        assert!(
+            retention.iter().any(|d| d.contains("request_keys_first")),
+            "{retention:?}"
+        );
         let errors_of_a_model = LogQuery {
             model: Some("m".into()),
             status: Some("5xx".into()),
@@ -1453,25 +1497,35 @@ mod tests {
     #[tokio::test]
     async fn a_database_from_before_the_key_ranges_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
-        let history = open(&dir, 10_000).await;
-        for i in 0..1000 {
-            history.record(record(i));
+        let history = open(&dir, 20_000).await;
+        // Over two of the backfill's 4,096-id blocks, and some rows with no model or node.
+        let row = |i: usize| {
+            let mut r = record(i);
+            if i.is_multiple_of(11) {
+                r.model = None;
+                r.node_id = None;
+            }
+            r
+        };
+        for i in 0..9000 {
+            history.record(row(i));
         }
         history.flush().await;
+        assert_eq!(history.written(), 9000);
         // Back to the state before the migration: indexes on model and node, no key ranges.
         let pool = history.pool().unwrap();
         for sql in [
             "DROP TABLE request_keys",
             "CREATE INDEX requests_model ON requests (model, id)",
             "CREATE INDEX requests_node ON requests (node_id, id)",
-            "DELETE FROM _sqlx_migrations WHERE description = 'request keys'",
+            "DELETE FROM _sqlx_migrations WHERE description IN ('request keys', 'request keys first')",
         ] {
             sqlx::query(sql).execute(pool).await.unwrap();
         }
         history.shutdown(Duration::from_secs(5)).await;
         drop(history);
 
-        let history = open(&dir, 16).await;
+        let history = open(&dir, 20_000).await;
         let indexes: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
         )
@@ -1484,22 +1538,34 @@ mod tests {
                 .any(|i| i == "requests_model" || i == "requests_node"),
             "{indexes:?}"
         );
-        let count = |model: Option<&str>, node: Option<&str>| {
-            let query = LogQuery {
-                model: model.map(str::to_owned),
-                node: node.map(str::to_owned),
-                limit: Some(1000),
-                ..LogQuery::default()
-            };
-            let history = history.clone();
-            async move { history.logs(&query).await.unwrap().logs.len() }
+        // Rows written after the upgrade get their ranges from the writer.
+        for i in 9000..9500 {
+            history.record(row(i));
+        }
+        history.flush().await;
+        let rows: Vec<_> = (0..9500).map(row).collect();
+        let newest_first = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
+            rows.iter()
+                .rev()
+                .filter(|r| keep(r))
+                .map(|r| r.request_id.clone())
+                .collect()
+        };
+        let page = |model: Option<&str>, node: Option<&str>| LogQuery {
+            model: model.map(str::to_owned),
+            node: node.map(str::to_owned),
+            limit: Some(997),
+            ..LogQuery::default()
         };
         assert_eq!(
-            count(Some("even"), None).await,
-            500,
-            "rows written before it"
+            all_pages(&history, page(Some("even"), None)).await,
+            newest_first(&|r| r.model.as_deref() == Some("even")),
+            "rows from before and after the upgrade, in order"
         );
-        assert_eq!(count(None, Some("n1")).await, 333);
+        assert_eq!(
+            all_pages(&history, page(None, Some("n1"))).await,
+            newest_first(&|r| r.node_id.as_deref() == Some("n1"))
+        );
     }
 
     #[tokio::test]
