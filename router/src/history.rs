@@ -1459,6 +1459,23 @@ mod tests {
         assert_eq!(page.logs[999].record, record(0));
     }
 
+    /// Shuts `history` down and opens its database again, running whatever migrations are
+    /// not recorded as applied.
+    async fn reopen(history: History, dir: &tempfile::TempDir, capacity: usize) -> History {
+        history.shutdown(Duration::from_secs(5)).await;
+        drop(history);
+        open(dir, capacity).await
+    }
+
+    async fn index_names(history: &History) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
+        )
+        .fetch_all(history.pool().unwrap())
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn a_database_from_before_the_error_index_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
@@ -1477,16 +1494,8 @@ mod tests {
             .execute(pool)
             .await
             .unwrap();
-        history.shutdown(Duration::from_secs(5)).await;
-        drop(history);
-
-        let history = open(&dir, 16).await;
-        let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
-        )
-        .fetch_all(history.pool().unwrap())
-        .await
-        .unwrap();
+        let history = reopen(history, &dir, 16).await;
+        let indexes = index_names(&history).await;
         assert!(
             indexes.contains(&"requests_errors".to_owned()),
             "{indexes:?}"
@@ -1525,16 +1534,8 @@ mod tests {
         ] {
             sqlx::query(sql).execute(pool).await.unwrap();
         }
-        history.shutdown(Duration::from_secs(5)).await;
-        drop(history);
-
-        let history = open(&dir, 20_000).await;
-        let indexes: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests'",
-        )
-        .fetch_all(history.pool().unwrap())
-        .await
-        .unwrap();
+        let history = reopen(history, &dir, 20_000).await;
+        let indexes = index_names(&history).await;
         assert!(
             !indexes
                 .iter()
