@@ -19,7 +19,8 @@
 # rest of the machine (oha, the mock nodes, the kernel's own threads) spends per request, the
 # same for every target. REST is fitted over all rounds; the report prints it, each target's
 # predicted ratio beside the measured one, and so the CPU a request may cost the router for it
-# to match nginx: nginx's own.
+# to match nginx: nginx's own. Each round starts the router on an empty history database, so
+# the history's cost is that of writing to a small table.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -202,14 +203,15 @@ print(f"Fitted over all rounds: the rest of the machine (oha, the mock nodes, th
 print(f"REST = {rest:.1f} µs of CPU per request;")
 print(f"throughput = constant / (REST + the target's CPU per request) fits the loops with an rms error")
 print(f"of {100 * rms:.1f}% (largest {100 * worst(rest):.1f}%), each round's constant its own.\n")
-print("| target | median CPU µs/req (user + system) | predicted ratio to nginx | median measured |")
+print("| target | median of user + system per loop, µs/req | predicted ratio to nginx | median measured |")
 print("|---|---:|---:|---:|")
 for k, name in enumerate(names):
     measured = st.median(r[k][1] / r[0][1] for r in rounds)
     print(f"| {name} | {cpu[name]:.1f} | {(rest + cpu['nginx']) / (rest + cpu[name]):.2f} | {measured:.2f} |")
 print(f"\nTo match nginx the router may spend what nginx does: {cpu['nginx']:.1f} µs a request, against its")
-print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history off); the history costs")
-print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs. The pump, which parses nothing, spends {cpu['pump']:.1f}.")
+print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history off: history on minus off,")
+print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs, a difference of medians of runs that vary by about 2 µs). The pump,")
+print(f"which parses nothing, spends {cpu['pump']:.1f}.")
 PY
 cat "$report"
 echo "written: $report"
