@@ -325,8 +325,8 @@ impl History {
     /// Counts, error rates and latency percentiles; see [`Stats`].
     pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, HistoryError> {
         let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected FROM requests r \
-             WHERE 1 = 1",
+            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected \
+             FROM requests r WHERE 1 = 1",
         );
         push_window(&mut sql, query.since, query.until);
         let mut all = Group::default();
@@ -396,10 +396,11 @@ fn now_ms() -> i64 {
 
 /// The SELECT for one page of [`History::logs`], up to its LIMIT.
 ///
-/// A model or node filter reads that key's id ranges in `request_keys` (newest first, or oldest first when following),
-/// leaving out those outside the time window, and the rows inside each range: the ranges' own
-/// order gives the rows' order, so SQLite stops at the page's end without sorting. Without
-/// one, error statuses are found through their partial index, and other rows by id.
+/// A model or node filter reads that key's id ranges in `request_keys` (newest first, or
+/// oldest first when following), leaving out those outside the time window, and the rows
+/// inside each range: the ranges' own order gives the rows' order, so SQLite stops at the
+/// page's end without sorting. Without one, error statuses are found through their partial
+/// index, and other rows by id.
 fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, HistoryError> {
     let status = query.status_filter()?;
     let lowest_status = match status {
@@ -1530,7 +1531,8 @@ mod tests {
             "DROP TABLE request_keys",
             "CREATE INDEX requests_model ON requests (model, id)",
             "CREATE INDEX requests_node ON requests (node_id, id)",
-            "DELETE FROM _sqlx_migrations WHERE description IN ('request keys', 'request keys first')",
+            "DELETE FROM _sqlx_migrations \
+             WHERE description IN ('request keys', 'request keys first')",
         ] {
             sqlx::query(sql).execute(pool).await.unwrap();
         }
