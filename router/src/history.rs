@@ -1333,6 +1333,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_rolled_back_midway_leaves_the_next_batches_ranges_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        // A row that fails its INSERT after the rows before it in the batch went in: the
+        // transaction is rolled back and AUTOINCREMENT hands the same ids out again.
+        sqlx::query(
+            "CREATE TRIGGER poison BEFORE INSERT ON requests WHEN NEW.request_id = 'poison' \
+             BEGIN SELECT RAISE(FAIL, 'poisoned row'); END",
+        )
+        .execute(history.pool().unwrap())
+        .await
+        .unwrap();
+        for i in 0..40 {
+            let mut r = record(i);
+            if i == 30 {
+                r.request_id = "poison".into();
+            }
+            history.record(r);
+        }
+        history.flush().await;
+        assert_eq!((history.written(), history.dropped()), (0, 40));
+        for i in 100..300 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        assert_eq!(history.written(), 200);
+        let expected: Vec<String> = (100..300)
+            .rev()
+            .filter(|i| i % 2 == 1)
+            .map(|i| format!("req-{i}"))
+            .collect();
+        let by_model = LogQuery {
+            model: Some("odd".into()),
+            limit: Some(13),
+            ..LogQuery::default()
+        };
+        assert_eq!(all_pages(&history, by_model).await, expected);
+    }
+
+    #[tokio::test]
     async fn model_and_node_filters_read_key_ranges_without_sorting() {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 16).await;
