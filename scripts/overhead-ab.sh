@@ -71,56 +71,6 @@ EOF
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
 printf '[history]\nenabled = false\n' > "$work/router-nohistory.toml"
 
-# Sum of utime and stime (clock ticks) over the given processes and all their threads.
-cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
-
-# Until nothing listens on the port any more (a stopped target may take a moment to let go).
-wait_port_free() {
-  for _ in $(seq 100); do
-    # Refused (exit 7) means free; a listener that answers, or hangs, still holds it.
-    local code=0
-    curl -s --max-time 2 -o /dev/null "http://127.0.0.1:$port/" || code=$?
-    [ "$code" -eq 7 ] && return 0
-    sleep 0.05
-  done
-  echo "port $port is still taken" >&2
-  return 1
-}
-
-wait_ready() {
-  for _ in $(seq 100); do
-    curl -s --max-time 2 -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "$url" && return 0
-    sleep 0.05
-  done
-  echo "target did not come up on port $port" >&2
-  return 1
-}
-
-# measure NAME PID...: one closed loop; appends "name rps user_us sys_us" to $work/rows.
-measure() {
-  local name=$1; shift
-  [ "$#" -gt 0 ] || { echo "$name: no process to measure" >&2; return 1; }
-  "$oha" --no-tui -z 2s -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null
-  local before after json
-  before=$(cpu_ticks "$@")
-  json=$("$oha" --no-tui --output-format json -z "${seconds}s" -c 64 -m POST -T application/json -d "$body" "$url")
-  after=$(cpu_ticks "$@")
-  python3 - "$name" "$before" "$after" "$json" "$(getconf CLK_TCK)" >> "$work/rows" <<'PY'
-import json, sys
-name, before, after, out, tck = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
-u0, s0 = map(int, before.split()); u1, s1 = map(int, after.split())
-codes = out["statusCodeDistribution"]
-# Requests still in flight when the duration ends are cut off by oha, not failed.
-errors = {k: v for k, v in out.get("errorDistribution", {}).items() if k != "aborted due to deadline"}
-if set(codes) != {"200"} or errors:
-    sys.exit(f"{name}: not every request answered 200: {codes} {errors}")
-n = sum(codes.values())
-us = 1e6 / tck / max(n, 1)
-print(name, round(out["summary"]["requestsPerSec"]), round((u1 - u0) * us, 2), round((s1 - s0) * us, 2))
-PY
-  tail -1 "$work/rows"
-}
-
 # measure_example NAME EXAMPLE: starts router/examples/EXAMPLE on the port, measures it, stops it.
 measure_example() {
   target/release/examples/"$2" "127.0.0.1:$port" "$nodes" >"$work/$1.log" 2>&1 &
