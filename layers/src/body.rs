@@ -4,10 +4,11 @@
 //! wrapped in this type, which adds one case for the layer's own JSON error. It works with any
 //! `http_body::Body` whose data is `Bytes`: axum's, tonic's, hyper's or your own.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -86,5 +87,114 @@ where
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
         }
+    }
+}
+
+pin_project! {
+    /// Reads a whole body into one [`Bytes`]. A body of one data frame, as most request bodies
+    /// are, is handed over as it came; only a body of several frames is copied together.
+    /// `http_body_util`'s `collect` keeps every frame in a queue it allocates, even the one.
+    pub(crate) struct CollectBytes<B> {
+        #[pin]
+        body: B,
+        first: Option<Bytes>,
+        rest: Option<BytesMut>,
+    }
+}
+
+impl<B> CollectBytes<B> {
+    pub(crate) fn new(body: B) -> Self {
+        Self {
+            body,
+            first: None,
+            rest: None,
+        }
+    }
+}
+
+impl<B> Future for CollectBytes<B>
+where
+    B: Body,
+{
+    type Output = Result<Bytes, B::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let Some(frame) = ready!(this.body.as_mut().poll_frame(cx)?) else {
+                let bytes = match (this.rest.take(), this.first.take()) {
+                    (Some(rest), _) => rest.freeze(),
+                    (None, first) => first.unwrap_or_default(),
+                };
+                return Poll::Ready(Ok(bytes));
+            };
+            // Trailers are not part of the bytes.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let data = data.copy_to_bytes(data.remaining());
+            if let Some(rest) = this.rest.as_mut() {
+                rest.extend_from_slice(&data);
+            } else if let Some(first) = this.first.take() {
+                let mut rest = BytesMut::with_capacity(first.len() + data.len());
+                rest.extend_from_slice(&first);
+                rest.extend_from_slice(&data);
+                *this.rest = Some(rest);
+            } else {
+                *this.first = Some(data);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+    use http_body_util::Full;
+
+    /// A body that hands out `parts` in turn.
+    struct Frames(std::collections::VecDeque<Result<Frame<Bytes>, &'static str>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = &'static str;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    fn frames(parts: Vec<Result<Frame<Bytes>, &'static str>>) -> Frames {
+        Frames(parts.into())
+    }
+
+    #[tokio::test]
+    async fn a_body_of_one_frame_is_handed_over_without_a_copy() {
+        let sent = Bytes::from_static(b"{\"model\":\"m\"}");
+        let got = CollectBytes::new(Full::new(sent.clone())).await.unwrap();
+        assert_eq!(got, sent);
+        assert_eq!(got.as_ptr(), sent.as_ptr(), "the same bytes, not a copy");
+    }
+
+    #[tokio::test]
+    async fn several_frames_are_joined_and_trailers_left_out() {
+        let body = frames(vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+            Ok(Frame::trailers(HeaderMap::new())),
+            Ok(Frame::data(Bytes::from_static(b"e"))),
+        ]);
+        assert_eq!(CollectBytes::new(body).await.unwrap(), "abcde");
+        assert_eq!(CollectBytes::new(frames(vec![])).await.unwrap(), "");
+    }
+
+    #[tokio::test]
+    async fn a_failing_body_fails_the_collection() {
+        let body = frames(vec![Ok(Frame::data(Bytes::from_static(b"ab"))), Err("cut")]);
+        assert_eq!(CollectBytes::new(body).await, Err("cut"));
     }
 }

@@ -55,11 +55,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::FastMap;
+use crate::body::CollectBytes;
 use crate::wire::{
     LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
     poll_read_landing, push_decimal,
@@ -418,11 +419,9 @@ where
         body_expected,
         keep_answer_header,
     } = outgoing;
-    let body = body
-        .collect()
+    let body = CollectBytes::new(body)
         .await
-        .map_err(|e| ClientError::RequestBody(e.into()))?
-        .to_bytes();
+        .map_err(|e| ClientError::RequestBody(e.into()))?;
     end_head(&mut head, body.len(), body_expected);
     shared.start_sweeping();
     let mut pooled = shared.checkout(authority.as_str());
@@ -1138,6 +1137,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use http_body_util::BodyExt;
 
     #[test]
     fn answer_header_values_share_one_copy_of_the_head() {

@@ -19,13 +19,12 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::combinators::Collect;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{Full, Limited};
 use pin_project_lite::pin_project;
 use serde::Deserialize;
 use tower::{Layer, Service};
 
-use crate::body::ResponseBody;
+use crate::body::{CollectBytes, ResponseBody};
 use crate::error::RouterError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -162,7 +161,7 @@ where
         let (parts, body) = request.into_parts();
         RequestInfoFuture {
             state: State::Reading {
-                collect: Limited::new(body, self.config.max_body_bytes).collect(),
+                collect: CollectBytes::new(Limited::new(body, self.config.max_body_bytes)),
                 parts: Some(parts),
                 inner: Some(inner),
                 config: self.config,
@@ -194,7 +193,7 @@ pin_project! {
     {
         Reading {
             #[pin]
-            collect: Collect<Limited<B>>,
+            collect: CollectBytes<Limited<B>>,
             parts: Option<http::request::Parts>,
             inner: Option<S>,
             config: RequestInfoConfig,
@@ -230,7 +229,7 @@ where
                         return Poll::Ready(Ok(RouterError::Internal.into_response()));
                     };
                     let bytes = match collected {
-                        Ok(c) => c.to_bytes(),
+                        Ok(bytes) => bytes,
                         Err(e) => {
                             let error = if over_limit(&*e) {
                                 RouterError::PayloadTooLarge {
