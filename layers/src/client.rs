@@ -496,12 +496,8 @@ async fn exchange(
     // from its start on every read.
     let mut searched: usize = 0;
     loop {
-        // A blank line ends the head: CRLF CRLF, or the bare LF forms httparse also accepts.
-        let from = searched.saturating_sub(2);
-        let head_ended = connection.buf[from..].windows(2).enumerate().any(|(i, w)| {
-            w == b"\n\n" || (w == b"\r\n" && i > 0 && connection.buf[from + i - 1] == b'\n')
-        });
-        if head_ended
+        // Two bytes back, so that a blank line split across reads is found.
+        if holds_blank_line(&connection.buf[searched.saturating_sub(2)..])
             && let Some(answer) = parse_head(&mut connection.buf, &mut interim, keep_header)
                 .map_err(Failed::Answering)?
         {
@@ -524,6 +520,16 @@ async fn exchange(
             Err(error) => return Err(Failed::NoAnswer(ClientError::Io(error))),
         }
     }
+}
+
+/// Whether `buf` holds a blank line, which ends a head: CR LF CR LF, or the bare LF forms
+/// httparse also accepts (LF LF, LF CR LF). Only the line ends are looked at.
+fn holds_blank_line(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', buf).any(|at| match buf.get(at + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => buf.get(at + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
 async fn connect(config: &ClientConfig, authority: &Authority) -> Result<TcpStream, ClientError> {
@@ -1138,6 +1144,30 @@ mod tests {
 
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn a_blank_line_is_found_in_every_form_httparse_ends_a_head_with() {
+        // Every position of every line-end form, against a byte-by-byte reading of the rule.
+        let by_bytes = |buf: &[u8]| {
+            (0..buf.len()).any(|i| buf[i..].starts_with(b"\n\n") || buf[i..].starts_with(b"\n\r\n"))
+        };
+        let pieces: [&[u8]; 5] = [b"\r\n", b"\n", b"\r", b"a", b": "];
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..5 {
+            let longer: Vec<Vec<u8>> = cases
+                .iter()
+                .flat_map(|case| pieces.iter().map(move |piece| [case, *piece].concat()))
+                .collect();
+            cases.extend(longer);
+            cases.sort();
+            cases.dedup();
+        }
+        for case in &cases {
+            assert_eq!(holds_blank_line(case), by_bytes(case), "{case:?}");
+        }
+        assert!(holds_blank_line(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody"));
+        assert!(!holds_blank_line(b"HTTP/1.1 200 OK\r\nA: b\r\n\r"));
+    }
 
     #[test]
     fn answer_header_values_share_one_copy_of_the_head() {
