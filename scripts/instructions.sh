@@ -4,6 +4,10 @@
 #
 #   scripts/instructions.sh [REQUESTS]           default 2000 (after 3000 of warm-up)
 #   scripts/instructions.sh --floor [REQUESTS]   the same for router/examples/floor_proxy.rs
+#   scripts/instructions.sh --example NAME [REQUESTS]
+#                                                the same for router/examples/NAME.rs (floor_proxy,
+#                                                raw_head_proxy, byte_pump); for the last two, whose
+#                                                one worker is the program, all threads count
 #
 # Runs the profiling build (`cargo build --profile profiling`) under valgrind with one connection
 # worker and the history on (in a temporary directory), in front of the shared bench's mock
@@ -17,12 +21,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=router
-# The router stops on SIGINT; the floor has no handler, and a background job ignores SIGINT.
+# The router stops on SIGINT; the examples have no handler, and a background job ignores SIGINT.
 stop_signal=INT
+example=
 if [ "${1:-}" = "--floor" ]; then
-  target=floor
-  stop_signal=TERM
+  example=floor_proxy
   shift
+elif [ "${1:-}" = "--example" ]; then
+  example=${2:?--example needs a name}
+  shift 2
+fi
+if [ -n "$example" ]; then
+  target=$example
+  stop_signal=TERM
 fi
 requests=${1:-2000}
 port=18201
@@ -39,9 +50,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ "$target" = floor ]; then
-  cargo build --profile profiling -q -p llm-router --example floor_proxy
-  command=(target/profiling/examples/floor_proxy "127.0.0.1:$port" "$nodes" 1)
+if [ -n "$example" ]; then
+  cargo build --profile profiling -q -p llm-router --example "$example"
+  command=(target/profiling/examples/"$example" "127.0.0.1:$port" "$nodes" 1)
 else
   cargo build --profile profiling -q -p llm-router --bin llm-router
   printf '[limits]\nworkers = 1\n[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
@@ -58,7 +69,7 @@ for _ in $(seq 600); do
 done
 # Warm-up at 64 connections: every INSERT size gets prepared, buffers reach their size.
 "$oha" --no-tui -n 3000 -c 64 -m POST -T application/json -d "$body" "$url" >/dev/null
-# callgrind takes a command when the program next runs, and the floor has no timers to wake it:
+# callgrind takes a command when the program next runs, and the examples have no timers to wake it:
 # one request wakes it. That request is counted, so the counts are divided by REQUESTS + 1.
 nudge() {
   callgrind_control "$1" "$pid" >/dev/null &
@@ -97,7 +108,8 @@ def cost(pattern):
 closure = r"\{\{closure\}\}"
 parts = [
     ("all threads", cost(r"PROGRAM TOTALS")),
-    ("request path", cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")),
+    ("request path", cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")
+        or cost(r"PROGRAM TOTALS")),
     ("SQLite thread", cost(r"ConnectionWorker::establish::" + closure + "::" + closure + "$")),
     ("history writer", cost(r"history\.rs:router::history::writer::" + closure + "$")),
 ]

@@ -5,8 +5,9 @@
 #
 # Each round runs nginx (as the shared bench configures it), the router (default stack, history
 # on, log level warn), the router with its history off, the floor proxy
-# (router/examples/floor_proxy.rs) and the byte pump (router/examples/byte_pump.rs: tokio and
-# the kernel alone) one after another on
+# (router/examples/floor_proxy.rs), the raw-head experiment (router/examples/raw_head_proxy.rs:
+# the pump plus HTTP over the bytes as they came, no `http` types) and the byte pump
+# (router/examples/byte_pump.rs: tokio and the kernel alone) one after another on
 # 127.0.0.1:18200, in front of the shared bench's two mock nodes, with oha keeping 64
 # connections busy, and reads each target's user and system CPU time from /proc. The ratio to
 # nginx is taken within each round, then the median over rounds: on this project's 2-core
@@ -41,7 +42,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release -q -p llm-router --bin llm-router --example floor_proxy --example byte_pump
+cargo build --release -q -p llm-router --bin llm-router --example floor_proxy \
+  --example raw_head_proxy --example byte_pump
 
 mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
 cat > "$work/nginx.conf" <<EOF
@@ -103,6 +105,8 @@ for round in $(seq "$rounds"); do
 
   measure_example floor floor_proxy
   wait_port_free
+  measure_example raw-head raw_head_proxy
+  wait_port_free
   measure_example pump byte_pump
 done
 
@@ -111,14 +115,16 @@ python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
-names = ["nginx", "router", "router-nohistory", "floor", "pump"]
+names = ["nginx", "router", "router-nohistory", "floor", "raw-head", "pump"]
 rounds = [rows[i:i + len(names)] for i in range(0, len(rows), len(names))]
-print(f"# Overhead in alternation: nginx, router, router without history, floor, pump (commit {sys.argv[4]})\n")
+print(f"# Overhead in alternation: nginx, router, router without history, floor, raw head, pump (commit {sys.argv[4]})\n")
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
 print("bench's two mock nodes. CPU is the target's own user and system time per request. The floor is")
 print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
-print("the pump forwards bytes with tokio and no HTTP library (router/examples/byte_pump.rs).\n")
+print("raw-head does the same HTTP over the bytes as they came, without `http`'s types")
+print("(router/examples/raw_head_proxy.rs); the pump forwards bytes with tokio and no HTTP library")
+print("(router/examples/byte_pump.rs).\n")
 print("| round | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} / nginx" for n in names[1:]) + " |")
 print("|---:|" + "---:|" * (2 * len(names) - 1))
 for i, r in enumerate(rounds, 1):
@@ -161,7 +167,9 @@ for k, name in enumerate(names):
 print(f"\nTo match nginx the router may spend what nginx does: {cpu['nginx']:.1f} µs a request, against its")
 print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history off: history on minus off,")
 print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs, a difference of medians of runs that vary by about 2 µs). The pump,")
-print(f"which parses nothing, spends {cpu['pump']:.1f}.")
+print(f"which parses nothing, spends {cpu['pump']:.1f}; the floor {cpu['floor']:.1f} and the raw-head experiment")
+print(f"{cpu['raw-head']:.1f}, so forwarding heads as bytes instead of `http`'s types would save about")
+print(f"{cpu['floor'] - cpu['raw-head']:.1f} µs a request of the router's HTTP stack.")
 PY
 cat "$report"
 echo "written: $report"
