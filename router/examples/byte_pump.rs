@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
+
+mod per_core;
 
 /// Where the head ends (after its blank line), once it has.
 fn head_end(buf: &[u8]) -> Option<usize> {
@@ -82,14 +84,9 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
             nodes.next += 1;
             (index, nodes.addrs[index], nodes.idle[index].pop())
         };
-        let mut node = match idle {
-            Some(node) => node,
-            None => match TcpStream::connect(addr).await {
-                Ok(node) => node,
-                Err(_) => return,
-            },
+        let Some(mut node) = per_core::node_connection(idle, addr).await else {
+            return;
         };
-        let _ = node.set_nodelay(true);
         if node.write_all(&request[..len]).await.is_err() {
             return;
         }
@@ -103,53 +100,16 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
     }
 }
 
-async fn worker(listen: SocketAddr, addrs: Vec<SocketAddr>) -> std::io::Result<()> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_reuseport(true)?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(listen)?;
-    let listener = socket.listen(4096)?;
+/// A worker's nodes: their addresses, no idle connections yet.
+fn nodes(addrs: Vec<SocketAddr>) -> Rc<RefCell<Nodes>> {
     let idle = addrs.iter().map(|_| Vec::new()).collect();
-    let nodes = Rc::new(RefCell::new(Nodes {
+    Rc::new(RefCell::new(Nodes {
         addrs,
         idle,
         next: 0,
-    }));
-    loop {
-        let (client, _) = listener.accept().await?;
-        tokio::task::spawn_local(serve_client(client, nodes.clone()));
-    }
+    }))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let (Some(listen), Some(nodes)) = (args.next(), args.next()) else {
-        return Err("usage: byte_pump LISTEN_ADDR NODE_URL[,NODE_URL...] [WORKERS]".into());
-    };
-    let listen: SocketAddr = listen.parse()?;
-    let addrs = nodes
-        .split(',')
-        .map(|url| url.trim_start_matches("http://").parse())
-        .collect::<Result<Vec<SocketAddr>, _>>()?;
-    let workers = match args.next() {
-        Some(workers) => workers.parse()?,
-        None => std::thread::available_parallelism().map_or(1, usize::from),
-    };
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || -> std::io::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                tokio::task::LocalSet::new().block_on(&runtime, worker(listen, addrs))
-            })
-        })
-        .collect();
-    for thread in threads {
-        if let Ok(Err(error)) = thread.join() {
-            return Err(error.into());
-        }
-    }
-    Ok(())
+    per_core::run("byte_pump", nodes, serve_client)
 }
