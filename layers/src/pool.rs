@@ -749,6 +749,12 @@ struct Shared {
     waiting: AtomicUsize,
     released: AtomicU64,
     rate: Mutex<RateMeter>,
+    /// The meter's last value (`f64` bits) and when it was taken (nanoseconds after
+    /// `rate_epoch`), read without the lock: every admission decision asks for the rate, and
+    /// the lock, shared by all connection workers, would move between their cores each time.
+    rate_value: AtomicU64,
+    rate_taken_ns: AtomicU64,
+    rate_epoch: Instant,
 }
 
 impl Shared {
@@ -921,6 +927,10 @@ struct RateMeter {
     per_sec: f64,
 }
 
+/// How often the release rate is measured again, so that it reflects a window, not one
+/// release.
+const RATE_WINDOW: Duration = Duration::from_millis(250);
+
 /// The shared node pool. Cloning is cheap; all clones see the same nodes and load.
 #[derive(Clone)]
 pub struct NodePool {
@@ -938,6 +948,7 @@ impl fmt::Debug for NodePool {
 
 impl Default for NodePool {
     fn default() -> Self {
+        let now = Instant::now();
         Self {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
@@ -946,10 +957,13 @@ impl Default for NodePool {
                 waiting: AtomicUsize::new(0),
                 released: AtomicU64::new(0),
                 rate: Mutex::new(RateMeter {
-                    at: Instant::now(),
+                    at: now,
                     count: 0,
                     per_sec: 0.0,
                 }),
+                rate_value: AtomicU64::new(0.0f64.to_bits()),
+                rate_taken_ns: AtomicU64::new(0),
+                rate_epoch: now,
             }),
         }
     }
@@ -1092,21 +1106,40 @@ impl NodePool {
 
     /// Slots given back per second, smoothed over the last few seconds.
     pub fn release_rate(&self) -> f64 {
-        let mut meter = self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = &*self.shared;
         let now = Instant::now();
-        let elapsed = now.duration_since(meter.at).as_secs_f64();
-        // Re-measure at most every 250 ms so the value reflects a window, not one release.
-        if elapsed >= 0.25 {
-            let count = self.shared.released.load(Ordering::Relaxed);
-            let sample = (count - meter.count) as f64 / elapsed;
-            meter.per_sec = if meter.per_sec == 0.0 {
-                sample
-            } else {
-                0.5 * meter.per_sec + 0.5 * sample
-            };
-            meter.at = now;
-            meter.count = count;
+        let since_epoch = |at: Instant| at.saturating_duration_since(shared.rate_epoch).as_nanos();
+        let is_fresh =
+            |taken_ns: u64| since_epoch(now) < u128::from(taken_ns) + RATE_WINDOW.as_nanos();
+        let last = f64::from_bits(shared.rate_value.load(Ordering::Acquire));
+        if is_fresh(shared.rate_taken_ns.load(Ordering::Acquire)) {
+            return last;
         }
+        let mut meter = match shared.rate.try_lock() {
+            Ok(meter) => meter,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Another thread is measuring it: its last value, without waiting.
+            Err(std::sync::TryLockError::WouldBlock) => return last,
+        };
+        // Measured by another thread between the check and the lock.
+        if is_fresh(shared.rate_taken_ns.load(Ordering::Acquire)) {
+            return f64::from_bits(shared.rate_value.load(Ordering::Acquire));
+        }
+        let elapsed = now.duration_since(meter.at).as_secs_f64();
+        let count = shared.released.load(Ordering::Relaxed);
+        let sample = (count - meter.count) as f64 / elapsed;
+        meter.per_sec = if meter.per_sec == 0.0 {
+            sample
+        } else {
+            0.5 * meter.per_sec + 0.5 * sample
+        };
+        meter.at = now;
+        meter.count = count;
+        shared
+            .rate_value
+            .store(meter.per_sec.to_bits(), Ordering::Release);
+        let taken_ns = u64::try_from(since_epoch(now)).unwrap_or(u64::MAX);
+        shared.rate_taken_ns.store(taken_ns, Ordering::Release);
         meter.per_sec
     }
 
@@ -1241,6 +1274,46 @@ mod tests {
         assert!(pool.try_acquire_free(Some("m")).is_none());
         drop(g1);
         assert!(pool.try_acquire_free(Some("m")).is_some());
+    }
+
+    #[test]
+    fn the_release_rate_is_measured_once_a_window_and_read_without_the_lock_between() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 1000)]).unwrap();
+        let release = |n| {
+            for _ in 0..n {
+                drop(pool.try_acquire_free(Some("m")).unwrap());
+            }
+        };
+        let later = || std::thread::sleep(RATE_WINDOW + Duration::from_millis(20));
+        release(100);
+        assert_eq!(
+            pool.release_rate(),
+            0.0,
+            "nothing is measured in the first window"
+        );
+        later();
+        let first = pool.release_rate();
+        // 100 releases since the pool was made, more than a window ago.
+        let most = 100.0 / RATE_WINDOW.as_secs_f64();
+        assert!(first > 0.0 && first < most, "{first}");
+        release(100);
+        assert_eq!(
+            pool.release_rate(),
+            first,
+            "the window after a measurement reads it"
+        );
+        // While another thread holds the meter, a caller gets the last value and does not wait.
+        let measuring = pool.shared.rate.lock().unwrap();
+        later();
+        assert_eq!(pool.release_rate(), first);
+        drop(measuring);
+        let taken = pool.shared.rate_taken_ns.load(Ordering::Acquire);
+        let second = pool.release_rate();
+        assert!(second > 0.0, "{second}");
+        assert!(
+            pool.shared.rate_taken_ns.load(Ordering::Acquire) > taken,
+            "measured again"
+        );
     }
 
     #[test]
