@@ -108,8 +108,9 @@ def cost(pattern):
 closure = r"\{\{closure\}\}"
 parts = [
     ("all threads", cost(r"PROGRAM TOTALS")),
-    ("request path", cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")
-        or cost(r"PROGRAM TOTALS")),
+    # The pump and the raw-head experiment are their one worker: all of them is the path.
+    ("request path", cost(r"PROGRAM TOTALS") if sys.argv[4] in ("byte_pump", "raw_head_proxy")
+        else cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")),
     ("SQLite thread", cost(r"ConnectionWorker::establish::" + closure + "::" + closure + "$")),
     ("history writer", cost(r"history\.rs:router::history::writer::" + closure + "$")),
 ]
