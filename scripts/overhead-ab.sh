@@ -6,8 +6,9 @@
 # Each round runs nginx (as the shared bench configures it), the router (default stack, history
 # on, log level warn), the router with its history off, the floor proxy
 # (router/examples/floor_proxy.rs), the raw-head experiment (router/examples/raw_head_proxy.rs:
-# the pump plus HTTP over the bytes as they came, no `http` types) and the byte pump
-# (router/examples/byte_pump.rs: tokio and the kernel alone) one after another on
+# the pump plus HTTP over the bytes as they came, no `http` types), the same with the router's
+# own work per request (RAW_HEAD_WORK: JSON probe, node pool, metrics, SQLite history) and the
+# byte pump (router/examples/byte_pump.rs: tokio and the kernel alone) one after another on
 # 127.0.0.1:18200, in front of the shared bench's two mock nodes, with oha keeping 64
 # connections busy, and reads each target's user and system CPU time from /proc. The ratio to
 # nginx is taken within each round, then the median over rounds: on this project's 2-core
@@ -73,9 +74,10 @@ EOF
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
 printf '[history]\nenabled = false\n' > "$work/router-nohistory.toml"
 
-# measure_example NAME EXAMPLE: starts router/examples/EXAMPLE on the port, measures it, stops it.
+# measure_example NAME EXAMPLE [VAR=VALUE...]: starts router/examples/EXAMPLE on the port, with
+# those variables in its environment, measures it, stops it.
 measure_example() {
-  target/release/examples/"$2" "127.0.0.1:$port" "$nodes" >"$work/$1.log" 2>&1 &
+  env "${@:3}" target/release/examples/"$2" "127.0.0.1:$port" "$nodes" >"$work/$1.log" 2>&1 &
   pid=$!
   wait_ready || { cat "$work/$1.log" >&2; exit 1; }
   measure "$1" "$pid"
@@ -107,6 +109,9 @@ for round in $(seq "$rounds"); do
   wait_port_free
   measure_example raw-head raw_head_proxy
   wait_port_free
+  rm -f "$work"/raw-work.db*
+  measure_example raw-work raw_head_proxy RAW_HEAD_WORK="$work/raw-work.db"
+  wait_port_free
   measure_example pump byte_pump
 done
 
@@ -115,16 +120,17 @@ python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
-names = ["nginx", "router", "router-nohistory", "floor", "raw-head", "pump"]
+names = ["nginx", "router", "router-nohistory", "floor", "raw-head", "raw-work", "pump"]
 rounds = [rows[i:i + len(names)] for i in range(0, len(rows), len(names))]
-print(f"# Overhead in alternation: nginx, router, router without history, floor, raw head, pump (commit {sys.argv[4]})\n")
+print(f"# Overhead in alternation: nginx, router, router without history, floor, raw head (without and with the router's work), pump (commit {sys.argv[4]})\n")
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
 print("bench's two mock nodes. CPU is the target's own user and system time per request. The floor is")
 print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
 print("raw-head does the same HTTP over the bytes as they came, without `http`'s types")
-print("(router/examples/raw_head_proxy.rs); the pump forwards bytes with tokio and no HTTP library")
-print("(router/examples/byte_pump.rs).\n")
+print("(router/examples/raw_head_proxy.rs), raw-work the same with the router's own work per request")
+print("(`RAW_HEAD_WORK`: JSON probe, node pool, metrics, SQLite history); the pump forwards bytes")
+print("with tokio and no HTTP library (router/examples/byte_pump.rs).\n")
 print("| round | " + " | ".join(f"{n} req/s" for n in names) + " | " + " | ".join(f"{n} / nginx" for n in names[1:]) + " |")
 print("|---:|" + "---:|" * (2 * len(names) - 1))
 for i, r in enumerate(rounds, 1):
@@ -169,7 +175,8 @@ print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history 
 print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs, a difference of medians of runs that vary by about 2 µs). The pump,")
 print(f"which parses nothing, spends {cpu['pump']:.1f}; the floor {cpu['floor']:.1f} and the raw-head experiment")
 print(f"{cpu['raw-head']:.1f}, so forwarding heads as bytes instead of `http`'s types would save about")
-print(f"{cpu['floor'] - cpu['raw-head']:.1f} µs a request of the router's HTTP stack.")
+print(f"{cpu['floor'] - cpu['raw-head']:.1f} µs a request of the router's HTTP stack. With the router's own work on the raw")
+print(f"path it spends {cpu['raw-work']:.1f}, against nginx's {cpu['nginx']:.1f}.")
 PY
 cat "$report"
 echo "written: $report"

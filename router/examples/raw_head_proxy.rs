@@ -15,12 +15,20 @@
 //! chunked bodies, pipelining, timeouts, or errors answered beyond a 400 for a head it cannot
 //! parse. The shared bench's mock nodes need none of these.
 //!
+//! With `RAW_HEAD_WORK=PATH` it also does the router's own work for each request, with the
+//! router's own parts: the JSON probe (`RequestInfo::parse`), a slot on the least-loaded node
+//! of a `NodePool` (256 a node, the pool's load read as admission reads it), the metrics
+//! (`router::metrics::Metrics`), a scan of the answer for token usage, and a history row
+//! (`router::history::History`, SQLite at `PATH`). That is a lower bound for the router on the
+//! raw-head path, layers' own bookkeeping aside.
+//!
 //! [`byte_pump`]: byte_pump.rs
 //! [`floor_proxy`]: floor_proxy.rs
 //!
 //! ```sh
 //! cargo build --release -p llm-router --example raw_head_proxy
 //! target/release/examples/raw_head_proxy 127.0.0.1:8080 http://127.0.0.1:18001,http://127.0.0.1:18002 [WORKERS]
+//! RAW_HEAD_WORK=/tmp/history.db target/release/examples/raw_head_proxy 127.0.0.1:8080 http://127.0.0.1:18001,http://127.0.0.1:18002
 //! ```
 
 use std::cell::RefCell;
@@ -28,7 +36,12 @@ use std::io::Write;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use layers::{NodePool, NodeSpec, RequestInfo, SelectedNode};
+use router::history::{History, HistoryConfig, RequestRecord};
+use router::metrics::{Metrics, model_label};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -87,11 +100,11 @@ fn copy_line(header: &httparse::Header<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Parses the client's head, once all of it is in `buf`, and writes the node's into `out`:
-/// the head's length, the body's, and whether the client asked to close after this answer.
+/// Parses the client's head, once all of it is in `buf`, and writes the node's into `out`,
+/// but for its `host` line and the blank line, which come once the node is chosen: the head's
+/// length, the body's, and whether the client asked to close after this answer.
 fn node_head(
     buf: &[u8],
-    node: &str,
     request_id: u64,
     out: &mut Vec<u8>,
 ) -> Result<Option<(usize, usize, bool)>, ()> {
@@ -106,9 +119,7 @@ fn node_head(
     out.extend_from_slice(request.method.ok_or(())?.as_bytes());
     out.push(b' ');
     out.extend_from_slice(request.path.ok_or(())?.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(node.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut close = request.version == Some(0);
     let mut has_id = false;
     for header in request.headers.iter() {
@@ -125,14 +136,17 @@ fn node_head(
     if !has_id {
         let _ = write!(out, "x-request-id: raw-{request_id:016x}\r\n");
     }
-    out.extend_from_slice(b"\r\n");
     let body = content_length(request.headers).ok_or(())?;
     Ok(Some((len, body, close)))
 }
 
 /// Parses the node's answer head, once all of it is in `buf`, and writes the client's into
-/// `out`: the head's length and the body's.
-fn client_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<(usize, usize)>, ()> {
+/// `out`: the head's length and the body's. `status` gets the answer's status code.
+fn client_head(
+    buf: &[u8],
+    out: &mut Vec<u8>,
+    status: &mut u16,
+) -> Result<Option<(usize, usize)>, ()> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut answer = httparse::Response::new(&mut fields);
     let len = match answer.parse(buf) {
@@ -141,10 +155,11 @@ fn client_head(buf: &[u8], out: &mut Vec<u8>) -> Result<Option<(usize, usize)>, 
         Err(_) => return Err(()),
     };
     out.clear();
+    *status = answer.code.ok_or(())?;
     let _ = write!(
         out,
         "HTTP/1.1 {} {}\r\n",
-        answer.code.ok_or(())?,
+        status,
         answer.reason.unwrap_or("")
     );
     for header in answer.headers.iter() {
@@ -204,24 +219,124 @@ struct Nodes {
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+const NO_NODE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The router's own work (`RAW_HEAD_WORK`), shared by the workers as the router's is.
+struct Work {
+    pool: NodePool,
+    history: History,
+    metrics: Metrics,
+}
+
+static WORK: OnceLock<Work> = OnceLock::new();
+
+/// What a request holds while it is served with `RAW_HEAD_WORK`.
+struct Served {
+    started: Instant,
+    ts_ms: i64,
+    info: RequestInfo,
+    selected: SelectedNode,
+}
+
+impl Work {
+    /// Probes the body, reads the load and takes a slot on the least-loaded eligible node:
+    /// the node's index in `authorities`, or the answer to give instead.
+    fn choose(
+        &self,
+        body: &[u8],
+        authorities: &[String],
+    ) -> Result<(usize, Served), &'static [u8]> {
+        let started = Instant::now();
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let info = RequestInfo::parse(body).map_err(|_| BAD_REQUEST)?;
+        std::hint::black_box(self.pool.load());
+        let guard = self
+            .pool
+            .try_acquire_free(info.model.as_deref())
+            .ok_or(NO_NODE)?;
+        let selected = SelectedNode::new(guard).ok_or(NO_NODE)?;
+        let id = selected.node().id();
+        let index = authorities.iter().position(|a| a == id).ok_or(NO_NODE)?;
+        Ok((
+            index,
+            Served {
+                started,
+                ts_ms,
+                info,
+                selected,
+            },
+        ))
+    }
+
+    /// Gives the slot back and counts the request in the metrics and the history.
+    fn finish(&self, served: Served, request_id: u64, status: u16, answer_body: &[u8]) {
+        let Served {
+            started,
+            ts_ms,
+            info,
+            selected,
+        } = served;
+        let node_id = selected.node().id().to_owned();
+        drop(selected);
+        let latency = started.elapsed();
+        let model = info.model.as_deref();
+        self.metrics.observe(
+            model_label(&self.pool, model),
+            status,
+            latency,
+            Some(latency),
+        );
+        let mut tokens = [None, None];
+        for at in memchr::memmem::find_iter(answer_body, b"_tokens\":") {
+            let digits = answer_body[at + 9..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .fold(0u32, |n, &b| n * 10 + u32::from(b - b'0'));
+            if answer_body[..at].ends_with(b"prompt") {
+                tokens[0] = Some(digits);
+            } else if answer_body[..at].ends_with(b"completion") {
+                tokens[1] = Some(digits);
+            }
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        self.history.record(RequestRecord {
+            ts_ms,
+            request_id: format!("raw-{request_id:016x}"),
+            path: String::from("/v1/chat/completions"),
+            model: model.map(str::to_owned),
+            node_id: Some(node_id),
+            status,
+            stream: info.stream,
+            latency_ms: ms(latency),
+            ttfb_ms: Some(ms(latency)),
+            prompt_tokens: tokens[0],
+            completion_tokens: tokens[1],
+            api_key_id: None,
+            client_disconnected: false,
+            upstream_error: None,
+        });
+    }
+}
+
 async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
     let _ = client.set_nodelay(true);
     let mut request = vec![0u8; 4096];
     let mut answer = vec![0u8; 4096];
     let mut out = Vec::with_capacity(1024);
+    let work = WORK.get();
     loop {
-        // Round robin needs nothing from the request, so the node is known before its head
-        // comes, and the node's head is written as the client's is parsed: one parse a head.
-        let (index, id, authorities) = {
+        let (id, authorities) = {
             let mut nodes = nodes.borrow_mut();
-            let index = nodes.next % nodes.addrs.len();
-            nodes.next += 1;
             nodes.requests += 1;
-            (index, nodes.requests, nodes.authorities.clone())
+            (nodes.requests, nodes.authorities.clone())
         };
         let mut close = false;
+        // The node's head is written as the client's is parsed: one parse a head.
         let read = read_message(&mut client, &mut request, |buf| {
-            let parsed = node_head(buf, &authorities[index], id, &mut out)?;
+            let parsed = node_head(buf, id, &mut out)?;
             Ok(parsed.map(|(head, body, closing)| {
                 close = closing;
                 (head, body)
@@ -236,6 +351,22 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
                 return;
             }
         };
+        let body = &request[head..head + body];
+        let (index, served) = match work {
+            Some(work) => match work.choose(body, &authorities) {
+                Ok((index, served)) => (index, Some(served)),
+                Err(refusal) => {
+                    let _ = client.write_all(refusal).await;
+                    return;
+                }
+            },
+            None => {
+                let mut nodes = nodes.borrow_mut();
+                let index = nodes.next % nodes.addrs.len();
+                nodes.next += 1;
+                (index, None)
+            }
+        };
         let (addr, idle) = {
             let mut nodes = nodes.borrow_mut();
             (nodes.addrs[index], nodes.idle[index].pop())
@@ -243,20 +374,30 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
         let Some(mut node) = per_core::node_connection(idle, addr).await else {
             return;
         };
-        out.extend_from_slice(&request[head..head + body]);
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authorities[index].as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(body);
         if node.write_all(&out).await.is_err() {
             return;
         }
-        let Ok(Some((answer_head, answer_body))) =
-            read_message(&mut node, &mut answer, |buf| client_head(buf, &mut out)).await
+        let mut status = 0;
+        let Ok(Some((answer_head, answer_body))) = read_message(&mut node, &mut answer, |buf| {
+            client_head(buf, &mut out, &mut status)
+        })
+        .await
         else {
             return;
         };
-        out.extend_from_slice(&answer[answer_head..answer_head + answer_body]);
+        let answer_body = &answer[answer_head..answer_head + answer_body];
+        out.extend_from_slice(answer_body);
         if client.write_all(&out).await.is_err() {
             return;
         }
         nodes.borrow_mut().idle[index].push(node);
+        if let (Some(work), Some(served)) = (work, served) {
+            work.finish(served, id, status, answer_body);
+        }
         if close {
             return;
         }
@@ -277,5 +418,31 @@ fn nodes(addrs: Vec<SocketAddr>) -> Rc<RefCell<Nodes>> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The history's writer runs on a runtime of its own, as the router's does on its main one.
+    let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(path) = std::env::var_os("RAW_HEAD_WORK") {
+        let history = runtime.block_on(History::open(HistoryConfig {
+            path: path.into(),
+            ..HistoryConfig::default()
+        }))?;
+        let specs = std::env::args()
+            .nth(2)
+            .unwrap_or_default()
+            .split(',')
+            .map(|url| {
+                let id = url.trim_start_matches("http://");
+                NodeSpec::new(id, url).models(["mock"]).max_concurrency(256)
+            })
+            .collect::<Vec<_>>();
+        let pool = NodePool::from_specs(specs)?;
+        let work = Work {
+            pool,
+            history,
+            metrics: Metrics::default(),
+        };
+        if WORK.set(work).is_err() {
+            return Err("the work was set twice".into());
+        }
+    }
     per_core::run("raw_head_proxy", nodes, serve_client)
 }
