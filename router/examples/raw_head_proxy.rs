@@ -19,8 +19,9 @@
 //! router's own parts: the JSON probe (`RequestInfo::parse`), a slot on the least-loaded node
 //! of a `NodePool` (256 a node, the pool's load read as admission reads it), the metrics
 //! (`router::metrics::Metrics`), a scan of the answer for token usage, and a history row
-//! (`router::history::History`, SQLite at `PATH`). That is a lower bound for the router on the
-//! raw-head path, layers' own bookkeeping aside.
+//! (`router::history::History`, SQLite at `PATH`), under the router's timers: one a connection
+//! for request heads, set again for each, and a timeout around each request to a node. That
+//! is a lower bound for the router on the raw-head path, layers' own bookkeeping aside.
 //!
 //! [`byte_pump`]: byte_pump.rs
 //! [`floor_proxy`]: floor_proxy.rs
@@ -231,6 +232,11 @@ struct Work {
 
 static WORK: OnceLock<Work> = OnceLock::new();
 
+/// With the work on, a request head must come within this (the router's default), and a
+/// node's answer head within [`ANSWER_TIMEOUT`].
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// What a request holds while it is served with `RAW_HEAD_WORK`.
 struct Served {
     started: Instant,
@@ -327,6 +333,7 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
     let mut answer = vec![0u8; 4096];
     let mut out = Vec::with_capacity(1024);
     let work = WORK.get();
+    let mut header_timer = Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT));
     loop {
         let (id, authorities) = {
             let mut nodes = nodes.borrow_mut();
@@ -335,14 +342,25 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
         };
         let mut close = false;
         // The node's head is written as the client's is parsed: one parse a head.
-        let read = read_message(&mut client, &mut request, |buf| {
+        let reading = read_message(&mut client, &mut request, |buf| {
             let parsed = node_head(buf, id, &mut out)?;
             Ok(parsed.map(|(head, body, closing)| {
                 close = closing;
                 (head, body)
             }))
-        })
-        .await;
+        });
+        let read = if work.is_some() {
+            // The router's server: one timer a connection, set again for every request head.
+            header_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + HEADER_READ_TIMEOUT);
+            tokio::select! {
+                read = reading => read,
+                () = header_timer.as_mut() => return,
+            }
+        } else {
+            reading.await
+        };
         let (head, body) = match read {
             Ok(Some(lengths)) => lengths,
             Ok(None) => return,
@@ -382,11 +400,16 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
             return;
         }
         let mut status = 0;
-        let Ok(Some((answer_head, answer_body))) = read_message(&mut node, &mut answer, |buf| {
+        let answering = read_message(&mut node, &mut answer, |buf| {
             client_head(buf, &mut out, &mut status)
-        })
-        .await
-        else {
+        });
+        let answered = if work.is_some() {
+            // The router's proxy: a timeout around each request sent to a node.
+            tokio::time::timeout(ANSWER_TIMEOUT, answering).await
+        } else {
+            Ok(answering.await)
+        };
+        let Ok(Ok(Some((answer_head, answer_body)))) = answered else {
             return;
         };
         let answer_body = &answer[answer_head..answer_head + answer_body];
