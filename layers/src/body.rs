@@ -122,9 +122,10 @@ where
         let mut this = self.project();
         loop {
             let Some(frame) = ready!(this.body.as_mut().poll_frame(cx)?) else {
-                let bytes = match (this.rest.take(), this.first.take()) {
-                    (Some(rest), _) => rest.freeze(),
-                    (None, first) => first.unwrap_or_default(),
+                // Once there is a `rest`, `first` is in it.
+                let bytes = match this.rest.take() {
+                    Some(rest) => rest.freeze(),
+                    None => this.first.take().unwrap_or_default(),
                 };
                 return Poll::Ready(Ok(bytes));
             };

@@ -748,8 +748,9 @@ struct Shared {
     queue: Mutex<Queue>,
     waiting: AtomicUsize,
     released: AtomicU64,
-    rate: Mutex<RateMeter>,
-    /// The meter's last value (`f64` bits) and when it was taken (nanoseconds after
+    /// The `released` count at the release rate's last measurement; held by whoever measures.
+    rate_counted: Mutex<u64>,
+    /// The release rate's last value (`f64` bits) and when it was taken (nanoseconds after
     /// `rate_epoch`), read without the lock: every admission decision asks for the rate, and
     /// the lock, shared by all connection workers, would move between their cores each time.
     rate_value: AtomicU64,
@@ -919,14 +920,6 @@ impl Queue {
     }
 }
 
-/// Measures how fast slots are given back, for `Retry-After`.
-#[derive(Debug)]
-struct RateMeter {
-    at: Instant,
-    count: u64,
-    per_sec: f64,
-}
-
 /// How often the release rate is measured again, so that it reflects a window, not one
 /// release.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
@@ -956,11 +949,7 @@ impl Default for NodePool {
                 queue: Mutex::new(Queue::default()),
                 waiting: AtomicUsize::new(0),
                 released: AtomicU64::new(0),
-                rate: Mutex::new(RateMeter {
-                    at: now,
-                    count: 0,
-                    per_sec: 0.0,
-                }),
+                rate_counted: Mutex::new(0),
                 rate_value: AtomicU64::new(0.0f64.to_bits()),
                 rate_taken_ns: AtomicU64::new(0),
                 rate_epoch: now,
@@ -1104,45 +1093,52 @@ impl NodePool {
         }
     }
 
-    /// Slots given back per second, smoothed over the last few seconds.
+    /// Slots given back per second, smoothed over the last few seconds: measured at most once
+    /// every 250 ms, so that it reflects a window, not one release.
     pub fn release_rate(&self) -> f64 {
         let shared = &*self.shared;
-        let now = Instant::now();
-        let since_epoch = |at: Instant| at.saturating_duration_since(shared.rate_epoch).as_nanos();
-        let is_fresh =
-            |taken_ns: u64| since_epoch(now) < u128::from(taken_ns) + RATE_WINDOW.as_nanos();
+        let now_ns = u64::try_from(
+            Instant::now()
+                .saturating_duration_since(shared.rate_epoch)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX);
+        let window_ns = RATE_WINDOW.as_nanos() as u64;
         // The time first: a value read after it is at least as new as that time.
-        let taken_ns = shared.rate_taken_ns.load(Ordering::Acquire);
-        let last = f64::from_bits(shared.rate_value.load(Ordering::Acquire));
-        if is_fresh(taken_ns) {
+        let last_measurement = || {
+            let taken_ns = shared.rate_taken_ns.load(Ordering::Acquire);
+            let value = f64::from_bits(shared.rate_value.load(Ordering::Acquire));
+            (taken_ns, value)
+        };
+        let (taken_ns, last) = last_measurement();
+        if now_ns < taken_ns.saturating_add(window_ns) {
             return last;
         }
-        let mut meter = match shared.rate.try_lock() {
-            Ok(meter) => meter,
+        let mut counted = match shared.rate_counted.try_lock() {
+            Ok(counted) => counted,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             // Another thread is measuring it: its last value, without waiting.
             Err(std::sync::TryLockError::WouldBlock) => return last,
         };
         // Measured by another thread between the check and the lock.
-        if is_fresh(shared.rate_taken_ns.load(Ordering::Acquire)) {
-            return f64::from_bits(shared.rate_value.load(Ordering::Acquire));
+        let (taken_ns, last) = last_measurement();
+        if now_ns < taken_ns.saturating_add(window_ns) {
+            return last;
         }
-        let elapsed = now.duration_since(meter.at).as_secs_f64();
+        let elapsed = (now_ns - taken_ns) as f64 / 1e9;
         let count = shared.released.load(Ordering::Relaxed);
-        let sample = (count - meter.count) as f64 / elapsed;
-        meter.per_sec = if meter.per_sec == 0.0 {
+        let sample = (count - *counted) as f64 / elapsed;
+        let per_sec = if last == 0.0 {
             sample
         } else {
-            0.5 * meter.per_sec + 0.5 * sample
+            0.5 * last + 0.5 * sample
         };
-        meter.at = now;
-        meter.count = count;
+        *counted = count;
         shared
             .rate_value
-            .store(meter.per_sec.to_bits(), Ordering::Release);
-        let taken_ns = u64::try_from(since_epoch(now)).unwrap_or(u64::MAX);
-        shared.rate_taken_ns.store(taken_ns, Ordering::Release);
-        meter.per_sec
+            .store(per_sec.to_bits(), Ordering::Release);
+        shared.rate_taken_ns.store(now_ns, Ordering::Release);
+        per_sec
     }
 
     /// Takes a slot on `node` (from this pool's snapshot).
@@ -1309,7 +1305,7 @@ mod tests {
         }
         // While another thread holds the meter, a caller gets the last value and does not wait.
         let last = f64::from_bits(pool.shared.rate_value.load(Ordering::Acquire));
-        let measuring = pool.shared.rate.lock().unwrap();
+        let measuring = pool.shared.rate_counted.lock().unwrap();
         later();
         assert_eq!(pool.release_rate(), last);
         drop(measuring);
