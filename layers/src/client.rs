@@ -1723,6 +1723,11 @@ mod tests {
             let response = client.request(request).await.unwrap();
             assert_eq!(text(response).await.unwrap(), "hello");
             let sent = node.requests.lock().unwrap().last().cloned().unwrap();
+            // Nothing of an earlier request (a body sent twice) runs into this one.
+            assert!(
+                sent.starts_with("POST /v1/chat HTTP/1.1\r\n"),
+                "{size} bytes"
+            );
             let expected_end = format!("\r\ncontent-length: {size}\r\n\r\n{body}");
             assert!(
                 sent.ends_with(&expected_end),
