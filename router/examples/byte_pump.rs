@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 mod per_core;
@@ -38,32 +38,9 @@ fn content_length(head: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-/// Reads one message (head and body) into the front of `buf`: its length, or `None` when the
-/// peer closed or failed.
-async fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
-    let mut have = 0;
-    loop {
-        if let Some(end) = head_end(&buf[..have]) {
-            let total = end + content_length(&buf[..end]);
-            if buf.len() < total {
-                buf.resize(total, 0);
-            }
-            while have < total {
-                match stream.read(&mut buf[have..total]).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(read) => have += read,
-                }
-            }
-            return Some(total);
-        }
-        if have == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match stream.read(&mut buf[have..]).await {
-            Ok(0) | Err(_) => return None,
-            Ok(read) => have += read,
-        }
-    }
+/// Where a message's head ends and how long its body is, once the whole head is in `buf`.
+fn framing(buf: &[u8]) -> Result<Option<(usize, usize)>, ()> {
+    Ok(head_end(buf).map(|end| (end, content_length(&buf[..end]))))
 }
 
 /// One worker's idle node connections, and its round robin.
@@ -77,7 +54,10 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
     let _ = client.set_nodelay(true);
     let mut request = vec![0u8; 4096];
     let mut answer = vec![0u8; 4096];
-    while let Some(len) = read_message(&mut client, &mut request).await {
+    while let Ok(Some((head, body))) =
+        per_core::read_message(&mut client, &mut request, framing).await
+    {
+        let len = head + body;
         let (index, addr, idle) = {
             let mut nodes = nodes.borrow_mut();
             let index = nodes.next % nodes.addrs.len();
@@ -90,10 +70,11 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
         if node.write_all(&request[..len]).await.is_err() {
             return;
         }
-        let Some(answer_len) = read_message(&mut node, &mut answer).await else {
+        let Ok(Some((head, body))) = per_core::read_message(&mut node, &mut answer, framing).await
+        else {
             return;
         };
-        if client.write_all(&answer[..answer_len]).await.is_err() {
+        if client.write_all(&answer[..head + body]).await.is_err() {
             return;
         }
         nodes.borrow_mut().idle[index].push(node);

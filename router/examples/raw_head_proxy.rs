@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use layers::{NodePool, NodeSpec, RequestInfo, SelectedNode};
 use router::history::{History, HistoryConfig, RequestRecord};
 use router::metrics::{Metrics, model_label};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 mod per_core;
@@ -171,41 +171,6 @@ fn client_head(
     out.extend_from_slice(b"\r\n");
     let body = content_length(answer.headers).ok_or(())?;
     Ok(Some((len, body)))
-}
-
-/// Reads one message into the front of `buf`. `parse` is given what has come so far and
-/// answers, once the whole head is there, the head's length and the body's. `Ok(None)` when
-/// the peer closed or failed, `Err` when `parse` refused the head.
-async fn read_message(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    mut parse: impl FnMut(&[u8]) -> Result<Option<(usize, usize)>, ()>,
-) -> Result<Option<(usize, usize)>, ()> {
-    let mut have = 0;
-    loop {
-        if have > 0
-            && let Some((head, body)) = parse(&buf[..have])?
-        {
-            let total = head + body;
-            if buf.len() < total {
-                buf.resize(total, 0);
-            }
-            while have < total {
-                match stream.read(&mut buf[have..total]).await {
-                    Ok(0) | Err(_) => return Ok(None),
-                    Ok(read) => have += read,
-                }
-            }
-            return Ok(Some((head, body)));
-        }
-        if have == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-        match stream.read(&mut buf[have..]).await {
-            Ok(0) | Err(_) => return Ok(None),
-            Ok(read) => have += read,
-        }
-    }
 }
 
 /// One worker's idle node connections, its round robin and its request counter.
@@ -342,7 +307,7 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
         };
         let mut close = false;
         // The node's head is written as the client's is parsed: one parse a head.
-        let reading = read_message(&mut client, &mut request, |buf| {
+        let reading = per_core::read_message(&mut client, &mut request, |buf| {
             let parsed = node_head(buf, id, &mut out)?;
             Ok(parsed.map(|(head, body, closing)| {
                 close = closing;
@@ -400,7 +365,7 @@ async fn serve_client(mut client: TcpStream, nodes: Rc<RefCell<Nodes>>) {
             return;
         }
         let mut status = 0;
-        let answering = read_message(&mut node, &mut answer, |buf| {
+        let answering = per_core::read_message(&mut node, &mut answer, |buf| {
             client_head(buf, &mut out, &mut status)
         });
         let answered = if work.is_some() {

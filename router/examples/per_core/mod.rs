@@ -1,11 +1,12 @@
-//! What the byte pump and the raw-head experiment share: on each of `WORKERS` threads a
-//! single-threaded runtime, a `SO_REUSEPORT` listener and a local task per accepted connection,
-//! with state of the worker's own (its idle node connections, say), so that nothing is shared
-//! between threads.
+//! What the byte pump and the raw-head experiment share: reading a message whole, and on each
+//! of `WORKERS` threads a single-threaded runtime, a `SO_REUSEPORT` listener and a local task
+//! per accepted connection, with state of the worker's own (its idle node connections, say),
+//! so that nothing is shared between threads.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Parses `LISTEN_ADDR NODE_URL[,NODE_URL...] [WORKERS]` and serves until a worker fails: each
@@ -81,5 +82,40 @@ where
     loop {
         let (client, _) = listener.accept().await?;
         tokio::task::spawn_local(serve(client, state.clone()));
+    }
+}
+
+/// Reads one message into the front of `buf`. `parse` is given what has come so far and
+/// answers, once the whole head is there, the head's length and the body's. `Ok(None)` when
+/// the peer closed or failed, `Err` when `parse` refused the head.
+pub async fn read_message(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut parse: impl FnMut(&[u8]) -> Result<Option<(usize, usize)>, ()>,
+) -> Result<Option<(usize, usize)>, ()> {
+    let mut have = 0;
+    loop {
+        if have > 0
+            && let Some((head, body)) = parse(&buf[..have])?
+        {
+            let total = head + body;
+            if buf.len() < total {
+                buf.resize(total, 0);
+            }
+            while have < total {
+                match stream.read(&mut buf[have..total]).await {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(read) => have += read,
+                }
+            }
+            return Ok(Some((head, body)));
+        }
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match stream.read(&mut buf[have..]).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(read) => have += read,
+        }
     }
 }
