@@ -9,7 +9,8 @@
 //!
 //! The load comes from a [`LoadSource`]: a [`NodePool`], or any closure returning a [`Load`], so
 //! the layer also fits services that are not LLM proxies (a gRPC server, for one). It never reads
-//! the request body, and is generic over request and response body types.
+//! the request body, and works over any [`Routed`] request: `http::Request<B>` for any body
+//! type, or a request type of your own.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,15 +19,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
 use crate::pool::{Load, NodePool};
+use crate::routed::{Routed, RoutedResponse};
 
 /// What admission control does with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,20 +220,22 @@ pub struct Admission<S, L = NodePool> {
     counters: Arc<AdmissionCounters>,
 }
 
-impl<S, L, B, ResB> Service<Request<B>> for Admission<S, L>
+impl<S, L, R> Service<R> for Admission<S, L>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    R: Routed,
+    S: Service<R> + Clone,
+    S::Response: RoutedResponse,
     L: LoadSource,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = <S::Response as RoutedResponse>::Layered;
     type Error = S::Error;
-    type Future = AdmissionFuture<S, B>;
+    type Future = AdmissionFuture<S, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: R) -> Self::Future {
         let mut load = self.source.load();
         load.in_use += self.counters.in_delay.load(Ordering::Relaxed);
         // No capacity at all is not overload: let the inner service say that no node is up.
@@ -272,7 +274,7 @@ where
                     RouterError::Overloaded {
                         retry_after: retry_after(&load, &self.config),
                     },
-                    ErrorFormat::of(request.headers()),
+                    request.error_format(),
                 ),
             },
         };
@@ -282,20 +284,20 @@ where
 
 pin_project! {
     /// Response future of [`Admission`].
-    pub struct AdmissionFuture<S: Service<Request<B>>, B> {
+    pub struct AdmissionFuture<S: Service<R>, R> {
         #[pin]
-        state: State<S, B>,
+        state: State<S, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S: Service<Request<B>>, B> {
+    enum State<S: Service<R>, R> {
         Delaying {
             #[pin]
             sleep: Sleep,
             inner: Option<S>,
-            request: Option<Request<B>>,
+            request: Option<R>,
             // Given back when the request moves on (the state is replaced) or is dropped.
             in_delay: InDelay,
         },
@@ -306,11 +308,12 @@ pin_project! {
     }
 }
 
-impl<S, B, ResB> Future for AdmissionFuture<S, B>
+impl<S, R> Future for AdmissionFuture<S, R>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<R>,
+    S::Response: RoutedResponse,
 {
-    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+    type Output = Result<<S::Response as RoutedResponse>::Layered, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -344,10 +347,12 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
-    use http::StatusCode;
     use http::header::RETRY_AFTER;
+    use http::{Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use tower::{ServiceExt, service_fn};
+
+    use crate::body::ResponseBody;
 
     use super::*;
 

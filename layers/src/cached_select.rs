@@ -19,7 +19,8 @@
 //! [`TimeoutWaitLayer`](crate::timeout_wait::TimeoutWaitLayer) before it already holds a slot,
 //! the pick moves there only to a node with room, so the wait layer's guarantee holds. Without one,
 //! the slot is taken even on a full node (the node queues it). No node for the model answers 404;
-//! no node up answers 503. The layer never reads the body and is generic over body types.
+//! no node up answers 503. The layer never reads the body and works over any [`Routed`] request
+//! (`http::Request<B>` for any body type, or a type of your own).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,17 +28,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
 use tower::{Layer, Service};
 
 use crate::FastMap;
-use crate::body::ResponseBody;
-use crate::error::{ErrorFormat, RouterError, retry_delay};
+use crate::error::{RouterError, retry_delay};
 use crate::future::ResponseFuture;
 use crate::pool::{
     Eligible, Node, NodePool, PoolSnapshot, SelectedNode, SlotBound, Speed, quickest,
 };
-use crate::request_info::RequestInfo;
+use crate::routed::{Routed, RoutedResponse};
 
 /// Fleets up to this size get an exact least-loaded pick; larger ones get power of two choices.
 pub const FULL_SCAN_LIMIT: usize = 16;
@@ -300,11 +299,13 @@ pub struct CachedSelect<S> {
     selector: Arc<NodeSelector>,
 }
 
-impl<S, B, ResB> Service<Request<B>> for CachedSelect<S>
+impl<S, R> Service<R> for CachedSelect<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    R: Routed,
+    S: Service<R>,
+    S::Response: RoutedResponse,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = <S::Response as RoutedResponse>::Layered;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 
@@ -312,22 +313,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let model = request
-            .extensions()
-            .get::<RequestInfo>()
-            .and_then(|i| i.model.clone());
-        // A slot an earlier layer took is moved or kept where it is, in the extensions: taking
-        // it out and putting it back would cost two map operations and an allocation.
-        let chosen = match request.extensions_mut().get_mut::<SelectedNode>() {
+    fn call(&mut self, mut request: R) -> Self::Future {
+        let model = request.model();
+        // A slot an earlier layer took is moved or kept where it is: for `http::Request`, taking
+        // it out of the extensions and putting it back would cost two map operations and an
+        // allocation.
+        let chosen = match request.selected_node_mut() {
             Some(held) => self.selector.reselect(model.as_deref(), held),
-            None => self.selector.select_new(model.as_deref()).map(|selected| {
-                request.extensions_mut().insert(selected);
-            }),
+            None => self
+                .selector
+                .select_new(model.as_deref())
+                .map(|selected| request.insert_selected_node(selected)),
         };
         match chosen {
             Ok(()) => ResponseFuture::called(self.inner.call(request)),
-            Err(error) => ResponseFuture::rejected(error, ErrorFormat::of(request.headers())),
+            Err(error) => ResponseFuture::rejected(error, request.error_format()),
         }
     }
 }
@@ -336,7 +336,10 @@ where
 mod tests {
     use std::collections::HashMap;
 
+    use http::{Request, Response};
+
     use crate::pool::NodeSpec;
+    use crate::request_info::RequestInfo;
 
     use super::*;
 

@@ -1,14 +1,14 @@
-//! [`ResponseFuture`]: the inner service's response, or a rejection decided in `call`.
+//! [`ResponseFuture`]: the inner service's answer, or a rejection decided in `call`, for any
+//! answer type that is a [`RoutedResponse`].
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError};
+use crate::routed::RoutedResponse;
 
 pin_project! {
     /// Response future of layers that decide at once whether to call the inner service.
@@ -45,21 +45,22 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<F, T, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    F: Future<Output = Result<T, E>>,
+    T: RoutedResponse,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<T::Layered, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Called { future } => {
                 let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+                Poll::Ready(Ok(response.pass()))
             }
             KindProj::Rejected { error, format } => {
                 let error = error.take().unwrap_or(RouterError::Internal);
-                Poll::Ready(Ok(error.into_response_as(*format)))
+                Poll::Ready(Ok(T::rejection(error, *format)))
             }
         }
     }

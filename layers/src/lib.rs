@@ -25,7 +25,10 @@
 //! service's (`Infallible` for the proxy), so it mounts in axum without `HandleErrorLayer`.
 //! Layers that never read the body ([`AdmissionLayer`], [`TimeoutWaitLayer`],
 //! [`CachedSelectLayer`]) are generic over request and response bodies and also fit tonic or
-//! plain hyper services.
+//! plain hyper services. They reach the request only through the [`Routed`] trait (its
+//! [`RequestInfo`], its [`SelectedNode`], the [`ErrorFormat`] of a rejection) and the answer
+//! through [`RoutedResponse`], so a request type of your own that implements those can go
+//! through them too.
 //!
 //! # Example
 //!
@@ -79,6 +82,7 @@ pub mod pool;
 pub mod proxy;
 pub mod request_info;
 pub mod retry;
+pub mod routed;
 pub mod server;
 pub mod timeout_wait;
 mod wire;
@@ -99,13 +103,14 @@ pub use admission::{
 pub use body::ResponseBody;
 pub use cached_select::{CachedSelectLayer, NodeSelector, SelectConfig};
 pub use client::{ClientConfig, ClientError, Forward, HttpClient, UpstreamBody, build_client};
-pub use error::RouterError;
+pub use error::{ErrorFormat, RouterError};
 pub use pool::{Load, LoadGuard, Node, NodePool, NodeSpec, NodeSpecError, NodeState, SelectedNode};
 pub use proxy::{
     PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure, UpstreamRequestId,
 };
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
+pub use routed::{Routed, RoutedResponse};
 pub use server::{
     BodyTooLarge, RequestBody, ServerConfig, serve_connection, serve_connection_after,
 };

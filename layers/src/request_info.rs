@@ -99,6 +99,20 @@ pub struct RequestInfoConfig {
     pub require_model: bool,
 }
 
+impl RequestInfoConfig {
+    /// The [`RequestInfo`] of a whole body, checked as the layer checks it: an error for a body
+    /// that is not a JSON object or has wrong types, and (with `require_model`) for one that
+    /// names no model. For a server that already holds the body, with no layer in between.
+    /// The size limit is the reader's to apply.
+    pub fn info_of(&self, body: &[u8]) -> Result<RequestInfo, RouterError> {
+        let info = RequestInfo::parse(body)?;
+        if info.model.is_none() && self.require_model {
+            return Err(RouterError::MissingModel);
+        }
+        Ok(info)
+    }
+}
+
 impl Default for RequestInfoConfig {
     fn default() -> Self {
         Self {
@@ -243,10 +257,7 @@ where
                             return Poll::Ready(Ok(error.into_response()));
                         }
                     };
-                    let info = match RequestInfo::parse(&bytes) {
-                        Ok(info) if info.model.is_none() && config.require_model => {
-                            return Poll::Ready(Ok(RouterError::MissingModel.into_response()));
-                        }
+                    let info = match config.info_of(&bytes) {
                         Ok(info) => info,
                         Err(error) => return Poll::Ready(Ok(error.into_response())),
                     };
@@ -340,5 +351,25 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_whole_body_is_checked_as_the_layer_checks_it() {
+        let required = RequestInfoConfig::default();
+        let optional = RequestInfoConfig {
+            require_model: false,
+            ..required
+        };
+        let named = required.info_of(br#"{"model":"m","stream":true}"#).unwrap();
+        assert_eq!((named.model.as_deref(), named.stream), (Some("m"), true));
+        assert!(matches!(
+            required.info_of(b"{}"),
+            Err(RouterError::MissingModel)
+        ));
+        assert_eq!(optional.info_of(b"{}").unwrap(), RequestInfo::default());
+        assert!(matches!(
+            optional.info_of(br#"{"model":5}"#),
+            Err(RouterError::InvalidRequest(_))
+        ));
     }
 }

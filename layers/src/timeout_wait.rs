@@ -16,23 +16,22 @@
 //! A waiter whose client goes away (its future is dropped) leaves the line at once and takes no
 //! slot. The slot is passed on in a [`SelectedNode`] request extension; a later
 //! [`CachedSelectLayer`](crate::cached_select::CachedSelectLayer) may move it to a better node
-//! that also has room. The layer never reads the body and is generic over body types.
+//! that also has room. The layer never reads the body and works over any
+//! [`Routed`] request (`http::Request<B>` for any body type, or a type of your own).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::{Layer, Service};
 
-use crate::body::ResponseBody;
 use crate::error::{ErrorFormat, RouterError, retry_delay};
 use crate::future::ResponseFuture;
 use crate::pool::{Eligible, Enqueued, LoadGuard, NodePool, QueueEntry, SelectedNode};
-use crate::request_info::RequestInfo;
+use crate::routed::{Routed, RoutedResponse};
 
 /// The outcome of waiting for a slot.
 ///
@@ -176,33 +175,31 @@ impl<S> TimeoutWait<S> {
     }
 }
 
-impl<S, B, ResB> Service<Request<B>> for TimeoutWait<S>
+impl<S, R> Service<R> for TimeoutWait<S>
 where
-    S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    R: Routed,
+    S: Service<R> + Clone,
+    S::Response: RoutedResponse,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = <S::Response as RoutedResponse>::Layered;
     type Error = S::Error;
-    type Future = TimeoutWaitFuture<S, B>;
+    type Future = TimeoutWaitFuture<S, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: R) -> Self::Future {
         // A node chosen earlier in the stack, within its capacity, already holds a good slot.
         if request
-            .extensions()
-            .get::<SelectedNode>()
+            .selected_node()
             .is_some_and(SelectedNode::within_capacity)
         {
             return TimeoutWaitFuture::ready(ResponseFuture::called(self.inner.call(request)));
         }
         // A choice made beyond capacity is given up; this layer finds a slot within it.
-        request.extensions_mut().remove::<SelectedNode>();
-        let model = request
-            .extensions()
-            .get::<RequestInfo>()
-            .and_then(|i| i.model.clone());
+        request.remove_selected_node();
+        let model = request.model();
         match start(&self.pool, model.as_deref(), &self.config) {
             Start::Done(WaitResult::Ready(guard)) => {
                 attach(&mut request, guard);
@@ -210,7 +207,7 @@ where
             }
             Start::Done(other) => TimeoutWaitFuture::ready(ResponseFuture::rejected(
                 self.error_for(other, model.as_deref()),
-                ErrorFormat::of(request.headers()),
+                request.error_format(),
             )),
             Start::InLine(entry) => {
                 let clone = TimeoutWait {
@@ -231,29 +228,29 @@ where
     }
 }
 
-fn attach<B>(request: &mut Request<B>, guard: LoadGuard) {
+fn attach(request: &mut impl Routed, guard: LoadGuard) {
     if let Some(selected) = SelectedNode::new(guard) {
-        request.extensions_mut().insert(selected);
+        request.insert_selected_node(selected);
     }
 }
 
 pin_project! {
     /// Response future of [`TimeoutWait`].
-    pub struct TimeoutWaitFuture<S: Service<Request<B>>, B> {
+    pub struct TimeoutWaitFuture<S: Service<R>, R> {
         #[pin]
-        state: State<S, B>,
+        state: State<S, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S: Service<Request<B>>, B> {
+    enum State<S: Service<R>, R> {
         Waiting {
             #[pin]
             sleep: Sleep,
             entry: Option<QueueEntry>,
             service: Option<TimeoutWait<S>>,
-            request: Option<Request<B>>,
+            request: Option<R>,
         },
         Ready {
             #[pin]
@@ -262,7 +259,7 @@ pin_project! {
     }
 }
 
-impl<S: Service<Request<B>>, B> TimeoutWaitFuture<S, B> {
+impl<S: Service<R>, R> TimeoutWaitFuture<S, R> {
     fn ready(future: ResponseFuture<S::Future>) -> Self {
         Self {
             state: State::Ready { future },
@@ -270,11 +267,13 @@ impl<S: Service<Request<B>>, B> TimeoutWaitFuture<S, B> {
     }
 }
 
-impl<S, B, ResB> Future for TimeoutWaitFuture<S, B>
+impl<S, R> Future for TimeoutWaitFuture<S, R>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    R: Routed,
+    S: Service<R>,
+    S::Response: RoutedResponse,
 {
-    type Output = Result<Response<ResponseBody<ResB>>, S::Error>;
+    type Output = Result<<S::Response as RoutedResponse>::Layered, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -302,16 +301,10 @@ where
                                 attach(&mut request, guard);
                                 ResponseFuture::called(service.inner.call(request))
                             }
-                            other => {
-                                let model = request
-                                    .extensions()
-                                    .get::<RequestInfo>()
-                                    .and_then(|i| i.model.clone());
-                                ResponseFuture::rejected(
-                                    service.error_for(other, model.as_deref()),
-                                    ErrorFormat::of(request.headers()),
-                                )
-                            }
+                            other => ResponseFuture::rejected(
+                                service.error_for(other, request.model().as_deref()),
+                                request.error_format(),
+                            ),
                         },
                         _ => ResponseFuture::rejected(RouterError::Internal, ErrorFormat::OpenAi),
                     };
