@@ -56,6 +56,16 @@ impl RequestInfo {
                 e.valid_up_to()
             ))
         })?;
+        // serde fills a struct from an array too, in field order: `["m", true]` would name a
+        // model. A request is an object.
+        let object = text
+            .trim_start_matches([' ', '\t', '\n', '\r'])
+            .starts_with('{');
+        if !object {
+            return Err(RouterError::InvalidRequest(
+                "the body must be a JSON object".into(),
+            ));
+        }
         let probe: Probe<'_> = serde_json::from_str(text)
             .map_err(|e| RouterError::InvalidRequest(format!("invalid JSON body: {e}")))?;
         Ok(Self {
@@ -338,6 +348,10 @@ mod tests {
             &br#"{"model":5}"#[..],
             br#"{"model":"m","stream":"yes"}"#,
             br#"[1,2]"#,
+            // An array fills a struct's fields in order: `["m", true]` must not read as a model.
+            br#"["m",true]"#,
+            br#"[]"#,
+            br#""m""#,
             br#"{"model":"m""#,
             b"\xff\xfe",
             // Invalid UTF-8 in a field that is skipped, not read.

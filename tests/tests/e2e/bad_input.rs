@@ -68,6 +68,8 @@ async fn malformed_bodies_and_oversized_requests_get_clear_errors() {
     let cases: Vec<(Vec<u8>, u16, &str)> = vec![
         (b"{\"model\": \"m\", ".to_vec(), 400, "invalid_request"),
         (b"[1, 2, 3]".to_vec(), 400, "invalid_request"),
+        // Fields in order, as serde would fill a struct from an array: not a request for "m".
+        (br#"["m", false]"#.to_vec(), 400, "invalid_request"),
         (br#"{"model": 42}"#.to_vec(), 400, "invalid_request"),
         (
             br#"{"model": "m", "stream": "yes"}"#.to_vec(),
