@@ -30,9 +30,12 @@ pub enum ErrorFormat {
 impl ErrorFormat {
     /// The format a request expects, from its `content-type`.
     pub fn of(headers: &HeaderMap) -> Self {
-        let grpc = headers
-            .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        Self::of_content_type(headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes))
+    }
+
+    /// The format a request with this `content-type` value expects.
+    pub fn of_content_type(content_type: Option<&[u8]>) -> Self {
+        let grpc = content_type.is_some_and(|v| v.starts_with(b"application/grpc"));
         if grpc { Self::Grpc } else { Self::OpenAi }
     }
 }

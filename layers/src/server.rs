@@ -35,6 +35,11 @@
 //!
 //! When `shutdown` turns true, an idle connection closes, and a busy one closes after its
 //! answer.
+//!
+//! [`serve_raw_connection`] is the same server for a service that takes a
+//! [`RawRequest`]: the request's bytes with ranges for its headers,
+//! instead of an `http::Request` with a `HeaderMap`. Parsing and limits are shared; a test runs
+//! every connection test against both, and the fuzz target checks they read any bytes alike.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -45,7 +50,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -55,9 +60,10 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use crate::RouterError;
+use crate::raw::{HeaderRange, RawRequest, header_map};
 use crate::wire::{
-    LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
-    poll_read_landing, push_decimal,
+    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
+    push_decimal,
 };
 
 /// Limits for [`serve_connection`].
@@ -145,7 +151,7 @@ enum BodyState {
 
 impl RequestBody {
     /// The body read, or `None` for one over the limit and not read.
-    fn read(body: Option<Bytes>) -> Self {
+    pub(crate) fn read(body: Option<Bytes>) -> Self {
         let state = match body {
             None => BodyState::TooLarge,
             Some(bytes) if bytes.is_empty() => BodyState::Done,
@@ -233,15 +239,54 @@ struct ParsedHead {
     method: Method,
     target: (usize, usize),
     version: Version,
-    /// Name start and end, value start and end, for each header.
-    headers: [(u32, u32, u32, u32); MAX_HEADERS],
+    headers: [HeaderRange; MAX_HEADERS],
     count: usize,
     facts: HeadFacts,
 }
 
+/// A request type the server reads into: `http::Request<RequestBody>`, or [`RawRequest`].
+trait FromHead: Sized {
+    /// The request `head` describes, over `message` (from which it was parsed); `body` is
+    /// `None` when it was over the limit and not read.
+    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal>;
+}
+
+impl FromHead for Request<RequestBody> {
+    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
+        build_request(&message, head, RequestBody::read(body))
+    }
+}
+
+impl FromHead for RawRequest {
+    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
+        let uri = target_uri(&message, head)?;
+        let headers = &head.headers[..head.count];
+        // httparse has checked names and values as `HeaderName` and `HeaderValue` would, but
+        // for a name's length.
+        if headers
+            .iter()
+            .any(|&(start, end, _, _)| (end - start) as usize > MAX_HEADER_NAME_LEN)
+        {
+            return Err(Refusal::Malformed("header name"));
+        }
+        Ok(RawRequest::new(
+            message,
+            head.method.clone(),
+            head.version,
+            uri,
+            headers.into(),
+            body,
+        ))
+    }
+}
+
+/// The longest header name `http` takes.
+const MAX_HEADER_NAME_LEN: usize = (1 << 16) - 1;
+
 /// A request read off the connection, with what its answer needs to know.
-struct Incoming {
-    request: Request<RequestBody>,
+struct Incoming<R> {
+    request: R,
+    version: Version,
     keep_alive: bool,
     head_only: bool,
     /// The body was not read: the connection cannot take another request.
@@ -267,11 +312,54 @@ pub async fn serve_connection<S, B>(
 pub async fn serve_connection_after<S, B>(
     stream: TcpStream,
     read: &[u8],
-    mut service: S,
+    service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) where
     S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    serve(stream, read, service, config, shutdown).await;
+}
+
+/// [`serve_connection`] for a service that takes [`RawRequest`]s: the same reading, limits and
+/// answers, without building an `http::Request` for each request.
+pub async fn serve_raw_connection<S, B>(
+    stream: TcpStream,
+    service: S,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Service<RawRequest, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    serve(stream, &[], service, config, shutdown).await;
+}
+
+/// [`serve_raw_connection`] for a connection whose first bytes were already read off it, as
+/// [`serve_connection_after`].
+pub async fn serve_raw_connection_after<S, B>(
+    stream: TcpStream,
+    read: &[u8],
+    service: S,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: Service<RawRequest, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    serve(stream, read, service, config, shutdown).await;
+}
+
+async fn serve<R, S, B>(
+    stream: TcpStream,
+    read: &[u8],
+    mut service: S,
+    config: ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: FromHead,
+    S: Service<R, Response = Response<B>, Error = Infallible>,
     B: Body<Data = Bytes>,
 {
     let mut connection = Connection {
@@ -302,11 +390,11 @@ pub async fn serve_connection_after<S, B>(
         };
         let Incoming {
             request,
+            version,
             keep_alive,
             head_only,
             body_left,
         } = incoming;
-        let version = request.version();
         if poll_fn(|cx| service.poll_ready(cx)).await.is_err() {
             return;
         }
@@ -352,6 +440,64 @@ pub fn read_request_from(
     bytes: &[u8],
     config: &ServerConfig,
 ) -> Result<Option<(Request<RequestBody>, usize)>, RouterError> {
+    read_from(bytes, config)
+}
+
+/// [`read_request_from`] for [`serve_raw_connection`]: the same answers, the request as a
+/// [`RawRequest`].
+#[doc(hidden)]
+pub fn read_raw_request_from(
+    bytes: &[u8],
+    config: &ServerConfig,
+) -> Result<Option<(RawRequest, usize)>, RouterError> {
+    read_from(bytes, config)
+}
+
+/// Reads `bytes` as [`read_request_from`] and [`read_raw_request_from`] do and says how the
+/// two differ, if they do: in the answer, the bytes taken, or the request (method, target,
+/// version, headers, body, and whether the raw one converts). For the fuzz target and its
+/// saved inputs.
+#[doc(hidden)]
+pub fn compare_readings(bytes: &[u8], config: &ServerConfig) -> Result<(), String> {
+    let body_of = |body: &RequestBody| match &body.state {
+        BodyState::Whole(bytes) => Ok(bytes.clone()),
+        BodyState::Done => Ok(Bytes::new()),
+        BodyState::TooLarge => Err(BodyTooLarge),
+    };
+    match (
+        read_request_from(bytes, config),
+        read_raw_request_from(bytes, config),
+    ) {
+        (Ok(None), Ok(None)) => Ok(()),
+        (Err(http), Err(raw)) if http.to_string() == raw.to_string() => Ok(()),
+        (Ok(Some((http, http_used))), Ok(Some((raw, raw_used)))) => {
+            let raw_body = raw.body().cloned();
+            let converted = raw
+                .into_http()
+                .map_err(|e| format!("the raw request does not convert: {e}"))?;
+            let same = http_used == raw_used
+                && http.method() == converted.method()
+                && http.uri() == converted.uri()
+                && http.version() == converted.version()
+                && http.headers() == converted.headers()
+                && body_of(http.body()) == raw_body
+                && body_of(converted.body()) == raw_body;
+            if same {
+                Ok(())
+            } else {
+                Err(format!(
+                    "http read {http:?} taking {http_used} bytes, raw read {converted:?} taking {raw_used}"
+                ))
+            }
+        }
+        (http, raw) => Err(format!("http read {http:?}, raw read {raw:?}")),
+    }
+}
+
+fn read_from<R: FromHead>(
+    bytes: &[u8],
+    config: &ServerConfig,
+) -> Result<Option<(R, usize)>, RouterError> {
     let refused = |refusal: Refusal| refusal.answer(config.max_header_bytes);
     let Some(head) = parse_head(bytes, config.max_header_bytes).map_err(refused)? else {
         return Ok(None);
@@ -378,7 +524,7 @@ pub fn read_request_from(
             (body, head.len + before - rest.len())
         }
     };
-    let request = build_request(&message, &head, RequestBody::read(body)).map_err(refused)?;
+    let request = R::from_head(message, &head, body).map_err(refused)?;
     Ok(Some((request, used)))
 }
 
@@ -402,10 +548,10 @@ struct Connection {
 impl Connection {
     /// The next request: `Ok(None)` when the client closed the connection or went silent, or
     /// `stop` came while the connection was idle.
-    async fn next_request<F: Future<Output = ()>>(
+    async fn next_request<R: FromHead, F: Future<Output = ()>>(
         &mut self,
         mut stop: Pin<&mut F>,
-    ) -> Result<Option<Incoming>, Refusal> {
+    ) -> Result<Option<Incoming<R>>, Refusal> {
         let deadline = Instant::now() + self.config.header_read_timeout;
         let head = loop {
             if !self.pending.is_empty()
@@ -460,9 +606,10 @@ impl Connection {
             }
         };
         let body_left = body.is_none();
-        let request = build_request(&message, &head, RequestBody::read(body))?;
+        let request = R::from_head(message, &head, body)?;
         Ok(Some(Incoming {
             request,
+            version: head.version,
             keep_alive: head.facts.keep_alive,
             head_only: head.method == Method::HEAD,
             body_left,
@@ -876,23 +1023,20 @@ fn build_request(
     head: &ParsedHead,
     body: RequestBody,
 ) -> Result<Request<RequestBody>, Refusal> {
-    let uri = Uri::from_maybe_shared(message.slice(head.target.0..head.target.1))
-        .map_err(|_| Refusal::Malformed("request target"))?;
-    let mut headers = HeaderMap::with_capacity(head.count);
-    for &(name_start, name_end, value_start, value_end) in &head.headers[..head.count] {
-        let name = header_name(&message[name_start as usize..name_end as usize])
-            .map_err(|_| Refusal::Malformed("header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(message.slice(value_start as usize..value_end as usize))
-                .map_err(|_| Refusal::Malformed("header value"))?;
-        headers.append(name, value);
-    }
+    let uri = target_uri(message, head)?;
+    let headers = header_map(message, &head.headers[..head.count]).map_err(Refusal::Malformed)?;
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = head.version;
     *request.headers_mut() = headers;
     Ok(request)
+}
+
+/// The request target of `head`, sharing `message`.
+fn target_uri(message: &Bytes, head: &ParsedHead) -> Result<Uri, Refusal> {
+    Uri::from_maybe_shared(message.slice(head.target.0..head.target.1))
+        .map_err(|_| Refusal::Malformed("request target"))
 }
 
 /// Where a chunked body's decoding stands.
@@ -1143,8 +1287,19 @@ mod tests {
         Ok(Response::new(Full::new(Bytes::from(text)).boxed_unsync()))
     }
 
+    /// Which entry point a test serves with: each test runs with both.
+    #[derive(Debug, Clone, Copy)]
+    enum Mode {
+        /// [`serve_connection`], the service taking `http::Request`s.
+        Http,
+        /// [`serve_raw_connection`], each [`RawRequest`] turned into the `http::Request` the
+        /// test's service takes: the two must read the same requests.
+        Raw,
+    }
+
     /// Serves `service` on a loopback port; the sender starts a shutdown.
     async fn serve<S, F>(
+        mode: Mode,
         config: ServerConfig,
         service: S,
     ) -> (std::net::SocketAddr, watch::Sender<bool>)
@@ -1157,8 +1312,23 @@ mod tests {
         let (stop, shutdown) = watch::channel(false);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let service = tower::service_fn(service.clone());
-                tokio::spawn(serve_connection(stream, service, config, shutdown.clone()));
+                let service = service.clone();
+                let shutdown = shutdown.clone();
+                match mode {
+                    Mode::Http => {
+                        let service = tower::service_fn(service);
+                        tokio::spawn(serve_connection(stream, service, config, shutdown));
+                    }
+                    Mode::Raw => {
+                        let service = tower::service_fn(move |raw: RawRequest| {
+                            let request = raw
+                                .into_http()
+                                .expect("a request the raw server read converts");
+                            service(request)
+                        });
+                        tokio::spawn(serve_raw_connection(stream, service, config, shutdown));
+                    }
+                }
             }
         });
         (addr, stop)
@@ -1191,9 +1361,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn requests_on_one_connection_are_answered_in_order_with_their_bodies() {
-        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+    async fn requests_on_one_connection_are_answered_in_order_with_their_bodies(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), echo).await;
         // Three requests in one write (pipelined), the last asking to close.
         let answer = exchange(
             addr,
@@ -1220,9 +1389,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_body_in_many_reads_and_chunks_arrives_whole() {
-        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+    async fn a_body_in_many_reads_and_chunks_arrives_whole(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), echo).await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let parts: [&[u8]; 5] = [
             b"POST /chunked HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -1243,9 +1411,8 @@ mod tests {
         assert!(answer.ends_with("GET /next  "), "{answer}");
     }
 
-    #[tokio::test]
-    async fn a_client_expecting_100_continue_is_told_to_send_its_body() {
-        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+    async fn a_client_expecting_100_continue_is_told_to_send_its_body(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), echo).await;
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream
             .write_all(b"POST /e HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\nconnection: close\r\ncontent-length: 4\r\n\r\n")
@@ -1263,10 +1430,9 @@ mod tests {
         assert!(answer.ends_with("POST /e  body"), "{answer}");
     }
 
-    #[tokio::test]
-    async fn a_body_over_the_limit_is_not_read_and_the_client_still_reads_the_answer() {
+    async fn a_body_over_the_limit_is_not_read_and_the_client_still_reads_the_answer(mode: Mode) {
         let config = config_with(|c| c.max_body_bytes = 1024);
-        let (addr, _stop) = serve(config, echo).await;
+        let (addr, _stop) = serve(mode, config, echo).await;
         for raw in [
             format!(
                 "POST /big HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n{}",
@@ -1295,10 +1461,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn broken_or_oversized_heads_are_refused_and_the_connection_closes() {
+    async fn broken_or_oversized_heads_are_refused_and_the_connection_closes(mode: Mode) {
         let config = config_with(|c| c.max_header_bytes = 1024);
-        let (addr, _stop) = serve(config, echo).await;
+        let (addr, _stop) = serve(mode, config, echo).await;
         let long = format!("GET / HTTP/1.1\r\nx-long: {}\r\n\r\n", "a".repeat(2000));
         let many: String = (0..101).map(|i| format!("x-{i}: v\r\n")).collect();
         let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
@@ -1319,9 +1484,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn http_1_0_clients_keep_the_connection_only_when_they_ask() {
-        let (addr, _stop) = serve(ServerConfig::default(), echo).await;
+    async fn http_1_0_clients_keep_the_connection_only_when_they_ask(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), echo).await;
         let answer = exchange(addr, b"GET /one HTTP/1.0\r\n\r\n").await;
         assert!(answer.contains("connection: close\r\n"), "{answer}");
         let answer = exchange(
@@ -1368,9 +1532,8 @@ mod tests {
         Fed(receiver).boxed_unsync()
     }
 
-    #[tokio::test]
-    async fn a_streamed_answer_goes_out_chunked_as_each_part_comes() {
-        let (addr, _stop) = serve(ServerConfig::default(), |_| async {
+    async fn a_streamed_answer_goes_out_chunked_as_each_part_comes(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), |_| async {
             Ok(Response::new(streamed(Duration::from_millis(300))))
         })
         .await;
@@ -1400,11 +1563,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_client_that_goes_away_has_its_pending_answer_dropped() {
+    async fn a_client_that_goes_away_has_its_pending_answer_dropped(mode: Mode) {
         let dropped = Arc::new(AtomicBool::new(false));
         let seen = dropped.clone();
-        let (addr, _stop) = serve(ServerConfig::default(), move |_| {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), move |_| {
             let guard = Dropped(seen.clone());
             async move {
                 let _guard = guard;
@@ -1448,16 +1610,16 @@ mod tests {
                 .insert(header::CONTENT_LENGTH, declared.parse().unwrap());
         }
         if request.headers().contains_key("x-close") {
-            answer
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            answer.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
         }
         Ok(answer)
     }
 
-    #[tokio::test]
-    async fn answers_are_framed_as_declared_and_a_wrong_length_ends_the_connection() {
-        let (addr, _stop) = serve(ServerConfig::default(), framed).await;
+    async fn answers_are_framed_as_declared_and_a_wrong_length_ends_the_connection(mode: Mode) {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), framed).await;
         // Longer than declared: cut at the length, then closed (a second request gets nothing).
         let answer = exchange(
             addr,
@@ -1524,8 +1686,7 @@ mod tests {
         assert!(answer.contains("connection: close\r\n"), "{answer}");
     }
 
-    #[tokio::test]
-    async fn a_client_leaving_mid_stream_has_the_answer_body_dropped() {
+    async fn a_client_leaving_mid_stream_has_the_answer_body_dropped(mode: Mode) {
         struct Guarded(Fed, #[allow(dead_code)] Dropped);
         impl Body for Guarded {
             type Data = Bytes;
@@ -1539,7 +1700,7 @@ mod tests {
         }
         let dropped = Arc::new(AtomicBool::new(false));
         let seen = dropped.clone();
-        let (addr, _stop) = serve(ServerConfig::default(), move |_| {
+        let (addr, _stop) = serve(mode, ServerConfig::default(), move |_| {
             let guard = Dropped(seen.clone());
             async move {
                 let (sender, receiver) = tokio::sync::mpsc::channel(1);
@@ -1565,8 +1726,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_client_that_stops_reading_has_the_answer_body_dropped_after_the_send_timeout() {
+    async fn a_client_that_stops_reading_has_the_answer_body_dropped_after_the_send_timeout(
+        mode: Mode,
+    ) {
         /// Data for ever, as fast as it is taken.
         struct Endless(#[allow(dead_code)] Dropped);
         impl Body for Endless {
@@ -1583,7 +1745,7 @@ mod tests {
         let dropped = Arc::new(AtomicBool::new(false));
         let seen = dropped.clone();
         let config = config_with(|c| c.send_timeout = Duration::from_millis(200));
-        let (addr, _stop) = serve(config, move |_| {
+        let (addr, _stop) = serve(mode, config, move |_| {
             let body = Endless(Dropped(seen.clone()));
             async move { Ok(Response::new(body.boxed_unsync())) }
         })
@@ -1611,9 +1773,8 @@ mod tests {
         true
     }
 
-    #[tokio::test]
-    async fn an_answer_in_flight_at_shutdown_says_the_connection_closes() {
-        let (addr, stop) = serve(ServerConfig::default(), |request| async move {
+    async fn an_answer_in_flight_at_shutdown_says_the_connection_closes(mode: Mode) {
+        let (addr, stop) = serve(mode, ServerConfig::default(), |request| async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
             echo(request).await
         })
@@ -1631,10 +1792,9 @@ mod tests {
         assert!(answer.ends_with("GET /slow  "), "{answer}");
     }
 
-    #[tokio::test]
-    async fn a_refused_client_still_sending_reads_the_refusal_not_a_reset() {
+    async fn a_refused_client_still_sending_reads_the_refusal_not_a_reset(mode: Mode) {
         let config = config_with(|c| c.max_header_bytes = 1024);
-        let (addr, _stop) = serve(config, echo).await;
+        let (addr, _stop) = serve(mode, config, echo).await;
         let stream = TcpStream::connect(addr).await.unwrap();
         let (mut read, mut write) = stream.into_split();
         let sender = tokio::spawn(async move {
@@ -1658,10 +1818,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_body_that_stops_or_trickles_is_cut_off() {
+    async fn a_body_that_stops_or_trickles_is_cut_off(mode: Mode) {
         let config = config_with(|c| c.header_read_timeout = Duration::from_millis(300));
-        let (addr, _stop) = serve(config, echo).await;
+        let (addr, _stop) = serve(mode, config, echo).await;
         for trickle in [false, true] {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             stream
@@ -1700,10 +1859,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn idle_connections_close_at_the_header_timeout_and_at_shutdown() {
+    async fn idle_connections_close_at_the_header_timeout_and_at_shutdown(mode: Mode) {
         let config = config_with(|c| c.header_read_timeout = Duration::from_millis(300));
-        let (addr, stop) = serve(config, echo).await;
+        let (addr, stop) = serve(mode, config, echo).await;
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let started = std::time::Instant::now();
@@ -1716,7 +1874,7 @@ mod tests {
         );
 
         let config = ServerConfig::default();
-        let (addr, stop_second) = serve(config, echo).await;
+        let (addr, stop_second) = serve(mode, config, echo).await;
         drop(stop);
         let mut idle = TcpStream::connect(addr).await.unwrap();
         idle.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
@@ -1813,6 +1971,47 @@ mod tests {
     }
 
     #[test]
+    fn the_raw_reader_reads_what_the_http_reader_reads() {
+        let config = ServerConfig {
+            max_header_bytes: 4096,
+            max_body_bytes: 1024,
+            ..ServerConfig::default()
+        };
+        let long_name = format!("GET / HTTP/1.1\r\n{}: v\r\n\r\n", "n".repeat(70_000));
+        let cases: [&[u8]; 14] = [
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}",
+            b"GET /a?b=c HTTP/1.0\r\nX-Dup: 1\r\nx-dup: 2\r\n\r\n",
+            b"GET http://host:1/p?q HTTP/1.1\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"CONNECT host:443 HTTP/1.1\r\n\r\n",
+            b"GET //x HTTP/1.1\r\n\r\n",
+            b"GET /%zz HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nx: caf\xc3\xa9 \x80\tend\r\n\r\n",
+            b"GET / HTTP/1.1\r\nx: a\x01b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nx y: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 2000\r\n\r\n",
+            b"POST / HTTP/1.1\r\ncontent-length: 4\r\n\r\nab",
+            b"FOO\x7f / HTTP/1.1\r\n\r\n",
+        ];
+        for case in cases {
+            assert_eq!(
+                compare_readings(case, &config),
+                Ok(()),
+                "{}",
+                String::from_utf8_lossy(case)
+            );
+        }
+        // A name longer than `http` takes, in a head the limits allow.
+        let roomy = ServerConfig {
+            max_header_bytes: 128 * 1024,
+            ..config
+        };
+        assert_eq!(compare_readings(long_name.as_bytes(), &roomy), Ok(()));
+        assert!(read_raw_request_from(long_name.as_bytes(), &roomy).is_err());
+    }
+
+    #[test]
     fn chunk_sizes_are_written_in_lowercase_hex() {
         for n in [0, 9, 10, 255, 4096, 0x1_0000_0001] {
             let mut out = Vec::new();
@@ -1848,4 +2047,40 @@ mod tests {
             Some(Refusal::Malformed("conflicting content-length"))
         );
     }
+
+    /// Each server test, once for each [`Mode`].
+    macro_rules! in_both_modes {
+        ($($name:ident),* $(,)?) => {
+            mod http_mode {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Mode::Http).await;
+                })*
+            }
+            mod raw_mode {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Mode::Raw).await;
+                })*
+            }
+        };
+    }
+
+    in_both_modes!(
+        requests_on_one_connection_are_answered_in_order_with_their_bodies,
+        a_body_in_many_reads_and_chunks_arrives_whole,
+        a_client_expecting_100_continue_is_told_to_send_its_body,
+        a_body_over_the_limit_is_not_read_and_the_client_still_reads_the_answer,
+        broken_or_oversized_heads_are_refused_and_the_connection_closes,
+        http_1_0_clients_keep_the_connection_only_when_they_ask,
+        a_streamed_answer_goes_out_chunked_as_each_part_comes,
+        a_client_that_goes_away_has_its_pending_answer_dropped,
+        answers_are_framed_as_declared_and_a_wrong_length_ends_the_connection,
+        a_client_leaving_mid_stream_has_the_answer_body_dropped,
+        a_client_that_stops_reading_has_the_answer_body_dropped_after_the_send_timeout,
+        an_answer_in_flight_at_shutdown_says_the_connection_closes,
+        a_refused_client_still_sending_reads_the_refusal_not_a_reset,
+        a_body_that_stops_or_trickles_is_cut_off,
+        idle_connections_close_at_the_header_timeout_and_at_shutdown,
+    );
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use http_body::Body;
-use layers::server::read_request_from;
+use layers::server::{compare_readings, read_request_from};
 use layers::{RequestInfo, RouterError, ServerConfig};
 use router::config::Config;
 
@@ -75,6 +75,9 @@ fn http1_request_reading_answers_every_saved_input() {
                 matches!(error.status().as_u16(), 400 | 431),
                 "{name}: {error:?}"
             ),
+        }
+        if let Err(difference) = compare_readings(&bytes, &config) {
+            panic!("{name}: the raw reader differs: {difference}");
         }
     }
 }
