@@ -61,6 +61,7 @@ use tokio::net::TcpStream;
 
 use crate::FastMap;
 use crate::body::CollectBytes;
+use crate::raw::RawRequest;
 use crate::wire::{
     LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
     poll_read_landing, push_decimal,
@@ -211,6 +212,21 @@ impl<B> HttpClient<B> {
     {
         let outgoing = Outgoing::new(request.method(), request.uri(), request.headers(), to);
         self.start(outgoing, request.body().clone())
+    }
+
+    /// [`request_to`](Self::request_to) for a [`RawRequest`]: its header lines are copied as
+    /// they came, and its body (already whole) is shared, not copied.
+    pub fn request_raw_to(&self, request: &RawRequest, to: Forward<'_>) -> ResponseFuture {
+        let body = match request.body() {
+            Ok(body) => Full::new(body.clone()),
+            Err(too_large) => {
+                return ResponseFuture::failed(ClientError::RequestBody(Box::new(too_large)));
+            }
+        };
+        let outgoing = Outgoing::raw(request, to);
+        ResponseFuture {
+            inner: Box::pin(send(self.shared.clone(), outgoing, body)),
+        }
     }
 
     fn start(&self, outgoing: Outgoing, body: B) -> ResponseFuture
@@ -589,8 +605,25 @@ async fn connect(config: &ClientConfig, authority: &Authority) -> Result<TcpStre
 /// rest belong to one connection (RFC 9110 7.6.1), ask for an interim answer, or are meant for
 /// a proxy (this client talks to its nodes directly).
 fn sent_as_given(name: &HeaderName) -> bool {
+    sent_as_given_lowercase(name.as_str())
+}
+
+/// [`sent_as_given`] for a name as a client wrote it, in any case.
+fn sent_as_given_raw(name: &[u8]) -> bool {
+    // The longest name not sent is 19 bytes; a longer one is sent.
+    let mut lower = [0u8; 19];
+    let Some(lower) = lower.get_mut(..name.len()) else {
+        return true;
+    };
+    for (to, from) in lower.iter_mut().zip(name) {
+        *to = from.to_ascii_lowercase();
+    }
+    std::str::from_utf8(lower).map_or(true, sent_as_given_lowercase)
+}
+
+fn sent_as_given_lowercase(name: &str) -> bool {
     !matches!(
-        name.as_str(),
+        name,
         "host"
             | "content-length"
             | "transfer-encoding"
@@ -625,53 +658,81 @@ impl Outgoing {
     /// The head of a request with `method`, `uri`'s path and query and `headers`, sent as `to`
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
-        let Forward {
-            authority,
-            path_prefix,
-            replaced,
-            keep_answer_header,
-        } = to;
-        let mut head = Vec::with_capacity(256);
-        head.extend_from_slice(method.as_str().as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(path_prefix.as_bytes());
-        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        head.extend_from_slice(if target.is_empty() {
-            &b"/"[..]
-        } else {
-            target.as_bytes()
-        });
-        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        let host = authority.as_str();
-        head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
-        head.extend_from_slice(b"\r\n");
-        let mut push_header = |name: &HeaderName, value: &HeaderValue| {
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        };
+        let mut head = request_line(method, uri, &to);
         for (name, value) in headers {
-            if sent_as_given(name) && !replaced.iter().any(|(r, _)| *r == name) {
-                push_header(name, value);
+            if sent_as_given(name) && !to.replaced.iter().any(|(r, _)| *r == name) {
+                push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
             }
         }
-        for (name, value) in replaced {
+        Self::finish(head, method, headers.contains_key("idempotency-key"), to)
+    }
+
+    /// [`Outgoing::new`] for a [`RawRequest`]: its header lines copied as the client wrote
+    /// them, names in their case.
+    fn raw(request: &RawRequest, to: Forward<'_>) -> Self {
+        let method = request.method();
+        let mut head = request_line(method, request.uri(), &to);
+        for (name, value) in request.headers() {
+            let replaced = to
+                .replaced
+                .iter()
+                .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
+            if sent_as_given_raw(name) && !replaced {
+                push_header(&mut head, name, value);
+            }
+        }
+        Self::finish(
+            head,
+            method,
+            request.header("idempotency-key").is_some(),
+            to,
+        )
+    }
+
+    /// Adds the replacing headers to `head` and says what the exchange needs to know.
+    fn finish(mut head: Vec<u8>, method: &Method, idempotency_key: bool, to: Forward<'_>) -> Self {
+        for (name, value) in to.replaced {
             if let Some(value) = value
                 && sent_as_given(name)
             {
-                push_header(name, value);
+                push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
             }
         }
         Self {
-            authority: authority.clone(),
+            authority: to.authority.clone(),
             head,
             no_body: method == Method::HEAD,
-            repeatable: method.is_idempotent() || headers.contains_key("idempotency-key"),
+            repeatable: method.is_idempotent() || idempotency_key,
             body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
-            keep_answer_header,
+            keep_answer_header: to.keep_answer_header,
         }
     }
+}
+
+/// The request line and `host`, for `uri`'s path and query sent as `to` says.
+fn request_line(method: &Method, uri: &http::Uri, to: &Forward<'_>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(to.path_prefix.as_bytes());
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    head.extend_from_slice(if target.is_empty() {
+        &b"/"[..]
+    } else {
+        target.as_bytes()
+    });
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    let host = to.authority.as_str();
+    head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn push_header(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 /// Ends the head with the body's length (when there is a body, or the method expects one)
@@ -1158,6 +1219,45 @@ mod tests {
 
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn raw_names_are_held_back_as_their_header_names_are_in_any_case() {
+        for name in [
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "te",
+            "trailer",
+            "upgrade",
+            "expect",
+            "authorization",
+            "x-request-id",
+            "tee",
+            "proxy-authorization-x",
+            "a-rather-long-header-name-of-no-meaning",
+        ] {
+            let held = !sent_as_given(&HeaderName::from_static(name));
+            let mixed: String = name
+                .chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i % 2 == 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            for raw in [name.to_owned(), name.to_ascii_uppercase(), mixed] {
+                assert_eq!(!sent_as_given_raw(raw.as_bytes()), held, "{raw}");
+            }
+        }
+    }
 
     #[test]
     fn a_blank_line_is_found_in_every_form_httparse_ends_a_head_with() {

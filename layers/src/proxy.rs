@@ -57,8 +57,9 @@ use crate::client::{
 };
 use crate::error::RouterError;
 use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
-use crate::request_info::RequestInfo;
+use crate::raw::RawRequest;
 use crate::retry::RetryBudget;
+use crate::routed::Routed;
 
 /// A request id for the node, in the request's extensions: the proxy sends it as `x-request-id`
 /// in place of any the request carries. Set by whatever makes request ids around the stack
@@ -200,14 +201,11 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 }
 
 impl<B> PooledProxyService<B> {
-    fn choose(&self, request: &mut Request<B>) -> Result<SelectedNode, RouterError> {
-        if let Some(selected) = request.extensions_mut().remove::<SelectedNode>() {
+    fn choose(&self, request: &mut impl Routed) -> Result<SelectedNode, RouterError> {
+        if let Some(selected) = request.remove_selected_node() {
             return Ok(selected);
         }
-        let model = request
-            .extensions()
-            .get::<RequestInfo>()
-            .and_then(|i| i.model.clone());
+        let model = request.model();
         let snapshot = self.shared.pool.snapshot();
         match snapshot.eligible(model.as_deref()) {
             Eligible::Nodes(nodes) => least_loaded(nodes, SlotBound::MayExceed, None)
@@ -224,23 +222,18 @@ impl<B> PooledProxyService<B> {
     }
 }
 
-impl<B> Shared<B>
-where
-    B: Body + Clone + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl<B> Shared<B> {
     /// Sends `request` to the selected node, with the node's key (if it has one) in place of
     /// the client's `authorization`, and the [`UpstreamRequestId`] if there is one. The request
     /// stays as it is, to be sent again on a retry: the client writes out its own copy of the
     /// head, and the body is shared.
-    fn send(&self, request: &Request<B>, selected: &SelectedNode) -> Sent {
+    fn send<R: ProxiedRequest<B>>(&self, request: &R, selected: &SelectedNode) -> Sent {
         let node = selected.node();
         let key = (&header::AUTHORIZATION, node.authorization());
         let with_id;
-        let replaced: &[_] = match request.extensions().get::<UpstreamRequestId>() {
+        let replaced: &[_] = match request.upstream_request_id() {
             Some(id) => {
-                with_id = [key, (&X_REQUEST_ID, Some(&id.0))];
+                with_id = [key, (&X_REQUEST_ID, Some(id))];
                 &with_id
             }
             None => &[key],
@@ -252,7 +245,7 @@ where
             // Nothing that names the node is even parsed.
             keep_answer_header: forwardable_response_header,
         };
-        let to_node = self.client.request_to(request, to);
+        let to_node = request.send_to(&self.client, to);
         Sent {
             future: tokio::time::timeout(self.config.first_byte_timeout, to_node),
             sent_at: Instant::now(),
@@ -271,6 +264,62 @@ where
     }
 }
 
+/// A request type [`PooledProxyService`] forwards: an `http::Request<B>` whose body it can
+/// send again (such as [`Full<Bytes>`], which [`RequestInfoLayer`](crate::RequestInfoLayer)
+/// yields), or a [`RawRequest`], whose header lines go out as they came. Sealed: the proxy
+/// needs to know how each is written out.
+pub trait ProxiedRequest<B>: Routed + sealed::Sealed<B> {}
+
+impl<B> ProxiedRequest<B> for Request<B>
+where
+    B: Body + Clone + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+}
+
+impl<B> ProxiedRequest<B> for RawRequest {}
+
+mod sealed {
+    use http::{HeaderValue, Request};
+    use http_body::Body;
+
+    use crate::client::{Forward, HttpClient, ResponseFuture};
+    use crate::proxy::UpstreamRequestId;
+    use crate::raw::RawRequest;
+
+    /// How a request is sent, and which request id it carries.
+    pub trait Sealed<B> {
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture;
+        fn upstream_request_id(&self) -> Option<&HeaderValue>;
+    }
+
+    impl<B> Sealed<B> for Request<B>
+    where
+        B: Body + Clone + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture {
+            client.request_to(self, to)
+        }
+
+        fn upstream_request_id(&self) -> Option<&HeaderValue> {
+            self.extensions().get::<UpstreamRequestId>().map(|id| &id.0)
+        }
+    }
+
+    impl<B> Sealed<B> for RawRequest {
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture {
+            client.request_raw_to(self, to)
+        }
+
+        fn upstream_request_id(&self) -> Option<&HeaderValue> {
+            RawRequest::upstream_request_id(self).map(|id| &id.0)
+        }
+    }
+}
+
 /// A request on its way to a node.
 struct Sent {
     future: Timeout<ClientFuture>,
@@ -278,30 +327,28 @@ struct Sent {
 }
 
 /// What a request needs to be sent again.
-struct Replay<B> {
-    request: Request<B>,
+struct Replay<R> {
+    request: R,
     model: Option<Arc<str>>,
     retries_left: u32,
     /// Nodes that failed this request (allocated only on a failure).
     tried: Vec<Arc<str>>,
 }
 
-impl<B> Service<Request<B>> for PooledProxyService<B>
+impl<B, R> Service<R> for PooledProxyService<B>
 where
-    B: Body + Clone + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R: ProxiedRequest<B>,
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = ProxyFuture<B>;
+    type Future = ProxyFuture<B, R>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // The client is always ready: each request takes or opens its own connection.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: R) -> Self::Future {
         let selected = match self.choose(&mut request) {
             Ok(selected) => selected,
             Err(error) => return ProxyFuture::failed(error),
@@ -310,10 +357,7 @@ where
         shared.budget.deposit();
         let sent = shared.send(&request, &selected);
         let replay = (shared.config.retries > 0).then(|| Replay {
-            model: request
-                .extensions()
-                .get::<RequestInfo>()
-                .and_then(|i| i.model.clone()),
+            model: request.model(),
             request,
             retries_left: shared.config.retries,
             tried: Vec::new(),
@@ -324,22 +368,22 @@ where
 
 pin_project! {
     /// Response future of [`PooledProxyService`].
-    pub struct ProxyFuture<B> {
+    pub struct ProxyFuture<B, R = Request<B>> {
         #[pin]
-        state: ProxyState<B>,
+        state: ProxyState<B, R>,
     }
 }
 
 pin_project! {
     #[project = ProxyStateProj]
-    enum ProxyState<B> {
+    enum ProxyState<B, R> {
         Sending {
             #[pin]
             future: Timeout<ClientFuture>,
             shared: Arc<Shared<B>>,
             selected: Option<SelectedNode>,
             sent_at: Instant,
-            replay: Option<Replay<B>>,
+            replay: Option<Replay<R>>,
         },
         // The node answered with an error: its body is read to scrub the node's address.
         ReadingError {
@@ -361,7 +405,7 @@ enum Failure {
     Unreachable,
 }
 
-impl<B> ProxyFuture<B> {
+impl<B, R> ProxyFuture<B, R> {
     fn failed(error: RouterError) -> Self {
         Self {
             state: ProxyState::Failed { error: Some(error) },
@@ -372,7 +416,7 @@ impl<B> ProxyFuture<B> {
         shared: Arc<Shared<B>>,
         sent: Sent,
         selected: SelectedNode,
-        replay: Option<Replay<B>>,
+        replay: Option<Replay<R>>,
     ) -> Self {
         Self {
             state: ProxyState::sending(shared, sent, selected, replay),
@@ -380,12 +424,12 @@ impl<B> ProxyFuture<B> {
     }
 }
 
-impl<B> ProxyState<B> {
+impl<B, R> ProxyState<B, R> {
     fn sending(
         shared: Arc<Shared<B>>,
         sent: Sent,
         selected: SelectedNode,
-        replay: Option<Replay<B>>,
+        replay: Option<Replay<R>>,
     ) -> Self {
         Self::Sending {
             future: sent.future,
@@ -397,11 +441,9 @@ impl<B> ProxyState<B> {
     }
 }
 
-impl<B> Future for ProxyFuture<B>
+impl<B, R> Future for ProxyFuture<B, R>
 where
-    B: Body + Clone + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R: ProxiedRequest<B>,
 {
     type Output = Result<Response<ProxyBody>, Infallible>;
 
@@ -515,16 +557,11 @@ where
 }
 
 /// Sends the request again on another node, if it may be and one has room.
-fn retry<B>(
+fn retry<B, R: ProxiedRequest<B>>(
     shared: &Arc<Shared<B>>,
-    replay: Option<Replay<B>>,
+    replay: Option<Replay<R>>,
     failed: &Node,
-) -> Option<(Sent, SelectedNode, Option<Replay<B>>)>
-where
-    B: Body + Clone + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Option<(Sent, SelectedNode, Option<Replay<R>>)> {
     let mut replay = replay.filter(|r| r.retries_left > 0)?;
     replay.tried.push(failed.id_arc().clone());
     // The budget first: a slot taken and given straight back would count as a quick answer.

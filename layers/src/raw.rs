@@ -25,6 +25,7 @@ use http::{Extensions, Method, Request, Uri, Version};
 
 use crate::error::{ErrorFormat, RouterError};
 use crate::pool::SelectedNode;
+use crate::proxy::UpstreamRequestId;
 use crate::request_info::RequestInfo;
 use crate::routed::Routed;
 use crate::server::{BodyTooLarge, RequestBody};
@@ -47,6 +48,7 @@ pub struct RawRequest {
     body: Option<Bytes>,
     info: Option<RequestInfo>,
     selected: Option<SelectedNode>,
+    upstream_request_id: Option<UpstreamRequestId>,
     extensions: Extensions,
 }
 
@@ -70,6 +72,7 @@ impl RawRequest {
             body,
             info: None,
             selected: None,
+            upstream_request_id: None,
             extensions: Extensions::new(),
         }
     }
@@ -121,6 +124,17 @@ impl RawRequest {
         self.info = Some(info);
     }
 
+    /// The request id [`PooledProxyService`](crate::proxy::PooledProxyService) sends to the
+    /// node, if one was set.
+    pub fn upstream_request_id(&self) -> Option<&UpstreamRequestId> {
+        self.upstream_request_id.as_ref()
+    }
+
+    /// Sets the request id sent to the node as `x-request-id`, in place of the client's.
+    pub fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
+        self.upstream_request_id = Some(id);
+    }
+
     /// Anything else a service attaches, as on an `http::Request`. Empty, and free, until used.
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
@@ -151,6 +165,9 @@ impl RawRequest {
         }
         if let Some(selected) = self.selected {
             extensions.insert(selected);
+        }
+        if let Some(id) = self.upstream_request_id {
+            extensions.insert(id);
         }
         Ok(request)
     }
@@ -294,6 +311,7 @@ mod tests {
         assert_eq!(request.model().as_deref(), Some("m"));
         let slot = SelectedNode::new(pool.try_acquire_free(Some("m")).unwrap()).unwrap();
         request.insert_selected_node(slot);
+        request.set_upstream_request_id(UpstreamRequestId(HeaderValue::from_static("id-1")));
         request.extensions_mut().insert(7_u32);
 
         let converted = request.into_http().unwrap();
@@ -308,6 +326,10 @@ mod tests {
         let extensions = converted.extensions();
         assert!(extensions.get::<RequestInfo>().is_some_and(|i| i.stream));
         assert!(extensions.get::<SelectedNode>().is_some());
+        assert_eq!(
+            extensions.get::<UpstreamRequestId>().map(|id| &id.0),
+            Some(&HeaderValue::from_static("id-1"))
+        );
         assert_eq!(extensions.get::<u32>(), Some(&7));
         assert_eq!(pool.load().in_use, 1, "the slot moved, still held");
         drop(converted);

@@ -143,7 +143,11 @@ pub fn inference_service(
     config: &StackConfig,
     budget: Arc<RetryBudget>,
 ) -> InferenceService {
-    let proxy = proxy_service(state, config, budget).map_response(|r| r.map(Body::new));
+    // The proxy forwards `http::Request`s and `RawRequest`s alike: say which.
+    let proxy = ServiceExt::<Request<Full<Bytes>>>::map_response(
+        proxy_service(state, config, budget),
+        |r| r.map(Body::new),
+    );
     let mut service = SharedService::new(proxy);
     let (admission, wait, select) = configured_layers(state, config);
     for kind in config.layers.iter().rev() {
