@@ -26,7 +26,7 @@ use http::{Extensions, Method, Request, Uri, Version};
 use crate::error::{ErrorFormat, RouterError};
 use crate::pool::SelectedNode;
 use crate::proxy::UpstreamRequestId;
-use crate::request_info::RequestInfo;
+use crate::request_info::{RequestInfo, RequestInfoSlot};
 use crate::routed::Routed;
 use crate::server::{BodyTooLarge, RequestBody};
 use crate::wire::header_name;
@@ -49,6 +49,7 @@ pub struct RawRequest {
     info: Option<RequestInfo>,
     selected: Option<SelectedNode>,
     upstream_request_id: Option<UpstreamRequestId>,
+    info_slot: Option<RequestInfoSlot>,
     extensions: Extensions,
 }
 
@@ -73,6 +74,7 @@ impl RawRequest {
             info: None,
             selected: None,
             upstream_request_id: None,
+            info_slot: None,
             extensions: Extensions::new(),
         }
     }
@@ -106,10 +108,31 @@ impl RawRequest {
 
     /// The value of the first header called `name`, case aside (as `HeaderMap::get`).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
+        let &(_, _, start, end) = self.find(name)?;
+        Some(&self.message[start as usize..end as usize])
+    }
+
+    /// [`header`](Self::header)'s value as a `HeaderValue` sharing the request's bytes (a
+    /// reference count, no copy).
+    pub fn header_value(&self, name: &str) -> Option<HeaderValue> {
+        let &(_, _, start, end) = self.find(name)?;
+        HeaderValue::from_maybe_shared(self.message.slice(start as usize..end as usize)).ok()
+    }
+
+    fn find(&self, name: &str) -> Option<&HeaderRange> {
+        let name = name.as_bytes();
+        self.headers.iter().find(|&&(start, end, _, _)| {
+            let found = &self.message[start as usize..end as usize];
+            found.len() == name.len() && found.eq_ignore_ascii_case(name)
+        })
+    }
+
+    /// How many headers are called `name`, case aside.
+    pub fn header_count(&self, name: &str) -> usize {
         let name = name.as_bytes();
         self.headers()
-            .find(|(found, _)| found.len() == name.len() && found.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value)
+            .filter(|(found, _)| found.len() == name.len() && found.eq_ignore_ascii_case(name))
+            .count()
     }
 
     /// The body, whole; [`BodyTooLarge`] when it was over the server's `max_body_bytes` and was
@@ -133,6 +156,18 @@ impl RawRequest {
     /// Sets the request id sent to the node as `x-request-id`, in place of the client's.
     pub fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
         self.upstream_request_id = Some(id);
+    }
+
+    /// The slot [`RequestInfoLayer`](crate::request_info::RequestInfoLayer) fills, if one was
+    /// set.
+    pub fn info_slot(&self) -> Option<&RequestInfoSlot> {
+        self.info_slot.as_ref()
+    }
+
+    /// Sets a [`RequestInfoSlot`] for the layer to fill, as an `http::Request` carries one in
+    /// its extensions: a caller outside the stack keeps a clone.
+    pub fn set_info_slot(&mut self, slot: RequestInfoSlot) {
+        self.info_slot = Some(slot);
     }
 
     /// Anything else a service attaches, as on an `http::Request`. Empty, and free, until used.
@@ -168,6 +203,9 @@ impl RawRequest {
         }
         if let Some(id) = self.upstream_request_id {
             extensions.insert(id);
+        }
+        if let Some(slot) = self.info_slot {
+            extensions.insert(slot);
         }
         Ok(request)
     }
@@ -277,6 +315,12 @@ mod tests {
             "the first, as HeaderMap::get"
         );
         assert_eq!(request.header("x-request"), None);
+        assert_eq!(
+            request.header_value("x-request-id"),
+            Some(HeaderValue::from_static("abc"))
+        );
+        assert_eq!(request.header_count("X-DUP"), 2);
+        assert_eq!(request.header_count("x-nothing"), 0);
         assert_eq!(request.body().unwrap().as_ref(), b"{}");
     }
 

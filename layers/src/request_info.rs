@@ -9,6 +9,9 @@
 //! for logging and history around the stack. A layer outside that must know the request even
 //! when no response comes (the client left while the request waited) puts a [`RequestInfoSlot`]
 //! in the request's extensions: the layer fills it once the body is parsed.
+//!
+//! It also takes a [`RawRequest`], whose body the server read whole: the same checks and
+//! answers, made in `call`, with the info and slot in the request's typed fields.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -26,6 +29,7 @@ use tower::{Layer, Service};
 
 use crate::body::{CollectBytes, ResponseBody};
 use crate::error::RouterError;
+use crate::raw::RawRequest;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -190,6 +194,88 @@ where
                 inner: Some(inner),
                 config: self.config,
             },
+        }
+    }
+}
+
+/// Over a [`RawRequest`] the body is whole already: it is checked and parsed in `call`, with
+/// the same limit and answers as over an `http::Request`.
+impl<S, ResB> Service<RawRequest> for RequestInfoService<S>
+where
+    S: Service<RawRequest, Response = Response<ResB>>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = RawInfoFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: RawRequest) -> Self::Future {
+        let too_large = RouterError::PayloadTooLarge {
+            limit: self.config.max_body_bytes,
+        };
+        let parsed = match request.body() {
+            Ok(body) if body.len() <= self.config.max_body_bytes => self.config.info_of(body),
+            _ => Err(too_large),
+        };
+        let info = match parsed {
+            Ok(info) => info,
+            Err(error) => {
+                return RawInfoFuture {
+                    kind: RawInfoKind::Rejected { error: Some(error) },
+                };
+            }
+        };
+        if let Some(slot) = request.info_slot() {
+            slot.fill(&info);
+        }
+        request.set_request_info(info.clone());
+        RawInfoFuture {
+            kind: RawInfoKind::Called {
+                future: self.inner.call(request),
+                info: Some(info),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RequestInfoService`] over a [`RawRequest`].
+    pub struct RawInfoFuture<F> {
+        #[pin]
+        kind: RawInfoKind<F>,
+    }
+}
+
+pin_project! {
+    #[project = RawInfoProj]
+    enum RawInfoKind<F> {
+        Called { #[pin] future: F, info: Option<RequestInfo> },
+        Rejected { error: Option<RouterError> },
+    }
+}
+
+impl<F, ResB, E> Future for RawInfoFuture<F>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+{
+    type Output = Result<Response<ResponseBody<ResB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            RawInfoProj::Called { future, info } => {
+                let mut response = ready!(future.poll(cx))?;
+                if let Some(info) = info.take() {
+                    response.extensions_mut().insert(info);
+                }
+                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+            }
+            RawInfoProj::Rejected { error } => Poll::Ready(Ok(error
+                .take()
+                .unwrap_or(RouterError::Internal)
+                .into_response())),
         }
     }
 }
@@ -385,5 +471,64 @@ mod tests {
             optional.info_of(br#"{"model":5}"#),
             Err(RouterError::InvalidRequest(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_raw_request_is_checked_and_parsed_as_an_http_one() {
+        use http::StatusCode;
+        use tower::ServiceExt;
+
+        use crate::routed::Routed;
+        use crate::server::{ServerConfig, read_raw_request_from};
+
+        let raw = |body: &str| {
+            let wire = format!(
+                "POST /v1/x HTTP/1.1\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            read_raw_request_from(wire.as_bytes(), &ServerConfig::default())
+                .unwrap()
+                .unwrap()
+                .0
+        };
+        let layer = RequestInfoLayer::new(RequestInfoConfig {
+            max_body_bytes: 32,
+            require_model: true,
+        });
+        let inner = tower::service_fn(|request: RawRequest| async move {
+            let model = request.model().map(|m| m.to_string()).unwrap_or_default();
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(model))))
+        });
+        let service = layer.layer(inner);
+
+        let slot = RequestInfoSlot::new();
+        let mut request = raw(r#"{"model":"m","stream":true}"#);
+        request.set_info_slot(slot.clone());
+        let answer = service.clone().oneshot(request).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert!(
+            answer
+                .extensions()
+                .get::<RequestInfo>()
+                .is_some_and(|i| i.stream)
+        );
+        assert_eq!(slot.get().and_then(|i| i.model.as_deref()), Some("m"));
+        let body = http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "m", "the inner service saw the model");
+
+        for (body, status) in [
+            (r#"{"stream":true}"#, StatusCode::BAD_REQUEST),
+            (r#"["m"]"#, StatusCode::BAD_REQUEST),
+            (
+                r#"{"model":"m","prompt":"longer than the limit"}"#,
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+        ] {
+            let answer = service.clone().oneshot(raw(body)).await.unwrap();
+            assert_eq!(answer.status(), status, "{body}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use layers::{ClientConfig, HttpClient, build_client};
-use router::listen::{ListenConfig, serve};
+use router::listen::{ListenConfig, ViaHttp, serve};
 
 #[derive(Clone)]
 struct Floor {
@@ -73,7 +73,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             nodes: nodes.clone(),
             next: next.clone(),
         };
-        Router::new().fallback(forward).with_state(floor)
+        // HTTP/1 requests reach it as `http::Request`s, converted from the server's raw ones.
+        ViaHttp(Router::new().fallback(forward).with_state(floor))
     };
     serve(
         listener,

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tower::Layer;
 use tower::Service;
 
-use crate::auth::{Credentials, check_api_key, require_api_key};
+use crate::auth::{Credentials, check_api_key, check_api_key_raw, require_api_key};
 use crate::config::Config;
 use crate::history::History;
 use crate::listen::ListenCounters;
@@ -32,9 +32,11 @@ use crate::metrics::{Metrics, Sources};
 use crate::record::{Recorded, Recorder, RequestIds};
 use crate::registry::Registry;
 use crate::reload::Reloader;
-use crate::stack::{SharedService, StackConfig, request_service, retry_budget};
+use crate::stack::{
+    SharedService, StackConfig, raw_request_service, request_service, retry_budget,
+};
 use crate::state::AppState;
-use layers::RetryBudget;
+use layers::{RawRequest, RetryBudget};
 
 /// Everything the routes share.
 #[derive(Debug, Clone)]
@@ -103,20 +105,33 @@ pub fn router(services: &Services) -> Router {
 
 /// The `/v1` request path: request id, history and metrics around the configured stack.
 fn inference(services: &Services) -> Inference {
-    let recorder = Recorder {
-        history: services.history.clone(),
-        metrics: services.metrics.clone(),
-        pool: services.state.pool.clone(),
-        ids: services.request_ids.clone(),
-    };
-    recorder.layer(request_service(
+    recorder(services).layer(request_service(
         &services.state,
         &services.stack,
         services.retry_budget.clone(),
     ))
 }
 
+/// [`inference`] for HTTP/1 clients' requests as they came.
+fn raw_inference(services: &Services) -> RawInference {
+    recorder(services).layer(raw_request_service(
+        &services.state,
+        &services.stack,
+        services.retry_budget.clone(),
+    ))
+}
+
+fn recorder(services: &Services) -> Recorder {
+    Recorder {
+        history: services.history.clone(),
+        metrics: services.metrics.clone(),
+        pool: services.state.pool.clone(),
+        ids: services.request_ids.clone(),
+    }
+}
+
 type Inference = Recorded<SharedService<Request<Body>, Response<Body>>>;
+type RawInference = Recorded<SharedService<RawRequest, Response<Body>>>;
 
 fn routes(services: &Services, inference: Inference) -> Router {
     let v1 = Router::new()
@@ -142,11 +157,15 @@ fn routes(services: &Services, inference: Inference) -> Router {
 /// It answers exactly as [`router`] does. Going around axum's routing on the hot path saves
 /// about a dozen allocations per request: axum boxes a clone of the route's service and of the
 /// middleware for every request, and boxes their futures.
+///
+/// It also takes the [`RawRequest`]s of HTTP/1 clients: inference requests stay raw down to
+/// the node (no `HeaderMap` is built for them), the rest become `http::Request`s for axum.
 pub fn service(services: &Services) -> AppService {
     let inference = inference(services);
     AppService {
         routes: routes(services, inference.clone()),
         inference,
+        raw_inference: raw_inference(services),
         credentials: services.credentials.clone(),
     }
 }
@@ -155,14 +174,14 @@ pub fn service(services: &Services) -> AppService {
 #[derive(Debug, Clone)]
 pub struct AppService {
     inference: Inference,
+    raw_inference: RawInference,
     credentials: Arc<Credentials>,
     routes: Router,
 }
 
 /// `POST /v1/{*path}` in axum's terms, less the static `/v1/models` (which is GET only).
-fn is_inference<B>(request: &Request<B>) -> bool {
-    let path = request.uri().path();
-    request.method() == Method::POST
+fn is_inference(method: &Method, path: &str) -> bool {
+    method == Method::POST
         && path.len() > "/v1/".len()
         && path.starts_with("/v1/")
         && path != "/v1/models"
@@ -183,7 +202,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> AppFuture {
-        if !is_inference(&request) {
+        if !is_inference(request.method(), request.uri().path()) {
             return AppFutureKind::Routes {
                 future: self.routes.call(request),
             }
@@ -193,6 +212,43 @@ where
         match check_api_key(&self.credentials, &mut request) {
             Ok(()) => AppFutureKind::Inference {
                 future: self.inference.call(request),
+            },
+            Err(refused) => AppFutureKind::Answered {
+                response: Some(*refused),
+            },
+        }
+        .into()
+    }
+}
+
+impl Service<RawRequest> for AppService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = AppFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        ready!(Service::<RawRequest>::poll_ready(
+            &mut self.raw_inference,
+            cx
+        ))?;
+        <Router as Service<Request<Body>>>::poll_ready(&mut self.routes, cx)
+    }
+
+    fn call(&mut self, mut request: RawRequest) -> AppFuture {
+        if !is_inference(request.method(), request.uri().path()) {
+            return match request.into_http() {
+                Ok(request) => AppFutureKind::Routes {
+                    future: self.routes.call(request.map(Body::new)),
+                },
+                Err(error) => AppFutureKind::Answered {
+                    response: Some(error.into_response()),
+                },
+            }
+            .into();
+        }
+        match check_api_key_raw(&self.credentials, &mut request) {
+            Ok(()) => AppFutureKind::RawInference {
+                future: self.raw_inference.call(request),
             },
             Err(refused) => AppFutureKind::Answered {
                 response: Some(*refused),
@@ -215,6 +271,8 @@ pin_project! {
     enum AppFutureKind {
         // Through the inference path.
         Inference { #[pin] future: <Inference as Service<Request<Body>>>::Future },
+        // An HTTP/1 client's, through the inference path as it came.
+        RawInference { #[pin] future: <RawInference as Service<RawRequest>>::Future },
         // Through axum's routes.
         Routes { #[pin] future: RouteFuture<Infallible> },
         // Refused before the path.
@@ -234,6 +292,7 @@ impl Future for AppFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             AppFutureProj::Inference { future } => future.poll(cx),
+            AppFutureProj::RawInference { future } => future.poll(cx),
             AppFutureProj::Routes { future } => future.poll(cx),
             AppFutureProj::Answered { response } => Poll::Ready(Ok(response
                 .take()

@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
-use layers::RouterError;
+use layers::{RawRequest, RouterError};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -56,7 +56,16 @@ pub fn new_token() -> Result<String, getrandom::Error> {
 
 /// The bearer token of a request, if it has one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    bearer_in(headers.get(AUTHORIZATION)?.as_bytes())
+}
+
+/// The bearer token in an `authorization` value: visible ASCII (as `HeaderValue::to_str`
+/// asks), the scheme `Bearer` in any case, then the token.
+fn bearer_in(value: &[u8]) -> Option<&str> {
+    if !value.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+        return None;
+    }
+    let value = std::str::from_utf8(value).ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -187,6 +196,26 @@ pub fn check_api_key<B>(
         )));
     };
     request.headers_mut().remove(AUTHORIZATION);
+    request.extensions_mut().insert(ApiKeyId(id));
+    Ok(())
+}
+
+/// [`check_api_key`] for a [`RawRequest`]. The key is not removed: the proxy never sends the
+/// client's `authorization` on (it sends the node's own key, or none).
+pub fn check_api_key_raw(
+    credentials: &Credentials,
+    request: &mut RawRequest,
+) -> Result<(), Box<Response>> {
+    if !credentials.keys_required() {
+        return Ok(());
+    }
+    let presented = request.header(AUTHORIZATION.as_str()).and_then(bearer_in);
+    let Some(id) = presented.and_then(|k| credentials.api_key_id(k)) else {
+        return Err(Box::new(unauthorized(
+            "invalid or missing API key: send Authorization: Bearer <key>",
+            "invalid_api_key",
+        )));
+    };
     request.extensions_mut().insert(ApiKeyId(id));
     Ok(())
 }

@@ -17,8 +17,10 @@
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
 //!   `max_body_bytes`; a larger one is not read, the app gets a body that fails as too large
 //!   (the request path answers 413), and the connection closes after the answer.
-//! - **Protocols.** HTTP/1 is served by [`layers::serve_connection`]; a connection that opens
-//!   with HTTP/2's preface (h2c with prior knowledge) goes to hyper's HTTP/2 server.
+//! - **Protocols.** HTTP/1 is served by [`layers::serve_raw_connection`], whose requests reach
+//!   the app as [`RawRequest`]s (the router keeps inference requests raw down to the node); a
+//!   connection that opens with HTTP/2's preface (h2c with prior knowledge) goes to hyper's
+//!   HTTP/2 server, whose requests are `http::Request`s.
 //! - **Connection limit.** Past `max_connections` open connections, a new one gets a short 503
 //!   with `Retry-After` and is closed, so memory stays bounded however many clients connect.
 //!   What such a client still sends is read and dropped for up to 2 s (by at most 64 tasks), so
@@ -38,15 +40,17 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use std::convert::Infallible;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use layers::{RequestBody, ServerConfig};
+use layers::{RawRequest, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tower::Service;
@@ -120,14 +124,20 @@ fn http2_builder(config: &ListenConfig) -> http2::Builder<TokioExecutor> {
     builder
 }
 
-/// What can serve client connections: a tower service over requests with axum's body, as
-/// axum's `Router` and the router's `AppService` are.
+/// What can serve client connections: a tower service over HTTP/2 clients' requests (with
+/// axum's body) and over HTTP/1 clients' [`RawRequest`]s, as the router's `AppService` is. An
+/// app of `http` requests only, such as axum's `Router`, serves both through [`ViaHttp`].
 pub trait ConnectionApp:
     Service<
         Request<Body>,
         Response = Response<Self::ResponseBody>,
         Error = Infallible,
         Future = Self::ResponseFuture,
+    > + Service<
+        RawRequest,
+        Response = Response<Self::ResponseBody>,
+        Error = Infallible,
+        Future = Self::RawFuture,
     > + Clone
     + Send
     + 'static
@@ -140,17 +150,69 @@ pub trait ConnectionApp:
     type ResponseFuture: Future<Output = Result<Response<Self::ResponseBody>, Infallible>>
         + Send
         + 'static;
+    /// The service's future for a [`RawRequest`].
+    type RawFuture: Future<Output = Result<Response<Self::ResponseBody>, Infallible>>
+        + Send
+        + 'static;
 }
 
 impl<S, B> ConnectionApp for S
 where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Service<RawRequest, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    <S as Service<Request<Body>>>::Future: Send + 'static,
+    <S as Service<RawRequest>>::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type ResponseBody = B;
-    type ResponseFuture = S::Future;
+    type ResponseFuture = <S as Service<Request<Body>>>::Future;
+    type RawFuture = <S as Service<RawRequest>>::Future;
+}
+
+/// An app of `http` requests (axum's `Router`, say) as a [`ConnectionApp`]: an HTTP/1 client's
+/// [`RawRequest`] becomes an `http::Request` first.
+#[derive(Debug, Clone)]
+pub struct ViaHttp<S>(pub S);
+
+impl<S> Service<Request<Body>> for ViaHttp<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        self.0.call(request)
+    }
+}
+
+impl<S> Service<RawRequest> for ViaHttp<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Either<S::Future, Ready<Result<Response<Body>, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: RawRequest) -> Self::Future {
+        match request.into_http() {
+            Ok(request) => Either::Left(self.0.call(request.map(Body::new))),
+            Err(error) => Either::Right(ready(Ok(error.into_response()))),
+        }
+    }
 }
 
 /// What a connection needs to be served: its stream, its slot and the shutdown signal.
@@ -209,8 +271,7 @@ impl ConnectionSettings {
             return;
         };
         if is_http2(&first) != Some(true) {
-            let app = tower::util::MapRequest::new(app, |r: Request<RequestBody>| r.map(Body::new));
-            layers::serve_connection_after(stream, &first, app, self.http1, shutdown).await;
+            layers::serve_raw_connection_after(stream, &first, app, self.http1, shutdown).await;
             return;
         }
         let app = tower::util::MapRequest::new(app, |r: Request<Incoming>| r.map(Body::new));
@@ -665,7 +726,7 @@ mod tests {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(serve(
             listener,
-            make_app,
+            move || ViaHttp(make_app()),
             config,
             Arc::default(),
             async move {

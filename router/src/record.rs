@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use layers::{NodePool, RequestInfoSlot, ServedBy, UpstreamFailure, UpstreamRequestId};
+use layers::{NodePool, RawRequest, RequestInfoSlot, ServedBy, UpstreamFailure, UpstreamRequestId};
 use memchr::memmem;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -82,6 +82,68 @@ fn sane_request_id(value: &HeaderValue) -> Option<&str> {
     (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
 }
 
+/// What the recorder reads from a request and puts on it: an `http::Request` (extensions and
+/// its header map) or a [`RawRequest`] (typed fields and its header lines).
+pub trait RecordedRequest: Send + 'static {
+    /// The first `x-request-id`, sharing the request's bytes, and whether another follows.
+    fn request_id_header(&self) -> (Option<HeaderValue>, bool);
+    /// The id the node gets in place of the client's.
+    fn set_upstream_request_id(&mut self, id: UpstreamRequestId);
+    /// The id of the API key the request used, once checked.
+    fn api_key_id(&self) -> Option<&ApiKeyId>;
+    /// The request's path.
+    fn path(&self) -> &str;
+    /// Where `RequestInfoLayer` puts what it parsed.
+    fn set_info_slot(&mut self, slot: RequestInfoSlot);
+}
+
+impl RecordedRequest for Request<Body> {
+    fn request_id_header(&self) -> (Option<HeaderValue>, bool) {
+        let mut all = self.headers().get_all(&REQUEST_ID).iter();
+        (all.next().cloned(), all.next().is_some())
+    }
+
+    fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
+        self.extensions_mut().insert(id);
+    }
+
+    fn api_key_id(&self) -> Option<&ApiKeyId> {
+        self.extensions().get()
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn set_info_slot(&mut self, slot: RequestInfoSlot) {
+        self.extensions_mut().insert(slot);
+    }
+}
+
+impl RecordedRequest for RawRequest {
+    fn request_id_header(&self) -> (Option<HeaderValue>, bool) {
+        let first = self.header_value(REQUEST_ID.as_str());
+        let repeated = first.is_some() && self.header_count(REQUEST_ID.as_str()) > 1;
+        (first, repeated)
+    }
+
+    fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
+        RawRequest::set_upstream_request_id(self, id);
+    }
+
+    fn api_key_id(&self) -> Option<&ApiKeyId> {
+        self.extensions().get()
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn set_info_slot(&mut self, slot: RequestInfoSlot) {
+        RawRequest::set_info_slot(self, slot);
+    }
+}
+
 /// What the recorder shares.
 #[derive(Debug, Clone)]
 pub struct Recorder {
@@ -114,9 +176,10 @@ pub struct Recorded<S> {
     recorder: Arc<Recorder>,
 }
 
-impl<S> Service<Request<Body>> for Recorded<S>
+impl<S, R> Service<R> for Recorded<S>
 where
-    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    R: RecordedRequest,
+    S: Service<R, Response = Response<Body>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<Body>;
@@ -127,18 +190,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: R) -> Self::Future {
         let started = Instant::now();
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let headers = request.headers();
-        let first = headers.get(&REQUEST_ID);
-        let client_id = first.and_then(sane_request_id);
-        let (request_id, id_header) = match (client_id, first) {
+        let (first, repeated) = request.request_id_header();
+        let client_id = first.as_ref().and_then(sane_request_id).map(str::to_owned);
+        let from_client = client_id.is_some();
+        let (request_id, id_header) = match client_id {
             // The client's value itself: it shares the request's bytes, so this is no copy.
-            (Some(id), Some(value)) => (id.to_owned(), Some(value.clone())),
-            _ => {
+            Some(id) => (id, first),
+            None => {
                 let id = self.recorder.ids.next();
                 let value = HeaderValue::from_str(&id).ok();
                 (id, value)
@@ -150,23 +213,17 @@ where
         // would cost more: it is sized to the headers that came, so one more grows it (and
         // sizing it one larger from the start cost the bench's requests 600 instructions more
         // than this entry, tried 2026-11-29).
-        let repeated = client_id.is_some() && headers.get_all(&REQUEST_ID).iter().nth(1).is_some();
-        if (client_id.is_none() || repeated)
+        if (!from_client || repeated)
             && let Some(value) = &id_header
         {
-            request
-                .extensions_mut()
-                .insert(UpstreamRequestId(value.clone()));
+            request.set_upstream_request_id(UpstreamRequestId(value.clone()));
         }
-        let api_key_id = request
-            .extensions()
-            .get::<ApiKeyId>()
-            .map(|k| String::from(&*k.0));
-        let path = request.uri().path().to_owned();
+        let api_key_id = request.api_key_id().map(|k| String::from(&*k.0));
+        let path = request.path().to_owned();
         // Filled by `RequestInfoLayer` inside the stack, so that a row without an answer (499)
         // still names the model.
         let info = RequestInfoSlot::new();
-        request.extensions_mut().insert(info.clone());
+        request.set_info_slot(info.clone());
         let span = tracing::info_span!(
             "request",
             request_id = %request_id,

@@ -17,10 +17,15 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::Full;
+use layers::admission::Admission;
+use layers::cached_select::CachedSelect;
+use layers::proxy::ProxiedRequest;
+use layers::request_info::RequestInfoService;
+use layers::timeout_wait::TimeoutWait;
 use layers::{
     AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyConfig,
-    RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget, SelectConfig, TimeoutWaitLayer,
-    WaitConfig,
+    RawRequest, RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget, SelectConfig,
+    TimeoutWaitLayer, WaitConfig,
 };
 use tower::{Layer, ServiceExt};
 
@@ -112,8 +117,9 @@ impl Default for StackConfig {
     }
 }
 
-/// The type-erased service behind the configured layers.
-pub type InferenceService = SharedService<Request<Full<Bytes>>, Response<Body>>;
+/// The type-erased service behind the configured layers, over `R`: the `http::Request` that
+/// `RequestInfoLayer` passes on, or a [`RawRequest`].
+pub type InferenceService<R = Request<Full<Bytes>>> = SharedService<R, Response<Body>>;
 
 /// The retry budget `config` asks for, to share between the stacks of one router.
 pub fn retry_budget(config: &StackConfig) -> Arc<RetryBudget> {
@@ -138,16 +144,17 @@ pub fn proxy_service(
 }
 
 /// The configured layers over the proxy.
-pub fn inference_service(
+pub fn inference_service<R>(
     state: &AppState,
     config: &StackConfig,
     budget: Arc<RetryBudget>,
-) -> InferenceService {
+) -> InferenceService<R>
+where
+    R: ProxiedRequest<Full<Bytes>> + Send + 'static,
+{
     // The proxy forwards `http::Request`s and `RawRequest`s alike: say which.
-    let proxy = ServiceExt::<Request<Full<Bytes>>>::map_response(
-        proxy_service(state, config, budget),
-        |r| r.map(Body::new),
-    );
+    let proxy =
+        ServiceExt::<R>::map_response(proxy_service(state, config, budget), |r| r.map(Body::new));
     let mut service = SharedService::new(proxy);
     let (admission, wait, select) = configured_layers(state, config);
     for kind in config.layers.iter().rev() {
@@ -180,30 +187,45 @@ pub fn request_service(
     budget: Arc<RetryBudget>,
 ) -> SharedService<Request<Body>, Response<Body>> {
     if config.layers == LayerKind::ALL {
-        return default_request_service(state, config, budget);
+        let stack = default_stack(state, config, budget);
+        return SharedService::new(ServiceExt::<Request<Body>>::map_response(stack, |r| {
+            r.map(Body::new)
+        }));
     }
-    let inner = inference_service(state, config, budget);
+    let inner = inference_service::<Request<Full<Bytes>>>(state, config, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
-/// [`request_service`] for the default order, with no type erasure between the layers: one
-/// boxed future per request instead of one per layer, and no dynamic calls in between. Any
-/// other order or subset takes the erased path, which builds the same services.
-fn default_request_service(
+/// [`request_service`] for a [`RawRequest`] (an HTTP/1 client's): the same layers, in the same
+/// order, over the request's bytes.
+pub fn raw_request_service(
     state: &AppState,
     config: &StackConfig,
     budget: Arc<RetryBudget>,
-) -> SharedService<Request<Body>, Response<Body>> {
+) -> SharedService<RawRequest, Response<Body>> {
+    if config.layers == LayerKind::ALL {
+        let stack = default_stack(state, config, budget);
+        return SharedService::new(ServiceExt::<RawRequest>::map_response(stack, |r| {
+            r.map(Body::new)
+        }));
+    }
+    let inner = inference_service::<RawRequest>(state, config, budget);
+    shared(RequestInfoLayer::new(config.request_info).layer(inner))
+}
+
+/// The default order's stack, with no type erasure between the layers: one boxed future per
+/// request instead of one per layer, and no dynamic calls in between. Any other order or
+/// subset takes the erased path, which builds the same services.
+type DefaultStack = RequestInfoService<Admission<TimeoutWait<CachedSelect<PooledProxyService>>>>;
+
+fn default_stack(state: &AppState, config: &StackConfig, budget: Arc<RetryBudget>) -> DefaultStack {
     let (admission, wait, select) = configured_layers(state, config);
-    let stack = tower::ServiceBuilder::new()
+    tower::ServiceBuilder::new()
         .layer(RequestInfoLayer::new(config.request_info))
         .layer(admission)
         .layer(wait)
         .layer(select)
-        .service(proxy_service(state, config, budget));
-    SharedService::new(ServiceExt::<Request<Body>>::map_response(stack, |r| {
-        r.map(Body::new)
-    }))
+        .service(proxy_service(state, config, budget))
 }
 
 /// A type-erased service that is cheap to clone.

@@ -51,8 +51,33 @@ impl Drop for TestRouter {
     }
 }
 
-/// Starts a router over `specs` with `config`.
+/// Starts a router over `specs` with `config`, served as the router serves its clients: its
+/// own HTTP/1 server, with inference requests on the raw path (HTTP/2 on hyper's).
 pub async fn start_router(specs: Vec<NodeSpec>, config: StackConfig) -> TestRouter {
+    let pool = NodePool::from_specs(specs).unwrap();
+    let state = AppState::new(pool, &ClientConfig::default());
+    let services = router::app::Services::bare(state.clone(), config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listen = router::listen::ListenConfig {
+        // On the test's runtime.
+        workers: 0,
+        ..router::listen::ListenConfig::default()
+    };
+    let task = tokio::spawn(router::listen::serve(
+        listener,
+        move || router::app::service(&services),
+        listen,
+        std::sync::Arc::default(),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    TestRouter { addr, state, task }
+}
+
+/// [`start_router`] with the stack mounted in axum and served by `axum::serve`, as a team
+/// composing the layers into its own axum app would: the `http::Request` path throughout.
+pub async fn start_router_in_axum(specs: Vec<NodeSpec>, config: StackConfig) -> TestRouter {
     let pool = NodePool::from_specs(specs).unwrap();
     let state = AppState::new(pool, &ClientConfig::default());
     let app = router::app(state.clone(), &config);

@@ -19,8 +19,23 @@ fn paced(tokens: usize, gap_ms: u64) -> SimConfig {
 /// The node sends an event every 50 ms; the client sees the first one long before the end.
 #[tokio::test]
 async fn sse_passes_through_unbuffered() {
+    sse_passes_through_unbuffered_when(false).await;
+}
+
+/// The same through the stack mounted in axum: the `http::Request` path.
+#[tokio::test]
+async fn sse_passes_through_unbuffered_in_an_axum_app() {
+    sse_passes_through_unbuffered_when(true).await;
+}
+
+async fn sse_passes_through_unbuffered_when(in_axum: bool) {
     let node = SimNode::start(paced(8, 50)).await.unwrap();
-    let router = start_router(vec![spec("a", &node, &["m"], 4)], stack(&LayerKind::ALL)).await;
+    let specs = vec![spec("a", &node, &["m"], 4)];
+    let router = if in_axum {
+        start_router_in_axum(specs, stack(&LayerKind::ALL)).await
+    } else {
+        start_router(specs, stack(&LayerKind::ALL)).await
+    };
     let started = Instant::now();
     let response = post_streaming(
         &client(),
