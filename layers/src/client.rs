@@ -254,15 +254,16 @@ pub struct Forward<'a> {
     /// framing, hop-by-hop). So a caller sets or removes a header per node without touching
     /// the request (and without an insert that may have to grow its header map).
     pub replaced: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
-    /// The answer headers to hand back. The others are put in the map only where they frame
-    /// the answer (`content-length`, `transfer-encoding`, `connection`), and taken out again
-    /// once it is framed; the rest are skipped as the head is parsed (their names are still
-    /// read), so a caller that passes on only some does not build a second header map.
-    pub keep_answer_header: fn(&HeaderName) -> bool,
+    /// The answer headers to hand back, by lower-case name. The others are put in the map only
+    /// where they frame the answer (`content-length`, `transfer-encoding`, `connection`), and
+    /// taken out again once it is framed; the rest are skipped as the head is parsed, before a
+    /// `HeaderName` is made of them (for a name `http` does not know, an allocation), so a
+    /// caller that passes on only some does not build a second header map.
+    pub keep_answer_header: fn(&str) -> bool,
 }
 
 /// Every answer header.
-fn keep_every_header(_: &HeaderName) -> bool {
+fn keep_every_header(_: &str) -> bool {
     true
 }
 
@@ -463,7 +464,7 @@ where
                 }
                 if answer.read_for_framing_only {
                     for name in FRAMING {
-                        if !keep_answer_header(&name) {
+                        if !keep_answer_header(name.as_str()) {
                             answer.headers.remove(name);
                         }
                     }
@@ -507,7 +508,7 @@ async fn exchange(
     connection: &mut Connection,
     head: &[u8],
     body: &[u8],
-    keep_header: fn(&HeaderName) -> bool,
+    keep_header: fn(&str) -> bool,
 ) -> Result<AnswerHead, Failed> {
     write_request(&mut connection.stream, head, body)
         .await
@@ -651,14 +652,14 @@ struct Outgoing {
     /// Whether the method has a body, so `content-length: 0` is sent for an empty one.
     body_expected: bool,
     /// Which answer headers to hand back.
-    keep_answer_header: fn(&HeaderName) -> bool,
+    keep_answer_header: fn(&str) -> bool,
 }
 
 impl Outgoing {
     /// The head of a request with `method`, `uri`'s path and query and `headers`, sent as `to`
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
-        let mut head = request_line(method, uri, &to);
+        let mut head = request_line(method, uri, &to, 256);
         for (name, value) in headers {
             if sent_as_given(name) && !to.replaced.iter().any(|(r, _)| *r == name) {
                 push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
@@ -671,7 +672,10 @@ impl Outgoing {
     /// them, names in their case.
     fn raw(request: &RawRequest, to: Forward<'_>) -> Self {
         let method = request.method();
-        let mut head = request_line(method, request.uri(), &to);
+        // Room for the head as it came, a body sent with it, and what is set for the node.
+        let body = request.body().map_or(0, |b| b.len());
+        let room = request.head_len() + if body <= INLINE_BODY { body } else { 0 } + 128;
+        let mut head = request_line(method, request.uri(), &to, room);
         for (name, value) in request.headers() {
             let replaced = to
                 .replaced
@@ -710,8 +714,8 @@ impl Outgoing {
 }
 
 /// The request line and `host`, for `uri`'s path and query sent as `to` says.
-fn request_line(method: &Method, uri: &http::Uri, to: &Forward<'_>) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256);
+fn request_line(method: &Method, uri: &http::Uri, to: &Forward<'_>, room: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(room);
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(to.path_prefix.as_bytes());
@@ -809,7 +813,7 @@ const FRAMING: [HeaderName; 3] = [
 fn parse_head(
     buf: &mut BytesMut,
     interim: &mut u32,
-    keep: fn(&HeaderName) -> bool,
+    keep: fn(&str) -> bool,
 ) -> Result<Option<AnswerHead>, ClientError> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -841,15 +845,19 @@ fn parse_head(
         let head = Bytes::copy_from_slice(&buf[..length]);
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         let mut read_for_framing_only = false;
+        let mut lower = [0u8; SHORT_NAME];
         for field in parsed.headers.iter() {
-            let name = header_name(field.name.as_bytes())
-                .map_err(|_| ClientError::Malformed("header name"))?;
-            if !keep(&name) {
-                if !FRAMING.contains(&name) {
+            let (kept, framing) = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
+                (keep(name), FRAMING.iter().any(|f| f.as_str() == name))
+            });
+            if !kept {
+                if !framing {
                     continue;
                 }
                 read_for_framing_only = true;
             }
+            let name = header_name(field.name.as_bytes())
+                .map_err(|_| ClientError::Malformed("header name"))?;
             let value =
                 HeaderValue::from_maybe_shared(slice_of(&head, &buf[..length], field.value))
                     .map_err(|_| ClientError::Malformed("header value"))?;
@@ -863,6 +871,21 @@ fn parse_head(
             read_for_framing_only,
         }));
     }
+}
+
+/// Header names up to this long are lower-cased on the stack.
+const SHORT_NAME: usize = 64;
+
+/// Calls `f` with `name` in lower case, using `buf` when it fits. httparse has checked the
+/// name is a token: ASCII.
+fn with_lowercase<R>(name: &[u8], buf: &mut [u8; SHORT_NAME], f: impl FnOnce(&str) -> R) -> R {
+    if let Some(lower) = buf.get_mut(..name.len()) {
+        for (to, from) in lower.iter_mut().zip(name) {
+            *to = from.to_ascii_lowercase();
+        }
+        return f(std::str::from_utf8(lower).unwrap_or_default());
+    }
+    f(&String::from_utf8_lossy(name).to_ascii_lowercase())
 }
 
 /// `part` of `original` (a slice of it), as the same bytes of `copy`, its copy.
@@ -1863,8 +1886,21 @@ mod tests {
     }
 
     /// Keeps `content-type` and nothing else.
-    fn content_type_only(name: &HeaderName) -> bool {
-        name == header::CONTENT_TYPE
+    #[test]
+    fn names_are_judged_in_lower_case_however_long() {
+        let mut buf = [0u8; SHORT_NAME];
+        let long = format!("OpenAI-{}", "X".repeat(80));
+        for (name, lower) in [
+            ("Content-Type".to_owned(), "content-type".to_owned()),
+            (long.clone(), long.to_ascii_lowercase()),
+        ] {
+            let seen = with_lowercase(name.as_bytes(), &mut buf, str::to_owned);
+            assert_eq!(seen, lower);
+        }
+    }
+
+    fn content_type_only(name: &str) -> bool {
+        name == "content-type"
     }
 
     #[tokio::test]

@@ -185,8 +185,7 @@ impl<B> PooledProxyService<B> {
     }
 }
 
-fn forwardable_response_header(name: &HeaderName) -> bool {
-    let name = name.as_str();
+fn forwardable_response_header(name: &str) -> bool {
     matches!(
         name,
         "content-type" | "content-length" | "content-encoding" | "cache-control" | "x-request-id"

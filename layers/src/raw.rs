@@ -40,6 +40,7 @@ pub(crate) type HeaderRange = (u32, u32, u32, u32);
 pub struct RawRequest {
     /// The head's bytes, followed by the body's when it came with a `content-length`.
     message: Bytes,
+    head_len: usize,
     method: Method,
     version: Version,
     uri: Uri,
@@ -58,6 +59,7 @@ impl RawRequest {
     /// tokens, values have no control bytes but tab), and `uri` was made from its target.
     pub(crate) fn new(
         message: Bytes,
+        head_len: usize,
         method: Method,
         version: Version,
         uri: Uri,
@@ -66,6 +68,7 @@ impl RawRequest {
     ) -> Self {
         Self {
             message,
+            head_len,
             method,
             version,
             uri,
@@ -77,6 +80,11 @@ impl RawRequest {
             info_slot: None,
             extensions: Extensions::new(),
         }
+    }
+
+    /// How long the head was as it came, blank line included.
+    pub fn head_len(&self) -> usize {
+        self.head_len
     }
 
     /// The request method.

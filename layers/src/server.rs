@@ -271,6 +271,7 @@ impl FromHead for RawRequest {
         }
         Ok(RawRequest::new(
             message,
+            head.len,
             head.method.clone(),
             head.version,
             uri,
