@@ -38,6 +38,14 @@ pub(crate) type HeaderRange = (u32, u32, u32, u32);
 /// A request as it came in, with the routing layers' state in typed fields; see the module
 /// docs.
 pub struct RawRequest {
+    // Boxed: the request moves by value through every layer and sits in their futures (each
+    // keeps it while it waits, the proxy keeps it for a retry), so a few hundred bytes inline
+    // were copied a dozen times and more per request.
+    parts: Box<Parts>,
+}
+
+/// What a [`RawRequest`] holds.
+struct Parts {
     /// The head's bytes, followed by the body's when it came with a `content-length`.
     message: Bytes,
     head_len: usize,
@@ -66,7 +74,7 @@ impl RawRequest {
         headers: Box<[HeaderRange]>,
         body: Option<Bytes>,
     ) -> Self {
-        Self {
+        let parts = Parts {
             message,
             head_len,
             method,
@@ -79,37 +87,41 @@ impl RawRequest {
             upstream_request_id: None,
             info_slot: None,
             extensions: Extensions::new(),
+        };
+        Self {
+            parts: Box::new(parts),
         }
     }
 
     /// How long the head was as it came, blank line included.
     pub fn head_len(&self) -> usize {
-        self.head_len
+        self.parts.head_len
     }
 
     /// The request method.
     pub fn method(&self) -> &Method {
-        &self.method
+        &self.parts.method
     }
 
     /// The HTTP version the client spoke (1.0 or 1.1).
     pub fn version(&self) -> Version {
-        self.version
+        self.parts.version
     }
 
     /// The request target, as `http` parsed it.
     pub fn uri(&self) -> &Uri {
-        &self.uri
+        &self.parts.uri
     }
 
     /// The headers in the order they came, each as its name (in the client's case) and value.
     pub fn headers(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
-        self.headers
+        self.parts
+            .headers
             .iter()
             .map(|&(name_start, name_end, value_start, value_end)| {
                 (
-                    &self.message[name_start as usize..name_end as usize],
-                    &self.message[value_start as usize..value_end as usize],
+                    &self.parts.message[name_start as usize..name_end as usize],
+                    &self.parts.message[value_start as usize..value_end as usize],
                 )
             })
     }
@@ -117,20 +129,20 @@ impl RawRequest {
     /// The value of the first header called `name`, case aside (as `HeaderMap::get`).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         let &(_, _, start, end) = self.find(name)?;
-        Some(&self.message[start as usize..end as usize])
+        Some(&self.parts.message[start as usize..end as usize])
     }
 
     /// [`header`](Self::header)'s value as a `HeaderValue` sharing the request's bytes (a
     /// reference count, no copy).
     pub fn header_value(&self, name: &str) -> Option<HeaderValue> {
         let &(_, _, start, end) = self.find(name)?;
-        HeaderValue::from_maybe_shared(self.message.slice(start as usize..end as usize)).ok()
+        HeaderValue::from_maybe_shared(self.parts.message.slice(start as usize..end as usize)).ok()
     }
 
     fn find(&self, name: &str) -> Option<&HeaderRange> {
         let name = name.as_bytes();
-        self.headers.iter().find(|&&(start, end, _, _)| {
-            let found = &self.message[start as usize..end as usize];
+        self.parts.headers.iter().find(|&&(start, end, _, _)| {
+            let found = &self.parts.message[start as usize..end as usize];
             found.len() == name.len() && found.eq_ignore_ascii_case(name)
         })
     }
@@ -146,46 +158,46 @@ impl RawRequest {
     /// The body, whole; [`BodyTooLarge`] when it was over the server's `max_body_bytes` and was
     /// not read.
     pub fn body(&self) -> Result<&Bytes, BodyTooLarge> {
-        self.body.as_ref().ok_or(BodyTooLarge)
+        self.parts.body.as_ref().ok_or(BodyTooLarge)
     }
 
     /// Attaches what routing needs to know from the body (see
     /// [`RequestInfoConfig::info_of`](crate::request_info::RequestInfoConfig::info_of)).
     pub fn set_request_info(&mut self, info: RequestInfo) {
-        self.info = Some(info);
+        self.parts.info = Some(info);
     }
 
     /// The request id [`PooledProxyService`](crate::proxy::PooledProxyService) sends to the
     /// node, if one was set.
     pub fn upstream_request_id(&self) -> Option<&UpstreamRequestId> {
-        self.upstream_request_id.as_ref()
+        self.parts.upstream_request_id.as_ref()
     }
 
     /// Sets the request id sent to the node as `x-request-id`, in place of the client's.
     pub fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
-        self.upstream_request_id = Some(id);
+        self.parts.upstream_request_id = Some(id);
     }
 
     /// The slot [`RequestInfoLayer`](crate::request_info::RequestInfoLayer) fills, if one was
     /// set.
     pub fn info_slot(&self) -> Option<&RequestInfoSlot> {
-        self.info_slot.as_ref()
+        self.parts.info_slot.as_ref()
     }
 
     /// Sets a [`RequestInfoSlot`] for the layer to fill, as an `http::Request` carries one in
     /// its extensions: a caller outside the stack keeps a clone.
     pub fn set_info_slot(&mut self, slot: RequestInfoSlot) {
-        self.info_slot = Some(slot);
+        self.parts.info_slot = Some(slot);
     }
 
     /// Anything else a service attaches, as on an `http::Request`. Empty, and free, until used.
     pub fn extensions(&self) -> &Extensions {
-        &self.extensions
+        &self.parts.extensions
     }
 
     /// The extensions, to attach to.
     pub fn extensions_mut(&mut self) -> &mut Extensions {
-        &mut self.extensions
+        &mut self.parts.extensions
     }
 
     /// The same request as an `http::Request`, as [`serve_connection`] would have made it, with
@@ -193,26 +205,27 @@ impl RawRequest {
     ///
     /// [`serve_connection`]: crate::server::serve_connection
     pub fn into_http(self) -> Result<Request<RequestBody>, RouterError> {
-        let headers = header_map(&self.message, &self.headers).map_err(|what| {
+        let parts = *self.parts;
+        let headers = header_map(&parts.message, &parts.headers).map_err(|what| {
             RouterError::InvalidRequest(format!("malformed HTTP request: {what}"))
         })?;
-        let mut request = Request::new(RequestBody::read(self.body));
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = self.version;
+        let mut request = Request::new(RequestBody::read(parts.body));
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = parts.uri;
+        *request.version_mut() = parts.version;
         *request.headers_mut() = headers;
         let extensions = request.extensions_mut();
-        *extensions = self.extensions;
-        if let Some(info) = self.info {
+        *extensions = parts.extensions;
+        if let Some(info) = parts.info {
             extensions.insert(info);
         }
-        if let Some(selected) = self.selected {
+        if let Some(selected) = parts.selected {
             extensions.insert(selected);
         }
-        if let Some(id) = self.upstream_request_id {
+        if let Some(id) = parts.upstream_request_id {
             extensions.insert(id);
         }
-        if let Some(slot) = self.info_slot {
+        if let Some(slot) = parts.info_slot {
             extensions.insert(slot);
         }
         Ok(request)
@@ -240,36 +253,39 @@ pub(crate) fn header_map(
 impl fmt::Debug for RawRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawRequest")
-            .field("method", &self.method)
-            .field("uri", &self.uri)
-            .field("version", &self.version)
-            .field("headers", &self.headers.len())
-            .field("body", &self.body.as_ref().map(Bytes::len))
-            .field("info", &self.info)
-            .field("selected", &self.selected.as_ref().map(|s| s.node().id()))
+            .field("method", &self.parts.method)
+            .field("uri", &self.parts.uri)
+            .field("version", &self.parts.version)
+            .field("headers", &self.parts.headers.len())
+            .field("body", &self.parts.body.as_ref().map(Bytes::len))
+            .field("info", &self.parts.info)
+            .field(
+                "selected",
+                &self.parts.selected.as_ref().map(|s| s.node().id()),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl Routed for RawRequest {
     fn request_info(&self) -> Option<&RequestInfo> {
-        self.info.as_ref()
+        self.parts.info.as_ref()
     }
 
     fn selected_node(&self) -> Option<&SelectedNode> {
-        self.selected.as_ref()
+        self.parts.selected.as_ref()
     }
 
     fn selected_node_mut(&mut self) -> Option<&mut SelectedNode> {
-        self.selected.as_mut()
+        self.parts.selected.as_mut()
     }
 
     fn insert_selected_node(&mut self, selected: SelectedNode) {
-        self.selected = Some(selected);
+        self.parts.selected = Some(selected);
     }
 
     fn remove_selected_node(&mut self) -> Option<SelectedNode> {
-        self.selected.take()
+        self.parts.selected.take()
     }
 
     fn error_format(&self) -> ErrorFormat {
