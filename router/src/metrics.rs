@@ -6,11 +6,13 @@
 //! labels are limited to models the pool knows, so clients cannot grow the label set by sending
 //! made-up names.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use layers::{AdmissionCounters, NodePool};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -45,6 +47,23 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: HistogramFamily,
     ttfb: HistogramFamily,
+    /// The series each model label and status has counted into, by model label: a family
+    /// lookup hashes its labels with SipHash under a lock (three per request, about 1k
+    /// instructions); a clone of a series shares it, so the families still expose what these
+    /// count. Written once per new label and status; read without a lock.
+    series: ArcSwap<SeriesByModel>,
+}
+
+type SeriesByModel = HashMap<Arc<str>, Vec<Series>, foldhash::fast::RandomState>;
+
+/// One model's and status's series.
+#[derive(Clone)]
+struct Series {
+    status: u16,
+    requests: Counter,
+    latency: Histogram,
+    /// Made at the first request with a time to first byte, as the family would.
+    ttfb: Option<Histogram>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -79,6 +98,17 @@ impl Default for Metrics {
             requests,
             latency,
             ttfb,
+            series: ArcSwap::default(),
+        }
+    }
+}
+
+impl Series {
+    fn observe(&self, latency: Duration, ttfb: Option<Duration>) {
+        self.requests.inc();
+        self.latency.observe(latency.as_secs_f64());
+        if let (Some(ttfb), Some(histogram)) = (ttfb, &self.ttfb) {
+            histogram.observe(ttfb.as_secs_f64());
         }
     }
 }
@@ -114,19 +144,46 @@ pub struct Sources<'a> {
 impl Metrics {
     /// Records one finished request.
     pub fn observe(&self, model: Arc<str>, status: u16, latency: Duration, ttfb: Option<Duration>) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                model: model.clone(),
-                status,
-            })
-            .inc();
-        let labels = ModelLabels { model };
-        self.latency
-            .get_or_create(&labels)
-            .observe(latency.as_secs_f64());
-        if let Some(ttfb) = ttfb {
-            self.ttfb.get_or_create(&labels).observe(ttfb.as_secs_f64());
+        let known = self.series.load();
+        let found = known
+            .get(&*model)
+            .and_then(|all| all.iter().find(|s| s.status == status))
+            .filter(|s| ttfb.is_none() || s.ttfb.is_some());
+        match found {
+            Some(series) => series.observe(latency, ttfb),
+            None => {
+                drop(known);
+                self.new_series(model, status, ttfb.is_some())
+                    .observe(latency, ttfb);
+            }
         }
+    }
+
+    /// The series for `model` and `status` from the families, kept for the next request.
+    fn new_series(&self, model: Arc<str>, status: u16, with_ttfb: bool) -> Series {
+        let labels = ModelLabels {
+            model: model.clone(),
+        };
+        let series = Series {
+            status,
+            requests: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    model: model.clone(),
+                    status,
+                })
+                .clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+            ttfb: with_ttfb.then(|| self.ttfb.get_or_create(&labels).clone()),
+        };
+        self.series.rcu(|known| {
+            let mut known = SeriesByModel::clone(known);
+            let all = known.entry(model.clone()).or_default();
+            all.retain(|s| s.status != status);
+            all.push(series.clone());
+            known
+        });
+        series
     }
 
     /// The text exposition.
@@ -230,6 +287,42 @@ mod tests {
     use layers::NodeSpec;
 
     use super::*;
+
+    #[test]
+    fn series_kept_for_reuse_count_into_the_exposed_families() {
+        let pool =
+            NodePool::from_specs([NodeSpec::new("a", "http://127.0.0.1:1").models(["m"])]).unwrap();
+        let metrics = Metrics::default();
+        let m = || model_label(&pool, Some("m"));
+        let ms = Duration::from_millis;
+        // The first without a first byte: its series has no ttfb histogram yet.
+        metrics.observe(m(), 200, ms(10), None);
+        metrics.observe(m(), 200, ms(10), Some(ms(2)));
+        metrics.observe(m(), 200, ms(10), Some(ms(2)));
+        metrics.observe(m(), 503, ms(1), None);
+        let text = metrics.render(&Sources {
+            pool: &pool,
+            admission: &AdmissionCounters::default(),
+            history_written: 0,
+            history_dropped: 0,
+            connections_refused: 0,
+        });
+        for line in [
+            "llm_router_requests_total{model=\"m\",status=\"200\"} 3",
+            "llm_router_requests_total{model=\"m\",status=\"503\"} 1",
+            "llm_router_request_duration_seconds_count{model=\"m\"} 4",
+            "llm_router_time_to_first_byte_seconds_count{model=\"m\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        let kept = metrics.series.load();
+        let statuses: Vec<u16> = kept["m"].iter().map(|s| s.status).collect();
+        assert_eq!(
+            statuses,
+            [200, 503],
+            "one series per status, replaced not repeated"
+        );
+    }
 
     #[test]
     fn renders_requests_gauges_and_counters() {
