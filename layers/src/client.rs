@@ -63,8 +63,8 @@ use crate::FastMap;
 use crate::body::CollectBytes;
 use crate::raw::RawRequest;
 use crate::wire::{
-    LANDING_SIZE, has_token, header_name, line_end, parse_chunk_size, parse_length,
-    poll_read_landing, push_decimal,
+    LANDING_SIZE, header_name, line_end, parse_chunk_size, parse_length, poll_read_landing,
+    push_decimal,
 };
 
 /// Settings for the shared client.
@@ -458,16 +458,9 @@ where
         match exchange(&mut connection, &head, body, keep_answer_header).await {
             Ok(mut answer) => {
                 let (framing, keep_alive) = framing(&answer, no_body)?;
-                if answer.headers.contains_key(header::TRANSFER_ENCODING) {
+                if answer.facts.transfer_encoding.is_some() {
                     // Ignored for framing (RFC 9112 6.3), so not passed on either.
                     answer.headers.remove(header::CONTENT_LENGTH);
-                }
-                if answer.read_for_framing_only {
-                    for name in FRAMING {
-                        if !keep_answer_header(name.as_str()) {
-                            answer.headers.remove(name);
-                        }
-                    }
                 }
                 let mut response = Response::new(UpstreamBody::new(
                     connection,
@@ -795,17 +788,64 @@ const READ_MAX: usize = 128 * 1024;
 struct AnswerHead {
     status: StatusCode,
     version: Version,
+    /// The headers the caller keeps.
     headers: HeaderMap,
-    /// Whether `headers` holds framing headers the caller did not ask for.
-    read_for_framing_only: bool,
+    /// What all of them said about the framing, kept or not.
+    facts: FramingFacts,
 }
 
-/// The answer headers that decide how its body is framed and whether its connection is kept.
-const FRAMING: [HeaderName; 3] = [
-    header::CONTENT_LENGTH,
-    header::TRANSFER_ENCODING,
-    header::CONNECTION,
-];
+/// What an answer's headers say about how its body is framed and whether its connection is
+/// kept, gathered as its head is parsed: the framing headers a caller does not pass on are
+/// never put in a map.
+#[derive(Debug, Default, Clone, Copy)]
+struct FramingFacts {
+    /// A `connection` header says `close`.
+    close: bool,
+    /// The last `transfer-encoding` header, if any: whether its last coding is `chunked`.
+    transfer_encoding: Option<bool>,
+    /// What the `content-length` headers say.
+    length: Length,
+}
+
+/// The `content-length` headers of an answer: none, one length (repeated alike, maybe), or
+/// the first thing wrong with them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    #[default]
+    Absent,
+    Is(u64),
+    Bad(&'static str),
+}
+
+impl FramingFacts {
+    /// Notes the header `name` (lower case) with `value`, if it frames the answer.
+    fn add(&mut self, name: &str, value: &[u8]) {
+        let mut parts = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        match name {
+            "connection" => self.close |= parts.any(|t| t.eq_ignore_ascii_case(b"close")),
+            "transfer-encoding" => {
+                self.transfer_encoding = Some(
+                    parts
+                        .next_back()
+                        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked")),
+                );
+            }
+            "content-length" => {
+                for part in parts {
+                    self.length = match (self.length, parse_length(part)) {
+                        (Length::Bad(why), _) => Length::Bad(why),
+                        (_, None) => Length::Bad("content-length"),
+                        (Length::Is(l), Some(n)) if l != n => {
+                            Length::Bad("conflicting content-length")
+                        }
+                        (_, Some(n)) => Length::Is(n),
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers and
 /// counting them in `interim`; `None` until the head is complete. Only the headers `keep`
@@ -844,17 +884,15 @@ fn parse_head(
         // long as any forwarded header lives.
         let head = Bytes::copy_from_slice(&buf[..length]);
         let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-        let mut read_for_framing_only = false;
+        let mut facts = FramingFacts::default();
         let mut lower = [0u8; SHORT_NAME];
         for field in parsed.headers.iter() {
-            let (kept, framing) = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
-                (keep(name), FRAMING.iter().any(|f| f.as_str() == name))
+            let kept = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
+                facts.add(name, field.value);
+                keep(name)
             });
             if !kept {
-                if !framing {
-                    continue;
-                }
-                read_for_framing_only = true;
+                continue;
             }
             let name = header_name(field.name.as_bytes())
                 .map_err(|_| ClientError::Malformed("header name"))?;
@@ -868,7 +906,7 @@ fn parse_head(
             status,
             version,
             headers,
-            read_for_framing_only,
+            facts,
         }));
     }
 }
@@ -923,9 +961,9 @@ enum Chunk {
 
 /// How the body of `answer` ends (RFC 9112 6.3), and whether its connection may be reused.
 fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), ClientError> {
-    let headers = &answer.headers;
+    let facts = &answer.facts;
     let keep_alive = answer.version == Version::HTTP_11
-        && !has_token(headers, header::CONNECTION, "close")
+        && !facts.close
         && answer.status != StatusCode::SWITCHING_PROTOCOLS;
     if no_body
         || answer.status.is_informational()
@@ -934,44 +972,25 @@ fn framing(answer: &AnswerHead, no_body: bool) -> Result<(Framing, bool), Client
     {
         return Ok((Framing::Length(0), keep_alive));
     }
-    if let Some(codings) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    if let Some(chunked) = facts.transfer_encoding {
         if answer.version == Version::HTTP_10 {
             return Err(ClientError::Malformed(
                 "transfer-encoding in an HTTP/1.0 answer",
             ));
         }
-        let chunked = codings.to_str().is_ok_and(|v| {
-            v.rsplit(',')
-                .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
-        });
         // With both, the length is ignored and the connection must not be reused.
-        let keep_alive = keep_alive && !headers.contains_key(header::CONTENT_LENGTH);
+        let keep_alive = keep_alive && facts.length == Length::Absent;
         return Ok(if chunked {
             (Framing::Chunked(Chunk::Size), keep_alive)
         } else {
             (Framing::Close, false)
         });
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let n =
-                parse_length(part.trim_ascii()).ok_or(ClientError::Malformed("content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ClientError::Malformed("conflicting content-length"));
-            }
-            length = Some(n);
-        }
+    match facts.length {
+        Length::Is(n) => Ok((Framing::Length(n), keep_alive)),
+        Length::Absent => Ok((Framing::Close, false)),
+        Length::Bad(why) => Err(ClientError::Malformed(why)),
     }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::Close, false),
-    })
 }
 
 /// A connection with what has been read from it and not used yet.
@@ -2029,7 +2048,9 @@ mod tests {
 
     fn head(version: Version, status: u16, headers: &[(&str, &str)]) -> AnswerHead {
         let mut map = HeaderMap::new();
+        let mut facts = FramingFacts::default();
         for (name, value) in headers {
+            facts.add(name, value.as_bytes());
             map.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 HeaderValue::from_str(value).unwrap(),
@@ -2039,7 +2060,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             version,
             headers: map,
-            read_for_framing_only: false,
+            facts,
         }
     }
 
