@@ -15,7 +15,8 @@
 //!   nodes the pick is power of two choices: the best-ranked node against one other, so its
 //!   cost stays constant.
 //!
-//! The choice is attached as a [`SelectedNode`] request extension holding the node's slot. If a
+//! The choice is attached to the request as a [`SelectedNode`] holding the node's slot (an
+//! extension of an `http::Request`, a field of a [`RawRequest`](crate::raw::RawRequest)). If a
 //! [`TimeoutWaitLayer`](crate::timeout_wait::TimeoutWaitLayer) before it already holds a slot,
 //! the pick moves there only to a node with room, so the wait layer's guarantee holds. Without one,
 //! the slot is taken even on a full node (the node queues it). No node for the model answers 404;

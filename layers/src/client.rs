@@ -254,11 +254,11 @@ pub struct Forward<'a> {
     /// framing, hop-by-hop). So a caller sets or removes a header per node without touching
     /// the request (and without an insert that may have to grow its header map).
     pub replaced: &'a [(&'a HeaderName, Option<&'a HeaderValue>)],
-    /// The answer headers to hand back, by lower-case name. The others are put in the map only
-    /// where they frame the answer (`content-length`, `transfer-encoding`, `connection`), and
-    /// taken out again once it is framed; the rest are skipped as the head is parsed, before a
-    /// `HeaderName` is made of them (for a name `http` does not know, an allocation), so a
-    /// caller that passes on only some does not build a second header map.
+    /// The answer headers to hand back, by lower-case name. The others are skipped as the head
+    /// is parsed, before a `HeaderName` is made of them (for a name `http` does not know, an
+    /// allocation): what the framing ones (`content-length`, `transfer-encoding`, `connection`)
+    /// say is noted on the way, and none of them goes into the map, so a caller that passes on
+    /// only some does not build a second header map.
     pub keep_answer_header: fn(&str) -> bool,
 }
 
@@ -849,7 +849,7 @@ impl FramingFacts {
 
 /// Parses a final answer head off the front of `buf`, skipping interim (1xx) answers and
 /// counting them in `interim`; `None` until the head is complete. Only the headers `keep`
-/// accepts and the framing headers are read into the map.
+/// accepts are read into the map; the framing headers, kept or not, into its `FramingFacts`.
 fn parse_head(
     buf: &mut BytesMut,
     interim: &mut u32,

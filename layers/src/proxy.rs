@@ -2,8 +2,10 @@
 //! answer back.
 //!
 //! Use it as the innermost service of a stack. It takes the node from the request's
-//! [`SelectedNode`] extension (put there by [`CachedSelectLayer`](crate::cached_select) or
-//! [`TimeoutWaitLayer`](crate::timeout_wait)); on its own it picks the least-loaded eligible node.
+//! [`SelectedNode`] (an extension of an `http::Request`, a field of a [`RawRequest`]; put there
+//! by [`CachedSelectLayer`](crate::cached_select) or [`TimeoutWaitLayer`](crate::timeout_wait));
+//! on its own it picks the least-loaded eligible node. It forwards either request type
+//! ([`ProxiedRequest`]): a raw one's header lines go to the node as the client wrote them.
 //!
 //! - **One client.** [`HttpClient`] is built once per process
 //!   ([`build_client`](crate::build_client)) and cloned into every service: connections to
@@ -19,7 +21,7 @@
 //!   (`content-type`, `content-length`, `content-encoding`, `cache-control`, `x-request-id`,
 //!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node. The
 //!   client applies the allowlist as it parses the node's head, so the others are not copied
-//!   into a header map (the framing headers only until the answer is framed).
+//!   into a header map.
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
@@ -61,8 +63,9 @@ use crate::raw::RawRequest;
 use crate::retry::RetryBudget;
 use crate::routed::Routed;
 
-/// A request id for the node, in the request's extensions: the proxy sends it as `x-request-id`
-/// in place of any the request carries. Set by whatever makes request ids around the stack
+/// A request id for the node, in an `http::Request`'s extensions (on a [`RawRequest`]:
+/// [`RawRequest::set_upstream_request_id`]; its extensions are not read for it): the proxy
+/// sends it as `x-request-id` in place of any the request carries. Set by whatever makes request ids around the stack
 /// (the router's recorder does), so the request's own headers stay as the client sent them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamRequestId(pub HeaderValue);

@@ -191,6 +191,10 @@ impl RawRequest {
     }
 
     /// Anything else a service attaches, as on an `http::Request`. Empty, and free, until used.
+    /// What the layers read has its own fields, not read from here: the info
+    /// ([`set_request_info`](Self::set_request_info)), the slot (through [`Routed`]), the
+    /// request id for the node ([`set_upstream_request_id`](Self::set_upstream_request_id)) and
+    /// the info slot ([`set_info_slot`](Self::set_info_slot)).
     pub fn extensions(&self) -> &Extensions {
         &self.parts.extensions
     }

@@ -14,7 +14,8 @@
 //! - no node serves the model: 404 `model_not_found`.
 //!
 //! A waiter whose client goes away (its future is dropped) leaves the line at once and takes no
-//! slot. The slot is passed on in a [`SelectedNode`] request extension; a later
+//! slot. The slot is passed on as the request's [`SelectedNode`] (an extension of an
+//! `http::Request`, a field of a [`RawRequest`](crate::raw::RawRequest)); a later
 //! [`CachedSelectLayer`](crate::cached_select::CachedSelectLayer) may move it to a better node
 //! that also has room. The layer never reads the body and works over any
 //! [`Routed`] request (`http::Request<B>` for any body type, or a type of your own).

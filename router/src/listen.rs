@@ -15,8 +15,8 @@
 //!   asked for more for `send_timeout` after giving data ([`crate::stalled`]).
 //! - **Header size.** A request head over `max_header_bytes` gets 431, and the connection closes.
 //! - **Body size.** An HTTP/1 request body is read whole before the app is called, up to
-//!   `max_body_bytes`; a larger one is not read, the app gets a body that fails as too large
-//!   (the request path answers 413), and the connection closes after the answer.
+//!   `max_body_bytes`; a larger one is not read, the app gets a request whose body is
+//!   `BodyTooLarge` (the request path answers 413), and the connection closes after the answer.
 //! - **Protocols.** HTTP/1 is served by [`layers::serve_raw_connection`], whose requests reach
 //!   the app as [`RawRequest`]s (the router keeps inference requests raw down to the node); a
 //!   connection that opens with HTTP/2's preface (h2c with prior knowledge) goes to hyper's
