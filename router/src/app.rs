@@ -33,7 +33,7 @@ use crate::record::{Recorded, Recorder, RequestIds};
 use crate::registry::Registry;
 use crate::reload::Reloader;
 use crate::stack::{
-    SharedService, StackConfig, raw_request_service, request_service, retry_budget,
+    SharedService, StackConfig, StackLayers, raw_request_service, request_service, retry_budget,
 };
 use crate::state::AppState;
 use layers::{RawRequest, RetryBudget};
@@ -100,23 +100,26 @@ pub fn app(state: AppState, stack: &StackConfig) -> Router {
 /// - `/api/*`: the admin API (see `specs/SPEC-35375000/admin-api.md`).
 /// - GET `/health` (the process is up), `/ready` (a node can take requests), `/metrics`.
 pub fn router(services: &Services) -> Router {
-    routes(services, inference(services))
+    let layers = StackLayers::new(&services.state, &services.stack);
+    routes(services, inference(services, &layers))
 }
 
 /// The `/v1` request path: request id, history and metrics around the configured stack.
-fn inference(services: &Services) -> Inference {
+fn inference(services: &Services, layers: &StackLayers) -> Inference {
     recorder(services).layer(request_service(
         &services.state,
         &services.stack,
+        layers,
         services.retry_budget.clone(),
     ))
 }
 
 /// [`inference`] for HTTP/1 clients' requests as they came.
-fn raw_inference(services: &Services) -> RawInference {
+fn raw_inference(services: &Services, layers: &StackLayers) -> RawInference {
     recorder(services).layer(raw_request_service(
         &services.state,
         &services.stack,
+        layers,
         services.retry_budget.clone(),
     ))
 }
@@ -161,11 +164,13 @@ fn routes(services: &Services, inference: Inference) -> Router {
 /// It also takes the [`RawRequest`]s of HTTP/1 clients: inference requests stay raw down to
 /// the node (no `HeaderMap` is built for them), the rest become `http::Request`s for axum.
 pub fn service(services: &Services) -> AppService {
-    let inference = inference(services);
+    // One set of layers for both stacks: one ranking cache.
+    let layers = StackLayers::new(&services.state, &services.stack);
+    let inference = inference(services, &layers);
     AppService {
         routes: routes(services, inference.clone()),
         inference,
-        raw_inference: raw_inference(services),
+        raw_inference: raw_inference(services, &layers),
         credentials: services.credentials.clone(),
     }
 }

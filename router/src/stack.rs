@@ -147,6 +147,7 @@ pub fn proxy_service(
 pub fn inference_service<R>(
     state: &AppState,
     config: &StackConfig,
+    layers: &StackLayers,
     budget: Arc<RetryBudget>,
 ) -> InferenceService<R>
 where
@@ -156,43 +157,52 @@ where
     let proxy =
         ServiceExt::<R>::map_response(proxy_service(state, config, budget), |r| r.map(Body::new));
     let mut service = SharedService::new(proxy);
-    let (admission, wait, select) = configured_layers(state, config);
     for kind in config.layers.iter().rev() {
         service = match kind {
-            LayerKind::Admission => shared(admission.layer(service)),
-            LayerKind::TimeoutWait => shared(wait.layer(service)),
-            LayerKind::CachedSelect => shared(select.layer(service)),
+            LayerKind::Admission => shared(layers.admission.layer(service)),
+            LayerKind::TimeoutWait => shared(layers.wait.layer(service)),
+            LayerKind::CachedSelect => shared(layers.select.layer(service)),
         };
     }
     service
 }
 
-/// The three configurable layers over the state's pool, with the config's settings.
-fn configured_layers(
-    state: &AppState,
-    config: &StackConfig,
-) -> (AdmissionLayer, TimeoutWaitLayer, CachedSelectLayer) {
-    (
-        AdmissionLayer::new(state.pool.clone(), config.admission)
-            .with_counters(state.admission.clone()),
-        TimeoutWaitLayer::new(state.pool.clone(), config.wait),
-        CachedSelectLayer::new(state.pool.clone(), config.select),
-    )
+/// The three configurable layers over the state's pool, with the config's settings. Make them
+/// once for an app and build each of its stacks (the `http` one, the raw one) with them: so the
+/// stacks share one ranking cache, and the admission counters.
+#[derive(Debug, Clone)]
+pub struct StackLayers {
+    admission: AdmissionLayer,
+    wait: TimeoutWaitLayer,
+    select: CachedSelectLayer,
+}
+
+impl StackLayers {
+    /// The layers `config` sets, over `state`'s pool.
+    pub fn new(state: &AppState, config: &StackConfig) -> Self {
+        Self {
+            admission: AdmissionLayer::new(state.pool.clone(), config.admission)
+                .with_counters(state.admission.clone()),
+            wait: TimeoutWaitLayer::new(state.pool.clone(), config.wait),
+            select: CachedSelectLayer::new(state.pool.clone(), config.select),
+        }
+    }
 }
 
 /// The whole path from the client's request: body parsing, then [`inference_service`].
 pub fn request_service(
     state: &AppState,
     config: &StackConfig,
+    layers: &StackLayers,
     budget: Arc<RetryBudget>,
 ) -> SharedService<Request<Body>, Response<Body>> {
     if config.layers == LayerKind::ALL {
-        let stack = default_stack(state, config, budget);
+        let stack = default_stack(state, config, layers, budget);
         return SharedService::new(ServiceExt::<Request<Body>>::map_response(stack, |r| {
             r.map(Body::new)
         }));
     }
-    let inner = inference_service::<Request<Full<Bytes>>>(state, config, budget);
+    let inner = inference_service::<Request<Full<Bytes>>>(state, config, layers, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
@@ -201,15 +211,16 @@ pub fn request_service(
 pub fn raw_request_service(
     state: &AppState,
     config: &StackConfig,
+    layers: &StackLayers,
     budget: Arc<RetryBudget>,
 ) -> SharedService<RawRequest, Response<Body>> {
     if config.layers == LayerKind::ALL {
-        let stack = default_stack(state, config, budget);
+        let stack = default_stack(state, config, layers, budget);
         return SharedService::new(ServiceExt::<RawRequest>::map_response(stack, |r| {
             r.map(Body::new)
         }));
     }
-    let inner = inference_service::<RawRequest>(state, config, budget);
+    let inner = inference_service::<RawRequest>(state, config, layers, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
@@ -218,13 +229,17 @@ pub fn raw_request_service(
 /// subset takes the erased path, which builds the same services.
 type DefaultStack = RequestInfoService<Admission<TimeoutWait<CachedSelect<PooledProxyService>>>>;
 
-fn default_stack(state: &AppState, config: &StackConfig, budget: Arc<RetryBudget>) -> DefaultStack {
-    let (admission, wait, select) = configured_layers(state, config);
+fn default_stack(
+    state: &AppState,
+    config: &StackConfig,
+    layers: &StackLayers,
+    budget: Arc<RetryBudget>,
+) -> DefaultStack {
     tower::ServiceBuilder::new()
         .layer(RequestInfoLayer::new(config.request_info))
-        .layer(admission)
-        .layer(wait)
-        .layer(select)
+        .layer(layers.admission.clone())
+        .layer(layers.wait.clone())
+        .layer(layers.select.clone())
         .service(proxy_service(state, config, budget))
 }
 
