@@ -35,8 +35,9 @@
 //!   413, say) and stops reading is waited for until the caller's timeout.
 //! - **Headers.** The request goes out with `host` from its URI (or from
 //!   [`Forward::authority`]) and `content-length` from its body; the caller's `host`, framing
-//!   and hop-by-hop headers, `proxy-authorization` and `proxy-authenticate`, and `expect` (the
-//!   body is sent at once) are not sent.
+//!   and hop-by-hop headers, the headers its `connection` names (RFC 9110 7.6.1),
+//!   `proxy-authorization` and `proxy-authenticate`, and `expect` (the body is sent at once)
+//!   are not sent.
 //! - **Sending without giving up the request.** [`HttpClient::request_to`] writes out the head
 //!   of a borrowed request, so a caller that may send it again elsewhere keeps it as it is,
 //!   with no copy of its headers.
@@ -653,10 +654,33 @@ impl Outgoing {
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
         let mut head = request_line(method, uri, &to, 256);
-        for (name, value) in headers {
-            if sent_as_given(name) && !to.replaced.iter().any(|(r, _)| *r == name) {
-                push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+        let lines = head.len();
+        // Copies the lines `dropped` does not name; says whether `connection` names any.
+        let push = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
+            let mut options = false;
+            for (name, value) in headers {
+                if !sent_as_given(name) {
+                    options |= name == header::CONNECTION && names_options(value.as_bytes());
+                } else if !to.replaced.iter().any(|(r, _)| *r == name)
+                    && !dropped.contains(&name.as_str().as_bytes())
+                {
+                    push_header(head, name.as_str().as_bytes(), value.as_bytes());
+                }
             }
+            options
+        };
+        if push(&mut head, &[]) {
+            // Rare: written again without the headers `connection` names.
+            head.truncate(lines);
+            let listed = connection_options(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
+            let lower: Vec<Vec<u8>> = listed.iter().map(|n| n.to_ascii_lowercase()).collect();
+            let dropped: Vec<&[u8]> = lower.iter().map(Vec::as_slice).collect();
+            push(&mut head, &dropped);
         }
         Self::finish(head, method, headers.contains_key("idempotency-key"), to)
     }
@@ -669,14 +693,34 @@ impl Outgoing {
         let body = request.body().map_or(0, |b| b.len());
         let room = request.head_len() + if body <= INLINE_BODY { body } else { 0 } + 128;
         let mut head = request_line(method, request.uri(), &to, room);
-        for (name, value) in request.headers() {
-            let replaced = to
-                .replaced
-                .iter()
-                .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
-            if sent_as_given_raw(name) && !replaced {
-                push_header(&mut head, name, value);
+        let lines = head.len();
+        // Copies the lines `dropped` does not name; says whether `connection` names any.
+        let push = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
+            let mut options = false;
+            for (name, value) in request.headers() {
+                if !sent_as_given_raw(name) {
+                    options |= name.eq_ignore_ascii_case(b"connection") && names_options(value);
+                    continue;
+                }
+                let replaced = to
+                    .replaced
+                    .iter()
+                    .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
+                let listed = dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
+                if !replaced && !listed {
+                    push_header(head, name, value);
+                }
             }
+            options
+        };
+        if push(&mut head, &[]) {
+            // Rare: written again without the headers `connection` names.
+            head.truncate(lines);
+            let connection = request
+                .headers()
+                .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+                .map(|(_, value)| value);
+            push(&mut head, &connection_options(connection));
         }
         Self::finish(
             head,
@@ -704,6 +748,25 @@ impl Outgoing {
             keep_answer_header: to.keep_answer_header,
         }
     }
+}
+
+/// Whether a `connection` value names headers (RFC 9110 7.6.1), not just `close` or
+/// `keep-alive`.
+fn names_options(value: &[u8]) -> bool {
+    !connection_options(std::iter::once(value)).is_empty()
+}
+
+/// The header names `connection` values list, for this connection only: not sent on.
+fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+    values
+        .flat_map(|value| value.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+        })
+        .collect()
 }
 
 /// The request line and `host`, for `uri`'s path and query sent as `to` says.
@@ -1769,7 +1832,8 @@ mod tests {
         let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
         let request = Request::post(node.url("/v1/chat?x=1"))
             .header("host", "client.example")
-            .header("connection", "keep-alive")
+            .header("x-hop", "this hop only")
+            .header("connection", "keep-alive, X-Hop")
             .header("expect", "100-continue")
             .header("transfer-encoding", "chunked")
             .header("proxy-authorization", "Basic cHJveHk=")
@@ -1792,6 +1856,7 @@ mod tests {
             "expect:",
             "transfer-encoding:",
             "proxy-authorization:",
+            "x-hop",
         ] {
             assert!(!sent.contains(gone), "{gone} was sent: {sent}");
         }

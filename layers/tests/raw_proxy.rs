@@ -116,12 +116,14 @@ async fn start_router(pool: NodePool) -> (SocketAddr, watch::Sender<bool>) {
 
 fn post(model: &str, close: bool) -> Vec<u8> {
     let body = format!(r#"{{"model":"{model}","messages":[]}}"#);
-    let connection = if close { "close" } else { "keep-alive" };
+    // A header the connection names is for this hop only (RFC 9110 7.6.1).
+    let connection = if close { "close" } else { "keep-alive, X-Hop" };
     format!(
         "POST /v1/chat/completions?trace=1 HTTP/1.1\r\nHost: router.example\r\n\
          Content-Type: application/json\r\nAuthorization: Bearer client-secret\r\n\
          Proxy-Authorization: Basic cHJveHk=\r\nTE: trailers\r\nConnection: {connection}\r\n\
-         X-Tag: Kept As Sent\r\nX-Request-Id: client-id\r\nContent-Length: {}\r\n\r\n{body}",
+         X-Hop: this hop only\r\nX-Tag: Kept As Sent\r\nX-Request-Id: client-id\r\n\
+         Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -188,7 +190,13 @@ async fn a_raw_request_is_forwarded_with_its_lines_and_answered_through_the_allo
     assert_eq!(value("content-type"), ["application/json"]);
     assert_eq!(value("x-request-id"), ["router-id-1"], "replaced, once");
     assert_eq!(value("content-length"), [body.len().to_string()]);
-    for gone in ["authorization", "proxy-authorization", "te", "connection"] {
+    for gone in [
+        "authorization",
+        "proxy-authorization",
+        "te",
+        "connection",
+        "x-hop",
+    ] {
         assert!(!names.contains(&gone), "{gone} reached the node: {names:?}");
     }
     assert_eq!(&body[..], br#"{"model":"m","messages":[]}"#);
