@@ -15,6 +15,9 @@
 //! Two building blocks go with them: [`HttpClient`], the pooled HTTP/1.1 client the proxy
 //! sends with, and [`serve_connection`], an HTTP/1.1 server for one client connection in front
 //! of any tower service, which reads whole request bodies before calling it.
+//! [`serve_raw_connection`] is the same server handing the service a [`RawRequest`] (the
+//! request's bytes, a range pair per header, typed fields for the layers' state) instead of an
+//! `http::Request`; the layers and [`PooledProxyService`] take either.
 //!
 //! All layers share one [`NodePool`]: a lock-free snapshot of the nodes plus live load per node.
 //! A request's slot on a node is a [`LoadGuard`] that travels in a [`SelectedNode`] request
