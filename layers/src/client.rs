@@ -64,8 +64,8 @@ use crate::FastMap;
 use crate::body::CollectBytes;
 use crate::raw::RawRequest;
 use crate::wire::{
-    LANDING_SIZE, header_name, line_end, parse_chunk_size, parse_length, poll_read_landing,
-    push_decimal,
+    LANDING_SIZE, header_name, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
+    poll_read_landing, push_decimal,
 };
 
 /// Settings for the shared client.
@@ -886,13 +886,7 @@ impl FramingFacts {
         let mut parts = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
         match name {
             "connection" => self.close |= parts.any(|t| t.eq_ignore_ascii_case(b"close")),
-            "transfer-encoding" => {
-                self.transfer_encoding = Some(
-                    parts
-                        .next_back()
-                        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked")),
-                );
-            }
+            "transfer-encoding" => self.transfer_encoding = Some(last_coding_is_chunked(value)),
             "content-length" => {
                 for part in parts {
                     self.length = match (self.length, parse_length(part)) {
@@ -2167,6 +2161,12 @@ mod tests {
                 false,
                 Framing::Chunked(Chunk::Size),
                 false,
+            ),
+            (
+                head(V::HTTP_11, 200, &[("transfer-encoding", "gzip, chunked,")]),
+                false,
+                Framing::Chunked(Chunk::Size),
+                true,
             ),
             (
                 head(V::HTTP_11, 200, &[("transfer-encoding", "gzip")]),

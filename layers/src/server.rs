@@ -62,8 +62,8 @@ use tower::Service;
 use crate::RouterError;
 use crate::raw::{HeaderRange, RawRequest, header_map};
 use crate::wire::{
-    LANDING_SIZE, has_token, line_end, parse_chunk_size, parse_length, poll_read_landing,
-    push_decimal,
+    LANDING_SIZE, has_token, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
+    poll_read_landing, push_decimal,
 };
 
 /// Limits for [`serve_connection`].
@@ -983,12 +983,7 @@ fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal>
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // The last coding must be chunked: a request body cannot be framed by the close.
-            chunked = Some(
-                value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
-            );
+            chunked = Some(last_coding_is_chunked(value));
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if token.eq_ignore_ascii_case(b"close") {
@@ -2030,6 +2025,17 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: Close\r\n\r\n",
         );
         assert_eq!((f.framing, f.keep_alive), (Framing::Chunked, false));
+        // An empty list element is skipped, not taken for the last coding.
+        let f = facts(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, \r\n\r\n");
+        assert_eq!(f.framing, Framing::Chunked);
+        assert_eq!(
+            parse_head(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n",
+                64 * 1024
+            )
+            .err(),
+            Some(Refusal::Malformed("transfer-encoding"))
+        );
         let f = facts(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
         assert_eq!((f.framing, f.keep_alive), (Framing::Length(0), true));
         assert!(facts(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expects_continue);

@@ -50,6 +50,16 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// Whether the last transfer coding a `transfer-encoding` value lists is `chunked`. Empty list
+/// elements (`chunked,`) are skipped, as RFC 9110 5.6.1 asks of a recipient.
+pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty())
+        .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Whether a comma-separated header `name` lists `token` (case-insensitively).
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|value| {
