@@ -188,12 +188,16 @@ impl<B> PooledProxyService<B> {
     }
 }
 
-fn forwardable_response_header(name: &str) -> bool {
+fn forwardable_response_header(name: &[u8]) -> bool {
     matches!(
         name,
-        "content-type" | "content-length" | "content-encoding" | "cache-control" | "x-request-id"
-    ) || name.starts_with("openai-")
-        || name.starts_with("x-ratelimit-")
+        b"content-type"
+            | b"content-length"
+            | b"content-encoding"
+            | b"cache-control"
+            | b"x-request-id"
+    ) || name.starts_with(b"openai-")
+        || name.starts_with(b"x-ratelimit-")
 }
 
 fn is_event_stream(headers: &HeaderMap) -> bool {
