@@ -239,8 +239,9 @@ struct ParsedHead {
     method: Method,
     target: (usize, usize),
     version: Version,
-    headers: [HeaderRange; MAX_HEADERS],
-    count: usize,
+    /// Boxed at its length: a fixed array of `MAX_HEADERS` was 1.6 KiB to copy with every
+    /// move of the head, and a `RawRequest` takes this box as it is.
+    headers: Box<[HeaderRange]>,
     facts: HeadFacts,
 }
 
@@ -248,22 +249,22 @@ struct ParsedHead {
 trait FromHead: Sized {
     /// The request `head` describes, over `message` (from which it was parsed); `body` is
     /// `None` when it was over the limit and not read.
-    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal>;
+    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal>;
 }
 
 impl FromHead for Request<RequestBody> {
-    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
-        build_request(&message, head, RequestBody::read(body))
+    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
+        build_request(&message, &head, RequestBody::read(body))
     }
 }
 
 impl FromHead for RawRequest {
-    fn from_head(message: Bytes, head: &ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
-        let uri = target_uri(&message, head)?;
-        let headers = &head.headers[..head.count];
+    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
+        let uri = target_uri(&message, &head)?;
         // httparse has checked names and values as `HeaderName` and `HeaderValue` would, but
         // for a name's length.
-        if headers
+        if head
+            .headers
             .iter()
             .any(|&(start, end, _, _)| (end - start) as usize > MAX_HEADER_NAME_LEN)
         {
@@ -272,10 +273,10 @@ impl FromHead for RawRequest {
         Ok(RawRequest::new(
             message,
             head.len,
-            head.method.clone(),
+            head.method,
             head.version,
             uri,
-            headers.into(),
+            head.headers,
             body,
         ))
     }
@@ -525,7 +526,7 @@ fn read_from<R: FromHead>(
             (body, head.len + before - rest.len())
         }
     };
-    let request = R::from_head(message, &head, body).map_err(refused)?;
+    let request = R::from_head(message, head, body).map_err(refused)?;
     Ok(Some((request, used)))
 }
 
@@ -607,12 +608,14 @@ impl Connection {
             }
         };
         let body_left = body.is_none();
-        let request = R::from_head(message, &head, body)?;
+        let (version, keep_alive) = (head.version, head.facts.keep_alive);
+        let head_only = head.method == Method::HEAD;
+        let request = R::from_head(message, head, body)?;
         Ok(Some(Incoming {
             request,
-            version: head.version,
-            keep_alive: head.facts.keep_alive,
-            head_only: head.method == Method::HEAD,
+            version,
+            keep_alive,
+            head_only,
             body_left,
         }))
     }
@@ -950,8 +953,7 @@ fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal>
         method,
         target,
         version,
-        headers: [(0, 0, 0, 0); MAX_HEADERS],
-        count: request.headers.len(),
+        headers: Box::default(),
         facts: HeadFacts {
             framing: Framing::Length(0),
             keep_alive: version == Version::HTTP_11,
@@ -960,7 +962,8 @@ fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal>
     };
     let mut length: Option<u64> = None;
     let mut chunked = None;
-    for (slot, found) in head.headers.iter_mut().zip(request.headers.iter()) {
+    let mut headers = Vec::with_capacity(request.headers.len());
+    for found in request.headers.iter() {
         let (name, value) = (found.name.as_bytes(), found.value);
         // Heads are far smaller than 4 GiB; one that is not is refused, not cut.
         let range = |part: &[u8]| {
@@ -971,7 +974,7 @@ fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal>
                 .ok_or(Refusal::HeadTooLarge)
         };
         let ((name_start, name_end), (value_start, value_end)) = (range(name)?, range(value)?);
-        *slot = (name_start, name_end, value_start, value_end);
+        headers.push((name_start, name_end, value_start, value_end));
         if name.eq_ignore_ascii_case(b"content-length") {
             for part in value.split(|&b| b == b',') {
                 let n =
@@ -997,6 +1000,7 @@ fn parse_head(buf: &[u8], max_len: usize) -> Result<Option<ParsedHead>, Refusal>
                 && value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
+    head.headers = headers.into_boxed_slice();
     head.facts.framing = match (chunked, length) {
         (Some(_), Some(_)) => {
             return Err(Refusal::Malformed(
@@ -1020,7 +1024,7 @@ fn build_request(
     body: RequestBody,
 ) -> Result<Request<RequestBody>, Refusal> {
     let uri = target_uri(message, head)?;
-    let headers = header_map(message, &head.headers[..head.count]).map_err(Refusal::Malformed)?;
+    let headers = header_map(message, &head.headers).map_err(Refusal::Malformed)?;
     let mut request = Request::new(body);
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = uri;
