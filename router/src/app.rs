@@ -209,7 +209,7 @@ where
     fn call(&mut self, request: Request<B>) -> AppFuture {
         if !is_inference(request.method(), request.uri().path()) {
             return AppFutureKind::Routes {
-                future: self.routes.call(request),
+                future: Box::pin(self.routes.call(request)),
             }
             .into();
         }
@@ -219,7 +219,7 @@ where
                 future: self.inference.call(request),
             },
             Err(refused) => AppFutureKind::Answered {
-                response: Some(*refused),
+                response: Some(refused),
             },
         }
         .into()
@@ -243,10 +243,10 @@ impl Service<RawRequest> for AppService {
         if !is_inference(request.method(), request.uri().path()) {
             return match request.into_http() {
                 Ok(request) => AppFutureKind::Routes {
-                    future: self.routes.call(request.map(Body::new)),
+                    future: Box::pin(self.routes.call(request.map(Body::new))),
                 },
                 Err(error) => AppFutureKind::Answered {
-                    response: Some(error.into_response()),
+                    response: Some(Box::new(error.into_response())),
                 },
             }
             .into();
@@ -256,7 +256,7 @@ impl Service<RawRequest> for AppService {
                 future: self.raw_inference.call(request),
             },
             Err(refused) => AppFutureKind::Answered {
-                response: Some(*refused),
+                response: Some(refused),
             },
         }
         .into()
@@ -278,10 +278,11 @@ pin_project! {
         Inference { #[pin] future: <Inference as Service<Request<Body>>>::Future },
         // An HTTP/1 client's, through the inference path as it came.
         RawInference { #[pin] future: <RawInference as Service<RawRequest>>::Future },
-        // Through axum's routes.
-        Routes { #[pin] future: RouteFuture<Infallible> },
+        // Through axum's routes. Boxed, as is a refusal: the inference variants are a pointer,
+        // and this future moves into the server's connection loop with every request.
+        Routes { future: Pin<Box<RouteFuture<Infallible>>> },
         // Refused before the path.
-        Answered { response: Option<Response> },
+        Answered { response: Option<Box<Response>> },
     }
 }
 
@@ -298,10 +299,10 @@ impl Future for AppFuture {
         match self.project().kind.project() {
             AppFutureProj::Inference { future } => future.poll(cx),
             AppFutureProj::RawInference { future } => future.poll(cx),
-            AppFutureProj::Routes { future } => future.poll(cx),
+            AppFutureProj::Routes { future } => future.as_mut().poll(cx),
             AppFutureProj::Answered { response } => Poll::Ready(Ok(response
                 .take()
-                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
+                .map_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response(), |r| *r))),
         }
     }
 }
