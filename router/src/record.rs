@@ -77,16 +77,16 @@ fn push_hex(out: &mut String, value: u64, min_digits: usize) {
 }
 
 /// A client's id is kept if it is short and plain.
-fn sane_request_id(value: &HeaderValue) -> Option<&str> {
-    let s = value.to_str().ok()?;
-    (!s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())).then_some(s)
+fn sane_request_id(value: &[u8]) -> Option<&str> {
+    let plain = !value.is_empty() && value.len() <= 128 && value.iter().all(u8::is_ascii_graphic);
+    plain.then(|| std::str::from_utf8(value).ok()).flatten()
 }
 
 /// What the recorder reads from a request and puts on it: an `http::Request` (extensions and
 /// its header map) or a [`RawRequest`] (typed fields and its header lines).
 pub trait RecordedRequest: Send + 'static {
-    /// The first `x-request-id`, sharing the request's bytes, and whether another follows.
-    fn request_id_header(&self) -> (Option<HeaderValue>, bool);
+    /// The first `x-request-id`'s value, and whether another follows.
+    fn request_id_header(&self) -> (Option<&[u8]>, bool);
     /// The id the node gets in place of the client's.
     fn set_upstream_request_id(&mut self, id: UpstreamRequestId);
     /// The id of the API key the request used, once checked.
@@ -98,9 +98,9 @@ pub trait RecordedRequest: Send + 'static {
 }
 
 impl RecordedRequest for Request<Body> {
-    fn request_id_header(&self) -> (Option<HeaderValue>, bool) {
+    fn request_id_header(&self) -> (Option<&[u8]>, bool) {
         let mut all = self.headers().get_all(&REQUEST_ID).iter();
-        (all.next().cloned(), all.next().is_some())
+        (all.next().map(HeaderValue::as_bytes), all.next().is_some())
     }
 
     fn set_upstream_request_id(&mut self, id: UpstreamRequestId) {
@@ -121,8 +121,8 @@ impl RecordedRequest for Request<Body> {
 }
 
 impl RecordedRequest for RawRequest {
-    fn request_id_header(&self) -> (Option<HeaderValue>, bool) {
-        let first = self.header_value(REQUEST_ID.as_str());
+    fn request_id_header(&self) -> (Option<&[u8]>, bool) {
+        let first = self.header(REQUEST_ID.as_str());
         let repeated = first.is_some() && self.header_count(REQUEST_ID.as_str()) > 1;
         (first, repeated)
     }
@@ -196,17 +196,12 @@ where
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let (first, repeated) = request.request_id_header();
-        let client_id = first.as_ref().and_then(sane_request_id).map(str::to_owned);
+        let client_id = first.and_then(sane_request_id).map(str::to_owned);
         let from_client = client_id.is_some();
-        let (request_id, id_header) = match client_id {
-            // The client's value itself: it shares the request's bytes, so this is no copy.
-            Some(id) => (id, first),
-            None => {
-                let id = self.recorder.ids.next();
-                let value = HeaderValue::from_str(&id).ok();
-                (id, value)
-            }
-        };
+        let request_id = client_id.unwrap_or_else(|| self.recorder.ids.next());
+        // A copy, even of the client's own value: one sharing the request's bytes would keep
+        // its whole allocation, body included, for as long as the answer streams.
+        let id_header = HeaderValue::from_str(&request_id).ok();
         // The node gets exactly the id the client is told. The client's own goes as it came
         // when it is the only one; otherwise the proxy sends this one in place of the client's
         // (missing, unusable or repeated) headers. An insert into the request's header map
@@ -649,17 +644,8 @@ mod tests {
         assert_eq!(first[..16], second[..16], "one prefix per process");
         assert!(first.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
         assert!(second.ends_with("00000002"), "{second}");
-        assert_eq!(
-            sane_request_id(&HeaderValue::from_static("abc-123")),
-            Some("abc-123")
-        );
-        assert_eq!(
-            sane_request_id(&HeaderValue::from_static("has space")),
-            None
-        );
-        assert_eq!(
-            sane_request_id(&HeaderValue::from_str(&"x".repeat(200)).unwrap()),
-            None
-        );
+        assert_eq!(sane_request_id(b"abc-123"), Some("abc-123"));
+        assert_eq!(sane_request_id(b"has space"), None);
+        assert_eq!(sane_request_id("x".repeat(200).as_bytes()), None);
     }
 }
