@@ -607,14 +607,7 @@ fn sent_as_given(name: &HeaderName) -> bool {
 /// [`sent_as_given`] for a name as a client wrote it, in any case.
 fn sent_as_given_raw(name: &[u8]) -> bool {
     // The longest name not sent is 19 bytes; a longer one is sent.
-    let mut lower = [0u8; 19];
-    let Some(lower) = lower.get_mut(..name.len()) else {
-        return true;
-    };
-    for (to, from) in lower.iter_mut().zip(name) {
-        *to = from.to_ascii_lowercase();
-    }
-    sent_as_given_lowercase(lower)
+    lowercase(name, &mut [0u8; 19]).is_none_or(sent_as_given_lowercase)
 }
 
 // Bytes, not `str`: a `str::from_utf8` of a short name cost about 90 instructions, once per
@@ -657,34 +650,12 @@ impl Outgoing {
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
         let mut head = request_line(method, uri, &to, 256);
-        let lines = head.len();
-        // Copies the lines `dropped` does not name; says whether `connection` names any.
-        let push = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
-            let mut options = false;
-            for (name, value) in headers {
-                if !sent_as_given(name) {
-                    options |= name == header::CONNECTION && names_options(value.as_bytes());
-                } else if !to.replaced.iter().any(|(r, _)| *r == name)
-                    && !dropped.contains(&name.as_str().as_bytes())
-                {
-                    push_header(head, name.as_str().as_bytes(), value.as_bytes());
-                }
-            }
-            options
+        let lines = || {
+            headers
+                .iter()
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
         };
-        if push(&mut head, &[]) {
-            // Rare: written again without the headers `connection` names.
-            head.truncate(lines);
-            let listed = connection_options(
-                headers
-                    .get_all(header::CONNECTION)
-                    .iter()
-                    .map(HeaderValue::as_bytes),
-            );
-            let lower: Vec<Vec<u8>> = listed.iter().map(|n| n.to_ascii_lowercase()).collect();
-            let dropped: Vec<&[u8]> = lower.iter().map(Vec::as_slice).collect();
-            push(&mut head, &dropped);
-        }
+        copy_lines(&mut head, lines, &to);
         Self::finish(head, method, headers.contains_key("idempotency-key"), to)
     }
 
@@ -696,35 +667,7 @@ impl Outgoing {
         let body = request.body().map_or(0, |b| b.len());
         let room = request.head_len() + if body <= INLINE_BODY { body } else { 0 } + 128;
         let mut head = request_line(method, request.uri(), &to, room);
-        let lines = head.len();
-        // Copies the lines `dropped` does not name; says whether `connection` names any.
-        let push = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
-            let mut options = false;
-            for (name, value) in request.headers() {
-                if !sent_as_given_raw(name) {
-                    options |= name.eq_ignore_ascii_case(b"connection") && names_options(value);
-                    continue;
-                }
-                let replaced = to
-                    .replaced
-                    .iter()
-                    .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
-                let listed = dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
-                if !replaced && !listed {
-                    push_header(head, name, value);
-                }
-            }
-            options
-        };
-        if push(&mut head, &[]) {
-            // Rare: written again without the headers `connection` names.
-            head.truncate(lines);
-            let connection = request
-                .headers()
-                .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
-                .map(|(_, value)| value);
-            push(&mut head, &connection_options(connection));
-        }
+        copy_lines(&mut head, || request.headers(), &to);
         Self::finish(
             head,
             method,
@@ -753,23 +696,58 @@ impl Outgoing {
     }
 }
 
-/// Whether a `connection` value names headers (RFC 9110 7.6.1), not just `close` or
-/// `keep-alive`.
-fn names_options(value: &[u8]) -> bool {
-    !connection_options(std::iter::once(value)).is_empty()
+/// Appends the request's header lines (from `lines`, names in any case) the node gets: all
+/// but the ones never sent as given, the ones `to` replaces, and the ones a `connection` value
+/// names (RFC 9110 7.6.1: for this hop only).
+fn copy_lines<'a, I>(head: &mut Vec<u8>, lines: impl Fn() -> I, to: &Forward<'_>)
+where
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+{
+    let start = head.len();
+    // Copies the lines `dropped` does not name; says whether `connection` names any.
+    let copy = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
+        let mut options = false;
+        for (name, value) in lines() {
+            if !sent_as_given_raw(name) {
+                options |= is_connection(name) && connection_options(value).next().is_some();
+                continue;
+            }
+            let replaced = to
+                .replaced
+                .iter()
+                .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
+            let listed = dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
+            if !replaced && !listed {
+                push_header(head, name, value);
+            }
+        }
+        options
+    };
+    if copy(head, &[]) {
+        // Rare: written again without the headers `connection` names.
+        head.truncate(start);
+        let dropped: Vec<&[u8]> = lines()
+            .filter(|(name, _)| is_connection(name))
+            .flat_map(|(_, value)| connection_options(value))
+            .collect();
+        copy(head, &dropped);
+    }
 }
 
-/// The header names `connection` values list, for this connection only: not sent on.
-fn connection_options<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
-    values
-        .flat_map(|value| value.split(|&b| b == b','))
+fn is_connection(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"connection")
+}
+
+/// The header names a `connection` value lists, not `close` or `keep-alive`.
+fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| {
             !t.is_empty()
                 && !t.eq_ignore_ascii_case(b"close")
                 && !t.eq_ignore_ascii_case(b"keep-alive")
         })
-        .collect()
 }
 
 /// The request line and `host`, for `uri`'s path and query sent as `to` says.
@@ -976,13 +954,19 @@ const SHORT_NAME: usize = 64;
 
 /// Calls `f` with `name` in lower case, using `buf` when it fits.
 fn with_lowercase<R>(name: &[u8], buf: &mut [u8; SHORT_NAME], f: impl FnOnce(&[u8]) -> R) -> R {
-    if let Some(lower) = buf.get_mut(..name.len()) {
-        for (to, from) in lower.iter_mut().zip(name) {
-            *to = from.to_ascii_lowercase();
-        }
-        return f(lower);
+    match lowercase(name, buf) {
+        Some(lower) => f(lower),
+        None => f(&name.to_ascii_lowercase()),
     }
-    f(&name.to_ascii_lowercase())
+}
+
+/// `name` in lower case in `buf`, if it fits.
+fn lowercase<'b>(name: &[u8], buf: &'b mut [u8]) -> Option<&'b [u8]> {
+    let lower = buf.get_mut(..name.len())?;
+    for (to, from) in lower.iter_mut().zip(name) {
+        *to = from.to_ascii_lowercase();
+    }
+    Some(lower)
 }
 
 /// `part` of `original` (a slice of it), as the same bytes of `copy`, its copy.

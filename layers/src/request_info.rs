@@ -213,12 +213,11 @@ where
     }
 
     fn call(&mut self, mut request: RawRequest) -> Self::Future {
-        let too_large = RouterError::PayloadTooLarge {
-            limit: self.config.max_body_bytes,
-        };
         let parsed = match request.body() {
             Ok(body) if body.len() <= self.config.max_body_bytes => self.config.info_of(body),
-            _ => Err(too_large),
+            _ => Err(RouterError::PayloadTooLarge {
+                limit: self.config.max_body_bytes,
+            }),
         };
         let info = match parsed {
             Ok(info) => info,
