@@ -84,6 +84,7 @@ pub mod future;
 pub mod pool;
 pub mod proxy;
 pub mod raw;
+pub mod raw_response;
 pub mod request_info;
 pub mod retry;
 pub mod routed;
@@ -113,11 +114,12 @@ pub use proxy::{
     PooledProxyService, ProxyBody, ProxyConfig, ServedBy, UpstreamFailure, UpstreamRequestId,
 };
 pub use raw::RawRequest;
+pub use raw_response::RawResponse;
 pub use request_info::{RequestInfo, RequestInfoConfig, RequestInfoLayer, RequestInfoSlot};
 pub use retry::RetryBudget;
 pub use routed::{Routed, RoutedResponse};
 pub use server::{
-    BodyTooLarge, RequestBody, ServerConfig, serve_connection, serve_connection_after,
+    Answer, BodyTooLarge, RequestBody, ServerConfig, serve_connection, serve_connection_after,
     serve_raw_connection, serve_raw_connection_after,
 };
 pub use timeout_wait::{TimeoutWaitLayer, WaitConfig, WaitResult, wait_for_ready};

@@ -120,6 +120,17 @@ pub trait RoutedResponse {
 
     /// The layer's own answer for `error`, written in `format`.
     fn rejection(error: RouterError, format: ErrorFormat) -> Self::Layered;
+
+    /// Passes the inner service's answer on with what the request asked for attached, for the
+    /// layers outside it (logs, history), as [`RequestInfoLayer`](crate::RequestInfoLayer)
+    /// does. By default, as [`pass`](Self::pass).
+    fn pass_with_info(self, info: RequestInfo) -> Self::Layered
+    where
+        Self: Sized,
+    {
+        let _ = info;
+        self.pass()
+    }
 }
 
 impl<B> RoutedResponse for Response<B> {
@@ -131,6 +142,11 @@ impl<B> RoutedResponse for Response<B> {
 
     fn rejection(error: RouterError, format: ErrorFormat) -> Self::Layered {
         error.into_response_as(format)
+    }
+
+    fn pass_with_info(mut self, info: RequestInfo) -> Self::Layered {
+        self.extensions_mut().insert(info);
+        self.pass()
     }
 }
 

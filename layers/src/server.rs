@@ -40,6 +40,11 @@
 //! [`RawRequest`]: the request's bytes with ranges for its headers,
 //! instead of an `http::Request` with a `HeaderMap`. Parsing and limits are shared; a test runs
 //! every connection test against both, and the fuzz target checks they read any bytes alike.
+//!
+//! Either serves a service answering with an `http::Response` or with a
+//! [`RawResponse`] (its header lines written out as they are): see [`Answer`]. The server
+//! writes the framing headers (`content-length` or `transfer-encoding`, `connection`) and
+//! `date` itself.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -50,7 +55,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -61,8 +65,9 @@ use tower::Service;
 
 use crate::RouterError;
 use crate::raw::{HeaderRange, RawRequest, header_map};
+use crate::raw_response::RawResponse;
 use crate::wire::{
-    LANDING_SIZE, has_token, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
+    LANDING_SIZE, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
     poll_read_landing, push_decimal,
 };
 
@@ -297,63 +302,63 @@ struct Incoming<R> {
 
 /// Serves HTTP/1.1 (and 1.0) requests on `stream` with `service` until the client closes the
 /// connection, a request is refused, or `shutdown` turns true (see the module docs).
-pub async fn serve_connection<S, B>(
+pub async fn serve_connection<S>(
     stream: TcpStream,
     service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
+    S: Service<Request<RequestBody>, Error = Infallible>,
+    S::Response: Answer,
 {
     serve_connection_after(stream, &[], service, config, shutdown).await;
 }
 
 /// [`serve_connection`] for a connection whose first bytes were already read off it (to tell
 /// the protocol, say): `read` is served as if it came first.
-pub async fn serve_connection_after<S, B>(
+pub async fn serve_connection_after<S>(
     stream: TcpStream,
     read: &[u8],
     service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
+    S: Service<Request<RequestBody>, Error = Infallible>,
+    S::Response: Answer,
 {
     serve(stream, read, service, config, shutdown).await;
 }
 
 /// [`serve_connection`] for a service that takes [`RawRequest`]s: the same reading, limits and
 /// answers, without building an `http::Request` for each request.
-pub async fn serve_raw_connection<S, B>(
+pub async fn serve_raw_connection<S>(
     stream: TcpStream,
     service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<RawRequest, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
+    S: Service<RawRequest, Error = Infallible>,
+    S::Response: Answer,
 {
     serve(stream, &[], service, config, shutdown).await;
 }
 
 /// [`serve_raw_connection`] for a connection whose first bytes were already read off it, as
 /// [`serve_connection_after`].
-pub async fn serve_raw_connection_after<S, B>(
+pub async fn serve_raw_connection_after<S>(
     stream: TcpStream,
     read: &[u8],
     service: S,
     config: ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) where
-    S: Service<RawRequest, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
+    S: Service<RawRequest, Error = Infallible>,
+    S::Response: Answer,
 {
     serve(stream, read, service, config, shutdown).await;
 }
 
-async fn serve<R, S, B>(
+async fn serve<R, S>(
     stream: TcpStream,
     read: &[u8],
     mut service: S,
@@ -361,8 +366,8 @@ async fn serve<R, S, B>(
     shutdown: watch::Receiver<bool>,
 ) where
     R: FromHead,
-    S: Service<R, Response = Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
+    S: Service<R, Error = Infallible>,
+    S::Response: Answer,
 {
     let mut connection = Connection {
         stream,
@@ -729,30 +734,27 @@ impl Connection {
 
     /// Writes `answer`: `Ok(true)` when it went out whole and the connection may take another
     /// request. The body is dropped if the client goes away while it streams.
-    async fn write_answer<B: Body<Data = Bytes>>(
+    async fn write_answer<A: Answer>(
         &mut self,
-        answer: Response<B>,
+        answer: A,
         version: Version,
         head_only: bool,
         mut close: bool,
     ) -> io::Result<bool> {
-        let (parts, body) = answer.into_parts();
-        let mut body = pin!(body);
-        let status = parts.status;
+        let status = answer.status();
+        let mut out = Vec::with_capacity(256);
+        push_status_line(&mut out, status);
+        let lines = answer.write_lines(&mut out);
+        let mut body = pin!(answer.into_body());
         // An app that closes the connection is obeyed; an interim (1xx) answer taken as the
         // final one ends it too, since nothing here switches protocols.
-        close |=
-            status.is_informational() || has_token(&parts.headers, header::CONNECTION, "close");
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| parse_length(value.as_bytes()));
+        close |= status.is_informational() || lines.close;
         let framing = if status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             Out::Bodiless
-        } else if let Some(length) = declared {
+        } else if let Some(length) = lines.declared {
             Out::Length(length)
         } else if let Some(length) = body.size_hint().exact() {
             Out::Length(length)
@@ -762,8 +764,7 @@ impl Connection {
             close = true;
             Out::Close
         };
-        let mut out = Vec::with_capacity(256);
-        write_head(&mut out, status, &parts.headers, framing, version, close);
+        finish_head(&mut out, lines.has_date, framing, version, close);
         if head_only || matches!(framing, Out::Bodiless) {
             self.send(&out).await?;
             return Ok(!close);
@@ -1179,37 +1180,19 @@ impl Dechunker {
     }
 }
 
-/// Headers the server writes itself, from the answer's framing.
-fn framing_header(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::CONTENT_LENGTH
-        || name == "keep-alive"
-}
-
-fn write_head(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    headers: &HeaderMap,
-    framing: Out,
-    version: Version,
-    close: bool,
-) {
+/// Appends the status line.
+fn push_status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        if framing_header(name) {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if !headers.contains_key(header::DATE) {
+}
+
+/// Appends what follows the answer's own header lines: `date` unless it has one, the framing
+/// headers, `connection`, and the blank line.
+fn finish_head(out: &mut Vec<u8>, has_date: bool, framing: Out, version: Version, close: bool) {
+    if !has_date {
         push_date(out);
     }
     match framing {
@@ -1227,6 +1210,91 @@ fn write_head(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// An answer the server writes: an `http::Response` or a [`RawResponse`], over any body of
+/// [`Bytes`]. Sealed: the server needs to know how each writes its header lines.
+pub trait Answer: sealed::WriteLines {}
+
+impl<B: Body<Data = Bytes>> Answer for Response<B> {}
+
+impl<B: Body<Data = Bytes>> Answer for RawResponse<B> {}
+
+mod sealed {
+    use bytes::Bytes;
+    use http::{Response, StatusCode, header};
+    use http_body::Body;
+
+    use crate::raw_response::{RawResponse, is_framing, push_line};
+    use crate::wire::{has_token, parse_length};
+
+    /// What an answer's own header lines said about its framing.
+    pub struct LineFacts {
+        /// The `content-length` it declared.
+        pub declared: Option<u64>,
+        /// It asked for the connection to close.
+        pub close: bool,
+        /// One of them is `date`.
+        pub has_date: bool,
+    }
+
+    /// How an answer's head is written.
+    pub trait WriteLines {
+        type Body: Body<Data = Bytes>;
+        fn status(&self) -> StatusCode;
+        /// Appends the header lines but the framing ones, which the server writes itself.
+        fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts;
+        fn into_body(self) -> Self::Body;
+    }
+
+    impl<B: Body<Data = Bytes>> WriteLines for Response<B> {
+        type Body = B;
+
+        fn status(&self) -> StatusCode {
+            self.status()
+        }
+
+        fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
+            let headers = self.headers();
+            for (name, value) in headers {
+                if !is_framing(name) {
+                    push_line(out, name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
+            LineFacts {
+                declared: headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|value| parse_length(value.as_bytes())),
+                close: has_token(headers, header::CONNECTION, "close"),
+                has_date: headers.contains_key(header::DATE),
+            }
+        }
+
+        fn into_body(self) -> B {
+            self.into_body()
+        }
+    }
+
+    impl<B: Body<Data = Bytes>> WriteLines for RawResponse<B> {
+        type Body = B;
+
+        fn status(&self) -> StatusCode {
+            self.status()
+        }
+
+        fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
+            out.extend_from_slice(self.header_lines());
+            LineFacts {
+                declared: None,
+                close: self.close(),
+                has_date: self.has_date(),
+            }
+        }
+
+        fn into_body(self) -> B {
+            self.into_body()
+        }
+    }
 }
 
 fn push_hex(out: &mut Vec<u8>, n: usize) {
@@ -1263,6 +1331,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    use http::header;
     use http_body_util::{BodyExt, Full};
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
@@ -2060,6 +2129,54 @@ mod tests {
     }
 
     /// Each server test, once for each [`Mode`].
+    #[tokio::test]
+    async fn a_raw_answer_goes_out_with_its_lines_as_they_are() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = tower::service_fn(|request: RawRequest| async move {
+                let streamed = request.uri().path() == "/stream";
+                let body = if streamed {
+                    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                    tokio::spawn(async move { sender.send(Bytes::from("parts")).await });
+                    Fed(receiver).boxed_unsync()
+                } else {
+                    Full::new(Bytes::from("hello")).boxed_unsync()
+                };
+                let mut answer = RawResponse::new(StatusCode::CREATED, body);
+                answer
+                    .insert_header(&header::HeaderName::from_static("x-tag"), b"Kept As Given")
+                    .unwrap();
+                answer
+                    .insert_header(&header::DATE, b"Mon, 01 Jan 2024 00:00:00 GMT")
+                    .unwrap();
+                // Framing is the server's: a length the answer claims is not written.
+                answer
+                    .insert_header(&header::CONTENT_LENGTH, b"999")
+                    .unwrap();
+                answer.set_close(request.header("x-close").is_some());
+                Ok::<_, Infallible>(answer)
+            });
+            serve_raw_connection(stream, service, ServerConfig::default(), shutdown).await;
+        });
+        let answer = exchange(
+            addr,
+            b"GET /whole HTTP/1.1\r\n\r\nGET /stream HTTP/1.1\r\n\r\nGET /whole HTTP/1.1\r\nx-close: 1\r\n\r\nGET /never HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        let whole = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
+                     date: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 5\r\n\r\nhello";
+        let streamed = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
+                        date: Mon, 01 Jan 2024 00:00:00 GMT\r\ntransfer-encoding: chunked\r\n\r\n\
+                        5\r\nparts\r\n0\r\n\r\n";
+        let closing = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
+                       date: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 5\r\n\
+                       connection: close\r\n\r\nhello";
+        assert_eq!(answer, format!("{whole}{streamed}{closing}"));
+    }
+
     macro_rules! in_both_modes {
         ($($name:ident),* $(,)?) => {
             mod http_mode {
