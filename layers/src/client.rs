@@ -63,10 +63,12 @@ use tokio::net::TcpStream;
 use crate::FastMap;
 use crate::body::CollectBytes;
 use crate::raw::RawRequest;
+use crate::raw_response::{RawResponse, push_line};
 use crate::wire::{
     LANDING_SIZE, header_name, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
     poll_read_landing, push_decimal,
 };
+use sealed::Received;
 
 /// Settings for the shared client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,29 +218,47 @@ impl<B> HttpClient<B> {
     }
 
     /// [`request_to`](Self::request_to) for a [`RawRequest`]: its header lines are copied as
-    /// they came, and its body (already whole) is shared, not copied.
-    pub fn request_raw_to(&self, request: &RawRequest, to: Forward<'_>) -> ResponseFuture {
+    /// they came, and its body (already whole) is shared, not copied. The answer is a
+    /// [`RawResponse`]: the kept header lines copied as the node wrote them, into one buffer,
+    /// without the framing ones.
+    pub fn request_raw_to(
+        &self,
+        request: &RawRequest,
+        to: Forward<'_>,
+    ) -> ResponseFuture<RawResponse<UpstreamBody>> {
         let body = match request.body() {
             Ok(body) => Full::new(body.clone()),
             Err(too_large) => {
                 return ResponseFuture::failed(ClientError::RequestBody(Box::new(too_large)));
             }
         };
-        let outgoing = Outgoing::raw(request, to);
-        ResponseFuture {
-            inner: Box::pin(send(self.shared.clone(), outgoing, body)),
-        }
+        let outgoing = Outgoing::raw(request, to).answered_as_lines();
+        ResponseFuture::new(send(self.shared.clone(), outgoing, body))
     }
 
-    fn start(&self, outgoing: Outgoing, body: B) -> ResponseFuture
+    /// [`request_to`](Self::request_to), answered as a [`RawResponse`] as
+    /// [`request_raw_to`](Self::request_raw_to) is.
+    pub(crate) fn request_lines_to(
+        &self,
+        request: &Request<B>,
+        to: Forward<'_>,
+    ) -> ResponseFuture<RawResponse<UpstreamBody>>
+    where
+        B: Body + Clone + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let outgoing = Outgoing::new(request.method(), request.uri(), request.headers(), to);
+        self.start(outgoing.answered_as_lines(), request.body().clone())
+    }
+
+    fn start<A>(&self, outgoing: Outgoing, body: B) -> ResponseFuture<A>
     where
         B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        ResponseFuture {
-            inner: Box::pin(send(self.shared.clone(), outgoing, body)),
-        }
+        ResponseFuture::new(send(self.shared.clone(), outgoing, body))
     }
 }
 
@@ -269,30 +289,94 @@ fn keep_every_header(_: &[u8]) -> bool {
     true
 }
 
-/// The answer to [`HttpClient::request`]: its head, with the body still on the connection.
-pub struct ResponseFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, ClientError>> + Send>>,
+/// The answer to [`HttpClient::request`]: its head, with the body still on the connection. An
+/// `http::Response`, or a [`RawResponse`] for [`HttpClient::request_raw_to`].
+pub struct ResponseFuture<A = Response<UpstreamBody>> {
+    inner: Pin<Box<dyn Future<Output = Result<Received, ClientError>> + Send>>,
+    _answer: PhantomData<fn() -> A>,
 }
 
-impl std::fmt::Debug for ResponseFuture {
+impl<A> std::fmt::Debug for ResponseFuture<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl ResponseFuture {
-    fn failed(error: ClientError) -> Self {
+impl<A> ResponseFuture<A> {
+    fn new(inner: impl Future<Output = Result<Received, ClientError>> + Send + 'static) -> Self {
         Self {
-            inner: Box::pin(std::future::ready(Err(error))),
+            inner: Box::pin(inner),
+            _answer: PhantomData,
         }
+    }
+
+    fn failed(error: ClientError) -> Self {
+        Self::new(std::future::ready(Err(error)))
     }
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<Response<UpstreamBody>, ClientError>;
+impl<A: sealed::FromReceived> Future for ResponseFuture<A> {
+    type Output = Result<A, ClientError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+        self.inner
+            .as_mut()
+            .poll(cx)
+            .map(|received| received.map(A::from_received))
+    }
+}
+
+mod sealed {
+    use http::Response;
+
+    use super::{AnswerHead, AnswerHeaders, UpstreamBody};
+    use crate::raw_response::RawResponse;
+
+    /// A node's answer head and body as `send` reads them, before they take the caller's type.
+    pub struct Received {
+        pub(super) head: AnswerHead,
+        pub(super) body: UpstreamBody,
+    }
+
+    /// What the client answers with: an `http::Response` or a [`RawResponse`].
+    pub trait FromReceived {
+        fn from_received(received: Received) -> Self;
+    }
+
+    impl FromReceived for Response<UpstreamBody> {
+        fn from_received(received: Received) -> Self {
+            let Received { head, body } = received;
+            let mut response = match head.headers {
+                AnswerHeaders::Map(headers) => {
+                    let mut response = Response::new(body);
+                    *response.headers_mut() = headers;
+                    response
+                }
+                AnswerHeaders::Lines { lines, has_date } => {
+                    RawResponse::from_lines(head.status, lines, has_date, body).into_http()
+                }
+            };
+            *response.status_mut() = head.status;
+            *response.version_mut() = head.version;
+            response
+        }
+    }
+
+    impl FromReceived for RawResponse<UpstreamBody> {
+        fn from_received(received: Received) -> Self {
+            let Received { head, body } = received;
+            match head.headers {
+                AnswerHeaders::Lines { lines, has_date } => {
+                    RawResponse::from_lines(head.status, lines, has_date, body)
+                }
+                AnswerHeaders::Map(headers) => {
+                    let mut response = Response::new(body);
+                    *response.status_mut() = head.status;
+                    *response.headers_mut() = headers;
+                    RawResponse::from_http(response)
+                }
+            }
+        }
     }
 }
 
@@ -424,7 +508,7 @@ async fn send<B>(
     shared: Arc<ClientShared>,
     outgoing: Outgoing,
     body: B,
-) -> Result<Response<UpstreamBody>, ClientError>
+) -> Result<Received, ClientError>
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -437,6 +521,7 @@ where
         repeatable,
         body_expected,
         keep_answer_header,
+        lines,
     } = outgoing;
     let body = CollectBytes::new(body)
         .await
@@ -457,22 +542,21 @@ where
             None => connect(&shared.config, &authority).await?,
         };
         let mut connection = Connection::new(stream);
-        match exchange(&mut connection, &head, body, keep_answer_header).await {
-            Ok(mut answer) => {
-                let (framing, keep_alive) = framing(&answer, no_body)?;
-                if answer.facts.transfer_encoding.is_some() {
+        match exchange(&mut connection, &head, body, keep_answer_header, lines).await {
+            Ok(mut head) => {
+                let (framing, keep_alive) = framing(&head, no_body)?;
+                if head.facts.transfer_encoding.is_some()
+                    && let AnswerHeaders::Map(headers) = &mut head.headers
+                {
                     // Ignored for framing (RFC 9112 6.3), so not passed on either.
-                    answer.headers.remove(header::CONTENT_LENGTH);
+                    headers.remove(header::CONTENT_LENGTH);
                 }
-                let mut response = Response::new(UpstreamBody::new(
+                let body = UpstreamBody::new(
                     connection,
                     framing,
                     keep_alive.then(|| (shared.clone(), authority.clone())),
-                ));
-                *response.status_mut() = answer.status;
-                *response.version_mut() = answer.version;
-                *response.headers_mut() = answer.headers;
-                return Ok(response);
+                );
+                return Ok(Received { head, body });
             }
             // The node closed the idle connection as the request went out: once more, anew,
             // if the node cannot have acted on it or acting twice does no harm.
@@ -504,6 +588,7 @@ async fn exchange(
     head: &[u8],
     body: &[u8],
     keep_header: fn(&[u8]) -> bool,
+    lines: bool,
 ) -> Result<AnswerHead, Failed> {
     write_request(&mut connection.stream, head, body)
         .await
@@ -516,7 +601,7 @@ async fn exchange(
     loop {
         // Two bytes back, so that a blank line split across reads is found.
         if holds_blank_line(&connection.buf[searched.saturating_sub(2)..])
-            && let Some(answer) = parse_head(&mut connection.buf, &mut interim, keep_header)
+            && let Some(answer) = parse_head(&mut connection.buf, &mut interim, keep_header, lines)
                 .map_err(Failed::Answering)?
         {
             return Ok(answer);
@@ -643,6 +728,8 @@ struct Outgoing {
     body_expected: bool,
     /// Which answer headers to hand back.
     keep_answer_header: fn(&[u8]) -> bool,
+    /// Whether they are handed back as lines (for a [`RawResponse`]) rather than a map.
+    lines: bool,
 }
 
 impl Outgoing {
@@ -682,7 +769,7 @@ impl Outgoing {
             if let Some(value) = value
                 && sent_as_given(name)
             {
-                push_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+                push_line(&mut head, name.as_str().as_bytes(), value.as_bytes());
             }
         }
         Self {
@@ -692,6 +779,15 @@ impl Outgoing {
             repeatable: method.is_idempotent() || idempotency_key,
             body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
             keep_answer_header: to.keep_answer_header,
+            lines: false,
+        }
+    }
+
+    /// The same request, its answer's headers kept as lines.
+    fn answered_as_lines(self) -> Self {
+        Self {
+            lines: true,
+            ..self
         }
     }
 }
@@ -718,7 +814,7 @@ where
                 .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
             let listed = dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
             if !replaced && !listed {
-                push_header(head, name, value);
+                push_line(head, name, value);
             }
         }
         options
@@ -767,13 +863,6 @@ fn request_line(method: &Method, uri: &http::Uri, to: &Forward<'_>, room: usize)
     head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
     head.extend_from_slice(b"\r\n");
     head
-}
-
-fn push_header(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    head.extend_from_slice(name);
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
 }
 
 /// Ends the head with the body's length (when there is a body, or the method expects one)
@@ -833,9 +922,18 @@ struct AnswerHead {
     status: StatusCode,
     version: Version,
     /// The headers the caller keeps.
-    headers: HeaderMap,
+    headers: AnswerHeaders,
     /// What all of them said about the framing, kept or not.
     facts: FramingFacts,
+}
+
+/// The headers of an answer the caller keeps, as it asked for them.
+#[derive(Debug)]
+enum AnswerHeaders {
+    /// In a map, whose values share one copy of the head.
+    Map(HeaderMap),
+    /// As `name: value\r\n` lines, names as the node wrote them, no framing header among them.
+    Lines { lines: Vec<u8>, has_date: bool },
 }
 
 /// What an answer's headers say about how its body is framed and whether its connection is
@@ -892,6 +990,7 @@ fn parse_head(
     buf: &mut BytesMut,
     interim: &mut u32,
     keep: fn(&[u8]) -> bool,
+    as_lines: bool,
 ) -> Result<Option<AnswerHead>, ClientError> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -917,28 +1016,48 @@ fn parse_head(
             Some(1) => Version::HTTP_11,
             _ => Version::HTTP_10,
         };
-        // One copy of the head, which the values then share: a copy per value was an
-        // allocation each, and slicing the read buffer itself would keep all of it alive for as
-        // long as any forwarded header lives.
-        let head = Bytes::copy_from_slice(&buf[..length]);
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
         let mut facts = FramingFacts::default();
         let mut lower = [0u8; SHORT_NAME];
-        for field in parsed.headers.iter() {
-            let kept = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
-                facts.add(name, field.value);
-                keep(name)
-            });
-            if !kept {
-                continue;
+        let headers = if as_lines {
+            // Room for the kept lines of most answers, and for a line the caller adds (a
+            // request id) without growing.
+            let mut lines = Vec::with_capacity(192);
+            let mut has_date = false;
+            for field in parsed.headers.iter() {
+                let kept = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
+                    facts.add(name, field.value);
+                    let kept = keep(name) && !is_framing_lowercase(name);
+                    has_date |= kept && name == b"date";
+                    kept
+                });
+                if kept {
+                    push_line(&mut lines, field.name.as_bytes(), field.value);
+                }
             }
-            let name = header_name(field.name.as_bytes())
-                .map_err(|_| ClientError::Malformed("header name"))?;
-            let value =
-                HeaderValue::from_maybe_shared(slice_of(&head, &buf[..length], field.value))
-                    .map_err(|_| ClientError::Malformed("header value"))?;
-            headers.append(name, value);
-        }
+            AnswerHeaders::Lines { lines, has_date }
+        } else {
+            // One copy of the head, which the values then share: a copy per value was an
+            // allocation each, and slicing the read buffer itself would keep all of it alive
+            // for as long as any forwarded header lives.
+            let head = Bytes::copy_from_slice(&buf[..length]);
+            let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+            for field in parsed.headers.iter() {
+                let kept = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
+                    facts.add(name, field.value);
+                    keep(name)
+                });
+                if !kept {
+                    continue;
+                }
+                let name = header_name(field.name.as_bytes())
+                    .map_err(|_| ClientError::Malformed("header name"))?;
+                let value =
+                    HeaderValue::from_maybe_shared(slice_of(&head, &buf[..length], field.value))
+                        .map_err(|_| ClientError::Malformed("header value"))?;
+                headers.append(name, value);
+            }
+            AnswerHeaders::Map(headers)
+        };
         buf.advance(length);
         return Ok(Some(AnswerHead {
             status,
@@ -947,6 +1066,14 @@ fn parse_head(
             facts,
         }));
     }
+}
+
+/// The framing headers, which a [`RawResponse`]'s lines never hold: its server writes its own.
+fn is_framing_lowercase(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection" | b"transfer-encoding" | b"content-length" | b"keep-alive"
+    )
 }
 
 /// Header names up to this long are lower-cased on the stack.
@@ -1369,21 +1496,54 @@ mod tests {
     }
 
     #[test]
-    fn answer_header_values_share_one_copy_of_the_head() {
-        let text = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Extra: a b\r\nContent-Length: 2\r\n\r\nok";
+    fn answer_headers_kept_as_lines_are_copied_as_written_without_framing() {
+        let text = "HTTP/1.1 201 Created\r\nContent-Type: text/plain\r\nX-Extra: a b\r\n\
+                    Content-Length: 2\r\nConnection: keep-alive\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n\r\nok";
         let mut buf = BytesMut::from(text);
-        let head = parse_head(&mut buf, &mut 0, keep_every_header)
+        let head = parse_head(&mut buf, &mut 0, keep_every_header, true)
             .unwrap()
             .unwrap();
         assert_eq!(&buf[..], b"ok", "the body stays in the read buffer");
-        let value = |name: &str| head.headers.get(name).unwrap().as_bytes().as_ptr() as usize;
+        assert_eq!(head.facts.length, Length::Is(2), "framing is still read");
+        let AnswerHeaders::Lines { lines, has_date } = head.headers else {
+            panic!("asked for lines");
+        };
+        assert_eq!(
+            String::from_utf8(lines).unwrap(),
+            "Content-Type: text/plain\r\nX-Extra: a b\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+        );
+        assert!(has_date);
+
+        let mut buf = BytesMut::from(text);
+        let head = parse_head(&mut buf, &mut 0, content_type_only, true)
+            .unwrap()
+            .unwrap();
+        let AnswerHeaders::Lines { lines, has_date } = head.headers else {
+            panic!("asked for lines");
+        };
+        assert_eq!(lines, b"Content-Type: text/plain\r\n");
+        assert!(!has_date, "a date not kept is not there");
+    }
+
+    #[test]
+    fn answer_header_values_share_one_copy_of_the_head() {
+        let text = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Extra: a b\r\nContent-Length: 2\r\n\r\nok";
+        let mut buf = BytesMut::from(text);
+        let head = parse_head(&mut buf, &mut 0, keep_every_header, false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..], b"ok", "the body stays in the read buffer");
+        let AnswerHeaders::Map(headers) = head.headers else {
+            panic!("asked for a map");
+        };
+        let value = |name: &str| headers.get(name).unwrap().as_bytes().as_ptr() as usize;
         let apart = text.find("2\r\n\r\n").unwrap() - text.find("text/plain").unwrap();
         assert_eq!(
             value("content-length") - value("content-type"),
             apart,
             "values lie where they were in the head"
         );
-        assert_eq!(head.headers["x-extra"], "a b");
+        assert_eq!(headers["x-extra"], "a b");
 
         let original = b"abc".to_vec();
         let copy = Bytes::copy_from_slice(&original);
@@ -2104,7 +2264,7 @@ mod tests {
         AnswerHead {
             status: StatusCode::from_u16(status).unwrap(),
             version,
-            headers: map,
+            headers: AnswerHeaders::Map(map),
             facts,
         }
     }

@@ -46,7 +46,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -60,6 +60,7 @@ use crate::client::{
 use crate::error::RouterError;
 use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
 use crate::raw::RawRequest;
+use crate::raw_response::RawResponse;
 use crate::retry::RetryBudget;
 use crate::routed::Routed;
 
@@ -94,6 +95,12 @@ impl UpstreamFailure {
         let _ = self.0.set(code);
     }
 }
+
+/// The node's answer as the client reads it, before it is passed on.
+type NodeAnswer = RawResponse<UpstreamBody>;
+
+/// The proxy's answer before it takes the request's answer type.
+type Proxied = RawResponse<ProxyBody>;
 
 /// Settings for [`PooledProxyService`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,10 +207,10 @@ fn forwardable_response_header(name: &[u8]) -> bool {
         || name.starts_with(b"x-ratelimit-")
 }
 
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+fn is_event_stream(answer: &NodeAnswer) -> bool {
+    answer
+        .header("content-type")
+        .is_some_and(|v| v.starts_with(b"text/event-stream"))
 }
 
 impl<B> PooledProxyService<B> {
@@ -274,7 +281,13 @@ impl<B> Shared<B> {
 /// send again (such as [`Full<Bytes>`], which [`RequestInfoLayer`](crate::RequestInfoLayer)
 /// yields), or a [`RawRequest`], whose header lines go out as they came. Sealed: the proxy
 /// needs to know how each is written out.
-pub trait ProxiedRequest<B>: Routed + sealed::Sealed<B> {}
+pub trait ProxiedRequest<B>: Routed + sealed::Sealed<B> {
+    /// What the proxy answers it with: a `Response<ProxyBody>` for an `http::Request` (the
+    /// node in a [`ServedBy`] extension, an [`UpstreamFailure`] on a streamed answer), a
+    /// [`RawResponse<ProxyBody>`] for a [`RawRequest`] (the node in
+    /// [`RawResponse::served_by`], a broken stream in [`ProxyBody::upstream_failure`]).
+    type Answer: sealed::FromProxied;
+}
 
 impl<B> ProxiedRequest<B> for Request<B>
 where
@@ -282,21 +295,26 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    type Answer = Response<ProxyBody>;
 }
 
-impl<B> ProxiedRequest<B> for RawRequest {}
+impl<B> ProxiedRequest<B> for RawRequest {
+    type Answer = RawResponse<ProxyBody>;
+}
 
 mod sealed {
-    use http::{HeaderValue, Request};
+    use http::{HeaderValue, Request, Response};
     use http_body::Body;
 
+    use super::{NodeAnswer, Proxied, ProxyBody};
     use crate::client::{Forward, HttpClient, ResponseFuture};
     use crate::proxy::UpstreamRequestId;
     use crate::raw::RawRequest;
+    use crate::raw_response::RawResponse;
 
     /// How a request is sent, and which request id it carries.
     pub trait Sealed<B> {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture;
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer>;
         fn upstream_request_id(&self) -> Option<&HeaderValue>;
     }
 
@@ -306,8 +324,8 @@ mod sealed {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture {
-            client.request_to(self, to)
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer> {
+            client.request_lines_to(self, to)
         }
 
         fn upstream_request_id(&self) -> Option<&HeaderValue> {
@@ -316,7 +334,7 @@ mod sealed {
     }
 
     impl<B> Sealed<B> for RawRequest {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture {
+        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer> {
             client.request_raw_to(self, to)
         }
 
@@ -324,11 +342,34 @@ mod sealed {
             RawRequest::upstream_request_id(self).map(|id| &id.0)
         }
     }
+
+    /// The proxy's answer in the request's answer type.
+    pub trait FromProxied {
+        fn from_proxied(answer: Proxied) -> Self;
+    }
+
+    impl FromProxied for RawResponse<ProxyBody> {
+        fn from_proxied(answer: Proxied) -> Self {
+            answer
+        }
+    }
+
+    impl FromProxied for Response<ProxyBody> {
+        fn from_proxied(mut answer: Proxied) -> Self {
+            // Before the body is first polled, so no failure goes unreported.
+            let failure = answer.body_mut().share_failure();
+            let mut response = answer.into_http();
+            if let Some(failure) = failure {
+                response.extensions_mut().insert(failure);
+            }
+            response
+        }
+    }
 }
 
 /// A request on its way to a node.
 struct Sent {
-    future: Timeout<ClientFuture>,
+    future: Timeout<ClientFuture<NodeAnswer>>,
     sent_at: Instant,
 }
 
@@ -345,7 +386,7 @@ impl<B, R> Service<R> for PooledProxyService<B>
 where
     R: ProxiedRequest<B>,
 {
-    type Response = Response<ProxyBody>;
+    type Response = R::Answer;
     type Error = Infallible;
     type Future = ProxyFuture<B, R>;
 
@@ -385,7 +426,7 @@ pin_project! {
     enum ProxyState<B, R> {
         Sending {
             #[pin]
-            future: Timeout<ClientFuture>,
+            future: Timeout<ClientFuture<NodeAnswer>>,
             shared: Arc<Shared<B>>,
             selected: Option<SelectedNode>,
             sent_at: Instant,
@@ -393,7 +434,7 @@ pin_project! {
         },
         // The node answered with an error: its body is read to scrub the node's address.
         ReadingError {
-            future: Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>,
+            future: Pin<Box<dyn Future<Output = Proxied> + Send>>,
         },
         Failed {
             error: Option<RouterError>,
@@ -404,9 +445,9 @@ pin_project! {
 /// How an attempt on one node failed, before anything reached the client.
 enum Failure {
     /// The node answered 5xx.
-    Status(Response<UpstreamBody>),
+    Status(NodeAnswer),
     /// The node answered 4xx (or 3xx): final, but its body still names no node.
-    Refused(Response<UpstreamBody>),
+    Refused(NodeAnswer),
     /// The connection was refused or broke before the answer.
     Unreachable,
 }
@@ -451,17 +492,27 @@ impl<B, R> Future for ProxyFuture<B, R>
 where
     R: ProxiedRequest<B>,
 {
-    type Output = Result<Response<ProxyBody>, Infallible>;
+    type Output = Result<R::Answer, Infallible>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_proxied(cx)
+            .map(|answer| Ok(sealed::FromProxied::from_proxied(answer)))
+    }
+}
+
+impl<B, R> ProxyFuture<B, R>
+where
+    R: ProxiedRequest<B>,
+{
+    fn poll_proxied(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Proxied> {
         loop {
             let next = match self.as_mut().project().state.project() {
                 ProxyStateProj::Failed { error } => {
                     let error = error.take().unwrap_or(RouterError::Internal);
-                    return Poll::Ready(Ok(error.into_response()));
+                    return Poll::Ready(RawResponse::from_http(error.into_response()));
                 }
                 ProxyStateProj::ReadingError { future } => {
-                    return future.as_mut().poll(cx).map(Ok);
+                    return future.as_mut().poll(cx);
                 }
                 ProxyStateProj::Sending {
                     future,
@@ -472,7 +523,9 @@ where
                 } => {
                     let outcome = ready!(future.poll(cx));
                     let Some(selected) = selected.take() else {
-                        return Poll::Ready(Ok(RouterError::Internal.into_response()));
+                        return Poll::Ready(RawResponse::from_http(
+                            RouterError::Internal.into_response(),
+                        ));
                     };
                     let node = selected.node().clone();
                     let failure = match outcome {
@@ -481,7 +534,7 @@ where
                             if response.status().is_success() {
                                 let idle = shared.config.idle_timeout;
                                 let answer = stream_answer(response, selected, idle, *sent_at);
-                                return Poll::Ready(Ok(answer));
+                                return Poll::Ready(answer);
                             }
                             // 4xx: the request itself is at fault, another node would say the
                             // same; 3xx: no retry either. Both are read to be scrubbed.
@@ -501,7 +554,7 @@ where
                             // The request's own body broke, not the node: no retry, no blame.
                             tracing::error!(node = node.id(), %error, "cannot send the request");
                             let answer = answered_by(RouterError::Internal, &node);
-                            return Poll::Ready(Ok(answer));
+                            return Poll::Ready(answer);
                         }
                         Ok(Err(error @ ClientError::ReusedConnectionLost(_))) => {
                             // The node most likely closed an idle connection as the request went
@@ -522,7 +575,7 @@ where
                                 "upstream first-byte timeout"
                             );
                             let answer = answered_by(RouterError::UpstreamTimeout, &node);
-                            return Poll::Ready(Ok(answer));
+                            return Poll::Ready(answer);
                         }
                     };
                     let retried = match failure {
@@ -551,7 +604,7 @@ where
                             }
                             Failure::Unreachable => {
                                 let answer = answered_by(RouterError::UpstreamUnavailable, &node);
-                                return Poll::Ready(Ok(answer));
+                                return Poll::Ready(answer);
                             }
                         },
                     }
@@ -586,43 +639,31 @@ fn retry<B, R: ProxiedRequest<B>>(
 }
 
 /// The router's own answer for a failure on `node`, noting the node for history and logs.
-fn answered_by(error: RouterError, node: &Node) -> Response<ProxyBody> {
-    let mut response: Response<ProxyBody> = error.into_response();
-    response
-        .extensions_mut()
-        .insert(ServedBy(node.id_arc().clone()));
-    response
+fn answered_by(error: RouterError, node: &Node) -> Proxied {
+    let mut answer = RawResponse::from_http(error.into_response());
+    answer.set_served_by(Some(node.id_arc().clone()));
+    answer
 }
 
-/// Notes which node served. (The client kept only the headers that name no node:
-/// [`forwardable_response_header`].)
-fn note_served_by(parts: &mut http::response::Parts, node: &Node) {
-    parts.extensions.insert(ServedBy(node.id_arc().clone()));
-}
-
-/// A successful answer: streamed back as it comes, holding the slot until its end.
+/// A successful answer: streamed back as it comes, holding the slot until its end. (The
+/// client kept only the headers that name no node: [`forwardable_response_header`].)
 fn stream_answer(
-    response: Response<UpstreamBody>,
+    answer: NodeAnswer,
     selected: SelectedNode,
     idle_timeout: Duration,
     sent_at: Instant,
-) -> Response<ProxyBody> {
-    let (mut parts, node_body) = response.into_parts();
-    note_served_by(&mut parts, selected.node());
-    let sse = is_event_stream(&parts.headers);
-    let failure = UpstreamFailure::default();
-    parts.extensions.insert(failure.clone());
-    let body = ProxyBody::streaming(node_body, selected, idle_timeout, sse, sent_at, failure);
-    Response::from_parts(parts, body)
+) -> Proxied {
+    let sse = is_event_stream(&answer);
+    let node = selected.node().id_arc().clone();
+    let mut answer =
+        answer.map(|body| ProxyBody::streaming(body, selected, idle_timeout, sse, sent_at));
+    answer.set_served_by(Some(node));
+    answer
 }
 
 /// An error answer from the node: read whole (bounded), with the node's address scrubbed out.
-async fn read_error(
-    response: Response<UpstreamBody>,
-    selected: SelectedNode,
-    read_timeout: Duration,
-) -> Response<ProxyBody> {
-    let (mut parts, node_body) = response.into_parts();
+async fn read_error(answer: NodeAnswer, selected: SelectedNode, read_timeout: Duration) -> Proxied {
+    let (mut head, node_body) = answer.into_parts();
     let node = selected.node().clone();
     let read = tokio::time::timeout(
         read_timeout,
@@ -644,34 +685,31 @@ async fn read_error(
             return answered_by(RouterError::UpstreamTimeout, &node);
         }
     };
-    note_served_by(&mut parts, &node);
-    // The body may change length.
-    parts.headers.remove(header::CONTENT_LENGTH);
-    let encoded = parts
-        .headers
-        .remove(header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes() != b"identity");
+    head.set_served_by(Some(node.id_arc().clone()));
+    // The body may change length: the server frames it as it is (the lines hold no length).
+    let encoded = head
+        .header("content-encoding")
+        .is_some_and(|v| v != b"identity");
+    head.remove_header(&header::CONTENT_ENCODING);
     let body = match body {
         Some(body) if !encoded => scrub_address(body, &node),
         // Compressed, or over the limit: it cannot be scrubbed, so it is not passed on.
         _ => {
             tracing::warn!(
                 node = node.id(),
-                status = parts.status.as_u16(),
+                status = head.status().as_u16(),
                 encoded,
                 "an error answer from the node that cannot be scrubbed is replaced"
             );
-            parts.headers.insert(
-                header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
+            // A static value: it cannot be refused.
+            let _ = head.insert_header(&header::CONTENT_TYPE, b"application/json");
             RouterError::UpstreamMessageWithheld {
-                status: parts.status,
+                status: head.status(),
             }
             .json_body()
         }
     };
-    Response::from_parts(parts, ProxyBody::from(body))
+    head.map(|()| ProxyBody::from(body))
 }
 
 /// `body` with the node's URL, host-and-port and host replaced by `[node]`.
@@ -718,6 +756,10 @@ pin_project! {
         idle: Option<Sleep>,
         upstream: Option<Upstream>,
         full: Option<Bytes>,
+        // The error code the client was given when the stream broke.
+        failed: Option<&'static str>,
+        // Told the same, for an `http::Response`'s extensions.
+        failure: Option<UpstreamFailure>,
     }
 }
 
@@ -730,7 +772,6 @@ struct Upstream {
     /// come at once, so only the first byte of the body tells how quick the node is (its time to
     /// first token).
     awaiting_first_byte: Option<Instant>,
-    failure: UpstreamFailure,
     /// A frame came since the idle timer was last set: it is moved on at the next wait. Frames
     /// leave the timer alone, so a stream that keeps coming costs no timer work per frame.
     idle_stale: bool,
@@ -750,6 +791,8 @@ impl From<Bytes> for ProxyBody {
             idle: None,
             upstream: None,
             full: Some(bytes),
+            failed: None,
+            failure: None,
         }
     }
 }
@@ -772,7 +815,6 @@ impl ProxyBody {
         idle_timeout: Duration,
         sse: bool,
         sent_at: Instant,
-        failure: UpstreamFailure,
     ) -> Self {
         Self {
             idle: None,
@@ -782,11 +824,31 @@ impl ProxyBody {
                 idle_timeout,
                 sse,
                 awaiting_first_byte: Some(sent_at),
-                failure,
                 idle_stale: false,
             }),
             full: None,
+            failed: None,
+            failure: None,
         }
+    }
+
+    /// The error code the client was given if the node's stream broke after it started:
+    /// `upstream_unavailable` or `upstream_timeout`. For history and logs, which cannot tell
+    /// from an SSE stream (it ends with an error event, not an error).
+    pub fn upstream_failure(&self) -> Option<&'static str> {
+        self.failed
+    }
+
+    /// A handle that learns of a broken stream as [`upstream_failure`](Self::upstream_failure)
+    /// does, for a body that is boxed away (into an `http::Response`'s extensions): `None` for
+    /// a body that does not stream.
+    fn share_failure(&mut self) -> Option<UpstreamFailure> {
+        self.upstream.as_ref()?;
+        Some(
+            self.failure
+                .get_or_insert_with(UpstreamFailure::default)
+                .clone(),
+        )
     }
 
     /// The node serving this body, while it streams.
@@ -862,7 +924,10 @@ impl Body for ProxyBody {
             ProxyBodyError::Idle => RouterError::UpstreamTimeout,
             ProxyBodyError::Upstream(_) => RouterError::UpstreamUnavailable,
         };
-        upstream.failure.set(error.code());
+        *this.failed = Some(error.code());
+        if let Some(failure) = this.failure.as_ref() {
+            failure.set(error.code());
+        }
         *this.upstream = None;
         if sse {
             // The client already has a 200; tell it in-band, in the shape SDKs parse.

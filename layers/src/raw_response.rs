@@ -123,6 +123,11 @@ impl<B> RawResponse<B> {
         Ok(())
     }
 
+    /// Removes the lines called `name`.
+    pub fn remove_header(&mut self, name: &HeaderName) {
+        self.remove_lines(name.as_str().as_bytes());
+    }
+
     /// Removes the lines called `name` (lower case), case aside.
     fn remove_lines(&mut self, name: &[u8]) {
         let mut at = 0;
@@ -200,9 +205,10 @@ impl<B> RawResponse<B> {
         self.body
     }
 
-    /// The same answer over `f`'s body.
-    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> RawResponse<C> {
-        RawResponse {
+    /// The answer without its body, and the body: `head.map(|()| body)` puts them together
+    /// again.
+    pub fn into_parts(self) -> (RawResponse<()>, B) {
+        let head = RawResponse {
             status: self.status,
             lines: self.lines,
             has_date: self.has_date,
@@ -210,7 +216,24 @@ impl<B> RawResponse<B> {
             served_by: self.served_by,
             request_info: self.request_info,
             extensions: self.extensions,
-            body: f(self.body),
+            body: (),
+        };
+        (head, self.body)
+    }
+
+    /// The same answer over `f`'s body.
+    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> RawResponse<C> {
+        let (head, body) = self.into_parts();
+        let body = f(body);
+        RawResponse {
+            status: head.status,
+            lines: head.lines,
+            has_date: head.has_date,
+            close: head.close,
+            served_by: head.served_by,
+            request_info: head.request_info,
+            extensions: head.extensions,
+            body,
         }
     }
 

@@ -28,8 +28,9 @@ use serde::Deserialize;
 use tower::{Layer, Service};
 
 use crate::body::{CollectBytes, ResponseBody};
-use crate::error::RouterError;
+use crate::error::{ErrorFormat, RouterError};
 use crate::raw::RawRequest;
+use crate::routed::RoutedResponse;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -200,11 +201,12 @@ where
 
 /// Over a [`RawRequest`] the body is whole already: it is checked and parsed in `call`, with
 /// the same limit and answers as over an `http::Request`.
-impl<S, ResB> Service<RawRequest> for RequestInfoService<S>
+impl<S> Service<RawRequest> for RequestInfoService<S>
 where
-    S: Service<RawRequest, Response = Response<ResB>>,
+    S: Service<RawRequest>,
+    S::Response: RoutedResponse,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = <S::Response as RoutedResponse>::Layered;
     type Error = S::Error;
     type Future = RawInfoFuture<S::Future>;
 
@@ -256,25 +258,26 @@ pin_project! {
     }
 }
 
-impl<F, ResB, E> Future for RawInfoFuture<F>
+impl<F, A, E> Future for RawInfoFuture<F>
 where
-    F: Future<Output = Result<Response<ResB>, E>>,
+    F: Future<Output = Result<A, E>>,
+    A: RoutedResponse,
 {
-    type Output = Result<Response<ResponseBody<ResB>>, E>;
+    type Output = Result<A::Layered, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             RawInfoProj::Called { future, info } => {
-                let mut response = ready!(future.poll(cx))?;
-                if let Some(info) = info.take() {
-                    response.extensions_mut().insert(info);
-                }
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+                let answer = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(match info.take() {
+                    Some(info) => answer.pass_with_info(info),
+                    None => answer.pass(),
+                }))
             }
-            RawInfoProj::Rejected { error } => Poll::Ready(Ok(error
-                .take()
-                .unwrap_or(RouterError::Internal)
-                .into_response())),
+            RawInfoProj::Rejected { error } => Poll::Ready(Ok(A::rejection(
+                error.take().unwrap_or(RouterError::Internal),
+                ErrorFormat::OpenAi,
+            ))),
         }
     }
 }

@@ -745,7 +745,7 @@ impl Connection {
         let mut out = Vec::with_capacity(256);
         push_status_line(&mut out, status);
         let lines = answer.write_lines(&mut out);
-        let mut body = pin!(answer.into_body());
+        let mut body = pin!(Answer::into_body(answer));
         // An app that closes the connection is obeyed; an interim (1xx) answer taken as the
         // final one ends it too, since nothing here switches protocols.
         close |= status.is_informational() || lines.close;
@@ -1214,11 +1214,29 @@ fn finish_head(out: &mut Vec<u8>, has_date: bool, framing: Out, version: Version
 
 /// An answer the server writes: an `http::Response` or a [`RawResponse`], over any body of
 /// [`Bytes`]. Sealed: the server needs to know how each writes its header lines.
-pub trait Answer: sealed::WriteLines {}
+pub trait Answer: sealed::WriteLines {
+    /// The answer's body, which the server writes after the head.
+    type Body: Body<Data = Bytes>;
 
-impl<B: Body<Data = Bytes>> Answer for Response<B> {}
+    /// The body, without the rest.
+    fn into_body(self) -> Self::Body;
+}
 
-impl<B: Body<Data = Bytes>> Answer for RawResponse<B> {}
+impl<B: Body<Data = Bytes>> Answer for Response<B> {
+    type Body = B;
+
+    fn into_body(self) -> B {
+        Response::into_body(self)
+    }
+}
+
+impl<B: Body<Data = Bytes>> Answer for RawResponse<B> {
+    type Body = B;
+
+    fn into_body(self) -> B {
+        RawResponse::into_body(self)
+    }
+}
 
 mod sealed {
     use bytes::Bytes;
@@ -1240,16 +1258,12 @@ mod sealed {
 
     /// How an answer's head is written.
     pub trait WriteLines {
-        type Body: Body<Data = Bytes>;
         fn status(&self) -> StatusCode;
         /// Appends the header lines but the framing ones, which the server writes itself.
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts;
-        fn into_body(self) -> Self::Body;
     }
 
     impl<B: Body<Data = Bytes>> WriteLines for Response<B> {
-        type Body = B;
-
         fn status(&self) -> StatusCode {
             self.status()
         }
@@ -1269,15 +1283,9 @@ mod sealed {
                 has_date: headers.contains_key(header::DATE),
             }
         }
-
-        fn into_body(self) -> B {
-            self.into_body()
-        }
     }
 
     impl<B: Body<Data = Bytes>> WriteLines for RawResponse<B> {
-        type Body = B;
-
         fn status(&self) -> StatusCode {
             self.status()
         }
@@ -1289,10 +1297,6 @@ mod sealed {
                 close: self.close(),
                 has_date: self.has_date(),
             }
-        }
-
-        fn into_body(self) -> B {
-            self.into_body()
         }
     }
 }

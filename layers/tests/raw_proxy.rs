@@ -10,11 +10,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
+use layers::server::read_raw_request_from;
 use layers::{
-    CachedSelectLayer, ClientConfig, NodePool, NodeSpec, PooledProxyService, ProxyConfig,
-    RawRequest, RequestBody, RequestInfoConfig, RouterError, SelectConfig, ServerConfig,
-    TimeoutWaitLayer, UpstreamRequestId, WaitConfig, build_client, serve_connection,
-    serve_raw_connection,
+    CachedSelectLayer, ClientConfig, NodePool, NodeSpec, PooledProxyService, ProxyBody,
+    ProxyConfig, RawRequest, RawResponse, RequestBody, RequestInfoConfig, RouterError,
+    SelectConfig, ServedBy, ServerConfig, TimeoutWaitLayer, UpstreamFailure, UpstreamRequestId,
+    WaitConfig, build_client, serve_connection, serve_raw_connection,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -95,7 +96,7 @@ async fn start_router(pool: NodePool) -> (SocketAddr, watch::Sender<bool>) {
                         .and_then(|body| info.info_of(body));
                     match parsed {
                         Ok(parsed) => request.set_request_info(parsed),
-                        Err(error) => return Ok(error.into_response()),
+                        Err(error) => return Ok(RawResponse::from_http(error.into_response())),
                     }
                     request.set_upstream_request_id(UpstreamRequestId(HeaderValue::from_static(
                         "router-id-1",
@@ -201,4 +202,100 @@ async fn a_raw_request_is_forwarded_with_its_lines_and_answered_through_the_allo
     }
     assert_eq!(&body[..], br#"{"model":"m","messages":[]}"#);
     assert_eq!(pool.snapshot().in_flight(), 0, "the slot was given back");
+}
+
+/// A node that answers every request with the head of an SSE stream and one event, then
+/// closes its connection mid-stream.
+async fn start_breaking_node() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                              Server: secret-node\r\nTransfer-Encoding: chunked\r\n\r\n\
+                              d\r\ndata: {}\n\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+                // Gone before the last chunk.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_is_reported_on_either_answer_type() {
+    let node = start_breaking_node().await;
+    let pool = NodePool::from_specs([NodeSpec::new("gpu-a", format!("http://{node}"))
+        .models(["m"])
+        .max_concurrency(4)])
+    .unwrap();
+    let config = ProxyConfig {
+        retries: 0,
+        ..ProxyConfig::default()
+    };
+    let proxy: PooledProxyService =
+        PooledProxyService::new(build_client(&ClientConfig::default()), pool.clone(), config);
+    let body = Bytes::from_static(br#"{"model":"m","stream":true}"#);
+
+    // An `http::Request`: the node and the failure in the answer's extensions.
+    let request = Request::post("/v1/chat/completions")
+        .body(Full::new(body.clone()))
+        .unwrap();
+    let answer = ServiceExt::<Request<Full<Bytes>>>::oneshot(proxy.clone(), request)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.extensions().get::<ServedBy>(),
+        Some(&ServedBy("gpu-a".into()))
+    );
+    assert!(answer.headers().get("server").is_none());
+    let failure = answer
+        .extensions()
+        .get::<UpstreamFailure>()
+        .cloned()
+        .unwrap();
+    assert_eq!(failure.get(), None, "not broken yet");
+    let text = answer.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.starts_with(b"data: {}\n\n"), "{text:?}");
+    assert!(
+        text.ends_with(b"\"code\":\"upstream_unavailable\"}}\n\n"),
+        "{text:?}"
+    );
+    assert_eq!(failure.get(), Some("upstream_unavailable"));
+
+    // A `RawRequest`: the node in a field, the failure on the body.
+    let wire = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut wire = wire.into_bytes();
+    wire.extend_from_slice(&body);
+    let (mut request, _) = read_raw_request_from(&wire, &ServerConfig::default())
+        .unwrap()
+        .unwrap();
+    request.set_request_info(RequestInfoConfig::default().info_of(&body).unwrap());
+    let answer: RawResponse<ProxyBody> = ServiceExt::<RawRequest>::oneshot(proxy, request)
+        .await
+        .unwrap();
+    assert_eq!(answer.served_by().map(|s| &**s), Some("gpu-a"));
+    assert_eq!(
+        answer.header_lines(),
+        b"Content-Type: text/event-stream\r\n"
+    );
+    let mut body = std::pin::pin!(answer.into_body());
+    assert_eq!(body.upstream_failure(), None, "not broken yet");
+    let mut text = Vec::new();
+    while let Some(frame) = body.as_mut().frame().await {
+        text.extend_from_slice(&frame.unwrap().into_data().unwrap());
+    }
+    assert!(text.ends_with(b"\"code\":\"upstream_unavailable\"}}\n\n"));
+    assert_eq!(body.upstream_failure(), Some("upstream_unavailable"));
+    assert_eq!(pool.snapshot().in_flight(), 0, "the slots were given back");
 }

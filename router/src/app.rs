@@ -17,6 +17,7 @@ use axum::routing::future::RouteFuture;
 use axum::routing::{get, post_service};
 use axum::serve::{ListenerExt, TapIo};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::{Method, Request};
 use pin_project_lite::pin_project;
 use serde_json::{Value, json};
@@ -36,7 +37,7 @@ use crate::stack::{
     SharedService, StackConfig, StackLayers, raw_request_service, request_service, retry_budget,
 };
 use crate::state::AppState;
-use layers::{RawRequest, RetryBudget};
+use layers::{ProxyBody, RawRequest, RawResponse, RetryBudget};
 
 /// Everything the routes share.
 #[derive(Debug, Clone)]
@@ -134,7 +135,7 @@ fn recorder(services: &Services) -> Recorder {
 }
 
 type Inference = Recorded<SharedService<Request<Body>, Response<Body>>>;
-type RawInference = Recorded<SharedService<RawRequest, Response<Body>>>;
+type RawInference = Recorded<SharedService<RawRequest, RawResponse<ProxyBody>>>;
 
 fn routes(services: &Services, inference: Inference) -> Router {
     let v1 = Router::new()
@@ -199,14 +200,14 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = AppFuture;
+    type Future = AppFuture<Response<Body>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         ready!(self.inference.poll_ready(cx))?;
         <Router as Service<Request<B>>>::poll_ready(&mut self.routes, cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> AppFuture {
+    fn call(&mut self, request: Request<B>) -> Self::Future {
         if !is_inference(request.method(), request.uri().path()) {
             return AppFutureKind::Routes {
                 future: Box::pin(self.routes.call(request)),
@@ -226,10 +227,12 @@ where
     }
 }
 
+/// An HTTP/1 client's request, answered with the header lines the server writes as they are:
+/// an inference answer keeps the node's lines, axum's answers are written out into lines.
 impl Service<RawRequest> for AppService {
-    type Response = Response<Body>;
+    type Response = RawResponse<Body>;
     type Error = Infallible;
-    type Future = AppFuture;
+    type Future = AppFuture<RawResponse<Body>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         ready!(Service::<RawRequest>::poll_ready(
@@ -239,7 +242,7 @@ impl Service<RawRequest> for AppService {
         <Router as Service<Request<Body>>>::poll_ready(&mut self.routes, cx)
     }
 
-    fn call(&mut self, mut request: RawRequest) -> AppFuture {
+    fn call(&mut self, mut request: RawRequest) -> Self::Future {
         if !is_inference(request.method(), request.uri().path()) {
             return match request.into_http() {
                 Ok(request) => AppFutureKind::Routes {
@@ -252,7 +255,7 @@ impl Service<RawRequest> for AppService {
             .into();
         }
         match check_api_key_raw(&self.credentials, &mut request) {
-            Ok(()) => AppFutureKind::RawInference {
+            Ok(()) => AppFutureKind::Inference {
                 future: self.raw_inference.call(request),
             },
             Err(refused) => AppFutureKind::Answered {
@@ -264,45 +267,64 @@ impl Service<RawRequest> for AppService {
 }
 
 pin_project! {
-    /// Response future of [`AppService`].
-    pub struct AppFuture {
+    /// Response future of [`AppService`]: `A` is axum's `Response<Body>` for an
+    /// `http::Request`, a [`RawResponse<Body>`] for a [`RawRequest`].
+    pub struct AppFuture<A> {
         #[pin]
-        kind: AppFutureKind,
+        kind: AppFutureKind<A>,
     }
 }
 
 pin_project! {
     #[project = AppFutureProj]
-    enum AppFutureKind {
-        // Through the inference path.
-        Inference { #[pin] future: <Inference as Service<Request<Body>>>::Future },
-        // An HTTP/1 client's, through the inference path as it came.
-        RawInference { #[pin] future: <RawInference as Service<RawRequest>>::Future },
-        // Through axum's routes. Boxed, as is a refusal: the inference variants are a pointer,
-        // and this future moves into the server's connection loop with every request.
+    enum AppFutureKind<A> {
+        // Through the inference path (boxed by the recorder).
+        Inference { future: BoxFuture<'static, Result<A, Infallible>> },
+        // Through axum's routes. Boxed, as is a refusal: the variants are a pointer each, and
+        // this future moves into the server's connection loop with every request.
         Routes { future: Pin<Box<RouteFuture<Infallible>>> },
         // Refused before the path.
         Answered { response: Option<Box<Response>> },
     }
 }
 
-impl From<AppFutureKind> for AppFuture {
-    fn from(kind: AppFutureKind) -> Self {
+impl<A> From<AppFutureKind<A>> for AppFuture<A> {
+    fn from(kind: AppFutureKind<A>) -> Self {
         Self { kind }
     }
 }
 
-impl Future for AppFuture {
-    type Output = Result<Response<Body>, Infallible>;
+/// What [`AppService`] answers with: axum's `Response<Body>`, or a [`RawResponse<Body>`] for
+/// an HTTP/1 client's [`RawRequest`], into which axum's answers are written.
+pub trait AppAnswer: Sized {
+    /// One of axum's answers, as this type.
+    fn from_axum(response: Response) -> Self;
+}
+
+impl AppAnswer for Response {
+    fn from_axum(response: Response) -> Self {
+        response
+    }
+}
+
+impl AppAnswer for RawResponse<Body> {
+    fn from_axum(response: Response) -> Self {
+        RawResponse::from_http(response)
+    }
+}
+
+impl<A: AppAnswer> Future for AppFuture<A> {
+    type Output = Result<A, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            AppFutureProj::Inference { future } => future.poll(cx),
-            AppFutureProj::RawInference { future } => future.poll(cx),
-            AppFutureProj::Routes { future } => future.as_mut().poll(cx),
-            AppFutureProj::Answered { response } => Poll::Ready(Ok(response
-                .take()
-                .map_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response(), |r| *r))),
+            AppFutureProj::Inference { future } => future.as_mut().poll(cx),
+            AppFutureProj::Routes { future } => future.as_mut().poll(cx).map_ok(A::from_axum),
+            AppFutureProj::Answered { response } => Poll::Ready(Ok(A::from_axum(
+                response
+                    .take()
+                    .map_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response(), |r| *r),
+            ))),
         }
     }
 }

@@ -127,18 +127,13 @@ fn http2_builder(config: &ListenConfig) -> http2::Builder<TokioExecutor> {
 /// What can serve client connections: a tower service over HTTP/2 clients' requests (with
 /// axum's body) and over HTTP/1 clients' [`RawRequest`]s, as the router's `AppService` is. An
 /// app of `http` requests only, such as axum's `Router`, serves both through [`ViaHttp`].
-pub trait ConnectionApp:
-    Service<
+pub trait ConnectionApp: Service<
         Request<Body>,
         Response = Response<Self::ResponseBody>,
         Error = Infallible,
         Future = Self::ResponseFuture,
-    > + Service<
-        RawRequest,
-        Response = Response<Self::ResponseBody>,
-        Error = Infallible,
-        Future = Self::RawFuture,
-    > + Clone
+    > + Service<RawRequest, Response = Self::RawAnswer, Error = Infallible, Future = Self::RawFuture>
+    + Clone
     + Send
     + 'static
 {
@@ -150,16 +145,16 @@ pub trait ConnectionApp:
     type ResponseFuture: Future<Output = Result<Response<Self::ResponseBody>, Infallible>>
         + Send
         + 'static;
+    /// The answer to a [`RawRequest`]: an `http::Response` or a [`layers::RawResponse`].
+    type RawAnswer: layers::Answer<Body: Send> + Send + 'static;
     /// The service's future for a [`RawRequest`].
-    type RawFuture: Future<Output = Result<Response<Self::ResponseBody>, Infallible>>
-        + Send
-        + 'static;
+    type RawFuture: Future<Output = Result<Self::RawAnswer, Infallible>> + Send + 'static;
 }
 
-impl<S, B> ConnectionApp for S
+impl<S, B, A> ConnectionApp for S
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
-        + Service<RawRequest, Response = Response<B>, Error = Infallible>
+        + Service<RawRequest, Response = A, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -167,8 +162,10 @@ where
     <S as Service<RawRequest>>::Future: Send + 'static,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    A: layers::Answer<Body: Send> + Send + 'static,
 {
     type ResponseBody = B;
+    type RawAnswer = A;
     type ResponseFuture = <S as Service<Request<Body>>>::Future;
     type RawFuture = <S as Service<RawRequest>>::Future;
 }

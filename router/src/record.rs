@@ -20,8 +20,12 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use layers::{NodePool, RawRequest, RequestInfoSlot, ServedBy, UpstreamFailure, UpstreamRequestId};
+use layers::{
+    NodePool, ProxyBody, RawRequest, RawResponse, RequestInfoSlot, ServedBy, UpstreamFailure,
+    UpstreamRequestId,
+};
 use memchr::memmem;
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -144,6 +148,95 @@ impl RecordedRequest for RawRequest {
     }
 }
 
+/// What the recorder reads from an answer and does to it: an `http::Response` (its extensions
+/// and header map; the body boxed as axum's) or the proxy's [`RawResponse`] (typed fields and
+/// header lines).
+pub trait RecordedAnswer: Send + 'static {
+    /// The answer with its body watched by the recorder.
+    type Recorded: Send + 'static;
+    /// The status code.
+    fn status(&self) -> u16;
+    /// The node that served it, if one did.
+    fn served_by(&self) -> Option<&str>;
+    /// Tells the client the request's id (`x-request-id`), in place of any the node sent.
+    fn set_request_id(&mut self, id: &str);
+    /// Where a stream that breaks after it started is reported, when the body cannot say.
+    fn upstream_failure(&self) -> Option<UpstreamFailure>;
+    /// The answer with its body watched: the row is written when the body ends.
+    fn watch(self, pending: Pending) -> Self::Recorded;
+}
+
+impl RecordedAnswer for Response<Body> {
+    type Recorded = Response<Body>;
+
+    fn status(&self) -> u16 {
+        self.status().as_u16()
+    }
+
+    fn served_by(&self) -> Option<&str> {
+        self.extensions().get::<ServedBy>().map(|s| &*s.0)
+    }
+
+    fn set_request_id(&mut self, id: &str) {
+        if let Ok(value) = HeaderValue::from_str(id) {
+            self.headers_mut().insert(REQUEST_ID, value);
+        }
+    }
+
+    fn upstream_failure(&self) -> Option<UpstreamFailure> {
+        self.extensions().get::<UpstreamFailure>().cloned()
+    }
+
+    fn watch(self, pending: Pending) -> Response<Body> {
+        self.map(|body| Body::new(RecordedBody::new(body, pending)))
+    }
+}
+
+impl RecordedAnswer for RawResponse<ProxyBody> {
+    type Recorded = RawResponse<Body>;
+
+    fn status(&self) -> u16 {
+        self.status().as_u16()
+    }
+
+    fn served_by(&self) -> Option<&str> {
+        RawResponse::served_by(self).map(|s| &**s)
+    }
+
+    fn set_request_id(&mut self, id: &str) {
+        // Ids are checked to be plain (`sane_request_id`) or made here.
+        let _ = self.insert_header(&REQUEST_ID, id.as_bytes());
+    }
+
+    fn upstream_failure(&self) -> Option<UpstreamFailure> {
+        // The body says (`ProxyBody::upstream_failure`).
+        None
+    }
+
+    fn watch(self, pending: Pending) -> RawResponse<Body> {
+        self.map(|body| Body::new(RecordedBody::new(body, pending)))
+    }
+}
+
+/// A body that can say whether the node's stream broke after it started.
+pub trait ReportsFailure {
+    /// The error code the client was given, once the stream broke.
+    fn upstream_failure(&self) -> Option<&'static str>;
+}
+
+impl ReportsFailure for Body {
+    fn upstream_failure(&self) -> Option<&'static str> {
+        // Boxed away: the answer's `UpstreamFailure` tells.
+        None
+    }
+}
+
+impl ReportsFailure for ProxyBody {
+    fn upstream_failure(&self) -> Option<&'static str> {
+        ProxyBody::upstream_failure(self)
+    }
+}
+
 /// What the recorder shares.
 #[derive(Debug, Clone)]
 pub struct Recorder {
@@ -179,12 +272,13 @@ pub struct Recorded<S> {
 impl<S, R> Service<R> for Recorded<S>
 where
     R: RecordedRequest,
-    S: Service<R, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S: Service<R, Error = Infallible> + Send + 'static,
+    S::Response: RecordedAnswer,
     S::Future: Send + 'static,
 {
-    type Response = Response<Body>;
+    type Response = <S::Response as RecordedAnswer>::Recorded;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -199,19 +293,18 @@ where
         let client_id = first.and_then(sane_request_id).map(str::to_owned);
         let from_client = client_id.is_some();
         let request_id = client_id.unwrap_or_else(|| self.recorder.ids.next());
-        // A copy, even of the client's own value: one sharing the request's bytes would keep
-        // its whole allocation, body included, for as long as the answer streams.
-        let id_header = HeaderValue::from_str(&request_id).ok();
         // The node gets exactly the id the client is told. The client's own goes as it came
         // when it is the only one; otherwise the proxy sends this one in place of the client's
         // (missing, unusable or repeated) headers. An insert into the request's header map
         // would cost more: it is sized to the headers that came, so one more grows it (and
         // sizing it one larger from the start cost the bench's requests 600 instructions more
-        // than this entry, tried 2026-11-29).
+        // than this entry, tried 2026-11-29). A copy, even of the client's own value: one
+        // sharing the request's bytes would keep its whole allocation, body included, for as
+        // long as the request lives.
         if (!from_client || repeated)
-            && let Some(value) = &id_header
+            && let Ok(value) = HeaderValue::from_str(&request_id)
         {
-            request.set_upstream_request_id(UpstreamRequestId(value.clone()));
+            request.set_upstream_request_id(UpstreamRequestId(value));
         }
         let api_key_id = request.api_key_id().map(|k| String::from(&*k.0));
         let path = request.path().to_owned();
@@ -240,13 +333,11 @@ where
             async move {
                 let Ok(mut response) = future.await;
                 let Some(start) = waiting.0.take() else {
-                    return Ok(response);
+                    return Ok(response.watch(Pending::unwatched()));
                 };
                 let ttfb = start.started.elapsed();
-                let node_id = response
-                    .extensions()
-                    .get::<ServedBy>()
-                    .map(|s| String::from(&*s.0));
+                let node_id = response.served_by().map(String::from);
+                let status = response.status();
                 let span = tracing::Span::current();
                 if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
                     span.record("model", model);
@@ -254,28 +345,20 @@ where
                 if let Some(node) = &node_id {
                     span.record("node", node.as_str());
                 }
-                span.record("status", response.status().as_u16());
-                if let Some(value) = id_header {
-                    response.headers_mut().insert(REQUEST_ID, value);
-                }
-                let (recorder, started, mut record) = start.into_record(response.status().as_u16());
+                span.record("status", status);
+                response.set_request_id(&start.request_id);
+                let (recorder, started, mut record) = start.into_record(status);
                 record.node_id = node_id;
                 record.ttfb_ms = Some(ms(ttfb));
-                let pending = Pending {
+                let pending = Pending(Some(Row {
                     recorder,
                     started,
                     record,
-                    upstream_failure: response.extensions().get::<UpstreamFailure>().cloned(),
+                    upstream_failure: response.upstream_failure(),
                     ttfb,
                     span,
-                };
-                Ok(response.map(|body| {
-                    Body::new(RecordedBody {
-                        inner: body,
-                        pending: Some(pending),
-                        usage: UsageScanner::default(),
-                    })
-                }))
+                }));
+                Ok(response.watch(pending))
             }
             .instrument(span),
         )
@@ -356,7 +439,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-struct Pending {
+/// A row waiting for the answer's body to end; see [`RecordedAnswer::watch`].
+pub struct Pending(Option<Row>);
+
+impl Pending {
+    /// Nothing to write: the row was written already.
+    fn unwatched() -> Self {
+        Self(None)
+    }
+}
+
+struct Row {
     recorder: Arc<Recorder>,
     started: Instant,
     record: RequestRecord,
@@ -365,17 +458,19 @@ struct Pending {
     upstream_failure: Option<UpstreamFailure>,
 }
 
-impl Pending {
-    fn finish(mut self, usage: &UsageScanner, disconnected: bool) {
+impl Row {
+    fn finish(mut self, usage: &UsageScanner, disconnected: bool, failed: Option<&'static str>) {
         let latency = self.started.elapsed();
         self.record.latency_ms = ms(latency);
         self.record.prompt_tokens = usage.prompt_tokens;
         self.record.completion_tokens = usage.completion_tokens;
         self.record.client_disconnected = disconnected;
-        self.record.upstream_error = self
-            .upstream_failure
-            .as_ref()
-            .and_then(UpstreamFailure::get)
+        self.record.upstream_error = failed
+            .or_else(|| {
+                self.upstream_failure
+                    .as_ref()
+                    .and_then(UpstreamFailure::get)
+            })
             .map(str::to_owned);
         self.span.in_scope(|| {
             tracing::info!(
@@ -392,41 +487,73 @@ impl Pending {
     }
 }
 
-/// The response body, watched: usage is scanned, and the row is written at the end.
-struct RecordedBody {
-    inner: Body,
-    pending: Option<Pending>,
-    usage: UsageScanner,
+pin_project! {
+    /// The answer's body, watched: usage is scanned, and the row is written at the end, or
+    /// when the body is dropped before it (the client went away).
+    pub struct RecordedBody<B> {
+        #[pin]
+        inner: B,
+        pending: Pending,
+        usage: UsageScanner,
+        // The body is over: it was empty from the start, or it has ended since.
+        ended: bool,
+        // What the body said of a broken node stream when last polled.
+        failed: Option<&'static str>,
+    }
+
+    impl<B> PinnedDrop for RecordedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // An empty body may be dropped unpolled: that is no disconnect.
+            if let Some(row) = this.pending.0.take() {
+                row.finish(this.usage, !*this.ended, *this.failed);
+            }
+        }
+    }
 }
 
-impl HttpBody for RecordedBody {
+impl<B: HttpBody> RecordedBody<B> {
+    fn new(inner: B, pending: Pending) -> Self {
+        Self {
+            ended: inner.is_end_stream(),
+            inner,
+            pending,
+            usage: UsageScanner::default(),
+            failed: None,
+        }
+    }
+}
+
+impl<B> HttpBody for RecordedBody<B>
+where
+    B: HttpBody<Data = Bytes> + ReportsFailure,
+{
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let ended = match &polled {
+            Poll::Pending => return polled,
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.usage.scan(data);
                 }
                 // hyper stops polling once the body says it is done, so this may be the end.
-                if this.inner.is_end_stream()
-                    && let Some(pending) = this.pending.take()
-                {
-                    pending.finish(&this.usage, false);
-                }
+                this.inner.is_end_stream()
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                if let Some(pending) = this.pending.take() {
-                    pending.finish(&this.usage, false);
-                }
+            Poll::Ready(None | Some(Err(_))) => true,
+        };
+        *this.failed = this.inner.upstream_failure();
+        if ended {
+            *this.ended = true;
+            if let Some(row) = this.pending.0.take() {
+                row.finish(this.usage, false, *this.failed);
             }
-            Poll::Pending => {}
         }
         polled
     }
@@ -437,16 +564,6 @@ impl HttpBody for RecordedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for RecordedBody {
-    fn drop(&mut self) {
-        // Dropped before the end: the client went away. (An empty body may be dropped unpolled.)
-        if let Some(pending) = self.pending.take() {
-            let disconnected = !self.inner.is_end_stream();
-            pending.finish(&self.usage, disconnected);
-        }
     }
 }
 

@@ -23,9 +23,9 @@ use layers::proxy::ProxiedRequest;
 use layers::request_info::RequestInfoService;
 use layers::timeout_wait::TimeoutWait;
 use layers::{
-    AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyConfig,
-    RawRequest, RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget, SelectConfig,
-    TimeoutWaitLayer, WaitConfig,
+    AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyBody, ProxyConfig,
+    RawRequest, RawResponse, RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget,
+    Routed, RoutedResponse, SelectConfig, TimeoutWaitLayer, WaitConfig,
 };
 use tower::{Layer, ServiceExt};
 
@@ -118,8 +118,45 @@ impl Default for StackConfig {
 }
 
 /// The type-erased service behind the configured layers, over `R`: the `http::Request` that
-/// `RequestInfoLayer` passes on, or a [`RawRequest`].
-pub type InferenceService<R = Request<Full<Bytes>>> = SharedService<R, Response<Body>>;
+/// `RequestInfoLayer` passes on (answered with an `http::Response`), or a [`RawRequest`]
+/// (answered with a [`RawResponse`]).
+pub type InferenceService<R = Request<Full<Bytes>>, A = Response<Body>> = SharedService<R, A>;
+
+/// What the stack answers with: axum's `Response<Body>` for `http::Request`s, the proxy's
+/// [`RawResponse<ProxyBody>`] as it is for [`RawRequest`]s.
+pub trait StackAnswer: RoutedResponse + Send + Sized + 'static {
+    /// The proxy's answer it is made from.
+    type Proxied;
+    /// The proxy's answer as this type.
+    fn from_proxy(answer: Self::Proxied) -> Self;
+    /// A layer's answer (the inner one passed on, or the layer's own) as this type.
+    fn settle(layered: Self::Layered) -> Self;
+}
+
+impl StackAnswer for Response<Body> {
+    type Proxied = Response<ProxyBody>;
+
+    fn from_proxy(answer: Response<ProxyBody>) -> Self {
+        answer.map(Body::new)
+    }
+
+    fn settle(layered: Response<ResponseBody<Body>>) -> Self {
+        layered.map(flatten)
+    }
+}
+
+/// No wrapper body and no box: the layers pass the proxy's answer on as it is.
+impl StackAnswer for RawResponse<ProxyBody> {
+    type Proxied = Self;
+
+    fn from_proxy(answer: Self) -> Self {
+        answer
+    }
+
+    fn settle(layered: Self) -> Self {
+        layered
+    }
+}
 
 /// The retry budget `config` asks for, to share between the stacks of one router.
 pub fn retry_budget(config: &StackConfig) -> Arc<RetryBudget> {
@@ -144,18 +181,19 @@ pub fn proxy_service(
 }
 
 /// The configured layers over the proxy.
-pub fn inference_service<R>(
+pub fn inference_service<R, A>(
     state: &AppState,
     config: &StackConfig,
     layers: &StackLayers,
     budget: Arc<RetryBudget>,
-) -> InferenceService<R>
+) -> InferenceService<R, A>
 where
-    R: ProxiedRequest<Full<Bytes>> + Send + 'static,
+    R: ProxiedRequest<Full<Bytes>, Answer = A::Proxied> + Routed + Send + 'static,
+    A: StackAnswer,
+    A::Layered: Send + 'static,
 {
     // The proxy forwards `http::Request`s and `RawRequest`s alike: say which.
-    let proxy =
-        ServiceExt::<R>::map_response(proxy_service(state, config, budget), |r| r.map(Body::new));
+    let proxy = ServiceExt::<R>::map_response(proxy_service(state, config, budget), A::from_proxy);
     let mut service = SharedService::new(proxy);
     for kind in config.layers.iter().rev() {
         service = match kind {
@@ -202,7 +240,8 @@ pub fn request_service(
             r.map(Body::new)
         }));
     }
-    let inner = inference_service::<Request<Full<Bytes>>>(state, config, layers, budget);
+    let inner =
+        inference_service::<Request<Full<Bytes>>, Response<Body>>(state, config, layers, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
@@ -213,14 +252,12 @@ pub fn raw_request_service(
     config: &StackConfig,
     layers: &StackLayers,
     budget: Arc<RetryBudget>,
-) -> SharedService<RawRequest, Response<Body>> {
+) -> SharedService<RawRequest, RawResponse<ProxyBody>> {
     if config.layers == LayerKind::ALL {
-        let stack = default_stack(state, config, layers, budget);
-        return SharedService::new(ServiceExt::<RawRequest>::map_response(stack, |r| {
-            r.map(Body::new)
-        }));
+        return SharedService::new(default_stack(state, config, layers, budget));
     }
-    let inner = inference_service::<RawRequest>(state, config, layers, budget);
+    let inner =
+        inference_service::<RawRequest, RawResponse<ProxyBody>>(state, config, layers, budget);
     shared(RequestInfoLayer::new(config.request_info).layer(inner))
 }
 
@@ -323,17 +360,18 @@ fn flatten(body: ResponseBody<Body>) -> Body {
     }
 }
 
-fn shared<S, Req>(service: S) -> SharedService<Req, Response<Body>>
+fn shared<S, Req, A>(service: S) -> SharedService<Req, A>
 where
-    S: tower::Service<Req, Response = Response<ResponseBody<Body>>, Error = Infallible>
+    S: tower::Service<Req, Response = A::Layered, Error = Infallible>
         + Clone
         + Send
         + Sync
         + 'static,
     S::Future: Send + 'static,
     Req: Send + 'static,
+    A: StackAnswer,
 {
-    SharedService::new(service.map_response(|r| r.map(flatten)))
+    SharedService::new(service.map_response(A::settle))
 }
 
 #[cfg(test)]
