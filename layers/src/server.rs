@@ -140,6 +140,9 @@ impl BodyPace {
 /// are written on their own.
 const COPY_LIMIT: usize = 16 * 1024;
 
+/// Room for an answer's head: its status line, its lines, `date` and the framing.
+const HEAD_ROOM: usize = 256;
+
 /// The body of a request from [`serve_connection`]: all of it, or an error when it was larger
 /// than `max_body_bytes`.
 #[derive(Debug)]
@@ -742,7 +745,14 @@ impl Connection {
         mut close: bool,
     ) -> io::Result<bool> {
         let status = answer.status();
-        let mut out = Vec::with_capacity(256);
+        // Room for the head and, when it is short and its length known, the body: it goes out
+        // in the same write, and the buffer must not grow (a copy of the head) to take it.
+        let short_body = answer
+            .body_size_hint()
+            .exact()
+            .and_then(|length| usize::try_from(length).ok())
+            .filter(|&length| length <= COPY_LIMIT);
+        let mut out = Vec::with_capacity(HEAD_ROOM + short_body.unwrap_or(0));
         push_status_line(&mut out, status);
         let lines = answer.write_lines(&mut out);
         let mut body = pin!(Answer::into_body(answer));
@@ -1241,7 +1251,7 @@ impl<B: Body<Data = Bytes>> Answer for RawResponse<B> {
 mod sealed {
     use bytes::Bytes;
     use http::{Response, StatusCode, header};
-    use http_body::Body;
+    use http_body::{Body, SizeHint};
 
     use crate::raw_response::{RawResponse, is_framing, push_line};
     use crate::wire::{has_token, parse_length};
@@ -1259,6 +1269,7 @@ mod sealed {
     /// How an answer's head is written.
     pub trait WriteLines {
         fn status(&self) -> StatusCode;
+        fn body_size_hint(&self) -> SizeHint;
         /// Appends the header lines but the framing ones, which the server writes itself.
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts;
     }
@@ -1266,6 +1277,10 @@ mod sealed {
     impl<B: Body<Data = Bytes>> WriteLines for Response<B> {
         fn status(&self) -> StatusCode {
             self.status()
+        }
+
+        fn body_size_hint(&self) -> SizeHint {
+            self.body().size_hint()
         }
 
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
@@ -1288,6 +1303,10 @@ mod sealed {
     impl<B: Body<Data = Bytes>> WriteLines for RawResponse<B> {
         fn status(&self) -> StatusCode {
             self.status()
+        }
+
+        fn body_size_hint(&self) -> SizeHint {
+            self.body().size_hint()
         }
 
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
