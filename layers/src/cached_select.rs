@@ -196,13 +196,10 @@ impl NodeSelector {
         let best = self.pick(ranked, SlotBound::WithinCapacity, Some(held));
         if let Some(node) = best
             && !Arc::ptr_eq(node.state(), held.node().state())
-            && let Some(moved) = self
-                .pool
-                .acquire(node, SlotBound::WithinCapacity)
-                .and_then(SelectedNode::new)
+            && let Some(moved) = self.pool.acquire(node, SlotBound::WithinCapacity)
         {
             // The old slot is given back as it is replaced, once the new one is ours.
-            *held = moved;
+            held.move_to(moved);
         }
         Ok(())
     }

@@ -683,6 +683,23 @@ impl SelectedNode {
         })
     }
 
+    /// Moves to `guard`'s slot, giving the one held back once the new one is in place: as
+    /// `*self = SelectedNode::new(guard)`, without a new allocation when no clone shares the
+    /// slot. `false` (and nothing changes) if `guard` was already released.
+    pub(crate) fn move_to(&mut self, guard: LoadGuard) -> bool {
+        let Some(node) = guard.node().cloned() else {
+            return false;
+        };
+        self.within_capacity = guard.within_capacity();
+        self.node = node;
+        match Arc::get_mut(&mut self.guard) {
+            // The old guard is dropped, so its slot given back, as it is replaced.
+            Some(held) => *held = guard,
+            None => self.guard = Arc::new(guard),
+        }
+        true
+    }
+
     /// The chosen node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
@@ -1262,6 +1279,29 @@ mod tests {
         );
         drop(entries);
         assert!(pool.shared.queue().by_model.is_empty());
+    }
+
+    #[test]
+    fn a_selected_node_moves_to_another_slot_and_gives_the_old_one_back() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 2), spec("b", &["m"], 2)]).unwrap();
+        let snapshot = pool.snapshot();
+        let (a, b) = (snapshot.node("a").unwrap(), snapshot.node("b").unwrap());
+        let in_flight = || (a.state().in_flight(), b.state().in_flight());
+        let mut selected =
+            SelectedNode::new(pool.acquire(a, SlotBound::WithinCapacity).unwrap()).unwrap();
+        assert!(selected.move_to(pool.acquire(b, SlotBound::WithinCapacity).unwrap()));
+        assert_eq!(selected.node().id(), "b");
+        assert_eq!(in_flight(), (0, 1), "a's slot given back at once");
+
+        // A clone still shares b's slot: it is given back when the clone goes.
+        let clone = selected.clone();
+        assert!(selected.move_to(pool.acquire(a, SlotBound::WithinCapacity).unwrap()));
+        assert_eq!(selected.node().id(), "a");
+        assert_eq!(in_flight(), (1, 1));
+        drop(clone);
+        assert_eq!(in_flight(), (1, 0));
+        drop(selected);
+        assert_eq!(in_flight(), (0, 0));
     }
 
     #[test]
