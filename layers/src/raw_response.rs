@@ -223,17 +223,15 @@ impl<B> RawResponse<B> {
 
     /// The same answer over `f`'s body.
     pub fn map<C>(self, f: impl FnOnce(B) -> C) -> RawResponse<C> {
-        let (head, body) = self.into_parts();
-        let body = f(body);
         RawResponse {
-            status: head.status,
-            lines: head.lines,
-            has_date: head.has_date,
-            close: head.close,
-            served_by: head.served_by,
-            request_info: head.request_info,
-            extensions: head.extensions,
-            body,
+            status: self.status,
+            lines: self.lines,
+            has_date: self.has_date,
+            close: self.close,
+            served_by: self.served_by,
+            request_info: self.request_info,
+            extensions: self.extensions,
+            body: f(self.body),
         }
     }
 
