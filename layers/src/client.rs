@@ -30,7 +30,9 @@
 //! - **Framing.** `Content-Length`, `chunked` (trailers are read and dropped; a
 //!   `Content-Length` next to it is removed) or close-delimited answers; up to 8 interim (1xx)
 //!   answers are skipped; answers to `HEAD`, 204 and 304 have no body. A malformed answer is an
-//!   error, and its connection is closed.
+//!   error, and its connection is closed. A [`RawResponse`] (from
+//!   [`HttpClient::request_raw_to`]) keeps no framing header among its lines; an answer to
+//!   `HEAD` declares its length in [`RawResponse::content_length`].
 //! - **Request body.** Written whole, before the answer is read: a node that answers early (a
 //!   413, say) and stops reading is waited for until the caller's timeout.
 //! - **Headers.** The request goes out with `host` from its URI (or from
@@ -65,8 +67,8 @@ use crate::body::CollectBytes;
 use crate::raw::RawRequest;
 use crate::raw_response::{RawResponse, push_line};
 use crate::wire::{
-    LANDING_SIZE, header_name, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
-    poll_read_landing, push_decimal,
+    LANDING_SIZE, header_name, is_framing_header, last_coding_is_chunked, line_end,
+    parse_chunk_size, parse_length, poll_read_landing, push_decimal,
 };
 use sealed::Received;
 
@@ -327,7 +329,7 @@ impl<A: sealed::FromReceived> Future for ResponseFuture<A> {
 }
 
 mod sealed {
-    use http::Response;
+    use http::{Response, StatusCode};
 
     use super::{AnswerHead, AnswerHeaders, UpstreamBody};
     use crate::raw_response::RawResponse;
@@ -352,9 +354,7 @@ mod sealed {
                     *response.headers_mut() = headers;
                     response
                 }
-                AnswerHeaders::Lines { lines, has_date } => {
-                    RawResponse::from_lines(head.status, lines, has_date, body).into_http()
-                }
+                lines => raw(head.status, lines, body).into_http(),
             };
             *response.status_mut() = head.status;
             *response.version_mut() = head.version;
@@ -364,17 +364,31 @@ mod sealed {
 
     impl FromReceived for RawResponse<UpstreamBody> {
         fn from_received(received: Received) -> Self {
-            let Received { head, body } = received;
-            match head.headers {
-                AnswerHeaders::Lines { lines, has_date } => {
-                    RawResponse::from_lines(head.status, lines, has_date, body)
-                }
-                AnswerHeaders::Map(headers) => {
-                    let mut response = Response::new(body);
-                    *response.status_mut() = head.status;
-                    *response.headers_mut() = headers;
-                    RawResponse::from_http(response)
-                }
+            raw(received.head.status, received.head.headers, received.body)
+        }
+    }
+
+    /// A [`RawResponse`] over `headers`, lines or not.
+    fn raw(
+        status: StatusCode,
+        headers: AnswerHeaders,
+        body: UpstreamBody,
+    ) -> RawResponse<UpstreamBody> {
+        match headers {
+            AnswerHeaders::Lines {
+                lines,
+                has_date,
+                content_length,
+            } => {
+                let mut raw = RawResponse::from_lines(status, lines, has_date, body);
+                raw.set_content_length(content_length);
+                raw
+            }
+            AnswerHeaders::Map(headers) => {
+                let mut response = Response::new(body);
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                RawResponse::from_http(response)
             }
         }
     }
@@ -545,11 +559,20 @@ where
         match exchange(&mut connection, &head, body, keep_answer_header, lines).await {
             Ok(mut head) => {
                 let (framing, keep_alive) = framing(&head, no_body)?;
-                if head.facts.transfer_encoding.is_some()
-                    && let AnswerHeaders::Map(headers) = &mut head.headers
-                {
-                    // Ignored for framing (RFC 9112 6.3), so not passed on either.
-                    headers.remove(header::CONTENT_LENGTH);
+                match &mut head.headers {
+                    AnswerHeaders::Map(headers) if head.facts.transfer_encoding.is_some() => {
+                        // Ignored for framing (RFC 9112 6.3), so not passed on either.
+                        headers.remove(header::CONTENT_LENGTH);
+                    }
+                    AnswerHeaders::Lines { content_length, .. } if no_body => {
+                        // The one length the lines do not carry that a client still reads.
+                        if let (None, Length::Is(length)) =
+                            (head.facts.transfer_encoding, head.facts.length)
+                        {
+                            *content_length = Some(length);
+                        }
+                    }
+                    _ => {}
                 }
                 let body = UpstreamBody::new(
                     connection,
@@ -933,7 +956,12 @@ enum AnswerHeaders {
     /// In a map, whose values share one copy of the head.
     Map(HeaderMap),
     /// As `name: value\r\n` lines, names as the node wrote them, no framing header among them.
-    Lines { lines: Vec<u8>, has_date: bool },
+    Lines {
+        lines: Vec<u8>,
+        has_date: bool,
+        /// The length an answer to `HEAD` declares (its body is empty).
+        content_length: Option<u64>,
+    },
 }
 
 /// What an answer's headers say about how its body is framed and whether its connection is
@@ -1026,7 +1054,7 @@ fn parse_head(
             for field in parsed.headers.iter() {
                 let kept = with_lowercase(field.name.as_bytes(), &mut lower, |name| {
                     facts.add(name, field.value);
-                    let kept = keep(name) && !is_framing_lowercase(name);
+                    let kept = keep(name) && !is_framing_header(name);
                     has_date |= kept && name == b"date";
                     kept
                 });
@@ -1034,7 +1062,11 @@ fn parse_head(
                     push_line(&mut lines, field.name.as_bytes(), field.value);
                 }
             }
-            AnswerHeaders::Lines { lines, has_date }
+            AnswerHeaders::Lines {
+                lines,
+                has_date,
+                content_length: None,
+            }
         } else {
             // One copy of the head, which the values then share: a copy per value was an
             // allocation each, and slicing the read buffer itself would keep all of it alive
@@ -1066,14 +1098,6 @@ fn parse_head(
             facts,
         }));
     }
-}
-
-/// The framing headers, which a [`RawResponse`]'s lines never hold: its server writes its own.
-fn is_framing_lowercase(name: &[u8]) -> bool {
-    matches!(
-        name,
-        b"connection" | b"transfer-encoding" | b"content-length" | b"keep-alive"
-    )
 }
 
 /// Header names up to this long are lower-cased on the stack.
@@ -1505,7 +1529,10 @@ mod tests {
             .unwrap();
         assert_eq!(&buf[..], b"ok", "the body stays in the read buffer");
         assert_eq!(head.facts.length, Length::Is(2), "framing is still read");
-        let AnswerHeaders::Lines { lines, has_date } = head.headers else {
+        let AnswerHeaders::Lines {
+            lines, has_date, ..
+        } = head.headers
+        else {
             panic!("asked for lines");
         };
         assert_eq!(
@@ -1518,7 +1545,10 @@ mod tests {
         let head = parse_head(&mut buf, &mut 0, content_type_only, true)
             .unwrap()
             .unwrap();
-        let AnswerHeaders::Lines { lines, has_date } = head.headers else {
+        let AnswerHeaders::Lines {
+            lines, has_date, ..
+        } = head.headers
+        else {
             panic!("asked for lines");
         };
         assert_eq!(lines, b"Content-Type: text/plain\r\n");
@@ -2125,6 +2155,40 @@ mod tests {
 
     fn content_type_only(name: &[u8]) -> bool {
         name == b"content-type"
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_head_keeps_its_length_and_has_no_body() {
+        const HEAD: &[u8] =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 42\r\n\r\n";
+        const GET: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (node, client) =
+            node_and_client(|_, n| Reply::Send(if n % 2 == 0 { HEAD } else { GET })).await;
+        let authority: Authority = node.authority.parse().unwrap();
+        let to = Forward {
+            authority: &authority,
+            path_prefix: "",
+            replaced: &[],
+            keep_answer_header: keep_every_header,
+        };
+        let wire = b"HEAD /x HTTP/1.1\r\nHost: r\r\n\r\n";
+        let (head, _) = crate::server::read_raw_request_from(wire, &Default::default())
+            .unwrap()
+            .unwrap();
+        let raw = client.request_raw_to(&head, to).await.unwrap();
+        assert_eq!(raw.content_length(), Some(42));
+        assert_eq!(raw.header_lines(), b"Content-Type: text/plain\r\n");
+        assert!(raw.body().is_end_stream());
+        drop(raw);
+        // The same connection goes on: no body was waited for.
+        let get = client.request(node.get()).await.unwrap();
+        assert_eq!(text(get).await.unwrap(), "ok");
+        let mut request = node.get();
+        *request.method_mut() = Method::HEAD;
+        let answer = client.request(request).await.unwrap();
+        assert_eq!(answer.headers()[header::CONTENT_LENGTH], "42");
+        assert!(answer.body().is_end_stream());
+        assert_eq!(node.connections(), 1);
     }
 
     #[tokio::test]

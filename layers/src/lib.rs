@@ -17,7 +17,10 @@
 //! of any tower service, which reads whole request bodies before calling it.
 //! [`serve_raw_connection`] is the same server handing the service a [`RawRequest`] (the
 //! request's bytes, a range pair per header, typed fields for the layers' state) instead of an
-//! `http::Request`; the layers and [`PooledProxyService`] take either.
+//! `http::Request`; the layers and [`PooledProxyService`] take either. The proxy answers a
+//! `RawRequest` with a [`RawResponse`] (the node's kept header lines as it wrote them, typed
+//! fields for the node that served and the request's info), which the server writes back as it
+//! is; either server writes an `http::Response` or a `RawResponse` ([`Answer`]).
 //!
 //! All layers share one [`NodePool`]: a lock-free snapshot of the nodes plus live load per node.
 //! A request's slot on a node is a [`LoadGuard`] that travels in a [`SelectedNode`] request

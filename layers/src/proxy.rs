@@ -18,10 +18,12 @@
 //! - **Headers.** Hop-by-hop headers are dropped both ways (on the way to the node, by the
 //!   client as it writes the head). The client's `Authorization` is
 //!   replaced by the node's own key, or removed. Only an allowlist of response headers goes back
-//!   (`content-type`, `content-length`, `content-encoding`, `cache-control`, `x-request-id`,
-//!   `openai-*`, `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node. The
-//!   client applies the allowlist as it parses the node's head, so the others are not copied
-//!   into a header map.
+//!   (`content-type`, `content-encoding`, `cache-control`, `x-request-id`, `openai-*`,
+//!   `x-ratelimit-*`), so no `Server`, `Via` or `Location` can name a node; the answer is framed
+//!   anew (its length kept). The client applies the allowlist as it parses the node's head and
+//!   copies the kept lines, as the node wrote them, into one buffer: a [`RawRequest`] is
+//!   answered with a [`RawResponse`] over them, as the server writes it back; an
+//!   `http::Request` gets an `http::Response` whose header values share that buffer.
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
@@ -74,14 +76,17 @@ pub struct UpstreamRequestId(pub HeaderValue);
 /// `x-request-id`.
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Which node served a response, in the response's extensions: for history and logs on the
-/// router side. Never sent to the client.
+/// Which node served a response, in an `http::Response`'s extensions (a [`RawResponse`] has
+/// it in [`RawResponse::served_by`]): for history and logs on the router side. Never sent to
+/// the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedBy(pub Arc<str>);
 
-/// Set when a proxied body that had started ends early on the node's side, in the response's
-/// extensions: for history and logs around the stack, which cannot tell from an SSE stream (it
-/// ends with an error event, not an error). Holds the error code the client was given.
+/// Set when a proxied body that had started ends early on the node's side, in an
+/// `http::Response`'s extensions (the body of a [`RawResponse`] says it itself:
+/// [`ProxyBody::upstream_failure`]): for history and logs around the stack, which cannot tell
+/// from an SSE stream (it ends with an error event, not an error). Holds the error code the
+/// client was given.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamFailure(Arc<std::sync::OnceLock<&'static str>>);
 
@@ -198,11 +203,7 @@ impl<B> PooledProxyService<B> {
 fn forwardable_response_header(name: &[u8]) -> bool {
     matches!(
         name,
-        b"content-type"
-            | b"content-length"
-            | b"content-encoding"
-            | b"cache-control"
-            | b"x-request-id"
+        b"content-type" | b"content-encoding" | b"cache-control" | b"x-request-id"
     ) || name.starts_with(b"openai-")
         || name.starts_with(b"x-ratelimit-")
 }
@@ -509,7 +510,7 @@ where
             let next = match self.as_mut().project().state.project() {
                 ProxyStateProj::Failed { error } => {
                     let error = error.take().unwrap_or(RouterError::Internal);
-                    return Poll::Ready(RawResponse::from_http(error.into_response()));
+                    return Poll::Ready(router_answer(error));
                 }
                 ProxyStateProj::ReadingError { future } => {
                     return future.as_mut().poll(cx);
@@ -523,9 +524,7 @@ where
                 } => {
                     let outcome = ready!(future.poll(cx));
                     let Some(selected) = selected.take() else {
-                        return Poll::Ready(RawResponse::from_http(
-                            RouterError::Internal.into_response(),
-                        ));
+                        return Poll::Ready(router_answer(RouterError::Internal));
                     };
                     let node = selected.node().clone();
                     let failure = match outcome {
@@ -638,9 +637,14 @@ fn retry<B, R: ProxiedRequest<B>>(
     Some((sent, again, replay))
 }
 
+/// The router's own answer for `error`.
+fn router_answer(error: RouterError) -> Proxied {
+    RawResponse::from_http(error.into_response())
+}
+
 /// The router's own answer for a failure on `node`, noting the node for history and logs.
 fn answered_by(error: RouterError, node: &Node) -> Proxied {
-    let mut answer = RawResponse::from_http(error.into_response());
+    let mut answer = router_answer(error);
     answer.set_served_by(Some(node.id_arc().clone()));
     answer
 }
@@ -686,7 +690,8 @@ async fn read_error(answer: NodeAnswer, selected: SelectedNode, read_timeout: Du
         }
     };
     head.set_served_by(Some(node.id_arc().clone()));
-    // The body may change length: the server frames it as it is (the lines hold no length).
+    // The body may change length: the server frames it as it is.
+    head.set_content_length(None);
     let encoded = head
         .header("content-encoding")
         .is_some_and(|v| v != b"identity");

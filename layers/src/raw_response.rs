@@ -15,12 +15,15 @@
 //! needed. [`RawResponse::from_http`] and [`RawResponse::into_http`] convert at the edges.
 //!
 //! The lines never hold a framing header (`content-length`, `transfer-encoding`, `connection`,
-//! `keep-alive`): the server frames the body from its size hint, and an answer asks for its
-//! connection to be closed with [`RawResponse::set_close`].
+//! `keep-alive`): the server frames the body itself, from the length the answer declares
+//! ([`RawResponse::set_content_length`], as an answer to `HEAD` needs) or else from the body's
+//! size hint, and an answer asks for its connection to be closed with
+//! [`RawResponse::set_close`].
 
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Extensions, Response, StatusCode};
 
@@ -28,7 +31,7 @@ use crate::error::{ErrorFormat, RouterError};
 use crate::proxy::ServedBy;
 use crate::request_info::RequestInfo;
 use crate::routed::RoutedResponse;
-use crate::wire::header_name;
+use crate::wire::{header_name, is_framing_header, parse_length};
 
 /// An answer with its headers kept as lines; see the module docs.
 pub struct RawResponse<B> {
@@ -39,6 +42,9 @@ pub struct RawResponse<B> {
     has_date: bool,
     /// The connection closes after this answer.
     close: bool,
+    /// The body's length as the head declares it: written as `content-length` in place of the
+    /// body's size hint (an answer to `HEAD` has no body, but says how long it would be).
+    content_length: Option<u64>,
     served_by: Option<Arc<str>>,
     request_info: Option<RequestInfo>,
     extensions: Extensions,
@@ -65,6 +71,7 @@ impl<B> RawResponse<B> {
             lines,
             has_date,
             close: false,
+            content_length: None,
             served_by: None,
             request_info: None,
             extensions: Extensions::new(),
@@ -102,8 +109,9 @@ impl<B> RawResponse<B> {
 
     /// Sets the header `name` to `value`, in place of any lines of that name. A framing header
     /// is not kept as a line: `connection: close` closes the connection after the answer
-    /// ([`set_close`](Self::set_close)), and the others are ignored, since the server frames
-    /// the body itself.
+    /// ([`set_close`](Self::set_close)), a `content-length` sets
+    /// [`content_length`](Self::set_content_length), and the others are ignored, since the
+    /// server frames the body itself.
     pub fn insert_header(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), InvalidValue> {
         if !value
             .iter()
@@ -112,9 +120,7 @@ impl<B> RawResponse<B> {
             return Err(InvalidValue);
         }
         if is_framing(name) {
-            if name == header::CONNECTION && has_close(value) {
-                self.close = true;
-            }
+            self.note_framing(name, value);
             return Ok(());
         }
         self.remove_lines(name.as_str().as_bytes());
@@ -146,6 +152,28 @@ impl<B> RawResponse<B> {
         if name == b"date" {
             self.has_date = false;
         }
+    }
+
+    /// What a framing header says of this answer.
+    fn note_framing(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == header::CONNECTION {
+            self.close |= has_close(value);
+        } else if name == header::CONTENT_LENGTH {
+            self.content_length = parse_length(value);
+        }
+    }
+
+    /// The body's length as the head declares it, if it does.
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    /// Declares the body's length: the server writes it as `content-length` (and sends no
+    /// more of the body than that) in place of the body's size hint. For an answer to `HEAD`,
+    /// whose body is empty; leave it unset (`None`) otherwise, or clear it when the body
+    /// changes length.
+    pub fn set_content_length(&mut self, length: Option<u64>) {
+        self.content_length = length;
     }
 
     /// Whether the connection closes after this answer.
@@ -213,6 +241,7 @@ impl<B> RawResponse<B> {
             lines: self.lines,
             has_date: self.has_date,
             close: self.close,
+            content_length: self.content_length,
             served_by: self.served_by,
             request_info: self.request_info,
             extensions: self.extensions,
@@ -228,6 +257,7 @@ impl<B> RawResponse<B> {
             lines: self.lines,
             has_date: self.has_date,
             close: self.close,
+            content_length: self.content_length,
             served_by: self.served_by,
             request_info: self.request_info,
             extensions: self.extensions,
@@ -241,22 +271,17 @@ impl<B> RawResponse<B> {
     pub fn from_http(response: Response<B>) -> Self {
         let (parts, body) = response.into_parts();
         let mut lines = Vec::with_capacity(parts.headers.len() * 32);
-        let mut close = false;
+        let mut answer = Self::from_lines(parts.status, Vec::new(), false, body);
         for (name, value) in &parts.headers {
             if is_framing(name) {
-                close |= name == header::CONNECTION && has_close(value.as_bytes());
+                answer.note_framing(name, value.as_bytes());
                 continue;
             }
             push_line(&mut lines, name.as_str().as_bytes(), value.as_bytes());
         }
+        answer.lines = lines;
+        answer.has_date = parts.headers.contains_key(header::DATE);
         let mut extensions = parts.extensions;
-        let mut answer = Self::from_lines(
-            parts.status,
-            lines,
-            parts.headers.contains_key(header::DATE),
-            body,
-        );
-        answer.close = close;
         answer.served_by = extensions.remove::<ServedBy>().map(|by| by.0);
         answer.request_info = extensions.remove::<RequestInfo>();
         answer.extensions = extensions;
@@ -267,14 +292,20 @@ impl<B> RawResponse<B> {
     /// (the node as a [`ServedBy`]) and `connection: close` when it closes the connection.
     pub fn into_http(self) -> Response<B> {
         let mut headers = HeaderMap::with_capacity(8);
-        for (name, value, _) in lines(&self.lines) {
+        // One buffer, which the values share.
+        let block = Bytes::from(self.lines);
+        for (name, value, _) in lines(&block) {
+            let value = HeaderValue::from_maybe_shared(block.slice_ref(value));
             // The lines were checked as they were written.
-            if let (Ok(name), Ok(value)) = (header_name(name), HeaderValue::from_bytes(value)) {
+            if let (Ok(name), Ok(value)) = (header_name(name), value) {
                 headers.append(name, value);
             }
         }
         if self.close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(length) = self.content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         let mut response = Response::new(self.body);
         *response.status_mut() = self.status;
@@ -301,7 +332,9 @@ impl<B> fmt::Debug for RawResponse<B> {
         f.debug_struct("RawResponse")
             .field("status", &self.status)
             .field("lines", &String::from_utf8_lossy(&self.lines))
+            .field("has_date", &self.has_date)
             .field("close", &self.close)
+            .field("content_length", &self.content_length)
             .field("served_by", &self.served_by)
             .field("request_info", &self.request_info)
             .finish_non_exhaustive()
@@ -310,7 +343,7 @@ impl<B> fmt::Debug for RawResponse<B> {
 
 /// A layer passes the inner answer on as it is, and rejects with an answer of its own: no
 /// wrapper body.
-impl<B: From<bytes::Bytes>> RoutedResponse for RawResponse<B> {
+impl<B: From<Bytes>> RoutedResponse for RawResponse<B> {
     type Layered = Self;
 
     fn pass(self) -> Self {
@@ -329,10 +362,7 @@ impl<B: From<bytes::Bytes>> RoutedResponse for RawResponse<B> {
 
 /// Headers the server writes itself, from the answer's framing.
 pub(crate) fn is_framing(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::CONTENT_LENGTH
-        || name == "keep-alive"
+    is_framing_header(name.as_str().as_bytes())
 }
 
 /// Whether a `connection` value lists `close`.
@@ -357,7 +387,9 @@ fn lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], usize)> + '_ {
     std::iter::from_fn(move || {
         let rest = block.get(at..).filter(|rest| !rest.is_empty())?;
         let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-        let line = rest[..end].strip_suffix(b"\r\n").unwrap_or(&rest[..end]);
+        let line = &rest[..end];
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         let colon = memchr::memchr(b':', line).unwrap_or(line.len());
         let value = line.get(colon + 1..).unwrap_or_default().trim_ascii_start();
         let start = at;
@@ -428,12 +460,77 @@ mod tests {
             .insert_header(&header::TRANSFER_ENCODING, b"chunked")
             .unwrap();
         assert_eq!(answer.header_lines(), before);
+        assert_eq!(
+            answer.content_length(),
+            Some(999),
+            "declared, for the server"
+        );
         assert!(!answer.close());
         answer
             .insert_header(&header::CONNECTION, b"keep-alive, Close")
             .unwrap();
         assert!(answer.close());
         assert_eq!(answer.header_lines(), before);
+    }
+
+    #[test]
+    fn removed_headers_go_with_every_line_of_their_name_and_date_is_tracked() {
+        let mut answer = answer();
+        answer
+            .insert_header(&header::DATE, b"Mon, 01 Jan 2024 00:00:00 GMT")
+            .unwrap();
+        assert!(answer.has_date());
+        answer.remove_header(&header::DATE);
+        assert!(!answer.has_date(), "the server writes its own again");
+        answer
+            .insert_header(&HeaderName::from_static("x-tag"), b"1")
+            .unwrap();
+        answer.lines.extend_from_slice(b"X-TAG: 2\r\n");
+        assert_eq!(answer.header("x-tag"), Some(&b"1"[..]), "the first of two");
+        answer.remove_header(&HeaderName::from_static("x-tag"));
+        assert_eq!(
+            answer.header_lines(),
+            b"Content-Type: application/json\r\nX-Request-Id: from-node\r\nopenai-model: m\r\n"
+        );
+        answer.remove_header(&header::CONTENT_TYPE);
+        answer.remove_header(&HeaderName::from_static("openai-model"));
+        answer.remove_header(&HeaderName::from_static("x-request-id"));
+        assert!(answer.header_lines().is_empty());
+        assert_eq!(answer.headers().count(), 0);
+    }
+
+    #[test]
+    fn lines_are_read_whatever_their_end() {
+        let read = |block: &[u8]| -> Vec<(Vec<u8>, Vec<u8>, usize)> {
+            lines(block)
+                .map(|(n, v, end)| (n.to_vec(), v.to_vec(), end))
+                .collect()
+        };
+        assert!(read(b"").is_empty());
+        assert_eq!(
+            read(b"a: 1\r\nb:2\nno colon\r\nc:   3"),
+            [
+                (b"a".to_vec(), b"1".to_vec(), 6),
+                (b"b".to_vec(), b"2".to_vec(), 4),
+                (b"no colon".to_vec(), Vec::new(), 10),
+                (b"c".to_vec(), b"3".to_vec(), 6),
+            ]
+        );
+    }
+
+    #[test]
+    fn control_bytes_are_refused_in_values_but_tab() {
+        let mut answer = answer();
+        let tag = HeaderName::from_static("x-tag");
+        for bad in [&b"a\0b"[..], b"a\x7fb", b"a\rb", b"a\nb"] {
+            assert_eq!(
+                answer.insert_header(&tag, bad),
+                Err(InvalidValue),
+                "{bad:?}"
+            );
+        }
+        answer.insert_header(&tag, b"a\tb").unwrap();
+        assert_eq!(answer.header("x-tag"), Some(&b"a\tb"[..]));
     }
 
     #[tokio::test]
@@ -449,14 +546,23 @@ mod tests {
         response
             .extensions_mut()
             .insert(ServedBy(Arc::from("gpu-a")));
+        response.extensions_mut().insert(RequestInfo {
+            model: Some(Arc::from("m")),
+            stream: true,
+        });
 
         let raw = RawResponse::from_http(response);
+        assert_eq!(
+            raw.request_info().and_then(|i| i.model.as_deref()),
+            Some("m")
+        );
         assert_eq!(raw.status(), StatusCode::CREATED);
         assert_eq!(
             raw.header_lines(),
             b"content-type: text/plain\r\nx-tag: a\r\nx-tag: b\r\n"
         );
         assert!(raw.close());
+        assert_eq!(raw.content_length(), Some(5));
         assert_eq!(raw.served_by().map(|s| &**s), Some("gpu-a"));
         assert!(!raw.has_date());
 
@@ -465,6 +571,7 @@ mod tests {
         let tags: Vec<_> = back.headers().get_all("x-tag").iter().collect();
         assert_eq!(tags, ["a", "b"]);
         assert_eq!(back.headers()[header::CONNECTION], "close");
+        assert_eq!(back.headers()[header::CONTENT_LENGTH], "5");
         assert_eq!(
             back.extensions().get::<ServedBy>(),
             Some(&ServedBy(Arc::from("gpu-a")))

@@ -11,7 +11,9 @@
 //! in the request's extensions: the layer fills it once the body is parsed.
 //!
 //! It also takes a [`RawRequest`], whose body the server read whole: the same checks and
-//! answers, made in `call`, with the info and slot in the request's typed fields.
+//! answers, made in `call`, with the info and slot in the request's typed fields. Its answer
+//! can be any [`RoutedResponse`]: a [`RawResponse`](crate::RawResponse) carries the info in
+//! [`RawResponse::request_info`](crate::RawResponse::request_info).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -532,5 +534,26 @@ mod tests {
             let answer = service.clone().oneshot(raw(body)).await.unwrap();
             assert_eq!(answer.status(), status, "{body}");
         }
+
+        // Answered with a `RawResponse`: the info in its field, rejections of its own type.
+        let inner = tower::service_fn(|_: RawRequest| async move {
+            let answer = crate::RawResponse::new(StatusCode::OK, Full::new(Bytes::new()));
+            Ok::<_, std::convert::Infallible>(answer)
+        });
+        let service = layer.layer(inner);
+        let answer = service
+            .clone()
+            .oneshot(raw(r#"{"model":"m","stream":true}"#))
+            .await
+            .unwrap();
+        let info = answer.request_info().expect("passed on with the info");
+        assert_eq!((info.model.as_deref(), info.stream), (Some("m"), true));
+        let refused = service.oneshot(raw(r#"{"stream":true}"#)).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused.header("content-type"),
+            Some(&b"application/json"[..])
+        );
+        assert!(refused.request_info().is_none());
     }
 }

@@ -43,8 +43,9 @@
 //!
 //! Either serves a service answering with an `http::Response` or with a
 //! [`RawResponse`] (its header lines written out as they are): see [`Answer`]. The server
-//! writes the framing headers (`content-length` or `transfer-encoding`, `connection`) and
-//! `date` itself.
+//! writes the framing headers itself (`content-length`, from the length the answer declares
+//! or else its body's size hint, or `transfer-encoding: chunked`; `connection`), and `date`
+//! unless the answer has one.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
@@ -140,7 +141,8 @@ impl BodyPace {
 /// are written on their own.
 const COPY_LIMIT: usize = 16 * 1024;
 
-/// Room for an answer's head: its status line, its lines, `date` and the framing.
+/// Room for an answer's head but its own lines: the status line, `date` and the framing (and
+/// an `http::Response`'s lines, which are not measured first).
 const HEAD_ROOM: usize = 256;
 
 /// The body of a request from [`serve_connection`]: all of it, or an error when it was larger
@@ -752,7 +754,8 @@ impl Connection {
             .exact()
             .and_then(|length| usize::try_from(length).ok())
             .filter(|&length| length <= COPY_LIMIT);
-        let mut out = Vec::with_capacity(HEAD_ROOM + short_body.unwrap_or(0));
+        let mut out =
+            Vec::with_capacity(HEAD_ROOM + answer.lines_len_hint() + short_body.unwrap_or(0));
         push_status_line(&mut out, status);
         let lines = answer.write_lines(&mut out);
         let mut body = pin!(Answer::into_body(answer));
@@ -1270,6 +1273,10 @@ mod sealed {
     pub trait WriteLines {
         fn status(&self) -> StatusCode;
         fn body_size_hint(&self) -> SizeHint;
+        /// How long the header lines are, if known before they are written.
+        fn lines_len_hint(&self) -> usize {
+            0
+        }
         /// Appends the header lines but the framing ones, which the server writes itself.
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts;
     }
@@ -1309,10 +1316,14 @@ mod sealed {
             self.body().size_hint()
         }
 
+        fn lines_len_hint(&self) -> usize {
+            self.header_lines().len()
+        }
+
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
             out.extend_from_slice(self.header_lines());
             LineFacts {
-                declared: None,
+                declared: self.content_length(),
                 close: self.close(),
                 has_date: self.has_date(),
             }
@@ -2151,7 +2162,6 @@ mod tests {
         );
     }
 
-    /// Each server test, once for each [`Mode`].
     #[tokio::test]
     async fn a_raw_answer_goes_out_with_its_lines_as_they_are() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2175,10 +2185,13 @@ mod tests {
                 answer
                     .insert_header(&header::DATE, b"Mon, 01 Jan 2024 00:00:00 GMT")
                     .unwrap();
-                // Framing is the server's: a length the answer claims is not written.
+                // Framing is the server's: a coding the answer claims is not written.
                 answer
-                    .insert_header(&header::CONTENT_LENGTH, b"999")
+                    .insert_header(&header::TRANSFER_ENCODING, b"gzip, chunked")
                     .unwrap();
+                if request.method() == Method::HEAD {
+                    answer.set_content_length(Some(11));
+                }
                 answer.set_close(request.header("x-close").is_some());
                 Ok::<_, Infallible>(answer)
             });
@@ -2186,7 +2199,8 @@ mod tests {
         });
         let answer = exchange(
             addr,
-            b"GET /whole HTTP/1.1\r\n\r\nGET /stream HTTP/1.1\r\n\r\nGET /whole HTTP/1.1\r\nx-close: 1\r\n\r\nGET /never HTTP/1.1\r\n\r\n",
+            b"GET /whole HTTP/1.1\r\n\r\nGET /stream HTTP/1.1\r\n\r\nHEAD /whole HTTP/1.1\r\n\r\n\
+              GET /whole HTTP/1.1\r\nx-close: 1\r\n\r\nGET /never HTTP/1.1\r\n\r\n",
         )
         .await;
         let whole = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
@@ -2197,9 +2211,13 @@ mod tests {
         let closing = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
                        date: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 5\r\n\
                        connection: close\r\n\r\nhello";
-        assert_eq!(answer, format!("{whole}{streamed}{closing}"));
+        // An answer to HEAD says the length it declares, and sends no body.
+        let head = "HTTP/1.1 201 Created\r\nx-tag: Kept As Given\r\n\
+                    date: Mon, 01 Jan 2024 00:00:00 GMT\r\ncontent-length: 11\r\n\r\n";
+        assert_eq!(answer, format!("{whole}{streamed}{head}{closing}"));
     }
 
+    /// Each server test, once for each [`Mode`].
     macro_rules! in_both_modes {
         ($($name:ident),* $(,)?) => {
             mod http_mode {

@@ -160,6 +160,16 @@ const COMMON_NAMES: [HeaderName; 13] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether `name` (lower case) is a framing header, which a server or client writes from the
+/// body's framing rather than passes on: `connection`, `transfer-encoding`, `content-length`,
+/// `keep-alive`.
+pub(crate) fn is_framing_header(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection" | b"transfer-encoding" | b"content-length" | b"keep-alive"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

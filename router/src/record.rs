@@ -672,6 +672,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_client_is_told_the_request_id_once_whatever_the_node_said() {
+        let node = http::Response::builder()
+            .header("content-type", "application/json")
+            .header("x-request-id", "node-1")
+            .header("x-request-id", "node-2")
+            .body(ProxyBody::from(Bytes::from_static(b"{}")))
+            .unwrap();
+        let mut answer = RawResponse::from_http(node);
+        RecordedAnswer::set_request_id(&mut answer, "router-id");
+        let ids: Vec<&[u8]> = answer
+            .headers()
+            .filter(|(name, _)| name.eq_ignore_ascii_case(b"x-request-id"))
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(ids, [&b"router-id"[..]]);
+
+        let mut answer = Response::new(Body::empty());
+        answer
+            .headers_mut()
+            .append(REQUEST_ID, HeaderValue::from_static("node-1"));
+        RecordedAnswer::set_request_id(&mut answer, "router-id");
+        let ids: Vec<_> = answer.headers().get_all(REQUEST_ID).iter().collect();
+        assert_eq!(ids, ["router-id"]);
+    }
+
+    #[test]
     fn hex_ids_match_the_format_they_replace() {
         for value in [0, 1, 0xf, 0x10, 0xdead_beef, 0x1_0000_0000, u64::MAX] {
             for width in [0, 8, 16] {
