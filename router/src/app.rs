@@ -17,7 +17,6 @@ use axum::routing::future::RouteFuture;
 use axum::routing::{get, post_service};
 use axum::serve::{ListenerExt, TapIo};
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::{Method, Request};
 use pin_project_lite::pin_project;
 use serde_json::{Value, json};
@@ -200,7 +199,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = AppFuture<Response<Body>>;
+    type Future = AppFuture<<Inference as Service<Request<Body>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         ready!(self.inference.poll_ready(cx))?;
@@ -232,7 +231,7 @@ where
 impl Service<RawRequest> for AppService {
     type Response = RawResponse<Body>;
     type Error = Infallible;
-    type Future = AppFuture<RawResponse<Body>>;
+    type Future = AppFuture<<RawInference as Service<RawRequest>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         ready!(Service::<RawRequest>::poll_ready(
@@ -267,29 +266,30 @@ impl Service<RawRequest> for AppService {
 }
 
 pin_project! {
-    /// Response future of [`AppService`]: `A` is axum's `Response<Body>` for an
-    /// `http::Request`, a [`RawResponse<Body>`] for a [`RawRequest`].
-    pub struct AppFuture<A> {
+    /// Response future of [`AppService`], over `F`, the inference path's future: it answers
+    /// with axum's `Response<Body>` for an `http::Request`, a [`RawResponse<Body>`] for a
+    /// [`RawRequest`].
+    pub struct AppFuture<F> {
         #[pin]
-        kind: AppFutureKind<A>,
+        kind: AppFutureKind<F>,
     }
 }
 
 pin_project! {
     #[project = AppFutureProj]
-    enum AppFutureKind<A> {
-        // Through the inference path (boxed by the recorder).
-        Inference { future: BoxFuture<'static, Result<A, Infallible>> },
-        // Through axum's routes. Boxed, as is a refusal: the variants are a pointer each, and
-        // this future moves into the server's connection loop with every request.
+    enum AppFutureKind<F> {
+        // Through the inference path.
+        Inference { #[pin] future: F },
+        // Through axum's routes. Boxed, as is a refusal: this future moves into the server's
+        // connection loop with every request, and these are the rare ones.
         Routes { future: Pin<Box<RouteFuture<Infallible>>> },
         // Refused before the path.
         Answered { response: Option<Box<Response>> },
     }
 }
 
-impl<A> From<AppFutureKind<A>> for AppFuture<A> {
-    fn from(kind: AppFutureKind<A>) -> Self {
+impl<F> From<AppFutureKind<F>> for AppFuture<F> {
+    fn from(kind: AppFutureKind<F>) -> Self {
         Self { kind }
     }
 }
@@ -313,12 +313,16 @@ impl AppAnswer for RawResponse<Body> {
     }
 }
 
-impl<A: AppAnswer> Future for AppFuture<A> {
+impl<F, A> Future for AppFuture<F>
+where
+    F: Future<Output = Result<A, Infallible>>,
+    A: AppAnswer,
+{
     type Output = Result<A, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            AppFutureProj::Inference { future } => future.as_mut().poll(cx),
+            AppFutureProj::Inference { future } => future.poll(cx),
             AppFutureProj::Routes { future } => future.as_mut().poll(cx).map_ok(A::from_axum),
             AppFutureProj::Answered { response } => Poll::Ready(Ok(A::from_axum(
                 response

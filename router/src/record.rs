@@ -9,15 +9,16 @@
 //! the body.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use layers::{
@@ -27,7 +28,6 @@ use layers::{
 use memchr::memmem;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
-use tracing::Instrument;
 
 use crate::auth::ApiKeyId;
 use crate::history::{History, RequestRecord};
@@ -278,7 +278,7 @@ where
 {
     type Response = <S::Response as RecordedAnswer>::Recorded;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+    type Future = RecordedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -319,49 +319,71 @@ where
             node = tracing::field::Empty,
             status = tracing::field::Empty,
         );
-        let future = self.inner.call(request);
-        let mut waiting = Unanswered(Some(RowStart {
-            recorder: self.recorder.clone(),
+        RecordedFuture {
+            inner: self.inner.call(request),
+            waiting: Unanswered(Some(RowStart {
+                recorder: self.recorder.clone(),
+                started,
+                ts_ms,
+                request_id,
+                path,
+                api_key_id,
+                info,
+            })),
+            span,
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Recorded`]: the inner service's answer, its body watched.
+    pub struct RecordedFuture<F> {
+        #[pin]
+        inner: F,
+        waiting: Unanswered,
+        // Entered while the inner service works, so that what it logs names the request.
+        span: tracing::Span,
+    }
+}
+
+impl<F, A> Future for RecordedFuture<F>
+where
+    F: Future<Output = Result<A, Infallible>>,
+    A: RecordedAnswer,
+{
+    type Output = Result<A::Recorded, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        let Some(start) = this.waiting.0.take() else {
+            return Poll::Ready(Ok(response.watch(Pending::unwatched())));
+        };
+        let ttfb = start.started.elapsed();
+        let node_id = response.served_by().map(String::from);
+        let status = response.status();
+        let span = this.span.clone();
+        if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
+            span.record("model", model);
+        }
+        if let Some(node) = &node_id {
+            span.record("node", node.as_str());
+        }
+        span.record("status", status);
+        response.set_request_id(&start.request_id);
+        let (recorder, started, mut record) = start.into_record(status);
+        record.node_id = node_id;
+        record.ttfb_ms = Some(ms(ttfb));
+        let pending = Pending(Some(Row {
+            recorder,
             started,
-            ts_ms,
-            request_id,
-            path,
-            api_key_id,
-            info,
+            record,
+            upstream_failure: response.upstream_failure(),
+            ttfb,
+            span,
         }));
-        Box::pin(
-            async move {
-                let Ok(mut response) = future.await;
-                let Some(start) = waiting.0.take() else {
-                    return Ok(response.watch(Pending::unwatched()));
-                };
-                let ttfb = start.started.elapsed();
-                let node_id = response.served_by().map(String::from);
-                let status = response.status();
-                let span = tracing::Span::current();
-                if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
-                    span.record("model", model);
-                }
-                if let Some(node) = &node_id {
-                    span.record("node", node.as_str());
-                }
-                span.record("status", status);
-                response.set_request_id(&start.request_id);
-                let (recorder, started, mut record) = start.into_record(status);
-                record.node_id = node_id;
-                record.ttfb_ms = Some(ms(ttfb));
-                let pending = Pending(Some(Row {
-                    recorder,
-                    started,
-                    record,
-                    upstream_failure: response.upstream_failure(),
-                    ttfb,
-                    span,
-                }));
-                Ok(response.watch(pending))
-            }
-            .instrument(span),
-        )
+        Poll::Ready(Ok(response.watch(pending)))
     }
 }
 
