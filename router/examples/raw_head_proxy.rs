@@ -276,7 +276,7 @@ impl Work {
         self.history.record(RequestRecord {
             ts_ms,
             request_id: format!("raw-{request_id:016x}"),
-            path: String::from("/v1/chat/completions"),
+            path: "/v1/chat/completions".into(),
             model: model.map(str::to_owned),
             node_id: Some(node_id),
             status,

@@ -11,6 +11,7 @@
 //! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
 //! connection pool; SQLite's WAL mode lets them run beside the writer.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -61,8 +62,9 @@ pub struct RequestRecord {
     pub ts_ms: i64,
     /// The request id sent back in `x-request-id`.
     pub request_id: String,
-    /// The URL path.
-    pub path: String,
+    /// The URL path: the OpenAI routes' own borrowed from static text, so that most rows
+    /// allocate none for it.
+    pub path: Cow<'static, str>,
     /// The requested model.
     pub model: Option<String>,
     /// The node that served it.
@@ -893,7 +895,7 @@ impl LogRow {
             record: RequestRecord {
                 ts_ms: row.try_get("ts_ms")?,
                 request_id: row.try_get("request_id")?,
-                path: row.try_get("path")?,
+                path: Cow::Owned(row.try_get("path")?),
                 model: row.try_get("model")?,
                 node_id: row.try_get("node_id")?,
                 status: u16::try_from(status).unwrap_or(0),

@@ -8,6 +8,7 @@
 //! sends, in a JSON answer or in the last SSE chunk, found by a byte scan rather than by parsing
 //! the body.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -77,6 +78,20 @@ fn push_hex(out: &mut String, value: u64, min_digits: usize) {
     for i in (0..significant.max(min_digits)).rev() {
         let nibble = if i < 16 { (value >> (i * 4)) & 0xf } else { 0 };
         out.push(char::from(DIGITS[nibble as usize]));
+    }
+}
+
+/// The path for a request's row: one of the OpenAI routes as static text, which most rows are.
+fn row_path(path: &str) -> Cow<'static, str> {
+    const ROUTES: [&str; 4] = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ];
+    match ROUTES.iter().find(|route| **route == path) {
+        Some(route) => Cow::Borrowed(route),
+        None => Cow::Owned(path.to_owned()),
     }
 }
 
@@ -307,7 +322,7 @@ where
             request.set_upstream_request_id(UpstreamRequestId(value));
         }
         let api_key_id = request.api_key_id().map(|k| String::from(&*k.0));
-        let path = request.path().to_owned();
+        let path = row_path(request.path());
         // Filled by `RequestInfoLayer` inside the stack, so that a row without an answer (499)
         // still names the model.
         let info = RequestInfoSlot::new();
@@ -393,7 +408,7 @@ struct RowStart {
     started: Instant,
     ts_ms: i64,
     request_id: String,
-    path: String,
+    path: Cow<'static, str>,
     api_key_id: Option<String>,
     info: RequestInfoSlot,
 }
@@ -692,6 +707,14 @@ fn number_after(window: &[u8], mut i: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_borrow_the_openai_routes_paths_and_copy_the_rest() {
+        for route in ["/v1/chat/completions", "/v1/embeddings"] {
+            assert!(matches!(row_path(route), Cow::Borrowed(p) if p == route));
+        }
+        assert!(matches!(row_path("/v1/other"), Cow::Owned(p) if p == "/v1/other"));
+    }
 
     #[test]
     fn the_client_is_told_the_request_id_once_whatever_the_node_said() {
