@@ -359,6 +359,15 @@ pin_project! {
         // Entered while the inner service works, so that what it logs names the request.
         span: tracing::Span,
     }
+
+    impl<F> PinnedDrop for RecordedFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // A request dropped before its answer gets its 499 row, logged in its span.
+            let _entered = this.span.enter();
+            drop(Unanswered(this.waiting.0.take()));
+        }
+    }
 }
 
 impl<F, A> Future for RecordedFuture<F>
@@ -707,6 +716,54 @@ fn number_after(window: &[u8], mut i: usize) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Log lines, as the router writes them, into a buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_dropped_before_its_answer_is_logged_in_its_span() {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let recorder = Recorder {
+            history: History::turned_off(),
+            metrics: Arc::default(),
+            pool: NodePool::from_specs(Vec::<layers::NodeSpec>::new()).unwrap(),
+            ids: Arc::default(),
+        };
+        let never = tower::service_fn(|_: RawRequest| {
+            std::future::pending::<Result<RawResponse<ProxyBody>, Infallible>>()
+        });
+        let mut service = recorder.layer(never);
+        let wire = b"POST /v1/chat/completions HTTP/1.1\r\nx-request-id: req-7\r\n\r\n";
+        let (request, _) = layers::server::read_raw_request_from(wire, &Default::default())
+            .unwrap()
+            .unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(10), service.call(request)).await;
+        assert!(waiting.is_err(), "no answer comes");
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        let line = logs
+            .lines()
+            .find(|line| line.contains("client left before an answer"))
+            .unwrap_or_else(|| panic!("no 499 line in {logs:?}"));
+        assert!(line.contains("request{request_id=req-7}"), "{line}");
+    }
 
     #[test]
     fn rows_borrow_the_openai_routes_paths_and_copy_the_rest() {
