@@ -110,8 +110,8 @@ impl<B> RawResponse<B> {
     /// Sets the header `name` to `value`, in place of any lines of that name. A framing header
     /// is not kept as a line: `connection: close` closes the connection after the answer
     /// ([`set_close`](Self::set_close)), a `content-length` sets
-    /// [`content_length`](Self::set_content_length), and the others are ignored, since the
-    /// server frames the body itself.
+    /// [`content_length`](Self::set_content_length) (a value that is not a length is refused),
+    /// and the others are ignored, since the server frames the body itself.
     pub fn insert_header(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), InvalidValue> {
         if !value
             .iter()
@@ -119,8 +119,12 @@ impl<B> RawResponse<B> {
         {
             return Err(InvalidValue);
         }
+        if name == header::CONTENT_LENGTH {
+            self.content_length = Some(parse_length(value).ok_or(InvalidValue)?);
+            return Ok(());
+        }
         if is_framing(name) {
-            self.note_framing(name, value);
+            self.close |= name == header::CONNECTION && has_close(value);
             return Ok(());
         }
         self.remove_lines(name.as_str().as_bytes());
@@ -151,15 +155,6 @@ impl<B> RawResponse<B> {
         }
         if name == b"date" {
             self.has_date = false;
-        }
-    }
-
-    /// What a framing header says of this answer.
-    fn note_framing(&mut self, name: &HeaderName, value: &[u8]) {
-        if name == header::CONNECTION {
-            self.close |= has_close(value);
-        } else if name == header::CONTENT_LENGTH {
-            self.content_length = parse_length(value);
         }
     }
 
@@ -236,23 +231,19 @@ impl<B> RawResponse<B> {
     /// The answer without its body, and the body: `head.map(|()| body)` puts them together
     /// again.
     pub fn into_parts(self) -> (RawResponse<()>, B) {
-        let head = RawResponse {
-            status: self.status,
-            lines: self.lines,
-            has_date: self.has_date,
-            close: self.close,
-            content_length: self.content_length,
-            served_by: self.served_by,
-            request_info: self.request_info,
-            extensions: self.extensions,
-            body: (),
-        };
-        (head, self.body)
+        self.replace_body(())
     }
 
-    /// The same answer over `f`'s body.
+    /// The same answer over `f`'s body. A declared [`content_length`](Self::content_length)
+    /// stays: clear it if the new body's length differs.
     pub fn map<C>(self, f: impl FnOnce(B) -> C) -> RawResponse<C> {
-        RawResponse {
+        let (head, body) = self.into_parts();
+        head.replace_body(f(body)).0
+    }
+
+    /// The same answer over `body`, and the body it had.
+    fn replace_body<C>(self, body: C) -> (RawResponse<C>, B) {
+        let answer = RawResponse {
             status: self.status,
             lines: self.lines,
             has_date: self.has_date,
@@ -261,8 +252,9 @@ impl<B> RawResponse<B> {
             served_by: self.served_by,
             request_info: self.request_info,
             extensions: self.extensions,
-            body: f(self.body),
-        }
+            body,
+        };
+        (answer, self.body)
     }
 
     /// `response` with its headers written out as lines. A [`ServedBy`] and a [`RequestInfo`]
@@ -274,13 +266,18 @@ impl<B> RawResponse<B> {
         let mut answer = Self::from_lines(parts.status, Vec::new(), false, body);
         for (name, value) in &parts.headers {
             if is_framing(name) {
-                answer.note_framing(name, value.as_bytes());
+                answer.close |= name == header::CONNECTION && has_close(value.as_bytes());
                 continue;
             }
             push_line(&mut lines, name.as_str().as_bytes(), value.as_bytes());
         }
         answer.lines = lines;
         answer.has_date = parts.headers.contains_key(header::DATE);
+        // The first, as the server reads an `http::Response`'s.
+        answer.content_length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| parse_length(value.as_bytes()));
         let mut extensions = parts.extensions;
         answer.served_by = extensions.remove::<ServedBy>().map(|by| by.0);
         answer.request_info = extensions.remove::<RequestInfo>();
@@ -464,6 +461,15 @@ mod tests {
             answer.content_length(),
             Some(999),
             "declared, for the server"
+        );
+        assert_eq!(
+            answer.insert_header(&header::CONTENT_LENGTH, b"12 apples"),
+            Err(InvalidValue)
+        );
+        assert_eq!(
+            answer.content_length(),
+            Some(999),
+            "a bad length changes nothing"
         );
         assert!(!answer.close());
         answer
