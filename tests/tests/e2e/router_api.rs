@@ -191,6 +191,48 @@ async fn errors_have_openai_shape_over_raw_http() {
     router.shutdown().await;
 }
 
+/// An HTTP/1 client's HEAD gets the length its GET would have, and no body: the router's own
+/// routes are written out as raw answers, whose framing the server writes.
+#[tokio::test]
+async fn head_answers_say_the_get_length_and_send_no_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let node = SimNode::start(sim(&["m"], 2)).await.unwrap();
+    let router = start_full(
+        quick_config(&[("a", &node, &["m"], 8)]),
+        StartOptions::default(),
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n\
+              HEAD /health HTTP/1.1\r\nHost: r\r\n\r\n\
+              GET /health HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut wire = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut wire))
+        .await
+        .unwrap()
+        .unwrap();
+    let wire = String::from_utf8(wire).unwrap();
+    let answers: Vec<&str> = wire.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{wire}");
+    for answer in &answers {
+        assert!(answer.starts_with("200 OK\r\n"), "{wire}");
+        assert!(answer.contains("content-length: 2\r\n"), "{wire}");
+    }
+    assert!(answers[0].ends_with("\r\n\r\nok"), "{wire}");
+    assert!(
+        answers[1].ends_with("\r\n\r\n"),
+        "no body after HEAD: {wire}"
+    );
+    assert!(answers[2].ends_with("\r\n\r\nok"), "{wire}");
+    router.shutdown().await;
+}
+
 /// The documented difference between two orders (examples/router.toml): with admission first,
 /// an overloaded fleet answers 429 at once; with the wait first, requests queue, and time out
 /// with 503 if no slot frees.
