@@ -67,7 +67,7 @@ use crate::body::CollectBytes;
 use crate::raw::RawRequest;
 use crate::raw_response::{RawResponse, push_line};
 use crate::wire::{
-    LANDING_SIZE, header_name, is_framing_header, last_coding_is_chunked, line_end,
+    LANDING_SIZE, header_name, is_framing_header, last_coding_is_chunked, line_end, lists_token,
     parse_chunk_size, parse_length, poll_read_landing, push_decimal,
 };
 use sealed::Received;
@@ -990,12 +990,11 @@ enum Length {
 impl FramingFacts {
     /// Notes the header `name` (lower case) with `value`, if it frames the answer.
     fn add(&mut self, name: &[u8], value: &[u8]) {
-        let mut parts = value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
         match name {
-            b"connection" => self.close |= parts.any(|t| t.eq_ignore_ascii_case(b"close")),
+            b"connection" => self.close |= lists_token(value, b"close"),
             b"transfer-encoding" => self.transfer_encoding = Some(last_coding_is_chunked(value)),
             b"content-length" => {
-                for part in parts {
+                for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     self.length = match (self.length, parse_length(part)) {
                         (Length::Bad(why), _) => Length::Bad(why),
                         (_, None) => Length::Bad("content-length"),

@@ -31,7 +31,7 @@ use crate::error::{ErrorFormat, RouterError};
 use crate::proxy::ServedBy;
 use crate::request_info::RequestInfo;
 use crate::routed::RoutedResponse;
-use crate::wire::{header_name, is_framing_header, parse_length};
+use crate::wire::{header_name, is_framing_header, lists_token, parse_length};
 
 /// An answer with its headers kept as lines; see the module docs.
 pub struct RawResponse<B> {
@@ -124,7 +124,7 @@ impl<B> RawResponse<B> {
             return Ok(());
         }
         if is_framing(name) {
-            self.close |= name == header::CONNECTION && has_close(value);
+            self.close |= name == header::CONNECTION && lists_token(value, b"close");
             return Ok(());
         }
         self.remove_lines(name.as_str().as_bytes());
@@ -263,16 +263,18 @@ impl<B> RawResponse<B> {
     pub fn from_http(response: Response<B>) -> Self {
         let (parts, body) = response.into_parts();
         let mut lines = Vec::with_capacity(parts.headers.len() * 32);
-        let mut answer = Self::from_lines(parts.status, Vec::new(), false, body);
-        for (name, value) in &parts.headers {
-            if is_framing(name) {
-                answer.close |= name == header::CONNECTION && has_close(value.as_bytes());
-                continue;
-            }
-            push_line(&mut lines, name.as_str().as_bytes(), value.as_bytes());
-        }
-        answer.lines = lines;
-        answer.has_date = parts.headers.contains_key(header::DATE);
+        push_header_lines(&mut lines, &parts.headers);
+        let mut answer = Self::from_lines(
+            parts.status,
+            lines,
+            parts.headers.contains_key(header::DATE),
+            body,
+        );
+        answer.close = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|value| lists_token(value.as_bytes(), b"close"));
         // The first, as the server reads an `http::Response`'s.
         answer.content_length = parts
             .headers
@@ -362,11 +364,13 @@ pub(crate) fn is_framing(name: &HeaderName) -> bool {
     is_framing_header(name.as_str().as_bytes())
 }
 
-/// Whether a `connection` value lists `close`.
-fn has_close(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+/// Appends `headers` as lines, but the framing ones, which the server writes itself.
+pub(crate) fn push_header_lines(lines: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        if !is_framing(name) {
+            push_line(lines, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
 }
 
 /// Appends `name: value\r\n`.

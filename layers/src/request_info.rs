@@ -372,12 +372,12 @@ where
                     });
                 }
                 StateProj::Calling { future, info } => {
-                    let mut response = ready!(future.poll(cx))?;
+                    let response = ready!(future.poll(cx))?;
                     // Outer layers (logging, history) see what was asked for.
-                    if let Some(info) = info.take() {
-                        response.extensions_mut().insert(info);
-                    }
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    return Poll::Ready(Ok(match info.take() {
+                        Some(info) => response.pass_with_info(info),
+                        None => response.pass(),
+                    }));
                 }
             }
         }

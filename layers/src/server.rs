@@ -1256,7 +1256,7 @@ mod sealed {
     use http::{Response, StatusCode, header};
     use http_body::{Body, SizeHint};
 
-    use crate::raw_response::{RawResponse, is_framing, push_line};
+    use crate::raw_response::{RawResponse, push_header_lines};
     use crate::wire::{has_token, parse_length};
 
     /// What an answer's own header lines said about its framing.
@@ -1292,11 +1292,7 @@ mod sealed {
 
         fn write_lines(&self, out: &mut Vec<u8>) -> LineFacts {
             let headers = self.headers();
-            for (name, value) in headers {
-                if !is_framing(name) {
-                    push_line(out, name.as_str().as_bytes(), value.as_bytes());
-                }
-            }
+            push_header_lines(out, headers);
             LineFacts {
                 declared: headers
                     .get(header::CONTENT_LENGTH)

@@ -60,13 +60,20 @@ pub(crate) fn last_coding_is_chunked(value: &[u8]) -> bool {
         .is_some_and(|last| last.eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Whether a comma-separated header `name` lists `token` (case-insensitively).
+/// Whether a comma-separated header `name` lists `token` (case-insensitively), in a value of
+/// visible ASCII.
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|value| value.to_str().is_ok() && lists_token(value.as_bytes(), token.as_bytes()))
+}
+
+/// Whether a comma-separated header value lists `token` (case-insensitively).
+pub(crate) fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A `content-length` value: decimal digits only, and no more than fit in 19 of them.

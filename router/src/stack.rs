@@ -25,7 +25,7 @@ use layers::timeout_wait::TimeoutWait;
 use layers::{
     AdmissionConfig, AdmissionLayer, CachedSelectLayer, PooledProxyService, ProxyBody, ProxyConfig,
     RawRequest, RawResponse, RequestInfoConfig, RequestInfoLayer, ResponseBody, RetryBudget,
-    Routed, RoutedResponse, SelectConfig, TimeoutWaitLayer, WaitConfig,
+    RoutedResponse, SelectConfig, TimeoutWaitLayer, WaitConfig,
 };
 use tower::{Layer, ServiceExt};
 
@@ -188,7 +188,7 @@ pub fn inference_service<R, A>(
     budget: Arc<RetryBudget>,
 ) -> InferenceService<R, A>
 where
-    R: ProxiedRequest<Full<Bytes>, Answer = A::Proxied> + Routed + Send + 'static,
+    R: ProxiedRequest<Full<Bytes>, Answer = A::Proxied> + Send + 'static,
     A: StackAnswer,
     A::Layered: Send + 'static,
 {
