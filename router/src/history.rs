@@ -12,7 +12,7 @@
 //! connection pool; SQLite's WAL mode lets them run beside the writer.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -327,20 +327,33 @@ impl History {
     /// Counts, error rates and latency percentiles; see [`Stats`].
     pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, HistoryError> {
         let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT model, node_id, status, latency_ms, ttfb_ms, client_disconnected \
-             FROM requests r WHERE 1 = 1",
+            "SELECT model_key, model, node_key, node_id, status, latency_ms, ttfb_ms, \
+             client_disconnected FROM requests r WHERE 1 = 1",
         );
         push_window(&mut sql, query.since, query.until);
         let mut all = Group::default();
         let mut ttfb = Percentiles::default();
         let mut by_model: BTreeMap<Option<String>, Group> = BTreeMap::new();
         let mut by_node: BTreeMap<Option<String>, Group> = BTreeMap::new();
+        // One read transaction, so that the names read first are those of every row read
+        // after; the rows' keys are named here rather than by a join per row.
+        let mut tx = self.pool()?.begin().await?;
+        let names: HashMap<i64, String> =
+            sqlx::query_as::<_, (i64, String)>("SELECT id, name FROM request_names")
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+        let name_of = |key: Option<i64>, text: Option<String>| match key {
+            Some(key) => names.get(&key).cloned(),
+            None => text,
+        };
         let query = sql.build();
         // Streamed into histograms, so memory stays bounded however many rows match.
-        let mut rows = query.fetch(self.pool()?);
+        let mut rows = query.fetch(&mut *tx);
         while let Some(row) = rows.try_next().await? {
-            let model: Option<String> = row.try_get("model")?;
-            let node: Option<String> = row.try_get("node_id")?;
+            let model = name_of(row.try_get("model_key")?, row.try_get("model")?);
+            let node = name_of(row.try_get("node_key")?, row.try_get("node_id")?);
             let status: i64 = row.try_get("status")?;
             let latency: f64 = row.try_get("latency_ms")?;
             let row_ttfb: Option<f64> = row.try_get("ttfb_ms")?;
@@ -414,13 +427,15 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
         (None, None) => None,
     };
     let mut sql = QueryBuilder::<Sqlite>::new(
-        "SELECT r.id, r.ts_ms, r.request_id, r.path, r.model, r.node_id, r.status, r.stream, \
-         r.latency_ms, r.ttfb_ms, r.prompt_tokens, r.completion_tokens, r.api_key_id, \
+        "SELECT r.id, r.ts_ms, r.request_id, coalesce(p.name, r.path) AS path, \
+         coalesce(m.name, r.model) AS model, coalesce(n.name, r.node_id) AS node_id, r.status, \
+         r.stream, r.latency_ms, r.ttfb_ms, r.prompt_tokens, r.completion_tokens, r.api_key_id, \
          r.client_disconnected, r.upstream_error FROM ",
     );
     if let Some((kind, key)) = key {
         // CROSS JOIN keeps the ranges as the outer loop.
         sql.push("request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id");
+        sql.push(NAMES_JOIN);
         sql.push(" WHERE k.kind = ").push_bind(kind);
         sql.push(" AND k.key = ").push_bind(key.to_owned());
         if let Some(after) = query.after_id {
@@ -448,13 +463,13 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
             sql.push(" AND k.min_ts < ").push_bind(until);
         }
     } else {
-        sql.push("requests r WHERE 1 = 1");
+        sql.push("requests r").push(NAMES_JOIN).push(" WHERE 1 = 1");
     }
     if let Some(model) = &query.model {
-        sql.push(" AND r.model = ").push_bind(model.clone());
+        push_name_filter(&mut sql, "model", model);
     }
     if let Some(node) = &query.node {
-        sql.push(" AND r.node_id = ").push_bind(node.clone());
+        push_name_filter(&mut sql, "node", node);
     }
     let lowest_status = match status {
         Some(StatusFilter::Exact(code)) => {
@@ -490,6 +505,24 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
     }
     sql.push("r.id ").push(order);
     Ok(sql)
+}
+
+/// The names of a row's keys (NULL for rows written before `request_names`: `coalesce` with
+/// the text columns).
+const NAMES_JOIN: &str = " LEFT JOIN request_names p ON p.id = r.path_key \
+     LEFT JOIN request_names m ON m.id = r.model_key LEFT JOIN request_names n ON n.id = r.node_key";
+
+/// Rows whose model (`column` "model") or node ("node") is `name`: by key, or by text for rows
+/// written before `request_names`.
+fn push_name_filter(sql: &mut QueryBuilder<'_, Sqlite>, column: &str, name: &str) {
+    let text_column = if column == "node" { "node_id" } else { column };
+    sql.push(format_args!(
+        " AND (r.{column}_key = (SELECT id FROM request_names WHERE name = "
+    ))
+    .push_bind(name.to_owned())
+    .push(format_args!(") OR r.{text_column} = "))
+    .push_bind(name.to_owned())
+    .push(")");
 }
 
 fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
@@ -528,6 +561,7 @@ async fn writer(
         counters,
         warnings: WarnLimiter::default(),
         connection: None,
+        names: NameKeys::default(),
         rows: Vec::with_capacity(batch_size.min(4096)),
     };
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
@@ -585,6 +619,7 @@ struct Batch {
     counters: Arc<Counters>,
     warnings: WarnLimiter,
     connection: Option<SqliteConnection>,
+    names: NameKeys,
     rows: Vec<RequestRecord>,
 }
 
@@ -594,9 +629,16 @@ impl Batch {
         let n = self.rows.len() as u64;
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         let outcome = match self.connection.as_mut() {
-            Some(conn) => insert(conn, &mut self.rows).await,
+            Some(conn) => insert(conn, &mut self.names, &mut self.rows).await,
             None => match SqliteConnection::connect_with(&self.options).await {
-                Ok(conn) => insert(self.connection.insert(conn), &mut self.rows).await,
+                Ok(conn) => {
+                    insert(
+                        self.connection.insert(conn),
+                        &mut self.names,
+                        &mut self.rows,
+                    )
+                    .await
+                }
                 Err(error) => Err(error),
             },
         };
@@ -637,25 +679,25 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
 }
 
 /// Writes `rows` in one transaction, emptying it, with their models' and nodes' id range in
-/// `request_keys`. The values are moved into the statements' arguments, not copied.
+/// `request_keys` and their names as keys into `request_names`. The values left as text are
+/// moved into the statements' arguments, not copied.
 async fn insert(
     conn: &mut SqliteConnection,
+    names: &mut NameKeys,
     rows: &mut Vec<RequestRecord>,
 ) -> Result<(), sqlx::Error> {
     let keys = BatchKeys::of(rows);
     let count = rows.len() as i64;
     let mut last_id = 0;
     let mut tx = conn.begin().await?;
-    let mut rows = rows.drain(..);
+    let row_names = names.of_rows(&mut tx, rows).await?;
+    let mut rows = rows.drain(..).zip(row_names);
     for size in statement_sizes(rows.len()) {
         let mut statement = sqlx::query(insert_sql(size));
-        for r in rows.by_ref().take(size) {
+        for (r, names) in rows.by_ref().take(size) {
             statement = statement
                 .bind(r.ts_ms)
                 .bind(r.request_id)
-                .bind(r.path)
-                .bind(r.model)
-                .bind(r.node_id)
                 .bind(i64::from(r.status))
                 .bind(r.stream)
                 .bind(r.latency_ms)
@@ -664,7 +706,10 @@ async fn insert(
                 .bind(r.completion_tokens.map(i64::from))
                 .bind(r.api_key_id)
                 .bind(r.client_disconnected)
-                .bind(r.upstream_error);
+                .bind(r.upstream_error)
+                .bind(names.path)
+                .bind(names.model)
+                .bind(names.node);
         }
         last_id = statement.execute(&mut *tx).await?.last_insert_rowid();
     }
@@ -688,7 +733,104 @@ async fn insert(
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    names.keep_added();
+    Ok(())
+}
+
+/// A row's path, model and node as keys into `request_names`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowNames {
+    path: i64,
+    model: Option<i64>,
+    node: Option<i64>,
+}
+
+/// The writer's map from names to their keys in `request_names`, so that a batch binds
+/// integers, and the table is read only for names the writer has not met.
+#[derive(Debug, Default)]
+struct NameKeys {
+    /// Committed: a name's key never changes once its row is in the table.
+    known: HashMap<String, i64>,
+    /// Added or read in the transaction being written; known once it commits. (A key added in
+    /// a transaction that is rolled back can be given to another name later.)
+    added: HashMap<String, i64>,
+    /// The batch's names so far, looked through before the maps: a batch has a handful, and
+    /// comparing a few short strings costs less than hashing one (three hashed lookups a row
+    /// were about 1,000 instructions).
+    recent: Vec<(String, i64)>,
+}
+
+/// Most names [`NameKeys::recent`] holds: past it, a batch's further names are found by hash.
+const MOST_RECENT_NAMES: usize = 8;
+
+/// Most names [`NameKeys`] remembers; past it, it starts again from an empty map (each name
+/// then costs one more read of the table). Models are named by clients, so they are not
+/// bounded by the configuration.
+const MOST_NAMES_KNOWN: usize = 4096;
+
+impl NameKeys {
+    /// The keys of `rows`' names, in order. A name met for the first time is looked up in
+    /// `request_names` within `tx`, and added there if missing.
+    async fn of_rows(
+        &mut self,
+        tx: &mut SqliteConnection,
+        rows: &[RequestRecord],
+    ) -> Result<Vec<RowNames>, sqlx::Error> {
+        // Left from a batch that failed after adding names: their keys may not exist.
+        self.added.clear();
+        self.recent.clear();
+        let mut keys = Vec::with_capacity(rows.len());
+        for row in rows {
+            let path = self.key(tx, &row.path).await?;
+            let model = match &row.model {
+                Some(model) => Some(self.key(tx, model).await?),
+                None => None,
+            };
+            let node = match &row.node_id {
+                Some(node) => Some(self.key(tx, node).await?),
+                None => None,
+            };
+            keys.push(RowNames { path, model, node });
+        }
+        Ok(keys)
+    }
+
+    async fn key(&mut self, tx: &mut SqliteConnection, name: &str) -> Result<i64, sqlx::Error> {
+        if let Some((_, key)) = self.recent.iter().find(|(recent, _)| recent == name) {
+            return Ok(*key);
+        }
+        let key = match self.known.get(name).or_else(|| self.added.get(name)) {
+            Some(&key) => key,
+            None => self.look_up(tx, name).await?,
+        };
+        if self.recent.len() < MOST_RECENT_NAMES {
+            self.recent.push((name.to_owned(), key));
+        }
+        Ok(key)
+    }
+
+    /// A name's key from `request_names`, added there if missing.
+    async fn look_up(&mut self, tx: &mut SqliteConnection, name: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query("INSERT OR IGNORE INTO request_names (name) VALUES (?)")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let key = sqlx::query_scalar("SELECT id FROM request_names WHERE name = ?")
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await?;
+        self.added.insert(name.to_owned(), key);
+        Ok(key)
+    }
+
+    /// After a commit: the batch's new names are known.
+    fn keep_added(&mut self) {
+        if self.known.len() + self.added.len() > MOST_NAMES_KNOWN {
+            self.known.clear();
+        }
+        self.known.extend(self.added.drain());
+    }
 }
 
 /// Where a model's or a node's rows are in a batch: the first and last by position, and their
@@ -772,15 +914,16 @@ fn insert_sql(rows: usize) -> &'static str {
         (0..=ROWS_PER_STATEMENT.ilog2())
             .map(|power| {
                 let mut sql = String::from(
-                    "INSERT OR FAIL INTO requests (ts_ms, request_id, path, model, node_id, status, \
-                     stream, latency_ms, ttfb_ms, prompt_tokens, completion_tokens, api_key_id, \
-                     client_disconnected, upstream_error) VALUES ",
+                    "INSERT OR FAIL INTO requests (ts_ms, request_id, path, status, stream, \
+                     latency_ms, ttfb_ms, prompt_tokens, completion_tokens, api_key_id, \
+                     client_disconnected, upstream_error, path_key, model_key, node_key) VALUES ",
                 );
                 for row in 0..1usize << power {
                     if row > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                    // `path` is NOT NULL from the first schema: '' written out, not bound.
+                    sql.push_str("(?, ?, '', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
                 }
                 sql
             })
@@ -1228,12 +1371,17 @@ mod tests {
 
     /// Every page of `query`, followed newest first (or oldest first from `after_id`), as
     /// request ids.
-    async fn all_pages(history: &History, mut query: LogQuery) -> Vec<String> {
+    async fn all_pages(history: &History, query: LogQuery) -> Vec<String> {
+        let rows = all_rows(history, query).await;
+        rows.into_iter().map(|r| r.request_id).collect()
+    }
+
+    async fn all_rows(history: &History, mut query: LogQuery) -> Vec<RequestRecord> {
         let mut seen = Vec::new();
         loop {
             let page = history.logs(&query).await.unwrap();
             let last = page.logs.last().map(|r| r.id);
-            seen.extend(page.logs.into_iter().map(|r| r.record.request_id));
+            seen.extend(page.logs.into_iter().map(|r| r.record));
             match (query.after_id, page.next_before_id, last) {
                 (Some(_), _, Some(last)) => query.after_id = Some(last),
                 (None, Some(next), _) => query.before_id = Some(next),
@@ -1569,8 +1717,10 @@ mod tests {
         }
         history.flush().await;
         assert_eq!(history.written(), 9000);
-        // Back to the state before the migration: indexes on model and node, no key ranges.
+        // Back to the state before the migration: rows with their names as text, indexes on
+        // model and node, no key ranges.
         let pool = history.pool().unwrap();
+        names_to_text(pool).await;
         for sql in [
             "DROP TABLE request_keys",
             "CREATE INDEX requests_model ON requests (model, id)",
@@ -1615,6 +1765,140 @@ mod tests {
         assert_eq!(
             all_pages(&history, page(None, Some("n1"))).await,
             newest_first(&|r| r.node_id.as_deref() == Some("n1"))
+        );
+    }
+
+    /// Rewrites every row as a router from before `request_names` wrote it: names as text, no
+    /// keys.
+    async fn names_to_text(pool: &SqlitePool) {
+        sqlx::query(
+            "UPDATE requests SET \
+             path = coalesce((SELECT name FROM request_names WHERE id = path_key), path), \
+             model = coalesce((SELECT name FROM request_names WHERE id = model_key), model), \
+             node_id = coalesce((SELECT name FROM request_names WHERE id = node_key), node_id), \
+             path_key = NULL, model_key = NULL, node_key = NULL",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_name_keys_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 1000).await;
+        let row = |i: usize| {
+            let mut r = record(i);
+            if i.is_multiple_of(7) {
+                r.model = None;
+                r.node_id = None;
+                r.path = Cow::Owned(format!("/v1/other/{i}"));
+            }
+            r
+        };
+        for i in 0..300 {
+            history.record(row(i));
+        }
+        history.flush().await;
+        // Back to the state before the migration: names as text, no keys, no view.
+        let pool = history.pool().unwrap();
+        names_to_text(pool).await;
+        for sql in [
+            "DROP VIEW request_log",
+            "DROP TABLE request_names",
+            "ALTER TABLE requests DROP COLUMN path_key",
+            "ALTER TABLE requests DROP COLUMN model_key",
+            "ALTER TABLE requests DROP COLUMN node_key",
+            "DELETE FROM _sqlx_migrations WHERE description = 'request names'",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        let history = reopen(history, &dir, 1000).await;
+        for i in 300..600 {
+            history.record(row(i));
+        }
+        history.flush().await;
+        assert_eq!(history.dropped(), 0);
+        let pool = history.pool().unwrap();
+        let (text_rows, keyed_rows): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE path_key IS NULL AND path <> ''), \
+             count(*) FILTER (WHERE path_key IS NOT NULL AND path = '' AND model IS NULL \
+             AND node_id IS NULL) FROM requests",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (text_rows, keyed_rows),
+            (300, 300),
+            "both layouts in the table"
+        );
+
+        // Every row reads back whole, through the API and through the view.
+        let rows: Vec<_> = (0..600).map(row).collect();
+        let page = all_rows(&history, LogQuery::default()).await;
+        assert_eq!(page, rows.iter().rev().cloned().collect::<Vec<_>>());
+        let by_view: Vec<(String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT path, model, node_id FROM request_log ORDER BY id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let written: Vec<_> = rows
+            .iter()
+            .map(|r| (r.path.to_string(), r.model.clone(), r.node_id.clone()))
+            .collect();
+        assert_eq!(by_view, written);
+
+        // Filters find the rows of both layouts.
+        let filtered = |model: Option<&str>, node: Option<&str>| LogQuery {
+            model: model.map(str::to_owned),
+            node: node.map(str::to_owned),
+            limit: Some(37),
+            ..LogQuery::default()
+        };
+        let ids = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
+            rows.iter()
+                .rev()
+                .filter(|r| keep(r))
+                .map(|r| r.request_id.clone())
+                .collect()
+        };
+        assert_eq!(
+            all_pages(&history, filtered(Some("odd"), None)).await,
+            ids(&|r| r.model.as_deref() == Some("odd"))
+        );
+        assert_eq!(
+            all_pages(&history, filtered(Some("odd"), Some("n2"))).await,
+            ids(&|r| r.model.as_deref() == Some("odd") && r.node_id.as_deref() == Some("n2"))
+        );
+
+        // Stats count a model's rows of both layouts as one.
+        let stats = history.stats(&StatsQuery::default()).await.unwrap();
+        let count = |model: Option<&str>| {
+            stats
+                .by_model
+                .iter()
+                .find(|m| m.model.as_deref() == model)
+                .map(|m| m.total)
+        };
+        let expected = |model: Option<&str>| {
+            Some(rows.iter().filter(|r| r.model.as_deref() == model).count() as u64)
+        };
+        assert_eq!(stats.by_model.len(), 3, "even, odd and none");
+        for model in [Some("even"), Some("odd"), None] {
+            assert_eq!(count(model), expected(model), "{model:?}");
+        }
+        let n0 = stats
+            .by_node
+            .iter()
+            .find(|n| n.node_id.as_deref() == Some("n0"));
+        assert_eq!(
+            n0.map(|n| n.total),
+            Some(
+                rows.iter()
+                    .filter(|r| r.node_id.as_deref() == Some("n0"))
+                    .count() as u64
+            )
         );
     }
 
