@@ -329,7 +329,8 @@ pub struct HistorySection {
     pub enabled: bool,
     /// SQLite file. Default `llm-router.db`.
     pub path: PathBuf,
-    /// Rows older than this many days are deleted; 0 keeps everything. Default 30.
+    /// Rows older than this many days are deleted, checked every minute, once every row
+    /// written in the same batch is that old too; 0 keeps everything. Default 30.
     pub retention_days: u64,
     /// Rows per write transaction at most. Default 2048.
     pub batch_size: usize,

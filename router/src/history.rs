@@ -33,7 +33,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub struct HistoryConfig {
     /// The SQLite file; created if missing.
     pub path: PathBuf,
-    /// Rows older than this are deleted every minute; `None` keeps all.
+    /// Rows older than this are deleted every minute, once every row of their batch is;
+    /// `None` keeps all.
     pub retention: Option<Duration>,
     /// Most rows per transaction.
     pub batch_size: usize,
@@ -281,7 +282,7 @@ impl History {
         };
         let cutoff = now_ms() - retention.as_millis() as i64;
         let pool = self.pool()?;
-        let result = sqlx::query("DELETE FROM requests WHERE ts_ms < ?")
+        let result = sqlx::query(DELETE_EXPIRED)
             .bind(cutoff)
             .execute(pool)
             .await?;
@@ -327,10 +328,10 @@ impl History {
     /// Counts, error rates and latency percentiles; see [`Stats`].
     pub async fn stats(&self, query: &StatsQuery) -> Result<Stats, HistoryError> {
         let mut sql = QueryBuilder::<Sqlite>::new(
-            "SELECT model_key, model, node_key, node_id, status, latency_ms, ttfb_ms, \
-             client_disconnected FROM requests r WHERE 1 = 1",
+            "SELECT r.model_key, r.model, r.node_key, r.node_id, r.status, r.latency_ms, \
+             r.ttfb_ms, r.client_disconnected FROM ",
         );
-        push_window(&mut sql, query.since, query.until);
+        push_window_rows(&mut sql, query.since, query.until);
         let mut all = Group::default();
         let mut ttfb = Percentiles::default();
         let mut by_model: BTreeMap<Option<String>, Group> = BTreeMap::new();
@@ -400,6 +401,15 @@ impl History {
     }
 }
 
+/// Deletes the rows older than the cutoff (bound: unix ms) up to the last batch whose rows all
+/// are, found by its range (`request_keys_ts`), so that the rows are read by id and not
+/// all of them. A batch that also holds newer rows keeps its old ones until the next pass
+/// after its newest has expired: a batch's rows arrived within its flush interval and the
+/// longest request before it. Rows older than the cutoff below that id go too, and rows
+/// newer than it stay: a long request's row can be older than the rows of earlier batches.
+const DELETE_EXPIRED: &str = "DELETE FROM requests WHERE ts_ms < ?1 AND id <= \
+     (SELECT coalesce(max(last_id), 0) FROM request_keys WHERE kind = 'batch' AND max_ts < ?1)";
+
 /// Deletes the key ranges below the oldest row left (bound: its id).
 const DELETE_STALE_KEYS: &str = "DELETE FROM request_keys WHERE first_id < ?1 AND last_id < ?1";
 
@@ -414,16 +424,25 @@ fn now_ms() -> i64 {
 /// A model or node filter reads that key's id ranges in `request_keys` (newest first, or
 /// oldest first when following), leaving out those outside the time window, and the rows
 /// inside each range: the ranges' own order gives the rows' order, so SQLite stops at the
-/// page's end without sorting. Without one, error statuses are found through their partial
-/// index, and other rows by id.
+/// page's end without sorting. Without one, a time window reads the batches' ranges the same
+/// way; error statuses are found through their partial index, and other rows by id.
 fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, HistoryError> {
     let status = query.status_filter()?;
+    let lowest_status = match status {
+        Some(StatusFilter::Exact(code)) => code,
+        Some(StatusFilter::Class(class)) => class * 100,
+        None => 0,
+    };
     // With a model or node, its ranges even for error statuses: the partial index would give
     // every model's errors in (status, id) order, to be sorted for each page. With a model and
-    // a node, the model's ranges are walked and the node checked per row.
+    // a node, the model's ranges are walked and the node checked per row. Without either but
+    // with a time window, the batches' ranges, unless only errors are asked for: then their
+    // partial index.
+    let window = query.since.is_some() || query.until.is_some();
     let key = match (query.model.as_deref(), query.node.as_deref()) {
         (Some(model), _) => Some((KIND_MODEL, model)),
         (None, Some(node)) => Some((KIND_NODE, node)),
+        (None, None) if window && lowest_status < 400 => Some((KIND_BATCH, BATCH_KEY)),
         (None, None) => None,
     };
     let mut sql = QueryBuilder::<Sqlite>::new(
@@ -471,19 +490,18 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
     if let Some(node) = &query.node {
         push_name_filter(&mut sql, "node", node);
     }
-    let lowest_status = match status {
+    match status {
         Some(StatusFilter::Exact(code)) => {
             sql.push(" AND r.status = ").push_bind(i64::from(code));
-            code
         }
-        Some(StatusFilter::Class(class)) => {
-            let low = class * 100;
-            sql.push(" AND r.status >= ").push_bind(i64::from(low));
-            sql.push(" AND r.status < ").push_bind(i64::from(low) + 100);
-            low
+        Some(StatusFilter::Class(_)) => {
+            sql.push(" AND r.status >= ")
+                .push_bind(i64::from(lowest_status));
+            sql.push(" AND r.status < ")
+                .push_bind(i64::from(lowest_status) + 100);
         }
-        None => 0,
-    };
+        None => {}
+    }
     if lowest_status >= 400 {
         // Written out rather than bound: SQLite picks a partial index only when the query
         // states the index's own condition (see the requests_errors migration).
@@ -523,6 +541,26 @@ fn push_name_filter(sql: &mut QueryBuilder<'_, Sqlite>, column: &str, name: &str
     .push(format_args!(") OR r.{text_column} = "))
     .push_bind(name.to_owned())
     .push(")");
+}
+
+/// `FROM` the rows of a time window, `WHERE` and all: the batches whose ranges meet it (by
+/// `request_keys_ts` when it has a start), and their rows inside it.
+fn push_window_rows(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
+    if since.is_none() && until.is_none() {
+        sql.push("requests r WHERE 1 = 1");
+        return;
+    }
+    sql.push(
+        "request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id \
+         WHERE k.kind = 'batch'",
+    );
+    if let Some(since) = since {
+        sql.push(" AND k.max_ts >= ").push_bind(since);
+    }
+    if let Some(until) = until {
+        sql.push(" AND k.min_ts < ").push_bind(until);
+    }
+    push_window(sql, since, until);
 }
 
 fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
@@ -860,10 +898,11 @@ impl KeySpan {
     }
 }
 
-/// The distinct models and nodes of a batch, with where their rows are: a handful, however
-/// many rows.
+/// The distinct models and nodes of a batch, with where their rows are, and the batch's own
+/// span: a handful, however many rows.
 #[derive(Debug, Default)]
 struct BatchKeys {
+    batch: Option<KeySpan>,
     models: BTreeMap<String, KeySpan>,
     nodes: BTreeMap<String, KeySpan>,
 }
@@ -872,6 +911,10 @@ impl BatchKeys {
     fn of(rows: &[RequestRecord]) -> Self {
         let mut keys = Self::default();
         for (position, row) in rows.iter().enumerate() {
+            match &mut keys.batch {
+                Some(span) => span.add(position, row.ts_ms),
+                None => keys.batch = Some(KeySpan::new(position, row.ts_ms)),
+            }
             for (spans, key) in [
                 (&mut keys.models, &row.model),
                 (&mut keys.nodes, &row.node_id),
@@ -890,17 +933,22 @@ impl BatchKeys {
     }
 
     fn iter(&self) -> impl Iterator<Item = (&'static str, &str, KeySpan)> {
+        let batch = self.batch.iter().map(|s| (KIND_BATCH, BATCH_KEY, *s));
         let models = self
             .models
             .iter()
             .map(|(m, s)| (KIND_MODEL, m.as_str(), *s));
-        models.chain(self.nodes.iter().map(|(n, s)| (KIND_NODE, n.as_str(), *s)))
+        let nodes = self.nodes.iter().map(|(n, s)| (KIND_NODE, n.as_str(), *s));
+        batch.chain(models).chain(nodes)
     }
 }
 
 /// `request_keys.kind` of a model's and of a node's id ranges.
 const KIND_MODEL: &str = "model";
 const KIND_NODE: &str = "node";
+/// `request_keys.kind` and `key` of a batch's id range: every row written in it.
+const KIND_BATCH: &str = "batch";
+const BATCH_KEY: &str = "";
 
 /// The INSERT text for `rows` rows, a power of two up to [`ROWS_PER_STATEMENT`]: made once per
 /// size, since building it per batch cost about a thousand instructions a row.
@@ -1462,6 +1510,143 @@ mod tests {
 
     /// What SQLite plans for the page query (bound values left NULL: the plan does not depend
     /// on them).
+    #[tokio::test]
+    async fn time_windows_find_their_rows_through_batch_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        // Some rows arrived long before the rows written around them (long requests), so
+        // batches' time ranges overlap.
+        let records: Vec<_> = (0..1000)
+            .map(|i| {
+                let mut r = record(i);
+                if i % 13 == 6 {
+                    r.ts_ms = 1_700_000_000_000 + (i / 4) as i64;
+                }
+                r
+            })
+            .collect();
+        for r in &records {
+            history.record(r.clone());
+        }
+        history.flush().await;
+        assert!(history.batches() > 10, "{} batches", history.batches());
+        let (since, until) = (1_700_000_000_200, 1_700_000_000_450);
+        let in_window = |r: &RequestRecord| (since..until).contains(&r.ts_ms);
+        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
+            let mut ids: Vec<_> = records
+                .iter()
+                .filter(|r| in_window(r) && keep(r))
+                .map(|r| r.request_id.clone())
+                .collect();
+            ids.reverse();
+            ids
+        };
+        let page = |status: Option<&str>| LogQuery {
+            status: status.map(str::to_owned),
+            since: Some(since),
+            until: Some(until),
+            limit: Some(9),
+            ..LogQuery::default()
+        };
+        assert!(
+            expect(&|_| true).contains(&"req-812".to_owned()),
+            "rows from later batches too"
+        );
+        assert_eq!(all_pages(&history, page(None)).await, expect(&|_| true));
+        assert_eq!(
+            all_pages(&history, page(Some("2xx"))).await,
+            expect(&|r| r.status < 300)
+        );
+        assert_eq!(
+            all_pages(&history, page(Some("502"))).await,
+            expect(&|r| r.status == 502)
+        );
+        let mut follow = page(None);
+        follow.after_id = Some(1);
+        let mut oldest_first = expect(&|r| r.request_id != "req-0");
+        oldest_first.reverse();
+        assert_eq!(all_pages(&history, follow).await, oldest_first);
+        let only_since = LogQuery {
+            since: Some(since),
+            limit: Some(1000),
+            ..LogQuery::default()
+        };
+        assert_eq!(
+            history.logs(&only_since).await.unwrap().logs.len(),
+            records.iter().filter(|r| r.ts_ms >= since).count()
+        );
+
+        let stats = |since: Option<i64>, until: Option<i64>| {
+            let history = history.clone();
+            async move {
+                history
+                    .stats(&StatsQuery { since, until })
+                    .await
+                    .unwrap()
+                    .total
+            }
+        };
+        let count =
+            |keep: &dyn Fn(i64) -> bool| records.iter().filter(|r| keep(r.ts_ms)).count() as u64;
+        assert_eq!(
+            stats(Some(since), Some(until)).await,
+            count(&|ts| (since..until).contains(&ts))
+        );
+        assert_eq!(stats(Some(since), None).await, count(&|ts| ts >= since));
+        assert_eq!(stats(None, Some(until)).await, count(&|ts| ts < until));
+        assert_eq!(stats(None, None).await, 1000);
+    }
+
+    #[tokio::test]
+    async fn time_windows_and_retention_read_batch_ranges_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 16).await;
+        let pool = history.pool().unwrap();
+        let plan_of = |sql: String| async move {
+            let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(pool)
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let mut stats = QueryBuilder::<Sqlite>::new("SELECT r.status FROM ");
+        push_window_rows(&mut stats, Some(1), Some(2));
+        let by_window = plan_of(stats.sql().to_owned()).await;
+        assert!(
+            by_window.starts_with("SEARCH k USING INDEX request_keys_ts (kind=? AND max_ts>?)"),
+            "{by_window}"
+        );
+        let expiry = plan_of(DELETE_EXPIRED.to_owned()).await;
+        assert!(
+            expiry.contains("request_keys_ts (kind=? AND max_ts<?)"),
+            "{expiry}"
+        );
+        assert!(
+            expiry.contains("SEARCH requests USING INTEGER PRIMARY KEY (rowid<?)"),
+            "{expiry}"
+        );
+        let window = LogQuery {
+            since: Some(1),
+            until: Some(2),
+            ..LogQuery::default()
+        };
+        let logs = plan(&history, &window).await;
+        assert!(
+            logs.starts_with("SEARCH k USING PRIMARY KEY (kind=? AND key=?)"),
+            "{logs}"
+        );
+        assert!(!logs.contains("TEMP B-TREE"), "{logs}");
+        assert!(
+            !index_names(&history)
+                .await
+                .contains(&"requests_ts".to_owned()),
+            "no index entry per row for its time"
+        );
+    }
+
     async fn plan(history: &History, query: &LogQuery) -> String {
         let sql = format!("EXPLAIN QUERY PLAN {}", logs_query(query).unwrap().sql());
         let rows = sqlx::query(&sql)
@@ -1903,6 +2088,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_database_from_before_the_batch_ranges_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        // Over two of the backfill's 4,096-id blocks.
+        for i in 0..5000 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        // Back to the state before the migration: an index on ts_ms, no batch ranges.
+        let pool = history.pool().unwrap();
+        for sql in [
+            "DELETE FROM request_keys WHERE kind = 'batch'",
+            "DROP INDEX request_keys_ts",
+            "CREATE INDEX requests_ts ON requests (ts_ms)",
+            "DELETE FROM _sqlx_migrations WHERE description = 'batch ranges'",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        let history = reopen(history, &dir, 10_000).await;
+        assert!(
+            !index_names(&history)
+                .await
+                .contains(&"requests_ts".to_owned())
+        );
+        for i in 5000..5100 {
+            history.record(record(i));
+        }
+        history.flush().await;
+        let window = |since: i64, until: i64| LogQuery {
+            since: Some(1_700_000_000_000 + since),
+            until: Some(1_700_000_000_000 + until),
+            limit: Some(1000),
+            ..LogQuery::default()
+        };
+        for (since, until) in [(100, 200), (4090, 4100), (4990, 5010), (5050, 6000)] {
+            let rows = history.logs(&window(since, until)).await.unwrap().logs;
+            let ids: Vec<_> = rows.iter().map(|r| r.record.request_id.clone()).collect();
+            let expected: Vec<_> = (since..until.min(5100))
+                .rev()
+                .map(|i| format!("req-{i}"))
+                .collect();
+            assert_eq!(ids, expected, "{since}..{until}");
+        }
+    }
+
+    #[tokio::test]
     async fn stats_count_errors_and_percentiles() {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 10_000).await;
@@ -2008,9 +2239,16 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut fresh = record(1);
         fresh.ts_ms = now_ms();
-        history.record(record(0)); // 2023: older than an hour
-        history.flush().await;
-        history.record(fresh);
+        // Three batches: 2023 (older than an hour), now, 2023 again (a long request's row).
+        for row in [record(0), fresh.clone(), record(2)] {
+            history.record(row);
+            history.flush().await;
+        }
+        // And one batch holding both: its old row waits until the batch has expired whole.
+        let mut mixed_fresh = record(4);
+        mixed_fresh.ts_ms = now_ms();
+        history.record(record(3));
+        history.record(mixed_fresh);
         history.flush().await;
         let key_ranges = || async {
             sqlx::query_scalar::<_, i64>("SELECT count(*) FROM request_keys")
@@ -2018,21 +2256,29 @@ mod tests {
                 .await
                 .unwrap()
         };
-        assert_eq!(key_ranges().await, 4, "a model and a node range per batch");
-        assert_eq!(history.apply_retention().await.unwrap(), 1);
-        let left = history.logs(&LogQuery::default()).await.unwrap();
-        assert_eq!(left.logs.len(), 1);
-        assert_eq!(left.logs[0].record.request_id, "req-1");
         assert_eq!(
             key_ranges().await,
-            2,
-            "the deleted batch's ranges go with it"
+            3 * 3 + 5,
+            "a batch, a model and a node range per batch; the last with two models, two nodes"
+        );
+        assert_eq!(history.apply_retention().await.unwrap(), 2);
+        let left = history.logs(&LogQuery::default()).await.unwrap();
+        let left: Vec<_> = left
+            .logs
+            .iter()
+            .map(|r| r.record.request_id.as_str())
+            .collect();
+        assert_eq!(left, ["req-4", "req-3", "req-1"]);
+        assert_eq!(
+            key_ranges().await,
+            3 * 3 + 5 - 3,
+            "the first batch's ranges go with it; the third's stay above the oldest row left"
         );
         let by_model = LogQuery {
             model: Some("odd".into()),
             ..LogQuery::default()
         };
-        assert_eq!(history.logs(&by_model).await.unwrap().logs.len(), 1);
+        assert_eq!(history.logs(&by_model).await.unwrap().logs.len(), 2);
     }
 
     #[tokio::test]
