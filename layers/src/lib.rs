@@ -84,6 +84,7 @@ pub mod cached_select;
 pub mod client;
 pub mod error;
 pub mod future;
+mod json_probe;
 pub mod pool;
 pub mod proxy;
 pub mod raw;

@@ -15,7 +15,6 @@
 //! can be any [`RoutedResponse`]: a [`RawResponse`](crate::RawResponse) carries the info in
 //! [`RawResponse::request_info`](crate::RawResponse::request_info).
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -26,11 +25,11 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{Full, Limited};
 use pin_project_lite::pin_project;
-use serde::Deserialize;
 use tower::{Layer, Service};
 
 use crate::body::{CollectBytes, ResponseBody};
 use crate::error::{ErrorFormat, RouterError};
+use crate::json_probe;
 use crate::raw::RawRequest;
 use crate::routed::RoutedResponse;
 
@@ -46,34 +45,17 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
-    /// Parses `model` and `stream` from a JSON body, skipping every other field.
+    /// Parses `model` and `stream` from a JSON body, checking and skipping every other field.
     pub fn parse(body: &[u8]) -> Result<Self, RouterError> {
-        #[derive(Deserialize)]
-        struct Probe<'a> {
-            #[serde(borrow, default)]
-            model: Option<Cow<'a, str>>,
-            #[serde(default)]
-            stream: Option<bool>,
-        }
-        // JSON is UTF-8 (RFC 8259). serde skips the fields it does not read without checking
-        // them, so check the whole body here: no node gets bytes it cannot decode.
+        // JSON is UTF-8 (RFC 8259): the whole body is checked here, so no node gets bytes it
+        // cannot decode, and the probe reads text.
         let text = std::str::from_utf8(body).map_err(|e| {
             RouterError::InvalidRequest(format!(
                 "the body is not valid UTF-8 (at byte {})",
                 e.valid_up_to()
             ))
         })?;
-        // serde fills a struct from an array too, in field order: `["m", true]` would name a
-        // model. A request is an object.
-        let object = text
-            .trim_start_matches([' ', '\t', '\n', '\r'])
-            .starts_with('{');
-        if !object {
-            return Err(RouterError::InvalidRequest(
-                "the body must be a JSON object".into(),
-            ));
-        }
-        let probe: Probe<'_> = serde_json::from_str(text)
+        let probe = json_probe::probe(text)
             .map_err(|e| RouterError::InvalidRequest(format!("invalid JSON body: {e}")))?;
         Ok(Self {
             model: probe.model.map(|m| Arc::from(m.as_ref())),
