@@ -1439,6 +1439,27 @@ mod tests {
         seen
     }
 
+    /// Records `records` and waits until they are written.
+    async fn write_all(history: &History, records: &[RequestRecord]) {
+        for r in records {
+            history.record(r.clone());
+        }
+        history.flush().await;
+    }
+
+    /// The request ids of the `records` that `keep` keeps, newest first (as pages list them).
+    fn newest_first(
+        records: &[RequestRecord],
+        keep: impl Fn(&RequestRecord) -> bool,
+    ) -> Vec<String> {
+        records
+            .iter()
+            .rev()
+            .filter(|r| keep(r))
+            .map(|r| r.request_id.clone())
+            .collect()
+    }
+
     #[tokio::test]
     async fn model_and_node_filters_page_through_many_batches_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -1453,20 +1474,9 @@ mod tests {
                 r
             })
             .collect();
-        for r in &records {
-            history.record(r.clone());
-        }
-        history.flush().await;
+        write_all(&history, &records).await;
         assert!(history.batches() > 10, "{} batches", history.batches());
-        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
-            let mut ids: Vec<_> = records
-                .iter()
-                .filter(|r| keep(r))
-                .map(|r| r.request_id.clone())
-                .collect();
-            ids.reverse();
-            ids
-        };
+        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| newest_first(&records, keep);
         let page = |model: Option<&str>, node: Option<&str>, status: Option<&str>| LogQuery {
             model: model.map(str::to_owned),
             node: node.map(str::to_owned),
@@ -1508,8 +1518,6 @@ mod tests {
         assert_eq!(all_pages(&history, follow).await, newer);
     }
 
-    /// What SQLite plans for the page query (bound values left NULL: the plan does not depend
-    /// on them).
     #[tokio::test]
     async fn time_windows_find_their_rows_through_batch_ranges() {
         let dir = tempfile::tempdir().unwrap();
@@ -1525,21 +1533,12 @@ mod tests {
                 r
             })
             .collect();
-        for r in &records {
-            history.record(r.clone());
-        }
-        history.flush().await;
+        write_all(&history, &records).await;
         assert!(history.batches() > 10, "{} batches", history.batches());
         let (since, until) = (1_700_000_000_200, 1_700_000_000_450);
         let in_window = |r: &RequestRecord| (since..until).contains(&r.ts_ms);
-        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
-            let mut ids: Vec<_> = records
-                .iter()
-                .filter(|r| in_window(r) && keep(r))
-                .map(|r| r.request_id.clone())
-                .collect();
-            ids.reverse();
-            ids
+        let expect = |keep: &dyn Fn(&RequestRecord) -> bool| {
+            newest_first(&records, |r| in_window(r) && keep(r))
         };
         let page = |status: Option<&str>| LogQuery {
             status: status.map(str::to_owned),
@@ -1647,6 +1646,8 @@ mod tests {
         );
     }
 
+    /// What SQLite plans for the page query (bound values left NULL: the plan does not depend
+    /// on them).
     async fn plan(history: &History, query: &LogQuery) -> String {
         let sql = format!("EXPLAIN QUERY PLAN {}", logs_query(query).unwrap().sql());
         let rows = sqlx::query(&sql)
@@ -1929,13 +1930,7 @@ mod tests {
         }
         history.flush().await;
         let rows: Vec<_> = (0..9500).map(row).collect();
-        let newest_first = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
-            rows.iter()
-                .rev()
-                .filter(|r| keep(r))
-                .map(|r| r.request_id.clone())
-                .collect()
-        };
+        let newest_first = |keep: &dyn Fn(&RequestRecord) -> bool| newest_first(&rows, keep);
         let page = |model: Option<&str>, node: Option<&str>| LogQuery {
             model: model.map(str::to_owned),
             node: node.map(str::to_owned),
@@ -2041,13 +2036,7 @@ mod tests {
             limit: Some(37),
             ..LogQuery::default()
         };
-        let ids = |keep: &dyn Fn(&RequestRecord) -> bool| -> Vec<String> {
-            rows.iter()
-                .rev()
-                .filter(|r| keep(r))
-                .map(|r| r.request_id.clone())
-                .collect()
-        };
+        let ids = |keep: &dyn Fn(&RequestRecord) -> bool| newest_first(&rows, keep);
         assert_eq!(
             all_pages(&history, filtered(Some("odd"), None)).await,
             ids(&|r| r.model.as_deref() == Some("odd"))
