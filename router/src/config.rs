@@ -329,8 +329,9 @@ pub struct HistorySection {
     pub enabled: bool,
     /// SQLite file. Default `llm-router.db`.
     pub path: PathBuf,
-    /// Rows older than this many days are deleted, checked every minute, once every row
-    /// written in the same batch is that old too; 0 keeps everything. Default 30.
+    /// Rows older than this many days are deleted, checked every minute, up to the last
+    /// batch whose rows all are (a row written with newer ones can wait for them); 0 keeps
+    /// everything. Default 30.
     pub retention_days: u64,
     /// Rows per write transaction at most. Default 2048.
     pub batch_size: usize,

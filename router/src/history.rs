@@ -33,7 +33,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub struct HistoryConfig {
     /// The SQLite file; created if missing.
     pub path: PathBuf,
-    /// Rows older than this are deleted every minute, once every row of their batch is;
+    /// Rows older than this are deleted every minute, up to the last batch whose rows all are
+    /// (a row written with newer ones can wait for them), with the names no row left names;
     /// `None` keeps all.
     pub retention: Option<Duration>,
     /// Most rows per transaction.
@@ -111,6 +112,9 @@ pub enum HistoryError {
 enum Message {
     Row(RequestRecord),
     Flush(oneshot::Sender<()>),
+    /// Deletes the names no row names any more, once the rows before it are written; answers
+    /// how many.
+    PruneNames(oneshot::Sender<u64>),
 }
 
 #[derive(Debug, Default)]
@@ -298,8 +302,26 @@ impl History {
                 )
                 .execute(pool)
                 .await?;
+            let names = self.prune_names().await;
+            tracing::debug!(
+                names,
+                "history retention deleted names no row names any more"
+            );
         }
         Ok(result.rows_affected())
+    }
+
+    /// Has the writer delete the names no row names any more, after the rows queued before,
+    /// and forget their keys: only the writer adds names and binds keys, so it is the one
+    /// that can delete them without a key being bound to a deleted name.
+    async fn prune_names(&self) -> u64 {
+        let Some(tx) = &self.inner.tx else { return 0 };
+        let (done, pruned) = oneshot::channel();
+        if tx.send(Message::PruneNames(done)).await.is_err() {
+            return 0;
+        }
+        self.inner.flush_now.notify_one();
+        pruned.await.unwrap_or(0)
     }
 
     /// A page of rows; see [`LogQuery`].
@@ -475,20 +497,15 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
         } else if let Some(before) = query.before_id {
             sql.push(" AND k.first_id < ").push_bind(before);
         }
-        if let Some(since) = query.since {
-            sql.push(" AND k.max_ts >= ").push_bind(since);
-        }
-        if let Some(until) = query.until {
-            sql.push(" AND k.min_ts < ").push_bind(until);
-        }
+        push_range_window(&mut sql, query.since, query.until);
     } else {
         sql.push("requests r").push(NAMES_JOIN).push(" WHERE 1 = 1");
     }
     if let Some(model) = &query.model {
-        push_name_filter(&mut sql, "model", model);
+        push_name_filter(&mut sql, NameColumn::Model, model);
     }
     if let Some(node) = &query.node {
-        push_name_filter(&mut sql, "node", node);
+        push_name_filter(&mut sql, NameColumn::Node, node);
     }
     match status {
         Some(StatusFilter::Exact(code)) => {
@@ -526,21 +543,34 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
 }
 
 /// The names of a row's keys (NULL for rows written before `request_names`: `coalesce` with
-/// the text columns).
+/// the text columns, as the `request_log` view in that migration does; keep the two alike).
 const NAMES_JOIN: &str = " LEFT JOIN request_names p ON p.id = r.path_key \
      LEFT JOIN request_names m ON m.id = r.model_key LEFT JOIN request_names n ON n.id = r.node_key";
 
-/// Rows whose model (`column` "model") or node ("node") is `name`: by key, or by text for rows
-/// written before `request_names`.
-fn push_name_filter(sql: &mut QueryBuilder<'_, Sqlite>, column: &str, name: &str) {
-    let text_column = if column == "node" { "node_id" } else { column };
-    sql.push(format_args!(
-        " AND (r.{column}_key = (SELECT id FROM request_names WHERE name = "
-    ))
-    .push_bind(name.to_owned())
-    .push(format_args!(") OR r.{text_column} = "))
-    .push_bind(name.to_owned())
-    .push(")");
+/// Which of a row's names a filter reads: its key column and, for rows written before
+/// `request_names`, its text column.
+#[derive(Debug, Clone, Copy)]
+enum NameColumn {
+    Model,
+    Node,
+}
+
+/// Rows whose model or node is `name`: by key, or by text for rows written before
+/// `request_names`.
+fn push_name_filter(sql: &mut QueryBuilder<'_, Sqlite>, column: NameColumn, name: &str) {
+    let (key, text) = match column {
+        NameColumn::Model => ("r.model_key", "r.model"),
+        NameColumn::Node => ("r.node_key", "r.node_id"),
+    };
+    sql.push(" AND (")
+        .push(key)
+        .push(" = (SELECT id FROM request_names WHERE name = ")
+        .push_bind(name.to_owned())
+        .push(") OR ")
+        .push(text)
+        .push(" = ")
+        .push_bind(name.to_owned())
+        .push(")");
 }
 
 /// `FROM` the rows of a time window, `WHERE` and all: the batches whose ranges meet it (by
@@ -554,13 +584,19 @@ fn push_window_rows(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, unti
         "request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id \
          WHERE k.kind = 'batch'",
     );
+    push_range_window(sql, since, until);
+    push_window(sql, since, until);
+}
+
+/// The key ranges (`k`) that hold rows of the time window: those whose rows' time range meets
+/// it.
+fn push_range_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
     if let Some(since) = since {
         sql.push(" AND k.max_ts >= ").push_bind(since);
     }
     if let Some(until) = until {
         sql.push(" AND k.min_ts < ").push_bind(until);
     }
-    push_window(sql, since, until);
 }
 
 fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Option<i64>) {
@@ -603,6 +639,7 @@ async fn writer(
         rows: Vec::with_capacity(batch_size.min(4096)),
     };
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut prunes: Vec<oneshot::Sender<u64>> = Vec::new();
     loop {
         // The first row of a round, then the interval's worth: a batch that fills is written
         // at once, the rest when the interval is over.
@@ -623,6 +660,10 @@ async fn writer(
                     // Answered once the rows before it are written; rows after it wait for the
                     // next round, so a flush is answered even while rows keep coming.
                     flushes.push(done);
+                    break;
+                }
+                Some(Message::PruneNames(done)) => {
+                    prunes.push(done);
                     break;
                 }
                 None => {}
@@ -648,6 +689,9 @@ async fn writer(
         for done in flushes.drain(..) {
             let _ = done.send(());
         }
+        for done in prunes.drain(..) {
+            let _ = done.send(batch.prune_names().await);
+        }
     }
 }
 
@@ -666,19 +710,9 @@ impl Batch {
     async fn write(&mut self) {
         let n = self.rows.len() as u64;
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        let outcome = match self.connection.as_mut() {
-            Some(conn) => insert(conn, &mut self.names, &mut self.rows).await,
-            None => match SqliteConnection::connect_with(&self.options).await {
-                Ok(conn) => {
-                    insert(
-                        self.connection.insert(conn),
-                        &mut self.names,
-                        &mut self.rows,
-                    )
-                    .await
-                }
-                Err(error) => Err(error),
-            },
+        let outcome = match open_connection(&mut self.connection, &self.options).await {
+            Ok(conn) => insert(conn, &mut self.names, &mut self.rows).await,
+            Err(error) => Err(error),
         };
         match outcome {
             Ok(()) => {
@@ -694,7 +728,40 @@ impl Batch {
         }
         self.rows.clear();
     }
+
+    /// Deletes the names whose rows are all gone, and forgets every key (a deleted name's key
+    /// can be given to another name). A failure is logged; the names wait for the next pass.
+    async fn prune_names(&mut self) -> u64 {
+        let pruned = match open_connection(&mut self.connection, &self.options).await {
+            Ok(conn) => sqlx::query(DELETE_UNNAMED)
+                .execute(conn)
+                .await
+                .map(|done| done.rows_affected()),
+            Err(error) => Err(error),
+        };
+        self.names.forget();
+        pruned.unwrap_or_else(|error| {
+            tracing::warn!(%error, "history names could not be pruned");
+            0
+        })
+    }
 }
+
+/// The writer's connection, opened again after a failure closed it.
+async fn open_connection<'c>(
+    connection: &'c mut Option<SqliteConnection>,
+    options: &SqliteConnectOptions,
+) -> Result<&'c mut SqliteConnection, sqlx::Error> {
+    let conn = match connection.take() {
+        Some(conn) => conn,
+        None => SqliteConnection::connect_with(options).await?,
+    };
+    Ok(connection.insert(conn))
+}
+
+/// Deletes the names no row names any more: their newest row is below the oldest row left.
+const DELETE_UNNAMED: &str = "DELETE FROM request_names \
+     WHERE last_id < (SELECT coalesce(min(id), 9223372036854775807) FROM requests)";
 
 /// Most rows per INSERT statement (14 bound values a row).
 const ROWS_PER_STATEMENT: usize = 256;
@@ -757,6 +824,15 @@ async fn insert(
     // `last_id`, in the order of its rows. (REPLACE, not a plain INSERT, so that a broken
     // assumption could at worst hide rows from a filter, not lose the batch.)
     let first_id = last_id - count + 1;
+    // Each name the batch used is named up to its last row: kept by retention while any of
+    // these rows is.
+    for key in names.used_keys() {
+        sqlx::query("UPDATE request_names SET last_id = max(last_id, ?) WHERE id = ?")
+            .bind(last_id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+    }
     for (kind, key, span) in keys.iter() {
         sqlx::query(
             "INSERT OR REPLACE INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
@@ -797,6 +873,9 @@ struct NameKeys {
     /// comparing a few short strings costs less than hashing one (three hashed lookups a row
     /// were about 1,000 instructions).
     recent: Vec<(String, i64)>,
+    /// The keys the batch used that did not come from `recent`: repeats included, until
+    /// [`NameKeys::used_keys`].
+    used: Vec<i64>,
 }
 
 /// Most names [`NameKeys::recent`] holds: past it, a batch's further names are found by hash.
@@ -818,6 +897,7 @@ impl NameKeys {
         // Left from a batch that failed after adding names: their keys may not exist.
         self.added.clear();
         self.recent.clear();
+        self.used.clear();
         let mut keys = Vec::with_capacity(rows.len());
         for row in rows {
             let path = self.key(tx, &row.path).await?;
@@ -845,6 +925,7 @@ impl NameKeys {
         if self.recent.len() < MOST_RECENT_NAMES {
             self.recent.push((name.to_owned(), key));
         }
+        self.used.push(key);
         Ok(key)
     }
 
@@ -860,6 +941,23 @@ impl NameKeys {
             .await?;
         self.added.insert(name.to_owned(), key);
         Ok(key)
+    }
+
+    /// The keys of the names the batch used, each once.
+    fn used_keys(&mut self) -> Vec<i64> {
+        let mut keys = std::mem::take(&mut self.used);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Forgets every key: names were deleted, and a deleted name's key can come back for
+    /// another.
+    fn forget(&mut self) {
+        self.known.clear();
+        self.added.clear();
+        self.recent.clear();
+        self.used.clear();
     }
 
     /// After a commit: the batch's new names are known.
@@ -1673,8 +1771,12 @@ mod tests {
         .execute(history.pool().unwrap())
         .await
         .unwrap();
+        // The failed batch also adds a name, whose key the rollback takes back.
         for i in 0..40 {
             let mut r = record(i);
+            if i == 5 {
+                r.model = Some("lost then found".into());
+            }
             if i == 30 {
                 r.request_id = "poison".into();
             }
@@ -1682,11 +1784,35 @@ mod tests {
         }
         history.flush().await;
         assert_eq!((history.written(), history.dropped()), (0, 40));
+        // The next batch adds another name first, which may get that key, then the first.
+        let later = |i: usize| {
+            let mut r = record(i);
+            match i {
+                100 => r.model = Some("new first".into()),
+                102 => r.model = Some("lost then found".into()),
+                _ => {}
+            }
+            r
+        };
         for i in 100..300 {
-            history.record(record(i));
+            history.record(later(i));
         }
         history.flush().await;
         assert_eq!(history.written(), 200);
+        let oldest = history
+            .logs(&LogQuery {
+                after_id: Some(0),
+                limit: Some(3),
+                ..LogQuery::default()
+            })
+            .await
+            .unwrap();
+        let models: Vec<_> = oldest.logs.iter().map(|r| r.record.model.clone()).collect();
+        assert_eq!(
+            models,
+            [later(100).model, later(101).model, later(102).model],
+            "every name read back as written"
+        );
         let expected: Vec<String> = (100..300)
             .rev()
             .filter(|i| i % 2 == 1)
@@ -2120,6 +2246,91 @@ mod tests {
                 .collect();
             assert_eq!(ids, expected, "{since}..{until}");
         }
+    }
+
+    async fn names(history: &History) -> Vec<String> {
+        sqlx::query_scalar("SELECT name FROM request_names ORDER BY name")
+            .fetch_all(history.pool().unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_the_names_of_deleted_rows_and_keys_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: Some(Duration::from_secs(3600)),
+            flush_interval: Duration::from_millis(10),
+            ..HistoryConfig::default()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let named = |i: usize, model: &str, node: &str, path: &str, ts_ms: i64| {
+            let mut r = record(i);
+            r.model = Some(model.into());
+            r.node_id = Some(node.into());
+            r.path = Cow::Owned(path.into());
+            r.ts_ms = ts_ms;
+            r
+        };
+        // 2023: older than an hour; its model, node and path are named by no later row.
+        write_all(
+            &history,
+            &[named(0, "gone", "gone-node", "/v1/gone", 1_700_000_000_000)],
+        )
+        .await;
+        let fresh = named(1, "kept", "n1", "/v1/chat/completions", now_ms());
+        write_all(&history, std::slice::from_ref(&fresh)).await;
+        assert_eq!(names(&history).await.len(), 6);
+        assert_eq!(history.apply_retention().await.unwrap(), 1);
+        assert_eq!(
+            names(&history).await,
+            ["/v1/chat/completions", "kept", "n1"]
+        );
+
+        // A deleted name comes back with a key of its own, and the kept ones keep theirs.
+        let again = named(2, "gone", "gone-node", "/v1/gone", now_ms());
+        write_all(&history, std::slice::from_ref(&again)).await;
+        let rows = all_rows(&history, LogQuery::default()).await;
+        assert_eq!(rows, [again, fresh]);
+        let by_view: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT model FROM request_log ORDER BY id")
+                .fetch_all(history.pool().unwrap())
+                .await
+                .unwrap();
+        assert_eq!(by_view, [Some("kept".into()), Some("gone".into())]);
+    }
+
+    #[tokio::test]
+    async fn more_names_than_the_writer_remembers_read_back_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 10_000).await;
+        let rows: Vec<_> = (0..MOST_NAMES_KNOWN + 300)
+            .chain(0..100)
+            .enumerate()
+            .map(|(i, model)| {
+                let mut r = record(i);
+                r.model = Some(format!("model-{model}"));
+                r
+            })
+            .collect();
+        write_all(&history, &rows).await;
+        assert_eq!(history.dropped(), 0);
+        let read: Vec<_> = all_rows(
+            &history,
+            LogQuery {
+                limit: Some(1000),
+                ..LogQuery::default()
+            },
+        )
+        .await
+        .into_iter()
+        .map(|r| r.model)
+        .collect();
+        let written: Vec<_> = rows.iter().rev().map(|r| r.model.clone()).collect();
+        assert_eq!(read, written);
     }
 
     #[tokio::test]
