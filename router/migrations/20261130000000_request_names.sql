@@ -5,9 +5,9 @@
 -- Rows written before keep their names as text (`path`, `model`, `node_id`, their keys NULL);
 -- rows written after have `path` '' and `model`, `node_id` NULL. Read both through
 -- `request_log`, or as its queries in the router do: `coalesce(name, text)`.
--- A name is kept while a row names it: `last_id` is the newest row that did, and retention
--- deletes the names whose rows are all gone (clients choose models and paths, so names must
--- not outlive the rows they came with).
+-- A name is kept while a row names it: `last_id` is the last row of the newest batch that
+-- used it, and retention deletes the names whose `last_id` is below the oldest row left
+-- (clients choose models and paths, so names must not outlive the rows they came with).
 CREATE TABLE IF NOT EXISTS request_names (
     id      INTEGER PRIMARY KEY,
     name    TEXT NOT NULL UNIQUE,

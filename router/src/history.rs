@@ -724,13 +724,16 @@ impl Batch {
                 }
                 self.counters.dropped.fetch_add(n, Ordering::Relaxed);
                 self.warnings.warn(n, &error);
+                // Looked up again from the table: whatever failed may have been about them.
+                self.names.forget();
             }
         }
         self.rows.clear();
     }
 
     /// Deletes the names whose rows are all gone, and forgets every key (a deleted name's key
-    /// can be given to another name). A failure is logged; the names wait for the next pass.
+    /// can be given to another name). A failure is logged; the names wait for the next
+    /// retention pass that deletes rows.
     async fn prune_names(&mut self) -> u64 {
         let pruned = match open_connection(&mut self.connection, &self.options).await {
             Ok(conn) => sqlx::query(DELETE_UNNAMED)
@@ -747,6 +750,29 @@ impl Batch {
     }
 }
 
+/// Marks the names of `keys` as named by rows up to `last_id`, within `tx`; false when a key
+/// does not name the name it was taken for (deleted, or deleted and given to another).
+async fn mark_names(
+    tx: &mut SqliteConnection,
+    keys: &[(i64, String)],
+    last_id: i64,
+) -> Result<bool, sqlx::Error> {
+    for (key, name) in keys {
+        let marked = sqlx::query(
+            "UPDATE request_names SET last_id = max(last_id, ?) WHERE id = ? AND name = ?",
+        )
+        .bind(last_id)
+        .bind(key)
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// The writer's connection, opened again after a failure closed it.
 async fn open_connection<'c>(
     connection: &'c mut Option<SqliteConnection>,
@@ -759,7 +785,8 @@ async fn open_connection<'c>(
     Ok(connection.insert(conn))
 }
 
-/// Deletes the names no row names any more: their newest row is below the oldest row left.
+/// Deletes the names no row names any more: the last row of the newest batch that used them
+/// is below the oldest row left. (A name used by a deleted row above a kept one waits.)
 const DELETE_UNNAMED: &str = "DELETE FROM request_names \
      WHERE last_id < (SELECT coalesce(min(id), 9223372036854775807) FROM requests)";
 
@@ -795,7 +822,29 @@ async fn insert(
     let count = rows.len() as i64;
     let mut last_id = 0;
     let mut tx = conn.begin().await?;
-    let row_names = names.of_rows(&mut tx, rows).await?;
+    let mut row_names = names.of_rows(&mut tx, rows).await?;
+    // Each name the batch uses is marked with the batch's last row id, before the rows go in:
+    // retention keeps it while any of these rows is. AUTOINCREMENT hands out the ids after
+    // the table's sequence (see below), so that is the sequence plus the row count.
+    let sequence: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0)",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut used = names.used_keys();
+    if !mark_names(&mut tx, &used, sequence + count).await? {
+        // A key the writer held names nothing, or another name: another router on this file
+        // deleted the name (and gave its key to another).
+        // The names are looked up again, in this transaction.
+        names.forget();
+        row_names = names.of_rows(&mut tx, rows).await?;
+        used = names.used_keys();
+        if !mark_names(&mut tx, &used, sequence + count).await? {
+            return Err(sqlx::Error::Protocol(
+                "history names were deleted while the batch was written".into(),
+            ));
+        }
+    }
     let mut rows = rows.drain(..).zip(row_names);
     for size in statement_sizes(rows.len()) {
         let mut statement = sqlx::query(insert_sql(size));
@@ -823,16 +872,11 @@ async fn insert(
     // the VALUES, and `OR FAIL` never skips a row. So the batch's ids are the `count` up to
     // `last_id`, in the order of its rows. (REPLACE, not a plain INSERT, so that a broken
     // assumption could at worst hide rows from a filter, not lose the batch.)
-    let first_id = last_id - count + 1;
-    // Each name the batch used is named up to its last row: kept by retention while any of
-    // these rows is.
-    for key in names.used_keys() {
-        sqlx::query("UPDATE request_names SET last_id = max(last_id, ?) WHERE id = ?")
-            .bind(last_id)
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
+    if last_id > sequence + count {
+        // Not what AUTOINCREMENT does; marked again so that no name is kept too short.
+        mark_names(&mut tx, &used, last_id).await?;
     }
+    let first_id = last_id - count + 1;
     for (kind, key, span) in keys.iter() {
         sqlx::query(
             "INSERT OR REPLACE INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
@@ -864,7 +908,8 @@ struct RowNames {
 /// integers, and the table is read only for names the writer has not met.
 #[derive(Debug, Default)]
 struct NameKeys {
-    /// Committed: a name's key never changes once its row is in the table.
+    /// Committed keys, valid until names are deleted (then [`NameKeys::forget`]); a name
+    /// deleted and met again gets a new key.
     known: HashMap<String, i64>,
     /// Added or read in the transaction being written; known once it commits. (A key added in
     /// a transaction that is rolled back can be given to another name later.)
@@ -873,9 +918,9 @@ struct NameKeys {
     /// comparing a few short strings costs less than hashing one (three hashed lookups a row
     /// were about 1,000 instructions).
     recent: Vec<(String, i64)>,
-    /// The keys the batch used that did not come from `recent`: repeats included, until
-    /// [`NameKeys::used_keys`].
-    used: Vec<i64>,
+    /// The names and keys the batch used that did not come from `recent`: repeats included,
+    /// until [`NameKeys::used_keys`].
+    used: Vec<(i64, String)>,
 }
 
 /// Most names [`NameKeys::recent`] holds: past it, a batch's further names are found by hash.
@@ -925,7 +970,7 @@ impl NameKeys {
         if self.recent.len() < MOST_RECENT_NAMES {
             self.recent.push((name.to_owned(), key));
         }
-        self.used.push(key);
+        self.used.push((key, name.to_owned()));
         Ok(key)
     }
 
@@ -943,8 +988,8 @@ impl NameKeys {
         Ok(key)
     }
 
-    /// The keys of the names the batch used, each once.
-    fn used_keys(&mut self) -> Vec<i64> {
+    /// The keys of the names the batch used, each once, with their names.
+    fn used_keys(&mut self) -> Vec<(i64, String)> {
         let mut keys = std::mem::take(&mut self.used);
         keys.sort_unstable();
         keys.dedup();
@@ -2275,32 +2320,80 @@ mod tests {
             r.ts_ms = ts_ms;
             r
         };
-        // 2023: older than an hour; its model, node and path are named by no later row.
-        write_all(
-            &history,
-            &[named(0, "gone", "gone-node", "/v1/gone", 1_700_000_000_000)],
-        )
-        .await;
-        let fresh = named(1, "kept", "n1", "/v1/chat/completions", now_ms());
-        write_all(&history, std::slice::from_ref(&fresh)).await;
-        assert_eq!(names(&history).await.len(), 6);
-        assert_eq!(history.apply_retention().await.unwrap(), 1);
+        let old = 1_700_000_000_000; // 2023: older than an hour
+        let extra = |i: usize| format!("extra-{i}");
+        // An expired batch: names used again later (the chat path, "kept", "n1", ten extra
+        // models), then names no later row uses, added last so that their keys are the top.
+        let mut expired = vec![named(0, "kept", "n1", "/v1/chat/completions", old)];
+        expired.extend((0..10).map(|i| named(1 + i, &extra(i), "n1", "/v1/chat/completions", old)));
+        expired.push(named(11, "gone", "gone-node", "/v1/gone", old));
+        write_all(&history, &expired).await;
+        // A fresh batch using more names than the writer's per-batch list holds.
+        let mut fresh = vec![named(20, "kept", "n1", "/v1/chat/completions", now_ms())];
+        fresh.extend(
+            (0..10).map(|i| named(21 + i, &extra(i), "n1", "/v1/chat/completions", now_ms())),
+        );
+        write_all(&history, &fresh).await;
+        assert_eq!(names(&history).await.len(), 3 + 10 + 3);
+        assert_eq!(history.apply_retention().await.unwrap(), 12);
+        let mut kept: Vec<String> = ["/v1/chat/completions", "kept", "n1"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..10).map(extra))
+            .collect();
+        kept.sort();
         assert_eq!(
             names(&history).await,
-            ["/v1/chat/completions", "kept", "n1"]
+            kept,
+            "the expired row's own names went"
         );
 
-        // A deleted name comes back with a key of its own, and the kept ones keep theirs.
-        let again = named(2, "gone", "gone-node", "/v1/gone", now_ms());
-        write_all(&history, std::slice::from_ref(&again)).await;
+        // New names take the deleted ones' keys; the names met again get keys of their own.
+        let again = [
+            named(40, "new", "new-node", "/v1/new", now_ms()),
+            named(41, "gone", "gone-node", "/v1/gone", now_ms()),
+            named(42, "kept", "n1", "/v1/chat/completions", now_ms()),
+        ];
+        write_all(&history, &again).await;
         let rows = all_rows(&history, LogQuery::default()).await;
-        assert_eq!(rows, [again, fresh]);
-        let by_view: Vec<Option<String>> =
-            sqlx::query_scalar("SELECT model FROM request_log ORDER BY id")
+        let expected: Vec<_> = fresh.iter().chain(&again).rev().cloned().collect();
+        assert_eq!(rows, expected);
+        let by_view: Vec<(Option<String>, Option<String>, String)> =
+            sqlx::query_as("SELECT model, node_id, path FROM request_log ORDER BY id")
                 .fetch_all(history.pool().unwrap())
                 .await
                 .unwrap();
-        assert_eq!(by_view, [Some("kept".into()), Some("gone".into())]);
+        let written: Vec<_> = fresh
+            .iter()
+            .chain(&again)
+            .map(|r| (r.model.clone(), r.node_id.clone(), r.path.to_string()))
+            .collect();
+        assert_eq!(by_view, written);
+    }
+
+    #[tokio::test]
+    async fn a_name_deleted_by_another_router_is_looked_up_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 100).await;
+        write_all(&history, &[record(1)]).await;
+        // Another router on the same file deleted "odd" (its rows gone there) and gave its key
+        // to a name of its own, and deleted "n1"; this writer still holds their old keys.
+        let pool = history.pool().unwrap();
+        for sql in [
+            "DELETE FROM requests",
+            "UPDATE request_names SET name = 'taken' WHERE name = 'odd'",
+            "DELETE FROM request_names WHERE name = 'n1'",
+        ] {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        write_all(&history, &[record(3), record(4)]).await;
+        assert_eq!(history.dropped(), 0);
+        let rows = all_rows(&history, LogQuery::default()).await;
+        assert_eq!(
+            rows,
+            [record(4), record(3)],
+            "named as written, not 'taken' or nothing"
+        );
     }
 
     #[tokio::test]
