@@ -253,10 +253,7 @@ where
         match self.project().kind.project() {
             RawInfoProj::Called { future, info } => {
                 let answer = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(match info.take() {
-                    Some(info) => answer.pass_with_info(info),
-                    None => answer.pass(),
-                }))
+                Poll::Ready(Ok(pass_on(answer, info.take())))
             }
             RawInfoProj::Rejected { error } => Poll::Ready(Ok(A::rejection(
                 error.take().unwrap_or(RouterError::Internal),
@@ -356,10 +353,7 @@ where
                 StateProj::Calling { future, info } => {
                     let response = ready!(future.poll(cx))?;
                     // Outer layers (logging, history) see what was asked for.
-                    return Poll::Ready(Ok(match info.take() {
-                        Some(info) => response.pass_with_info(info),
-                        None => response.pass(),
-                    }));
+                    return Poll::Ready(Ok(pass_on(response, info.take())));
                 }
             }
         }
@@ -371,6 +365,15 @@ where
 fn over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |e| e.source())
         .any(|e| e.is::<http_body_util::LengthLimitError>() || e.is::<crate::BodyTooLarge>())
+}
+
+/// The inner service's answer passed on with the parsed info attached, while the future still
+/// holds it (it does, unless polled again after it answered).
+fn pass_on<A: RoutedResponse>(answer: A, info: Option<RequestInfo>) -> A::Layered {
+    match info {
+        Some(info) => answer.pass_with_info(info),
+        None => answer.pass(),
+    }
 }
 
 #[cfg(test)]

@@ -749,9 +749,8 @@ impl Connection {
         let status = answer.status();
         // Room for the head and, when it is short and its length known, the body: it goes out
         // in the same write, and the buffer must not grow (a copy of the head) to take it.
-        let short_body = answer
-            .body_size_hint()
-            .exact()
+        let exact_length = answer.body_size_hint().exact();
+        let short_body = exact_length
             .and_then(|length| usize::try_from(length).ok())
             .filter(|&length| length <= COPY_LIMIT);
         let mut out =
@@ -769,7 +768,7 @@ impl Connection {
             Out::Bodiless
         } else if let Some(length) = lines.declared {
             Out::Length(length)
-        } else if let Some(length) = body.size_hint().exact() {
+        } else if let Some(length) = exact_length {
             Out::Length(length)
         } else if version == Version::HTTP_11 {
             Out::Chunked

@@ -2300,9 +2300,9 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn retention_deletes_the_names_of_deleted_rows_and_keys_start_over() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A history that keeps rows for an hour, once its start-up retention pass has run (before
+    /// there is anything to delete).
+    async fn open_keeping_an_hour(dir: &tempfile::TempDir) -> History {
         let history = History::open(HistoryConfig {
             path: dir.path().join("h.db"),
             retention: Some(Duration::from_secs(3600)),
@@ -2312,6 +2312,13 @@ mod tests {
         .await
         .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
+        history
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_the_names_of_deleted_rows_and_keys_start_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open_keeping_an_hour(&dir).await;
         let named = |i: usize, model: &str, node: &str, path: &str, ts_ms: i64| {
             let mut r = record(i);
             r.model = Some(model.into());
@@ -2520,16 +2527,7 @@ mod tests {
     #[tokio::test]
     async fn retention_deletes_old_rows_only() {
         let dir = tempfile::tempdir().unwrap();
-        let history = History::open(HistoryConfig {
-            path: dir.path().join("h.db"),
-            retention: Some(Duration::from_secs(3600)),
-            flush_interval: Duration::from_millis(10),
-            ..HistoryConfig::default()
-        })
-        .await
-        .unwrap();
-        // Let the start-up retention pass run before there is anything to delete.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let history = open_keeping_an_hour(&dir).await;
         let mut fresh = record(1);
         fresh.ts_ms = now_ms();
         // Three batches: 2023 (older than an hour), now, 2023 again (a long request's row).
