@@ -53,7 +53,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
-use tokio::time::{Sleep, Timeout};
+use tokio::time::Sleep;
 use tower::Service;
 
 use crate::client::{
@@ -259,10 +259,11 @@ impl<B> Shared<B> {
             // Nothing that names the node is even parsed.
             keep_answer_header: forwardable_response_header,
         };
-        let to_node = request.send_to(&self.client, to);
+        // One clock read for both; tokio's, so that a paused test clock moves the deadline.
+        let now = tokio::time::Instant::now();
         Sent {
-            future: tokio::time::timeout(self.config.first_byte_timeout, to_node),
-            sent_at: Instant::now(),
+            future: request.send_to(&self.client, to, now + self.config.first_byte_timeout),
+            sent_at: now.into_std(),
         }
     }
 
@@ -306,6 +307,7 @@ impl<B> ProxiedRequest<B> for RawRequest {
 mod sealed {
     use http::{HeaderValue, Request, Response};
     use http_body::Body;
+    use tokio::time::Instant;
 
     use super::{NodeAnswer, Proxied, ProxyBody};
     use crate::client::{Forward, HttpClient, ResponseFuture};
@@ -315,7 +317,12 @@ mod sealed {
 
     /// How a request is sent, and which request id it carries.
     pub trait Sealed<B> {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer>;
+        fn send_to(
+            &self,
+            client: &HttpClient<B>,
+            to: Forward<'_>,
+            head_deadline: Instant,
+        ) -> ResponseFuture<NodeAnswer>;
         fn upstream_request_id(&self) -> Option<&HeaderValue>;
     }
 
@@ -325,8 +332,13 @@ mod sealed {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer> {
-            client.request_lines_to(self, to)
+        fn send_to(
+            &self,
+            client: &HttpClient<B>,
+            to: Forward<'_>,
+            head_deadline: Instant,
+        ) -> ResponseFuture<NodeAnswer> {
+            client.request_lines_within(self, to, Some(head_deadline))
         }
 
         fn upstream_request_id(&self) -> Option<&HeaderValue> {
@@ -335,8 +347,13 @@ mod sealed {
     }
 
     impl<B> Sealed<B> for RawRequest {
-        fn send_to(&self, client: &HttpClient<B>, to: Forward<'_>) -> ResponseFuture<NodeAnswer> {
-            client.request_raw_to(self, to)
+        fn send_to(
+            &self,
+            client: &HttpClient<B>,
+            to: Forward<'_>,
+            head_deadline: Instant,
+        ) -> ResponseFuture<NodeAnswer> {
+            client.request_raw_within(self, to, Some(head_deadline))
         }
 
         fn upstream_request_id(&self) -> Option<&HeaderValue> {
@@ -370,7 +387,8 @@ mod sealed {
 
 /// A request on its way to a node.
 struct Sent {
-    future: Timeout<ClientFuture<NodeAnswer>>,
+    /// With the first-byte deadline: the client keeps a timer per connection for it.
+    future: ClientFuture<NodeAnswer>,
     sent_at: Instant,
 }
 
@@ -426,8 +444,7 @@ pin_project! {
     #[project = ProxyStateProj]
     enum ProxyState<B, R> {
         Sending {
-            #[pin]
-            future: Timeout<ClientFuture<NodeAnswer>>,
+            future: ClientFuture<NodeAnswer>,
             shared: Arc<Shared<B>>,
             selected: Option<SelectedNode>,
             sent_at: Instant,
@@ -522,7 +539,7 @@ where
                     sent_at,
                     replay,
                 } => {
-                    let outcome = ready!(future.poll(cx));
+                    let outcome = ready!(future.poll_within(cx));
                     let Some(selected) = selected.take() else {
                         return Poll::Ready(router_answer(RouterError::Internal));
                     };
