@@ -772,10 +772,6 @@ pin_project! {
     /// While the node's stream lasts it holds the node's slot; the slot is given back at the end
     /// of the stream, on error, or when the client drops the body.
     pub struct ProxyBody {
-        // Armed at the first wait for the node, not before: an answer that arrives whole never
-        // touches the timer wheel.
-        #[pin]
-        idle: Option<Sleep>,
         upstream: Option<Upstream>,
         full: Option<Bytes>,
         // The error code the client was given when the stream broke.
@@ -794,6 +790,10 @@ struct Upstream {
     /// come at once, so only the first byte of the body tells how quick the node is (its time to
     /// first token).
     awaiting_first_byte: Option<Instant>,
+    /// Armed at the first wait for the node, not before: an answer that arrives whole never
+    /// touches the timer wheel. Boxed: the answer is moved through every layer on its way
+    /// out, and a `Sleep` in place would make it 112 bytes larger.
+    idle: Option<Pin<Box<Sleep>>>,
     /// A frame came since the idle timer was last set: it is moved on at the next wait. Frames
     /// leave the timer alone, so a stream that keeps coming costs no timer work per frame.
     idle_stale: bool,
@@ -810,7 +810,6 @@ impl std::fmt::Debug for ProxyBody {
 impl From<Bytes> for ProxyBody {
     fn from(bytes: Bytes) -> Self {
         Self {
-            idle: None,
             upstream: None,
             full: Some(bytes),
             failed: None,
@@ -839,13 +838,13 @@ impl ProxyBody {
         sent_at: Instant,
     ) -> Self {
         Self {
-            idle: None,
             upstream: Some(Upstream {
                 body,
                 selected,
                 idle_timeout,
                 sse,
                 awaiting_first_byte: Some(sent_at),
+                idle: None,
                 idle_stale: false,
             }),
             full: None,
@@ -887,7 +886,7 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let mut this = self.project();
+        let this = self.project();
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(this.full.take().map(|b| Ok(Frame::data(b))));
         };
@@ -921,18 +920,14 @@ impl Body for ProxyBody {
             Poll::Pending => {
                 // The idle gap counts from the first poll that has to wait after a frame (or,
                 // before any frame, from the first such poll after the head).
-                match this.idle.as_mut().as_pin_mut() {
-                    None => {
-                        let deadline = tokio::time::Instant::now() + upstream.idle_timeout;
-                        this.idle.set(Some(tokio::time::sleep_until(deadline)));
-                    }
-                    Some(idle) if upstream.idle_stale => {
-                        idle.reset(tokio::time::Instant::now() + upstream.idle_timeout);
-                    }
+                let deadline = || tokio::time::Instant::now() + upstream.idle_timeout;
+                match &mut upstream.idle {
+                    None => upstream.idle = Some(Box::pin(tokio::time::sleep_until(deadline()))),
+                    Some(idle) if upstream.idle_stale => idle.as_mut().reset(deadline()),
                     Some(_) => {}
                 }
                 upstream.idle_stale = false;
-                match this.idle.as_mut().as_pin_mut().map(|s| s.poll(cx)) {
+                match upstream.idle.as_mut().map(|s| s.as_mut().poll(cx)) {
                     Some(Poll::Ready(())) => ProxyBodyError::Idle,
                     _ => return Poll::Pending,
                 }
