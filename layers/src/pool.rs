@@ -650,6 +650,13 @@ impl LoadGuard {
     fn into_slot(mut self) -> Option<Slot> {
         self.slot.take()
     }
+
+    /// Gives the slot back without counting it as a finished request.
+    fn give_back_unused(self) {
+        if let Some(slot) = self.into_slot() {
+            slot.give_back();
+        }
+    }
 }
 
 impl Drop for LoadGuard {
@@ -686,6 +693,10 @@ impl SelectedNode {
     /// Moves to `guard`'s slot, giving the one held back once the new one is in place: as
     /// `*self = SelectedNode::new(guard)`, without a new allocation when no clone shares the
     /// slot. `false` (and nothing changes) if `guard` was already released.
+    ///
+    /// The slot given back served no request: it counts as no completion, latency or release
+    /// (which the admission's release rate reads). One a clone still shares is given back, and
+    /// counted, when the clone goes.
     pub(crate) fn move_to(&mut self, guard: LoadGuard) -> bool {
         let Some(node) = guard.node().cloned() else {
             return false;
@@ -693,8 +704,7 @@ impl SelectedNode {
         self.within_capacity = guard.within_capacity();
         self.node = node;
         match Arc::get_mut(&mut self.guard) {
-            // The old guard is dropped, so its slot given back, as it is replaced.
-            Some(held) => *held = guard,
+            Some(held) => std::mem::replace(held, guard).give_back_unused(),
             None => self.guard = Arc::new(guard),
         }
         true
@@ -729,15 +739,21 @@ impl Slot {
         LoadGuard { slot: Some(self) }
     }
 
+    /// Gives the slot back at the end of its request, which counts as one finished.
     fn release(self) {
         let state = &self.node.state;
         ewma_update(&state.latency_ewma_us, self.since.elapsed());
         state.completed.fetch_add(1, Ordering::Relaxed);
         self.shared.released.fetch_add(1, Ordering::Relaxed);
+        self.give_back();
+    }
+
+    /// Gives the slot back, counting nothing.
+    fn give_back(self) {
         // Give the slot back first, then look for waiters. A waiter enqueues by counting itself
         // first and then trying for a slot, so with both sides SeqCst one of the two sees the
         // other: the waiter finds this slot free, or this release finds the waiter.
-        state.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.node.state.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.shared.waiting.load(Ordering::SeqCst) > 0 {
             self.shared.dispatch_freed(&self.node);
         }
@@ -1292,6 +1308,10 @@ mod tests {
         assert!(selected.move_to(pool.acquire(b, SlotBound::WithinCapacity).unwrap()));
         assert_eq!(selected.node().id(), "b");
         assert_eq!(in_flight(), (0, 1), "a's slot given back at once");
+        // It served no request.
+        assert_eq!(a.state().completed(), 0);
+        assert_eq!(a.state().latency_ewma(), None);
+        assert_eq!(pool.shared.released.load(Ordering::Relaxed), 0);
 
         // A clone still shares b's slot: it is given back when the clone goes.
         let clone = selected.clone();
@@ -1302,6 +1322,8 @@ mod tests {
         assert_eq!(in_flight(), (1, 0));
         drop(selected);
         assert_eq!(in_flight(), (0, 0));
+        assert_eq!((a.state().completed(), b.state().completed()), (1, 1));
+        assert_eq!(pool.shared.released.load(Ordering::Relaxed), 2);
     }
 
     #[test]
