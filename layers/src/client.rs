@@ -482,8 +482,11 @@ impl ClientShared {
         found
     }
 
-    /// Puts a connection whose answer was read to the end back into the pool.
-    fn check_in(&self, key: &str, connection: Box<Connection>) {
+    /// Puts a connection whose answer was read to the end back into the pool, as a new one:
+    /// no read buffer, reads starting small.
+    fn check_in(&self, key: &str, mut connection: Box<Connection>) {
+        connection.buf = BytesMut::new();
+        connection.read_size = READ_MIN;
         let mut idle = self.lock();
         let connections = match idle.get_mut(key) {
             Some(connections) => connections,
@@ -667,20 +670,28 @@ impl From<ClientError> for Unanswered {
     }
 }
 
-/// The timer for a deadline on an answer's head, kept with its connection. Each request on the
-/// connection moves it on with `Sleep::reset`, an atomic update in tokio while deadlines only
-/// grow (the wheel sees the new one when the old one comes). A timer a request (a
-/// `tokio::time::timeout`) put an entry into the runtime's timer wheel and took it out again
-/// under its lock; the proxy's request path went from 29,023 to 28,803 instructions (callgrind).
-type HeadTimer = Option<Pin<Box<Sleep>>>;
-
-/// Runs `future` until `deadline` (if there is one) on `timer`: a timer set before is moved
-/// on, and one is made only when `future` has to wait.
+/// The timer for a deadline on an answer's head, kept with its connection, and the runtime
+/// whose timer wheel it is in. Each request on the connection moves it on with `Sleep::reset`,
+/// an atomic update in tokio while deadlines only grow (the wheel sees the new one when the old
+/// one comes). A new timer for each request (a `tokio::time::timeout`) put an entry into the
+/// wheel and took it out again under its lock; the proxy's request path went from 29,023 to
+/// 28,803 instructions (callgrind).
 ///
-/// The timer keeps the waker of the task that last waited on it until the connection's next
-/// request, so an idle pooled connection may keep a finished task's memory until it is used
-/// again or closed (the sweeper closes it once idle for `pool_idle_timeout`). Letting go of
-/// the waker at once (a poll with a no-op waker) cost some 60 instructions a request.
+/// A client may be shared by several runtimes, so a connection may be used on another runtime
+/// than its timer's, which may be idle or gone (a timer of a runtime that shut down panics when
+/// polled): there a new timer is made.
+type HeadTimer = Option<(Pin<Box<Sleep>>, tokio::runtime::Id)>;
+
+/// Runs `future` until `deadline` (if there is one) on `timer`: a timer set before on this
+/// runtime is moved on, and one is made only when `future` has to wait.
+///
+/// The timer stays set after the head came, while the body streams and while the connection
+/// is idle in the pool. So it keeps the waker of the task that last waited on it until the
+/// deadline passes (one spurious wake-up, for a stream longer than the deadline), the
+/// connection's next request or its close (the sweeper closes it once idle for
+/// `pool_idle_timeout`): an idle connection may keep a finished task's memory until then.
+/// Letting go of the waker at once (a poll with a no-op waker) cost some 60 instructions a
+/// request.
 fn within<F: Future>(
     deadline: Option<tokio::time::Instant>,
     timer: &mut HeadTimer,
@@ -706,6 +717,11 @@ pin_project! {
     }
 }
 
+/// Whether the current runtime is `runtime`.
+fn on_runtime(runtime: tokio::runtime::Id) -> bool {
+    tokio::runtime::Handle::try_current().is_ok_and(|current| current.id() == runtime)
+}
+
 impl<F: Future> Future for Within<'_, F> {
     type Output = Result<F::Output, Unanswered>;
 
@@ -718,14 +734,19 @@ impl<F: Future> Future for Within<'_, F> {
             return Poll::Pending;
         };
         let timer = match this.timer {
-            Some(timer) if *this.set => timer,
-            Some(timer) => {
+            Some((timer, _)) if *this.set => timer,
+            Some((timer, runtime)) if on_runtime(*runtime) => {
                 timer.as_mut().reset(deadline);
                 timer
             }
-            None => this
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            _ => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    let error = io::Error::other("no tokio runtime to time the answer's head");
+                    return Poll::Ready(Err(Unanswered::Failed(ClientError::Io(error))));
+                };
+                let timer = Box::pin(tokio::time::sleep_until(deadline));
+                &mut this.timer.insert((timer, runtime.id())).0
+            }
         };
         *this.set = true;
         ready!(timer.as_mut().poll(cx));
@@ -1979,6 +2000,124 @@ mod tests {
             "answered after {LATE:?}, past {early:?}"
         );
         assert!(started.elapsed() < LATE, "{:?}", started.elapsed());
+    }
+
+    /// A request body whose end never comes.
+    #[derive(Clone)]
+    struct EndlessBody;
+
+    impl Body for EndlessBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn the_head_deadline_covers_a_body_still_coming_and_a_retry_on_a_new_connection() {
+        let within = Duration::from_millis(200);
+        let in_time = |started: std::time::Instant| {
+            let waited = started.elapsed();
+            assert!(
+                waited >= within && waited < Duration::from_secs(2),
+                "{waited:?}"
+            );
+        };
+        let node = node(|c, n| match (c, n) {
+            (0, 0) => Reply::Send(HELLO),
+            (0, _) => Reply::Close,
+            _ => Reply::Silent,
+        })
+        .await;
+
+        let client: HttpClient<EndlessBody> = HttpClient::new(ClientConfig::default());
+        let request = Request::post(node.url("/")).body(EndlessBody).unwrap();
+        let to = Forward {
+            authority: request.uri().authority().unwrap(),
+            path_prefix: "",
+            replaced: &[],
+            keep_answer_header: keep_every_header,
+        };
+        let started = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + within;
+        let mut answer = client.request_lines_within(&request, to, Some(deadline));
+        let timed_out = std::future::poll_fn(|cx| answer.poll_within(cx)).await;
+        assert!(timed_out.is_err(), "the body never ended");
+        in_time(started);
+        assert_eq!(node.connections(), 0, "nothing was sent");
+
+        // The pooled connection is closed as the request goes out; the GET goes again, anew, to
+        // a node that does not answer: the deadline still counts from the first try.
+        let client = HttpClient::new(ClientConfig::default());
+        let answer = fetch_within(&client, &node, within).await.unwrap().unwrap();
+        assert_eq!(raw_text(answer).await, "hello");
+        let started = std::time::Instant::now();
+        assert!(fetch_within(&client, &node, within).await.is_err());
+        in_time(started);
+        assert_eq!(node.connections(), 2);
+    }
+
+    /// An answer larger than the first reads, so that they grow.
+    static LARGE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+        let body = vec![b'x'; 4 * READ_MIN];
+        let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        answer.push_str(std::str::from_utf8(&body).unwrap());
+        answer.into_bytes()
+    });
+
+    #[tokio::test]
+    async fn a_connection_goes_back_to_the_pool_as_a_new_one() {
+        let (node, client) = node_and_client(|_, _| Reply::Send(&LARGE)).await;
+        let answer = fetch_within(&client, &node, Duration::from_secs(5)).await;
+        assert_eq!(raw_text(answer.unwrap().unwrap()).await.len(), 4 * READ_MIN);
+        let idle = client.shared.lock();
+        let connection = &idle.values().flatten().next().unwrap().connection;
+        assert_eq!(
+            (connection.buf.capacity(), connection.read_size),
+            (0, READ_MIN),
+            "no buffer kept, and reads start small again"
+        );
+    }
+
+    #[test]
+    fn a_timer_of_a_runtime_gone_is_not_used() {
+        // The node and the connection's socket live on a runtime that stays; the timer is made
+        // on another, which then shuts down.
+        let lasting = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let brief = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // The second answer comes late, so that the request waits and makes a timer.
+        let node = lasting.block_on(node(|_, n| match n {
+            0 => Reply::Send(HELLO),
+            1 => Reply::Late(HELLO),
+            _ => Reply::Silent,
+        }));
+        let client = HttpClient::new(ClientConfig::default());
+        lasting.block_on(async { assert_eq!(fetch_text(&client, &node).await, "hello") });
+        let within = LATE * 2;
+        brief.block_on(async {
+            let answer = fetch_within(&client, &node, within).await.unwrap().unwrap();
+            assert_eq!(raw_text(answer).await, "hello");
+        });
+        drop(brief);
+        assert_eq!(client.idle_head_timers(), 1);
+        lasting.block_on(async {
+            let started = std::time::Instant::now();
+            assert!(fetch_within(&client, &node, within).await.is_err());
+            assert!(started.elapsed() >= within, "{:?}", started.elapsed());
+        });
+        assert_eq!(node.connections(), 1);
     }
 
     #[tokio::test]

@@ -259,11 +259,12 @@ impl<B> Shared<B> {
             // Nothing that names the node is even parsed.
             keep_answer_header: forwardable_response_header,
         };
-        // One clock read for both; tokio's, so that a paused test clock moves the deadline.
-        let now = tokio::time::Instant::now();
+        // Two clocks: the deadline on tokio's, which a test may pause, and the time to first
+        // byte on the real one.
+        let deadline = tokio::time::Instant::now() + self.config.first_byte_timeout;
         Sent {
-            future: request.send_to(&self.client, to, now + self.config.first_byte_timeout),
-            sent_at: now.into_std(),
+            future: request.send_to(&self.client, to, deadline),
+            sent_at: Instant::now(),
         }
     }
 
