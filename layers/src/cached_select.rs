@@ -185,7 +185,7 @@ impl NodeSelector {
     /// replaced only when the choice moves.
     fn reselect(&self, model: Option<&str>, held: &mut SelectedNode) -> Result<(), RouterError> {
         if !held.within_capacity() {
-            *held = self.select_new(model)?;
+            held.replace_with(self.select_new(model)?);
             return Ok(());
         }
         let ranking = self.ranking();

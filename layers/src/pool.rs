@@ -710,6 +710,15 @@ impl SelectedNode {
         true
     }
 
+    /// Takes `other`'s place, giving the slot held back as [`move_to`](Self::move_to) does:
+    /// counted as no finished request, unless a clone still shares it.
+    pub(crate) fn replace_with(&mut self, other: SelectedNode) {
+        let replaced = std::mem::replace(self, other);
+        if let Ok(guard) = Arc::try_unwrap(replaced.guard) {
+            guard.give_back_unused();
+        }
+    }
+
     /// The chosen node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
@@ -1324,6 +1333,27 @@ mod tests {
         assert_eq!(in_flight(), (0, 0));
         assert_eq!((a.state().completed(), b.state().completed()), (1, 1));
         assert_eq!(pool.shared.released.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_selected_node_replaced_by_another_gives_its_slot_back_uncounted() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 1), spec("b", &["m"], 1)]).unwrap();
+        let snapshot = pool.snapshot();
+        let (a, b) = (snapshot.node("a").unwrap(), snapshot.node("b").unwrap());
+        let select = |node| SelectedNode::new(pool.acquire(node, SlotBound::MayExceed).unwrap());
+        let mut selected = select(a).unwrap();
+        selected.replace_with(select(b).unwrap());
+        assert_eq!(selected.node().id(), "b");
+        assert_eq!(a.state().in_flight(), 0);
+        assert_eq!(a.state().completed(), 0, "a's slot served no request");
+        assert_eq!(pool.shared.released.load(Ordering::Relaxed), 0);
+
+        // Shared with a clone: given back, and counted, when the clone goes.
+        let clone = selected.clone();
+        selected.replace_with(select(a).unwrap());
+        assert_eq!(b.state().in_flight(), 1);
+        drop(clone);
+        assert_eq!((b.state().in_flight(), b.state().completed()), (0, 1));
     }
 
     #[test]
