@@ -1207,7 +1207,16 @@ impl NodePool {
 
     /// Takes a free slot on the least-loaded node eligible for `model`, if any is free.
     pub fn try_acquire_free(&self, model: Option<&str>) -> Option<LoadGuard> {
-        let snapshot = self.snapshot();
+        self.try_acquire_free_in(&self.snapshot(), model)
+    }
+
+    /// [`try_acquire_free`](Self::try_acquire_free) among `snapshot`'s nodes, for a caller that
+    /// has loaded the snapshot already.
+    pub(crate) fn try_acquire_free_in(
+        &self,
+        snapshot: &PoolSnapshot,
+        model: Option<&str>,
+    ) -> Option<LoadGuard> {
         let Eligible::Nodes(nodes) = snapshot.eligible(model) else {
             return None;
         };

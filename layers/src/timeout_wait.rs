@@ -85,17 +85,20 @@ enum Start {
 }
 
 fn start(pool: &NodePool, model: Option<&str>, config: &WaitConfig) -> Start {
-    match pool.snapshot().eligible(model) {
+    let snapshot = pool.snapshot();
+    match snapshot.eligible(model) {
         Eligible::UnknownModel => return Start::Done(WaitResult::ModelNotFound),
         Eligible::NoneAvailable => return Start::Done(WaitResult::NoEligibleNode),
         Eligible::Nodes(_) => {}
     }
     // Fast path without the queue lock: nobody waits, so nobody is passed over.
     if pool.waiting() == 0
-        && let Some(guard) = pool.try_acquire_free(model)
+        && let Some(guard) = pool.try_acquire_free_in(&snapshot, model)
     {
         return Start::Done(WaitResult::Ready(guard));
     }
+    // The queue looks again, under its lock.
+    drop(snapshot);
     match pool.enqueue(model, config.max_waiters) {
         Enqueued::Ready(guard) => Start::Done(WaitResult::Ready(guard)),
         Enqueued::Full => Start::Done(WaitResult::CapacityExceeded),
