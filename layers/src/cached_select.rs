@@ -156,7 +156,7 @@ impl NodeSelector {
 
     fn ranking(&self) -> arc_swap::Guard<Arc<Ranking>> {
         let ranking = self.ranking.load();
-        let generation = self.pool.snapshot().generation();
+        let generation = self.pool.generation();
         if ranking.generation == generation && ranking.built_at.elapsed() < self.config.ranking_ttl
         {
             return ranking;

@@ -785,6 +785,9 @@ struct Queue {
 
 struct Shared {
     snapshot: ArcSwap<PoolSnapshot>,
+    /// The snapshot's generation, stored after the snapshot: a reader that only needs to know
+    /// whether the nodes changed (a cached ranking) reads one atomic instead of the snapshot.
+    generation: AtomicU64,
     /// Serializes writers, so that two updates never lose each other's changes.
     write: Mutex<()>,
     queue: Mutex<Queue>,
@@ -987,6 +990,7 @@ impl Default for NodePool {
         Self {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(PoolSnapshot::default()),
+                generation: AtomicU64::new(0),
                 write: Mutex::new(()),
                 queue: Mutex::new(Queue::default()),
                 waiting: AtomicUsize::new(0),
@@ -1046,6 +1050,19 @@ impl NodePool {
         self.shared.snapshot.load()
     }
 
+    /// The current snapshot's [`generation`](PoolSnapshot::generation), without loading it. It
+    /// may lag a snapshot being stored by a moment, never lead it.
+    pub(crate) fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
+    /// Publishes `snapshot`; the caller holds the write lock.
+    fn store(&self, snapshot: PoolSnapshot) {
+        let generation = snapshot.generation;
+        self.shared.snapshot.store(Arc::new(snapshot));
+        self.shared.generation.store(generation, Ordering::Release);
+    }
+
     /// Requests queued for a slot.
     pub fn waiting(&self) -> usize {
         self.shared.waiting.load(Ordering::SeqCst)
@@ -1069,9 +1086,7 @@ impl NodePool {
                 .unwrap_or_default();
             nodes.push(Arc::new(Node::from_spec(&spec, state)?));
         }
-        self.shared
-            .snapshot
-            .store(Arc::new(PoolSnapshot::build(old.generation + 1, nodes)));
+        self.store(PoolSnapshot::build(old.generation + 1, nodes));
         drop(_write);
         self.shared.dispatch_all();
         Ok(())
@@ -1104,9 +1119,7 @@ impl NodePool {
             found = true;
         }
         if found {
-            self.shared
-                .snapshot
-                .store(Arc::new(PoolSnapshot::build(old.generation + 1, nodes)));
+            self.store(PoolSnapshot::build(old.generation + 1, nodes));
         }
         drop(_write);
         if found {
