@@ -389,6 +389,20 @@ mod tests {
     }
 
     #[test]
+    fn a_held_slot_over_capacity_is_replaced_and_given_back_uncounted() {
+        let pool = pool(&[("a", 1), ("b", 1)]);
+        let a = pool.snapshot().node("a").unwrap().clone();
+        let _filling = pool.acquire(&a, SlotBound::WithinCapacity).unwrap();
+        let over = SelectedNode::new(pool.acquire(&a, SlotBound::MayExceed).unwrap()).unwrap();
+        assert!(!over.within_capacity());
+        let selector = NodeSelector::new(pool, SelectConfig::default());
+        let selected = selector.select(Some("m"), Some(over)).unwrap();
+        assert_eq!(id(&selected), "b");
+        assert_eq!(a.state().in_flight(), 1, "the slot over capacity went back");
+        assert_eq!(a.state().completed(), 0, "it served no request");
+    }
+
+    #[test]
     fn a_quick_node_fills_before_a_slow_one_gets_load() {
         let pool = pool(&[("slow", 4), ("quick", 4)]);
         let nodes = pool.snapshot().nodes().to_vec();

@@ -97,7 +97,7 @@ fn start(pool: &NodePool, model: Option<&str>, config: &WaitConfig) -> Start {
     {
         return Start::Done(WaitResult::Ready(guard));
     }
-    // The queue looks again, under its lock.
+    // The queue looks for a free slot again, under its lock.
     drop(snapshot);
     match pool.enqueue(model, config.max_waiters) {
         Enqueued::Ready(guard) => Start::Done(WaitResult::Ready(guard)),
