@@ -1012,6 +1012,10 @@ pub(crate) enum Enqueued {
     Waiting(QueueEntry),
     /// The line is full.
     Full,
+    /// No node may take the model's requests now (down, draining or gone).
+    NoneAvailable,
+    /// No node serves the model.
+    UnknownModel,
 }
 
 /// A place in the slot queue. Dropping it leaves the queue.
@@ -1251,7 +1255,20 @@ impl NodePool {
         let line_empty = queue.by_model.get(&key).is_none_or(VecDeque::is_empty);
         // Count ourselves before looking for a slot (see `Slot::release`).
         self.shared.waiting.fetch_add(1, Ordering::SeqCst);
-        if line_empty && let Some(guard) = self.try_acquire_free(model) {
+        // And before looking at the nodes: a writer that took the last node away checks for
+        // waiters after storing its snapshot, so either it finds us and drops our line, or we
+        // see its snapshot here, and do not wait for a slot that cannot come.
+        let snapshot = self.snapshot();
+        let unavailable = match snapshot.eligible(model) {
+            Eligible::Nodes(_) => None,
+            Eligible::NoneAvailable => Some(Enqueued::NoneAvailable),
+            Eligible::UnknownModel => Some(Enqueued::UnknownModel),
+        };
+        if let Some(unavailable) = unavailable {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return unavailable;
+        }
+        if line_empty && let Some(guard) = self.try_acquire_free_in(&snapshot, model) {
             self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Enqueued::Ready(guard);
         }
@@ -1376,6 +1393,24 @@ mod tests {
         assert_eq!(b.state().in_flight(), 1);
         drop(clone);
         assert_eq!((b.state().in_flight(), b.state().completed()), (0, 1));
+    }
+
+    #[test]
+    fn a_request_does_not_wait_in_line_for_nodes_that_cannot_take_it() {
+        let pool = NodePool::from_specs([spec("a", &["m"], 1)]).unwrap();
+        let _busy = pool.try_acquire_free(Some("m")).unwrap();
+        assert!(matches!(pool.enqueue(Some("m"), 10), Enqueued::Waiting(_)));
+        // The last node goes as a request comes: it is answered at once, not left waiting.
+        pool.set_healthy("a", false);
+        assert!(matches!(
+            pool.enqueue(Some("m"), 10),
+            Enqueued::NoneAvailable
+        ));
+        assert!(matches!(
+            pool.enqueue(Some("x"), 10),
+            Enqueued::UnknownModel
+        ));
+        assert_eq!(pool.waiting(), 0, "the ones turned away are not counted");
     }
 
     #[test]

@@ -97,11 +97,13 @@ fn start(pool: &NodePool, model: Option<&str>, config: &WaitConfig) -> Start {
     {
         return Start::Done(WaitResult::Ready(guard));
     }
-    // The queue looks for a free slot again, under its lock.
+    // The queue looks again (at the nodes, and for a free slot) under its lock.
     drop(snapshot);
     match pool.enqueue(model, config.max_waiters) {
         Enqueued::Ready(guard) => Start::Done(WaitResult::Ready(guard)),
         Enqueued::Full => Start::Done(WaitResult::CapacityExceeded),
+        Enqueued::NoneAvailable => Start::Done(WaitResult::NoEligibleNode),
+        Enqueued::UnknownModel => Start::Done(WaitResult::ModelNotFound),
         Enqueued::Waiting(entry) => Start::InLine(entry),
     }
 }
