@@ -207,13 +207,12 @@ impl<B> HttpClient<B> {
         let Some(authority) = parts.uri.authority() else {
             return ResponseFuture::failed(ClientError::Uri("no host"));
         };
-        let to = Forward {
-            authority,
-            path_prefix: "",
-            replaced: &[],
-            keep_answer_header: keep_every_header,
-        };
-        let outgoing = Outgoing::new(&parts.method, &parts.uri, &parts.headers, to);
+        let outgoing = Outgoing::new(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            Forward::plain(authority),
+        );
         self.start(outgoing, body)
     }
 
@@ -312,6 +311,19 @@ pub struct Forward<'a> {
     /// say is noted on the way, and none of them goes into the map, so a caller that passes on
     /// only some does not build a second header map.
     pub keep_answer_header: fn(&[u8]) -> bool,
+}
+
+impl<'a> Forward<'a> {
+    /// To `authority` as the request is: no path prefix, no header replaced, every answer
+    /// header kept.
+    fn plain(authority: &'a Authority) -> Self {
+        Self {
+            authority,
+            path_prefix: "",
+            replaced: &[],
+            keep_answer_header: keep_every_header,
+        }
+    }
 }
 
 /// Every answer header.
@@ -619,7 +631,7 @@ where
         connection.head_timer = head_timer;
         match exchanged {
             Ok(mut head) => {
-                let (framing, keep_alive) = framing(&head, no_body).map_err(Unanswered::Failed)?;
+                let (framing, keep_alive) = framing(&head, no_body)?;
                 match &mut head.headers {
                     AnswerHeaders::Map(headers) if head.facts.transfer_encoding.is_some() => {
                         // Ignored for framing (RFC 9112 6.3), so not passed on either.
@@ -1890,7 +1902,11 @@ mod tests {
     }
 
     async fn text(response: Response<UpstreamBody>) -> Result<String, ClientError> {
-        let bytes = response.into_body().collect().await?.to_bytes();
+        body_text(response.into_body()).await
+    }
+
+    async fn body_text(body: UpstreamBody) -> Result<String, ClientError> {
+        let bytes = body.collect().await?.to_bytes();
         Ok(String::from_utf8(bytes.to_vec()).unwrap())
     }
 
@@ -1908,28 +1924,35 @@ mod tests {
         assert_eq!(client.idle_connections(), 1);
     }
 
+    /// `request`, whose answer's head must come by `within` from now.
+    async fn send_within<B>(
+        client: &HttpClient<B>,
+        request: &Request<B>,
+        within: Duration,
+    ) -> Result<Result<RawResponse<UpstreamBody>, ClientError>, HeadTimedOut>
+    where
+        B: Body + Clone + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let to = Forward::plain(request.uri().authority().unwrap());
+        let deadline = tokio::time::Instant::now() + within;
+        let mut answer = client.request_lines_within(request, to, Some(deadline));
+        std::future::poll_fn(|cx| answer.poll_within(cx)).await
+    }
+
     /// A GET of `/` on `node`, whose head must come by `within` from now.
     async fn fetch_within(
         client: &HttpClient,
         node: &ScriptedNode,
         within: Duration,
     ) -> Result<Result<RawResponse<UpstreamBody>, ClientError>, HeadTimedOut> {
-        let request = node.get();
-        let to = Forward {
-            authority: request.uri().authority().unwrap(),
-            path_prefix: "",
-            replaced: &[],
-            keep_answer_header: keep_every_header,
-        };
-        let deadline = tokio::time::Instant::now() + within;
-        let mut answer = client.request_lines_within(&request, to, Some(deadline));
-        std::future::poll_fn(|cx| answer.poll_within(cx)).await
+        send_within(client, &node.get(), within).await
     }
 
     /// The body of an answer that came, read to its end.
     async fn raw_text(answer: RawResponse<UpstreamBody>) -> String {
-        let bytes = answer.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8(bytes.to_vec()).unwrap()
+        body_text(answer.into_body()).await.unwrap()
     }
 
     #[tokio::test]
@@ -2037,16 +2060,8 @@ mod tests {
 
         let client: HttpClient<EndlessBody> = HttpClient::new(ClientConfig::default());
         let request = Request::post(node.url("/")).body(EndlessBody).unwrap();
-        let to = Forward {
-            authority: request.uri().authority().unwrap(),
-            path_prefix: "",
-            replaced: &[],
-            keep_answer_header: keep_every_header,
-        };
         let started = std::time::Instant::now();
-        let deadline = tokio::time::Instant::now() + within;
-        let mut answer = client.request_lines_within(&request, to, Some(deadline));
-        let timed_out = std::future::poll_fn(|cx| answer.poll_within(cx)).await;
+        let timed_out = send_within(&client, &request, within).await;
         assert!(timed_out.is_err(), "the body never ended");
         in_time(started);
         assert_eq!(node.connections(), 0, "nothing was sent");
@@ -2560,12 +2575,7 @@ mod tests {
         let (node, client) =
             node_and_client(|_, n| Reply::Send(if n % 2 == 0 { HEAD } else { GET })).await;
         let authority: Authority = node.authority.parse().unwrap();
-        let to = Forward {
-            authority: &authority,
-            path_prefix: "",
-            replaced: &[],
-            keep_answer_header: keep_every_header,
-        };
+        let to = Forward::plain(&authority);
         let wire = b"HEAD /x HTTP/1.1\r\nHost: r\r\n\r\n";
         let (head, _) = crate::server::read_raw_request_from(wire, &Default::default())
             .unwrap()

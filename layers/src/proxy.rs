@@ -767,19 +767,17 @@ fn replace_all(haystack: Bytes, needle: &[u8], with: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-pin_project! {
-    /// The body of a proxied response: the node's stream, or a complete error body.
-    ///
-    /// While the node's stream lasts it holds the node's slot; the slot is given back at the end
-    /// of the stream, on error, or when the client drops the body.
-    pub struct ProxyBody {
-        upstream: Option<Upstream>,
-        full: Option<Bytes>,
-        // The error code the client was given when the stream broke.
-        failed: Option<&'static str>,
-        // Told the same, for an `http::Response`'s extensions.
-        failure: Option<UpstreamFailure>,
-    }
+/// The body of a proxied response: the node's stream, or a complete error body.
+///
+/// While the node's stream lasts it holds the node's slot; the slot is given back at the end
+/// of the stream, on error, or when the client drops the body.
+pub struct ProxyBody {
+    upstream: Option<Upstream>,
+    full: Option<Bytes>,
+    // The error code the client was given when the stream broke.
+    failed: Option<&'static str>,
+    // Told the same, for an `http::Response`'s extensions.
+    failure: Option<UpstreamFailure>,
 }
 
 struct Upstream {
@@ -887,7 +885,8 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.project();
+        // Nothing in it is pinned: the idle timer is boxed.
+        let this = self.get_mut();
         let Some(upstream) = this.upstream.as_mut() else {
             return Poll::Ready(this.full.take().map(|b| Ok(Frame::data(b))));
         };
@@ -914,7 +913,7 @@ impl Body for ProxyBody {
                         .record_ttfb(sent_at.elapsed());
                 }
                 // The last byte: give the slot back now, not when the body is dropped.
-                *this.upstream = None;
+                this.upstream = None;
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(error))) => ProxyBodyError::Upstream(error),
@@ -942,11 +941,11 @@ impl Body for ProxyBody {
             ProxyBodyError::Idle => RouterError::UpstreamTimeout,
             ProxyBodyError::Upstream(_) => RouterError::UpstreamUnavailable,
         };
-        *this.failed = Some(error.code());
+        this.failed = Some(error.code());
         if let Some(failure) = this.failure.as_ref() {
             failure.set(error.code());
         }
-        *this.upstream = None;
+        this.upstream = None;
         if sse {
             // The client already has a 200; tell it in-band, in the shape SDKs parse.
             return Poll::Ready(Some(Ok(Frame::data(error.sse_event()))));
