@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 /// What the probe read.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub(crate) struct Probe<'a> {
     /// `model`, when present and not null.
     pub(crate) model: Option<Cow<'a, str>>,
@@ -24,7 +24,7 @@ pub(crate) struct Probe<'a> {
 }
 
 /// Why a body is not a JSON object the probe can read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct ProbeError {
     what: &'static str,
     at: usize,
@@ -245,23 +245,16 @@ impl<'a> Scanner<'a> {
     /// The character of a `\u` escape whose four digits were just read: a surrogate must be a
     /// leading one followed by a trailing one, as in UTF-16.
     fn code_point(&mut self, unit: u16) -> Result<char, ProbeError> {
-        let value = match unit {
-            0xD800..=0xDBFF => {
-                let paired = self.text.as_bytes()[self.at..].starts_with(b"\\u");
-                if !paired {
-                    return self.fail("unpaired surrogate in an escape");
-                }
-                self.at += 2;
-                let trailing = self.hex4()?;
-                if !(0xDC00..=0xDFFF).contains(&trailing) {
-                    return self.fail("unpaired surrogate in an escape");
-                }
-                0x1_0000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(trailing) - 0xDC00)
-            }
-            0xDC00..=0xDFFF => return self.fail("unpaired surrogate in an escape"),
-            _ => u32::from(unit),
-        };
-        char::from_u32(value).map_or_else(|| self.fail("invalid escape"), Ok)
+        let mut trailing = None;
+        if (0xD800..=0xDBFF).contains(&unit) && self.text.as_bytes()[self.at..].starts_with(b"\\u")
+        {
+            self.at += 2;
+            trailing = Some(self.hex4()?);
+        }
+        match char::decode_utf16(std::iter::once(unit).chain(trailing)).next() {
+            Some(Ok(decoded)) => Ok(decoded),
+            _ => self.fail("unpaired surrogate in an escape"),
+        }
     }
 
     fn hex4(&mut self) -> Result<u16, ProbeError> {

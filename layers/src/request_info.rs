@@ -423,7 +423,7 @@ mod tests {
             &br#"{"model":5}"#[..],
             br#"{"model":"m","stream":"yes"}"#,
             br#"[1,2]"#,
-            // An array fills a struct's fields in order: `["m", true]` must not read as a model.
+            // A request is an object: `["m", true]` must not read as a model.
             br#"["m",true]"#,
             br#"[]"#,
             br#""m""#,
