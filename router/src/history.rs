@@ -261,12 +261,17 @@ impl History {
 
     /// Returns once every row recorded before the call is committed or counted as dropped.
     pub async fn flush(&self) {
-        let Some(tx) = &self.inner.tx else { return };
-        let (done, wait) = oneshot::channel();
-        if tx.send(Message::Flush(done)).await.is_ok() {
-            self.inner.flush_now.notify_one();
-            let _ = wait.await;
-        }
+        let _ = self.ask(Message::Flush).await;
+    }
+
+    /// Sends the writer `message`, which it answers after the rows queued before it, and waits
+    /// for the answer: `None` without a writer, or if it is gone.
+    async fn ask<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> Message) -> Option<T> {
+        let tx = self.inner.tx.as_ref()?;
+        let (done, answer) = oneshot::channel();
+        tx.send(message(done)).await.ok()?;
+        self.inner.flush_now.notify_one();
+        answer.await.ok()
     }
 
     /// Flushes (within `timeout`), then refuses new rows (they count as dropped).
@@ -315,13 +320,7 @@ impl History {
     /// and forget their keys: only the writer adds names and binds keys, so it is the one
     /// that can delete them without a key being bound to a deleted name.
     async fn prune_names(&self) -> u64 {
-        let Some(tx) = &self.inner.tx else { return 0 };
-        let (done, pruned) = oneshot::channel();
-        if tx.send(Message::PruneNames(done)).await.is_err() {
-            return 0;
-        }
-        self.inner.flush_now.notify_one();
-        pruned.await.unwrap_or(0)
+        self.ask(Message::PruneNames).await.unwrap_or(0)
     }
 
     /// A page of rows; see [`LogQuery`].
@@ -475,7 +474,7 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
     );
     if let Some((kind, key)) = key {
         // CROSS JOIN keeps the ranges as the outer loop.
-        sql.push("request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id");
+        sql.push(RANGE_ROWS);
         sql.push(NAMES_JOIN);
         sql.push(" WHERE k.kind = ").push_bind(kind);
         sql.push(" AND k.key = ").push_bind(key.to_owned());
@@ -542,6 +541,10 @@ fn logs_query(query: &LogQuery) -> Result<QueryBuilder<'static, Sqlite>, History
     Ok(sql)
 }
 
+/// The key ranges (`k`) and the rows (`r`) each holds.
+const RANGE_ROWS: &str =
+    "request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id";
+
 /// The names of a row's keys (NULL for rows written before `request_names`: `coalesce` with
 /// the text columns, as the `request_log` view in that migration does; keep the two alike).
 const NAMES_JOIN: &str = " LEFT JOIN request_names p ON p.id = r.path_key \
@@ -580,10 +583,8 @@ fn push_window_rows(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, unti
         sql.push("requests r WHERE 1 = 1");
         return;
     }
-    sql.push(
-        "request_keys k CROSS JOIN requests r ON r.id BETWEEN k.first_id AND k.last_id \
-         WHERE k.kind = 'batch'",
-    );
+    sql.push(RANGE_ROWS);
+    sql.push(" WHERE k.kind = 'batch'");
     push_range_window(sql, since, until);
     push_window(sql, since, until);
 }
@@ -638,8 +639,6 @@ async fn writer(
         names: NameKeys::default(),
         rows: Vec::with_capacity(batch_size.min(4096)),
     };
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut prunes: Vec<oneshot::Sender<u64>> = Vec::new();
     loop {
         // The first row of a round, then the interval's worth: a batch that fills is written
         // at once, the rest when the interval is over.
@@ -648,6 +647,10 @@ async fn writer(
         };
         let mut next = Some(first);
         let mut slept = false;
+        // A flush or a prune ends the round: it is answered once the rows before it are
+        // written; rows after it wait for the next round, so it is answered even while rows
+        // keep coming.
+        let mut asked = None;
         loop {
             match next.take() {
                 Some(Message::Row(row)) => {
@@ -656,14 +659,8 @@ async fn writer(
                         batch.write().await;
                     }
                 }
-                Some(Message::Flush(done)) => {
-                    // Answered once the rows before it are written; rows after it wait for the
-                    // next round, so a flush is answered even while rows keep coming.
-                    flushes.push(done);
-                    break;
-                }
-                Some(Message::PruneNames(done)) => {
-                    prunes.push(done);
+                Some(ask @ (Message::Flush(_) | Message::PruneNames(_))) => {
+                    asked = Some(ask);
                     break;
                 }
                 None => {}
@@ -686,11 +683,14 @@ async fn writer(
         if !batch.rows.is_empty() {
             batch.write().await;
         }
-        for done in flushes.drain(..) {
-            let _ = done.send(());
-        }
-        for done in prunes.drain(..) {
-            let _ = done.send(batch.prune_names().await);
+        match asked {
+            Some(Message::Flush(done)) => {
+                let _ = done.send(());
+            }
+            Some(Message::PruneNames(done)) => {
+                let _ = done.send(batch.prune_names().await);
+            }
+            _ => {}
         }
     }
 }
@@ -918,9 +918,9 @@ struct NameKeys {
     /// comparing a few short strings costs less than hashing one (three hashed lookups a row
     /// were about 1,000 instructions).
     recent: Vec<(String, i64)>,
-    /// The names and keys the batch used that did not come from `recent`: repeats included,
-    /// until [`NameKeys::used_keys`].
-    used: Vec<(i64, String)>,
+    /// The keys and names the batch used, each once, for [`NameKeys::used_keys`]; a name
+    /// found in `recent` is in here already.
+    used: BTreeMap<i64, String>,
 }
 
 /// Most names [`NameKeys::recent`] holds: past it, a batch's further names are found by hash.
@@ -970,7 +970,7 @@ impl NameKeys {
         if self.recent.len() < MOST_RECENT_NAMES {
             self.recent.push((name.to_owned(), key));
         }
-        self.used.push((key, name.to_owned()));
+        self.used.entry(key).or_insert_with(|| name.to_owned());
         Ok(key)
     }
 
@@ -988,12 +988,9 @@ impl NameKeys {
         Ok(key)
     }
 
-    /// The keys of the names the batch used, each once, with their names.
+    /// The keys of the names the batch used, each once, with their names, by key.
     fn used_keys(&mut self) -> Vec<(i64, String)> {
-        let mut keys = std::mem::take(&mut self.used);
-        keys.sort_unstable();
-        keys.dedup();
-        keys
+        std::mem::take(&mut self.used).into_iter().collect()
     }
 
     /// Forgets every key: names were deleted, and a deleted name's key can come back for
@@ -2147,10 +2144,8 @@ mod tests {
             }
             r
         };
-        for i in 0..300 {
-            history.record(row(i));
-        }
-        history.flush().await;
+        let rows: Vec<_> = (0..600).map(row).collect();
+        write_all(&history, &rows[..300]).await;
         // Back to the state before the migration: names as text, no keys, no view.
         let pool = history.pool().unwrap();
         names_to_text(pool).await;
@@ -2165,10 +2160,7 @@ mod tests {
             sqlx::query(sql).execute(pool).await.unwrap();
         }
         let history = reopen(history, &dir, 1000).await;
-        for i in 300..600 {
-            history.record(row(i));
-        }
-        history.flush().await;
+        write_all(&history, &rows[300..]).await;
         assert_eq!(history.dropped(), 0);
         let pool = history.pool().unwrap();
         let (text_rows, keyed_rows): (i64, i64) = sqlx::query_as(
@@ -2186,7 +2178,6 @@ mod tests {
         );
 
         // Every row reads back whole, through the API and through the view.
-        let rows: Vec<_> = (0..600).map(row).collect();
         let page = all_rows(&history, LogQuery::default()).await;
         assert_eq!(page, rows.iter().rev().cloned().collect::<Vec<_>>());
         let by_view: Vec<(String, Option<String>, Option<String>)> =
