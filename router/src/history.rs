@@ -620,9 +620,9 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 /// made small transactions, each writing its B-tree pages again (one `pwrite` per request at
 /// 37,000 requests a second; 0.37 with a sleep per round). A flush request skips the sleep.
 ///
-/// A failed batch closes the connection and the next batch opens a fresh one: after a fault
-/// SQLite can leave a connection holding a lock, or opened read-only (it falls back to that
-/// when the file refuses writes), and neither heals when the fault clears.
+/// A failed batch or name prune closes the connection and the next batch opens a fresh one:
+/// after a fault SQLite can leave a connection holding a lock, or opened read-only (it falls
+/// back to that when the file refuses writes), and neither heals when the fault clears.
 async fn writer(
     options: SqliteConnectOptions,
     mut rx: mpsc::Receiver<Message>,
@@ -719,9 +719,7 @@ impl Batch {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
             }
             Err(error) => {
-                if let Some(broken) = self.connection.take() {
-                    let _ = broken.close().await;
-                }
+                self.close_connection().await;
                 self.counters.dropped.fetch_add(n, Ordering::Relaxed);
                 self.warnings.warn(n, &error);
                 // Looked up again from the table: whatever failed may have been about them.
@@ -732,8 +730,8 @@ impl Batch {
     }
 
     /// Deletes the names whose rows are all gone, and forgets every key (a deleted name's key
-    /// can be given to another name). A failure is logged; the names wait for the next
-    /// retention pass that deletes rows.
+    /// can be given to another name). A failure is logged and closes the connection, as a
+    /// failed batch does; the names wait for the next retention pass that deletes rows.
     async fn prune_names(&mut self) -> u64 {
         let pruned = match open_connection(&mut self.connection, &self.options).await {
             Ok(conn) => sqlx::query(DELETE_UNNAMED)
@@ -743,10 +741,21 @@ impl Batch {
             Err(error) => Err(error),
         };
         self.names.forget();
-        pruned.unwrap_or_else(|error| {
-            tracing::warn!(%error, "history names could not be pruned");
-            0
-        })
+        match pruned {
+            Ok(pruned) => pruned,
+            Err(error) => {
+                self.close_connection().await;
+                tracing::warn!(%error, "history names could not be pruned");
+                0
+            }
+        }
+    }
+
+    /// Closes the connection after a failure, so that the next batch opens a fresh one.
+    async fn close_connection(&mut self) {
+        if let Some(broken) = self.connection.take() {
+            let _ = broken.close().await;
+        }
     }
 }
 
@@ -2392,6 +2401,47 @@ mod tests {
             [record(4), record(3)],
             "named as written, not 'taken' or nothing"
         );
+    }
+
+    /// `chattr +i`: writes fail with EPERM even through descriptors already open, root
+    /// included (see the end-to-end test of a read-only database).
+    fn set_immutable(dir: &tempfile::TempDir, on: bool) {
+        for file in ["h.db", "h.db-wal"].map(|name| dir.path().join(name)) {
+            let status = std::process::Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(&file)
+                .status()
+                .expect("chattr (e2fsprogs) is installed by scripts/setup.sh");
+            assert!(status.success(), "chattr on {} failed", file.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_name_prune_leaves_the_next_batch_a_working_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 100).await;
+        write_all(&history, &[record(1)]).await;
+        // Its rows gone (as another router's retention would), its names are the prune's.
+        sqlx::query("DELETE FROM requests")
+            .execute(history.pool().unwrap())
+            .await
+            .unwrap();
+        set_immutable(&dir, true);
+        // A batch fails and closes its connection; the prune opens one while the file
+        // refuses writes, which SQLite opens read-only.
+        write_all(&history, &[record(2)]).await;
+        assert_eq!(history.dropped(), 1);
+        let pruned = history.prune_names().await;
+        set_immutable(&dir, false);
+        assert_eq!(pruned, 0, "the prune failed");
+        assert_eq!(names(&history).await.len(), 3, "no name was deleted");
+        write_all(&history, &[record(3)]).await;
+        assert_eq!(
+            history.dropped(),
+            1,
+            "the batch after the failed prune is written"
+        );
+        assert_eq!(all_rows(&history, LogQuery::default()).await, [record(3)]);
     }
 
     #[tokio::test]
