@@ -3,6 +3,8 @@
 # does not drift with the machine, for changes too small to show in a throughput run.
 #
 #   scripts/instructions.sh [REQUESTS]           default 2000 (after 3000 of warm-up)
+#   scripts/instructions.sh --no-history [REQUESTS]
+#                                                the router with its history off
 #   scripts/instructions.sh --floor [REQUESTS]   the same for router/examples/floor_proxy.rs
 #   scripts/instructions.sh --example NAME [REQUESTS]
 #                                                the same for router/examples/NAME.rs (floor_proxy,
@@ -15,6 +17,8 @@
 # worker), on SQLite's thread, and in the history writer task; then the router's own functions
 # with the most inclusive instructions. Compare two commits by running it on each: the request
 # path's count repeats within 1%, SQLite's moves by up to a third with where its checkpoints fall.
+# With INSTRUCTIONS_KEEP=DIR the callgrind file is copied there (for callgrind_annotate, or to
+# compare two builds function by function).
 #
 # Needs valgrind (apt package) and oha (../shared/bench/setup.sh). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -24,7 +28,11 @@ target=router
 # The router stops on SIGINT; the examples have no handler, and a background job ignores SIGINT.
 stop_signal=INT
 example=
-if [ "${1:-}" = "--floor" ]; then
+history=on
+if [ "${1:-}" = "--no-history" ]; then
+  history=off
+  shift
+elif [ "${1:-}" = "--floor" ]; then
   example=floor_proxy
   shift
 elif [ "${1:-}" = "--example" ]; then
@@ -55,7 +63,11 @@ if [ -n "$example" ]; then
   command=(target/profiling/examples/"$example" "127.0.0.1:$port" "$nodes" 1)
 else
   cargo build --profile profiling -q -p llm-router --bin llm-router
-  printf '[limits]\nworkers = 1\n[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+  if [ "$history" = on ]; then
+    printf '[limits]\nworkers = 1\n[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+  else
+    printf '[limits]\nworkers = 1\n[history]\nenabled = false\n' > "$work/router.toml"
+  fi
   command=(target/profiling/llm-router --config "$work/router.toml" --listen "127.0.0.1:$port"
     --upstream "$nodes" --max-concurrency 256)
 fi
@@ -86,6 +98,10 @@ sleep 1
 kill "-$stop_signal" "$pid"; wait "$pid" 2>/dev/null || true; pid=
 
 dump=$(ls "$work"/cg.*.1 | head -1)
+if [ -n "${INSTRUCTIONS_KEEP:-}" ]; then
+  mkdir -p "$INSTRUCTIONS_KEEP"
+  cp "$dump" "$INSTRUCTIONS_KEEP/"
+fi
 python3 - "$work/oha.json" "$requests" <<'PY'
 import json, sys
 codes = json.load(open(sys.argv[1]))["statusCodeDistribution"]

@@ -47,6 +47,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -250,14 +251,22 @@ impl<B> HttpClient<B> {
         to: Forward<'_>,
         head_deadline: Option<tokio::time::Instant>,
     ) -> ResponseFuture<RawResponse<UpstreamBody>> {
-        let body = match request.body() {
-            Ok(body) => Full::new(body.clone()),
+        let body = match request.body_slice() {
+            Ok(body) => body,
             Err(too_large) => {
                 return ResponseFuture::failed(ClientError::RequestBody(Box::new(too_large)));
             }
         };
-        let outgoing = Outgoing::raw(request, to).answered_as_lines(head_deadline);
-        ResponseFuture::new(send(self.shared.clone(), outgoing, body))
+        let mut outgoing = Outgoing::raw(request, to).answered_as_lines(head_deadline);
+        // A small body goes into the head here, from the request's bytes: as `Bytes` of its
+        // own it would first make them shared (an allocation, and a count on each drop).
+        let body = if body.len() <= INLINE_BODY {
+            outgoing.end_head_with(body);
+            Bytes::new()
+        } else {
+            request.body().cloned().unwrap_or_default()
+        };
+        ResponseFuture::new(send(self.shared.clone(), outgoing, Full::new(body)))
     }
 
     /// [`request_to`](Self::request_to), answered as a [`RawResponse`] as
@@ -595,6 +604,7 @@ where
     let Outgoing {
         authority,
         mut head,
+        head_ended,
         no_body,
         repeatable,
         body_expected,
@@ -605,7 +615,9 @@ where
     let body = within(head_deadline, &mut None, CollectBytes::new(body))
         .await?
         .map_err(|e| ClientError::RequestBody(e.into()))?;
-    end_head(&mut head, body.len(), body_expected);
+    if !head_ended {
+        end_head(&mut head, body.len(), body_expected);
+    }
     let body: &[u8] = if body.len() <= INLINE_BODY {
         head.extend_from_slice(&body);
         &[]
@@ -914,6 +926,9 @@ struct Outgoing {
     authority: Authority,
     /// The request line and headers; `end_head` adds the framing and the blank line.
     head: Vec<u8>,
+    /// Whether `head` is whole, body included ([`Outgoing::end_head_with`]): the body to
+    /// send is then empty.
+    head_ended: bool,
     /// An answer to `HEAD` has no body.
     no_body: bool,
     /// Whether it may be sent twice (RFC 9110 9.2.2, or an `Idempotency-Key`).
@@ -933,13 +948,17 @@ impl Outgoing {
     /// The head of a request with `method`, `uri`'s path and query and `headers`, sent as `to`
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
-        let mut head = request_line(method, uri, &to, 256);
+        let target = match uri.path_and_query().map(|pq| pq.as_str()) {
+            Some(target) if !target.is_empty() => target.as_bytes(),
+            _ => b"/",
+        };
+        let mut head = request_line(method, target, &to, 256);
         let lines = || {
             headers
                 .iter()
-                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes(), None))
         };
-        copy_lines(&mut head, lines, &to);
+        copy_lines(&mut head, &[], lines, &to);
         Self::finish(head, method, headers.contains_key("idempotency-key"), to)
     }
 
@@ -948,10 +967,12 @@ impl Outgoing {
     fn raw(request: &RawRequest, to: Forward<'_>) -> Self {
         let method = request.method();
         // Room for the head as it came, a body sent with it, and what is set for the node.
-        let body = request.body().map_or(0, |b| b.len());
+        let body = request.body_slice().map_or(0, <[u8]>::len);
         let room = request.head_len() + if body <= INLINE_BODY { body } else { 0 } + 128;
-        let mut head = request_line(method, request.uri(), &to, room);
-        copy_lines(&mut head, || request.headers(), &to);
+        let mut head = request_line(method, request.path_and_query_bytes(), &to, room);
+        let (message, _) = request.message_and_lines();
+        let lines = || request.message_and_lines().1;
+        copy_lines(&mut head, message, lines, &to);
         Self::finish(
             head,
             method,
@@ -972,6 +993,7 @@ impl Outgoing {
         Self {
             authority: to.authority.clone(),
             head,
+            head_ended: false,
             no_body: method == Method::HEAD,
             repeatable: method.is_idempotent() || idempotency_key,
             body_expected: matches!(*method, Method::POST | Method::PUT | Method::PATCH),
@@ -979,6 +1001,13 @@ impl Outgoing {
             lines: false,
             head_deadline: None,
         }
+    }
+
+    /// Ends the head with `body` in it, which is then all there is to send.
+    fn end_head_with(&mut self, body: &[u8]) {
+        end_head(&mut self.head, body.len(), self.body_expected);
+        self.head.extend_from_slice(body);
+        self.head_ended = true;
     }
 
     /// The same request, its answer's headers kept as lines, and its head awaited until
@@ -992,18 +1021,29 @@ impl Outgoing {
     }
 }
 
+/// A request header to copy: its name, its value, and where its line is in the request's
+/// bytes, when it can go out as it came (`None`: it is written anew).
+pub(crate) type HeaderLine<'a> = (&'a [u8], &'a [u8], Option<Range<usize>>);
+
 /// Appends the request's header lines (from `lines`, names in any case) the node gets: all
 /// but the ones never sent as given, the ones `to` replaces, and the ones a `connection` value
-/// names (RFC 9110 7.6.1: for this hop only).
-fn copy_lines<'a, I>(head: &mut Vec<u8>, lines: impl Fn() -> I, to: &Forward<'_>)
+/// names (RFC 9110 7.6.1: for this hop only). Lines that stand next to each other in `source`,
+/// the request's bytes, go out in one copy.
+fn copy_lines<'a, I>(head: &mut Vec<u8>, source: &[u8], lines: impl Fn() -> I, to: &Forward<'_>)
 where
-    I: Iterator<Item = (&'a [u8], &'a [u8])>,
+    I: Iterator<Item = HeaderLine<'a>>,
 {
     let start = head.len();
+    let flush = |head: &mut Vec<u8>, run: Option<Range<usize>>| {
+        if let Some(run) = run {
+            head.extend_from_slice(source.get(run).unwrap_or_default());
+        }
+    };
     // Copies the lines `dropped` does not name; says whether `connection` names any.
     let copy = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
         let mut options = false;
-        for (name, value) in lines() {
+        let mut run: Option<Range<usize>> = None;
+        for (name, value, as_it_came) in lines() {
             if !sent_as_given_raw(name) {
                 options |= is_connection(name) && connection_options(value).next().is_some();
                 continue;
@@ -1013,18 +1053,27 @@ where
                 .iter()
                 .any(|(r, _)| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
             let listed = dropped.iter().any(|d| name.eq_ignore_ascii_case(d));
-            if !replaced && !listed {
-                push_line(head, name, value);
+            if replaced || listed {
+                continue;
+            }
+            match (as_it_came, &mut run) {
+                (Some(line), Some(run)) if run.end == line.start => run.end = line.end,
+                (Some(line), _) => flush(head, run.replace(line)),
+                (None, _) => {
+                    flush(head, run.take());
+                    push_line(head, name, value);
+                }
             }
         }
+        flush(head, run);
         options
     };
     if copy(head, &[]) {
         // Rare: written again without the headers `connection` names.
         head.truncate(start);
         let dropped: Vec<&[u8]> = lines()
-            .filter(|(name, _)| is_connection(name))
-            .flat_map(|(_, value)| connection_options(value))
+            .filter(|(name, _, _)| is_connection(name))
+            .flat_map(|(_, value, _)| connection_options(value))
             .collect();
         copy(head, &dropped);
     }
@@ -1046,18 +1095,13 @@ fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         })
 }
 
-/// The request line and `host`, for `uri`'s path and query sent as `to` says.
-fn request_line(method: &Method, uri: &http::Uri, to: &Forward<'_>, room: usize) -> Vec<u8> {
+/// The request line and `host`, for `target` (path and query) sent as `to` says.
+fn request_line(method: &Method, target: &[u8], to: &Forward<'_>, room: usize) -> Vec<u8> {
     let mut head = Vec::with_capacity(room);
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(to.path_prefix.as_bytes());
-    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    head.extend_from_slice(if target.is_empty() {
-        &b"/"[..]
-    } else {
-        target.as_bytes()
-    });
+    head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     let host = to.authority.as_str();
     head.extend_from_slice(host.rsplit_once('@').map_or(host, |(_, h)| h).as_bytes());
@@ -1674,6 +1718,43 @@ mod tests {
                 assert_eq!(!sent_as_given_raw(raw.as_bytes()), held, "{raw}");
             }
         }
+    }
+
+    #[test]
+    fn raw_lines_go_out_as_they_came_in_runs_or_written_anew_where_they_must() {
+        let wire = b"POST /v1/chat HTTP/1.1\r\n\
+            Host: r\r\n\
+            Content-Type:application/json\r\n\
+            X-A: 1\r\n\
+            Connection: keep-alive, X-Drop\r\n\
+            X-Drop: gone\r\n\
+            Authorization: Bearer client\r\n\
+            X-B: 2   \r\n\
+            X-C: 3\n\
+            X-D: 4\r\n\
+            x-e:\t5\r\n\
+            Content-Length: 2\r\n\r\n{}";
+        let (request, _) = crate::server::read_raw_request_from(wire, &Default::default())
+            .unwrap()
+            .unwrap();
+        let authority: Authority = "node:1".parse().unwrap();
+        let key = HeaderValue::from_static("Bearer node");
+        let replaced = [(&header::AUTHORIZATION, Some(&key))];
+        let to = Forward {
+            replaced: &replaced,
+            ..Forward::plain(&authority)
+        };
+        let head = String::from_utf8(Outgoing::raw(&request, to).head).unwrap();
+        assert_eq!(
+            head,
+            "POST /v1/chat HTTP/1.1\r\nhost: node:1\r\n\
+             Content-Type:application/json\r\nX-A: 1\r\n\
+             X-B: 2\r\nX-C: 3\r\nX-D: 4\r\nx-e:\t5\r\n\
+             authorization: Bearer node\r\n",
+            "lines kept as they came where they end in CR LF right after their value; the \
+             rest written anew, in order; hop-by-hop, named by `connection` and replaced \
+             ones left out"
+        );
     }
 
     #[test]
@@ -2522,7 +2603,37 @@ mod tests {
                 &sent[..200.min(sent.len())]
             );
         }
-        assert_eq!(node.requests.lock().unwrap().len(), sizes.len());
+        // The same over the raw path, whose body follows its head in the request's bytes.
+        let authority: Authority = node.authority.parse().unwrap();
+        for size in sizes {
+            let body = "b".repeat(size);
+            let wire = format!("POST /v1/chat HTTP/1.1\r\nContent-Length: {size}\r\n\r\n{body}");
+            let config = crate::server::ServerConfig {
+                max_body_bytes: 1 << 20,
+                ..Default::default()
+            };
+            let (request, _) = crate::server::read_raw_request_from(wire.as_bytes(), &config)
+                .unwrap()
+                .unwrap();
+            let raw = client
+                .request_raw_to(&request, Forward::plain(&authority))
+                .await
+                .unwrap();
+            let answer = raw.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(answer, "hello");
+            let sent = node.requests.lock().unwrap().last().cloned().unwrap();
+            assert!(
+                sent.starts_with("POST /v1/chat HTTP/1.1\r\n"),
+                "{size} bytes"
+            );
+            let expected_end = format!("\r\ncontent-length: {size}\r\n\r\n{body}");
+            assert!(
+                sent.ends_with(&expected_end),
+                "{size} bytes: {:?}",
+                &sent[..200.min(sent.len())]
+            );
+        }
+        assert_eq!(node.requests.lock().unwrap().len(), 2 * sizes.len());
         assert_eq!(node.connections(), 1, "the connection was kept");
     }
 

@@ -18,11 +18,13 @@
 //! `http::Request` are the simpler choice.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Extensions, Method, Request, Uri, Version};
 
+use crate::client::HeaderLine;
 use crate::error::{ErrorFormat, RouterError};
 use crate::pool::SelectedNode;
 use crate::proxy::UpstreamRequestId;
@@ -45,16 +47,22 @@ pub struct RawRequest {
 }
 
 /// What a [`RawRequest`] holds.
+///
+/// Nothing on the proxy's path slices `message`: its first slice makes it shared, an
+/// allocation of its own, and every slice a count to keep. So the target and a body that
+/// follows the head are ranges, and the `Uri` and the body's `Bytes` are made only for whoever
+/// asks for them.
 struct Parts {
     /// The head's bytes, followed by the body's when it came with a `content-length`.
     message: Bytes,
     head_len: usize,
     method: Method,
     version: Version,
-    uri: Uri,
+    target: Target,
     headers: Box<[HeaderRange]>,
-    /// `None`: the body was over the server's limit and was not read.
-    body: Option<Bytes>,
+    body: MessageBody,
+    /// The body as `Bytes`, once asked for, when it follows the head in `message`.
+    body_bytes: OnceLock<Bytes>,
     info: Option<RequestInfo>,
     selected: Option<SelectedNode>,
     upstream_request_id: Option<UpstreamRequestId>,
@@ -62,26 +70,133 @@ struct Parts {
     extensions: Extensions,
 }
 
+/// Where a request's body is.
+#[derive(Debug)]
+pub(crate) enum MessageBody {
+    /// In the message, after the head.
+    Follows,
+    /// Apart from the message (decoded from chunks).
+    Apart(Bytes),
+    /// Over the server's limit: not read.
+    NotRead,
+}
+
+/// A request's target: a range of its message, and its `Uri`.
+#[derive(Debug)]
+pub(crate) struct Target {
+    start: u32,
+    /// Where the path ends: at the `?`, or at the end.
+    path_end: u32,
+    end: u32,
+    /// Made at once for a target that is not a [plain path](plain_path_end), else when first
+    /// asked for.
+    uri: OnceLock<Uri>,
+}
+
+impl Target {
+    /// The target at `start..end` of `message`; `Err` when `http` does not take it as a `Uri`.
+    pub(crate) fn parse(message: &Bytes, start: usize, end: usize) -> Result<Self, ()> {
+        let target = &message[start..end];
+        let uri = OnceLock::new();
+        let path_end = match plain_path_end(target) {
+            Some(path_end) => start + path_end,
+            None => {
+                let parsed = Uri::from_maybe_shared(message.slice(start..end)).map_err(|_| ())?;
+                let _ = uri.set(parsed);
+                end
+            }
+        };
+        // The parser's limit on a head keeps these within `u32`; a target past it is not
+        // plain, so its ranges are not read.
+        let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        Ok(Self {
+            start: at(start),
+            path_end: at(path_end),
+            end: at(end),
+            uri,
+        })
+    }
+}
+
+/// The longest target `http`'s `Uri` takes.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// Where the path ends (at the `?`, or at the end) when `target` is an origin-form path and
+/// query of RFC 3986's characters without a fragment: what `http`'s `Uri` takes as it is, with
+/// that path and query. `None` for anything else, which is parsed as a `Uri` at once.
+fn plain_path_end(target: &[u8]) -> Option<usize> {
+    /// `pchar` (unreserved, sub-delims, `:`, `@`, and `%` for percent-encoding) and `/`.
+    const fn path_bytes() -> [bool; 256] {
+        let mut allowed = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            allowed[b] = c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'@'
+                        | b'%'
+                        | b'/'
+                );
+            b += 1;
+        }
+        allowed
+    }
+    static PATH: [bool; 256] = path_bytes();
+    if target.first() != Some(&b'/') || target.len() > MAX_URI_LEN {
+        return None;
+    }
+    let path_end = target
+        .iter()
+        .position(|&b| !PATH[usize::from(b)])
+        .unwrap_or(target.len());
+    match target.get(path_end..) {
+        Some([]) => Some(path_end),
+        // The query takes `?` as well.
+        Some([b'?', query @ ..]) => query
+            .iter()
+            .all(|&b| b == b'?' || PATH[usize::from(b)])
+            .then_some(path_end),
+        _ => None,
+    }
+}
+
 impl RawRequest {
     /// A request over `message`: `headers` are ranges into it, checked by the parser (names are
-    /// tokens, values have no control bytes but tab), and `uri` was made from its target.
+    /// tokens, values have no control bytes but tab), and `target` was read from it.
     pub(crate) fn new(
         message: Bytes,
         head_len: usize,
         method: Method,
         version: Version,
-        uri: Uri,
+        target: Target,
         headers: Box<[HeaderRange]>,
-        body: Option<Bytes>,
+        body: MessageBody,
     ) -> Self {
         let parts = Parts {
             message,
             head_len,
             method,
             version,
-            uri,
+            target,
             headers,
             body,
+            body_bytes: OnceLock::new(),
             info: None,
             selected: None,
             upstream_request_id: None,
@@ -108,9 +223,50 @@ impl RawRequest {
         self.parts.version
     }
 
-    /// The request target, as `http` parsed it.
+    /// The request target, as `http` parses it. Made when first asked for, if the target is a
+    /// plain path: [`path_bytes`](Self::path_bytes) and
+    /// [`path_and_query_bytes`](Self::path_and_query_bytes) read it without.
     pub fn uri(&self) -> &Uri {
-        &self.parts.uri
+        let Target {
+            start, end, uri, ..
+        } = &self.parts.target;
+        uri.get_or_init(|| {
+            let target = self.parts.message.slice(*start as usize..*end as usize);
+            // Cannot fail: `plain_path_end` takes only what `Uri` takes (a test checks every
+            // byte in the path and in the query).
+            Uri::from_maybe_shared(target).unwrap_or_else(|_| Uri::from_static("/"))
+        })
+    }
+
+    /// The target's path, as [`Uri::path`] gives it, without a UTF-8 check (a plain target is
+    /// ASCII).
+    pub fn path_bytes(&self) -> &[u8] {
+        match self.plain(self.parts.target.path_end) {
+            Some(path) => path,
+            None => self.uri().path().as_bytes(),
+        }
+    }
+
+    /// The target's path and query as sent on to a node (`/` for a target without a path),
+    /// without a UTF-8 check.
+    pub fn path_and_query_bytes(&self) -> &[u8] {
+        match self.plain(self.parts.target.end) {
+            Some(target) => target,
+            None => match self.uri().path_and_query().map(|pq| pq.as_str()) {
+                Some(target) if !target.is_empty() => target.as_bytes(),
+                _ => b"/",
+            },
+        }
+    }
+
+    /// The plain target from its start to `end`, unless the target is not plain.
+    fn plain(&self, end: u32) -> Option<&[u8]> {
+        let target = &self.parts.target;
+        if target.uri.get().is_some() {
+            // Parsed at once (not plain), or asked for since: either way `Uri` says.
+            return None;
+        }
+        self.parts.message.get(target.start as usize..end as usize)
     }
 
     /// The headers in the order they came, each as its name (in the client's case) and value.
@@ -124,6 +280,29 @@ impl RawRequest {
                     &self.parts.message[value_start as usize..value_end as usize],
                 )
             })
+    }
+
+    /// The request's bytes, and its header lines in them: each line's name, value, and the
+    /// range of the whole line (its CR LF included) when it ends right after its value.
+    pub(crate) fn message_and_lines(&self) -> (&[u8], impl Iterator<Item = HeaderLine<'_>> + '_) {
+        let message = &self.parts.message[..];
+        let lines = self.parts.headers.iter().map(
+            move |&(name_start, name_end, value_start, value_end)| {
+                let (name_start, value_end) = (name_start as usize, value_end as usize);
+                let line_end = value_end + 2;
+                let whole = message.get(value_end..line_end) == Some(&b"\r\n"[..]);
+                (
+                    message
+                        .get(name_start..name_end as usize)
+                        .unwrap_or_default(),
+                    message
+                        .get(value_start as usize..value_end)
+                        .unwrap_or_default(),
+                    whole.then_some(name_start..line_end),
+                )
+            },
+        );
+        (message, lines)
     }
 
     /// The value of the first header called `name`, case aside (as `HeaderMap::get`).
@@ -150,7 +329,24 @@ impl RawRequest {
     /// The body, whole; [`BodyTooLarge`] when it was over the server's `max_body_bytes` and was
     /// not read.
     pub fn body(&self) -> Result<&Bytes, BodyTooLarge> {
-        self.parts.body.as_ref().ok_or(BodyTooLarge)
+        let parts = &*self.parts;
+        match &parts.body {
+            MessageBody::Follows => Ok(parts
+                .body_bytes
+                .get_or_init(|| parts.message.slice(parts.head_len..))),
+            MessageBody::Apart(body) => Ok(body),
+            MessageBody::NotRead => Err(BodyTooLarge),
+        }
+    }
+
+    /// [`body`](Self::body) as a slice, without making it `Bytes` of its own.
+    pub(crate) fn body_slice(&self) -> Result<&[u8], BodyTooLarge> {
+        let parts = &*self.parts;
+        match &parts.body {
+            MessageBody::Follows => Ok(parts.message.get(parts.head_len..).unwrap_or_default()),
+            MessageBody::Apart(body) => Ok(body),
+            MessageBody::NotRead => Err(BodyTooLarge),
+        }
     }
 
     /// Attaches what routing needs to know from the body (see
@@ -201,13 +397,15 @@ impl RawRequest {
     ///
     /// [`serve_connection`]: crate::server::serve_connection
     pub fn into_http(self) -> Result<Request<RequestBody>, RouterError> {
+        let uri = self.uri().clone();
+        let body = self.body().ok().cloned();
         let parts = *self.parts;
         let headers = header_map(&parts.message, &parts.headers).map_err(|what| {
             RouterError::InvalidRequest(format!("malformed HTTP request: {what}"))
         })?;
-        let mut request = Request::new(RequestBody::read(parts.body));
+        let mut request = Request::new(RequestBody::read(body));
         *request.method_mut() = parts.method;
-        *request.uri_mut() = parts.uri;
+        *request.uri_mut() = uri;
         *request.version_mut() = parts.version;
         *request.headers_mut() = headers;
         let extensions = request.extensions_mut();
@@ -250,10 +448,13 @@ impl fmt::Debug for RawRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RawRequest")
             .field("method", &self.parts.method)
-            .field("uri", &self.parts.uri)
+            .field(
+                "target",
+                &String::from_utf8_lossy(self.path_and_query_bytes()),
+            )
             .field("version", &self.parts.version)
             .field("headers", &self.parts.headers.len())
-            .field("body", &self.parts.body.as_ref().map(Bytes::len))
+            .field("body", &self.body_slice().map(<[u8]>::len).ok())
             .field("info", &self.parts.info)
             .field(
                 "selected",
@@ -338,6 +539,110 @@ mod tests {
         assert_eq!(request.header_count("X-DUP"), 2);
         assert_eq!(request.header_count("x-nothing"), 0);
         assert_eq!(request.body().unwrap().as_ref(), b"{}");
+    }
+
+    #[test]
+    fn a_plain_target_is_one_uri_takes_as_it_is_with_the_same_path_and_query() {
+        let mut plain = 0;
+        for b in 0..=255u8 {
+            // Each byte in a path, in a query, and both.
+            let shapes: [&[u8]; 3] = [&[b'/', b'a', b], &[b'/', b'?', b], &[b'/', b, b'?', b]];
+            for target in shapes {
+                let Some(path_end) = plain_path_end(target) else {
+                    continue;
+                };
+                plain += 1;
+                let uri = Uri::try_from(target).expect("Uri takes every plain target");
+                let text = std::str::from_utf8(target).unwrap();
+                assert_eq!(uri.path_and_query().map(|pq| pq.as_str()), Some(text));
+                assert_eq!(uri.path(), &text[..path_end]);
+            }
+        }
+        assert!(plain > 3 * 70, "the RFC 3986 characters are plain: {plain}");
+        assert_eq!(plain_path_end(b"/v1/chat/completions"), Some(20));
+        assert_eq!(plain_path_end(b"/v1/x?a=1&b=/c?d"), Some(5));
+        for not_plain in [
+            &b"*"[..],
+            b"http://h/x",
+            b"/x#f",
+            b"/x?y#z",
+            b"/{\"a\":1}",
+            b"/x|y",
+            b"",
+        ] {
+            assert_eq!(plain_path_end(not_plain), None, "{not_plain:?}");
+        }
+        assert_eq!(plain_path_end(&[b'/'; MAX_URI_LEN]), Some(MAX_URI_LEN));
+        assert_eq!(plain_path_end(&[b'/'; MAX_URI_LEN + 1]), None);
+    }
+
+    #[test]
+    fn path_and_query_read_the_target_as_its_uri_does() {
+        for (target, path, sent) in [
+            (
+                "/v1/chat/completions",
+                "/v1/chat/completions",
+                "/v1/chat/completions",
+            ),
+            ("/v1/x?a=1", "/v1/x", "/v1/x?a=1"),
+            // Not plain: read from the `Uri`, made at once.
+            ("/v1/{x}?q=|", "/v1/{x}", "/v1/{x}?q=|"),
+            ("/v1/x#frag", "/v1/x", "/v1/x"),
+            ("http://h.example/v1/x?y", "/v1/x", "/v1/x?y"),
+            ("http://h.example", "/", "/"),
+        ] {
+            let request = read(format!("GET {target} HTTP/1.1\r\nHost: r\r\n\r\n").as_bytes());
+            let plain = plain_path_end(target.as_bytes()).is_some();
+            assert_eq!(request.path_bytes(), path.as_bytes(), "{target}");
+            assert_eq!(request.path_and_query_bytes(), sent.as_bytes(), "{target}");
+            assert_eq!(
+                request.parts.target.uri.get().is_some(),
+                !plain,
+                "{target}: a plain target's Uri waits until asked for"
+            );
+            assert_eq!(request.uri().path(), path, "{target}");
+            assert_eq!(
+                request.path_bytes(),
+                path.as_bytes(),
+                "{target}, its Uri made"
+            );
+            assert_eq!(
+                request.path_and_query_bytes(),
+                sent.as_bytes(),
+                "{target}, its Uri made"
+            );
+        }
+        let refused = read_raw_request_from(
+            b"GET /a<b HTTP/1.1\r\nHost: r\r\n\r\n",
+            &ServerConfig::default(),
+        );
+        assert!(
+            refused.is_err(),
+            "a target Uri refuses is refused: {refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_body_after_its_head_is_read_in_place_and_as_bytes() {
+        let request = read(b"POST /v1/x HTTP/1.1\r\nContent-Length: 7\r\n\r\n{\"a\":1}");
+        assert!(matches!(request.parts.body, MessageBody::Follows));
+        assert_eq!(request.body_slice(), Ok(&b"{\"a\":1}"[..]));
+        assert!(
+            request.parts.body_bytes.get().is_none(),
+            "no Bytes made for a slice"
+        );
+        assert_eq!(request.body().unwrap().as_ref(), b"{\"a\":1}");
+        let chunked =
+            read(b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n");
+        assert_eq!(chunked.body_slice(), Ok(&b"ok"[..]));
+        assert_eq!(chunked.body().unwrap().as_ref(), b"ok");
+        let converted = read(b"POST /v1/x HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            .into_http()
+            .unwrap();
+        assert_eq!(
+            http_body::Body::size_hint(converted.body()).exact(),
+            Some(2)
+        );
     }
 
     #[test]

@@ -199,7 +199,7 @@ where
     }
 
     fn call(&mut self, mut request: RawRequest) -> Self::Future {
-        let parsed = match request.body() {
+        let parsed = match request.body_slice() {
             Ok(body) if body.len() <= self.config.max_body_bytes => self.config.info_of(body),
             _ => Err(RouterError::PayloadTooLarge {
                 limit: self.config.max_body_bytes,

@@ -65,7 +65,7 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use crate::RouterError;
-use crate::raw::{HeaderRange, RawRequest, header_map};
+use crate::raw::{HeaderRange, MessageBody, RawRequest, Target, header_map};
 use crate::raw_response::RawResponse;
 use crate::wire::{
     LANDING_SIZE, last_coding_is_chunked, line_end, parse_chunk_size, parse_length,
@@ -257,20 +257,26 @@ struct ParsedHead {
 
 /// A request type the server reads into: `http::Request<RequestBody>`, or [`RawRequest`].
 trait FromHead: Sized {
-    /// The request `head` describes, over `message` (from which it was parsed); `body` is
-    /// `None` when it was over the limit and not read.
-    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal>;
+    /// The request `head` describes, over `message` (from which it was parsed), with `body`.
+    fn from_head(message: Bytes, head: ParsedHead, body: MessageBody) -> Result<Self, Refusal>;
 }
 
 impl FromHead for Request<RequestBody> {
-    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
+    fn from_head(message: Bytes, head: ParsedHead, body: MessageBody) -> Result<Self, Refusal> {
+        let body = match body {
+            MessageBody::Follows => Some(message.slice(head.len..)),
+            MessageBody::Apart(body) => Some(body),
+            MessageBody::NotRead => None,
+        };
         build_request(&message, &head, RequestBody::read(body))
     }
 }
 
 impl FromHead for RawRequest {
-    fn from_head(message: Bytes, head: ParsedHead, body: Option<Bytes>) -> Result<Self, Refusal> {
-        let uri = target_uri(&message, &head)?;
+    fn from_head(message: Bytes, head: ParsedHead, body: MessageBody) -> Result<Self, Refusal> {
+        let (start, end) = head.target;
+        let target = Target::parse(&message, start, end)
+            .map_err(|()| Refusal::Malformed("request target"))?;
         // httparse has checked names and values as `HeaderName` and `HeaderValue` would, but
         // for a name's length.
         if head
@@ -285,7 +291,7 @@ impl FromHead for RawRequest {
             head.len,
             head.method,
             head.version,
-            uri,
+            target,
             head.headers,
             body,
         ))
@@ -516,24 +522,33 @@ fn read_from<R: FromHead>(
     };
     let limit = config.max_body_bytes as u64;
     let mut rest = BytesMut::from(bytes);
-    let message = rest.split_to(head.len).freeze();
-    let (body, used) = match head.facts.framing {
-        Framing::Length(length) if length > limit => (None, head.len),
+    // As the server reads them: a body of a known length follows its head in one message.
+    let (message, body, used) = match head.facts.framing {
+        Framing::Length(length) if length > limit => (
+            rest.split_to(head.len).freeze(),
+            MessageBody::NotRead,
+            head.len,
+        ),
         Framing::Length(length) => {
-            let Some(body) = usize::try_from(length).ok().filter(|&n| n <= rest.len()) else {
+            let Some(total) = usize::try_from(length)
+                .ok()
+                .map(|n| head.len + n)
+                .filter(|&total| total <= rest.len())
+            else {
                 return Ok(None);
             };
-            (Some(rest.split_to(body).freeze()), head.len + body)
+            (rest.split_to(total).freeze(), MessageBody::Follows, total)
         }
         Framing::Chunked => {
+            let message = rest.split_to(head.len).freeze();
             let before = rest.len();
             let mut dechunker = Dechunker::default();
             let body = match dechunker.advance(&mut rest, limit).map_err(refused)? {
                 Dechunked::NeedMore => return Ok(None),
-                Dechunked::TooLarge => None,
-                Dechunked::Done => Some(dechunker.finish()),
+                Dechunked::TooLarge => MessageBody::NotRead,
+                Dechunked::Done => MessageBody::Apart(dechunker.finish()),
             };
-            (body, head.len + before - rest.len())
+            (message, body, head.len + before - rest.len())
         }
     };
     let request = R::from_head(message, head, body).map_err(refused)?;
@@ -583,7 +598,9 @@ impl Connection {
         let limit = self.config.max_body_bytes as u64;
         let mut pace = BodyPace::new(self.config.header_read_timeout, head.facts.expects_continue);
         let (message, body) = match head.facts.framing {
-            Framing::Length(length) if length > limit => (self.take(head.len), None),
+            Framing::Length(length) if length > limit => {
+                (self.take(head.len), MessageBody::NotRead)
+            }
             Framing::Length(length) => {
                 let total = head.len + length as usize;
                 while self.pending.len() < total {
@@ -594,9 +611,7 @@ impl Connection {
                         return Ok(None);
                     }
                 }
-                let message = self.take(total);
-                let body = message.slice(head.len..);
-                (message, Some(body))
+                (self.take(total), MessageBody::Follows)
             }
             Framing::Chunked => {
                 // The head goes first; the chunks are decoded as they come, so the buffer never
@@ -605,8 +620,8 @@ impl Connection {
                 let mut dechunker = Dechunker::default();
                 let body = loop {
                     match dechunker.advance(&mut self.pending, limit)? {
-                        Dechunked::Done => break Some(dechunker.finish()),
-                        Dechunked::TooLarge => break None,
+                        Dechunked::Done => break MessageBody::Apart(dechunker.finish()),
+                        Dechunked::TooLarge => break MessageBody::NotRead,
                         Dechunked::NeedMore => {
                             if !self.more_body(READ_SIZE, &mut pace).await? {
                                 return Ok(None);
@@ -617,7 +632,7 @@ impl Connection {
                 (message, body)
             }
         };
-        let body_left = body.is_none();
+        let body_left = matches!(body, MessageBody::NotRead);
         let (version, keep_alive) = (head.version, head.facts.keep_alive);
         let head_only = head.method == Method::HEAD;
         let request = R::from_head(message, head, body)?;

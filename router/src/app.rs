@@ -185,11 +185,11 @@ pub struct AppService {
 }
 
 /// `POST /v1/{*path}` in axum's terms, less the static `/v1/models` (which is GET only).
-fn is_inference(method: &Method, path: &str) -> bool {
+fn is_inference(method: &Method, path: &[u8]) -> bool {
     method == Method::POST
-        && path.len() > "/v1/".len()
-        && path.starts_with("/v1/")
-        && path != "/v1/models"
+        && path.len() > b"/v1/".len()
+        && path.starts_with(b"/v1/")
+        && path != b"/v1/models"
 }
 
 impl<B> Service<Request<B>> for AppService
@@ -207,7 +207,7 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        if !is_inference(request.method(), request.uri().path()) {
+        if !is_inference(request.method(), request.uri().path().as_bytes()) {
             return AppFutureKind::Routes {
                 future: Box::pin(self.routes.call(request)),
             }
@@ -242,7 +242,7 @@ impl Service<RawRequest> for AppService {
     }
 
     fn call(&mut self, mut request: RawRequest) -> Self::Future {
-        if !is_inference(request.method(), request.uri().path()) {
+        if !is_inference(request.method(), request.path_bytes()) {
             return match request.into_http() {
                 Ok(request) => AppFutureKind::Routes {
                     future: Box::pin(self.routes.call(request.map(Body::new))),

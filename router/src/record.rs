@@ -82,16 +82,16 @@ fn push_hex(out: &mut String, value: u64, min_digits: usize) {
 }
 
 /// The path for a request's row: one of the OpenAI routes as static text, which most rows are.
-fn row_path(path: &str) -> Cow<'static, str> {
+fn row_path(path: &[u8]) -> Cow<'static, str> {
     const ROUTES: [&str; 4] = [
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
         "/v1/responses",
     ];
-    match ROUTES.iter().find(|route| **route == path) {
+    match ROUTES.iter().find(|route| route.as_bytes() == path) {
         Some(route) => Cow::Borrowed(route),
-        None => Cow::Owned(path.to_owned()),
+        None => Cow::Owned(String::from_utf8_lossy(path).into_owned()),
     }
 }
 
@@ -111,7 +111,7 @@ pub trait RecordedRequest: Send + 'static {
     /// The id of the API key the request used, once checked.
     fn api_key_id(&self) -> Option<&ApiKeyId>;
     /// The request's path.
-    fn path(&self) -> &str;
+    fn path(&self) -> &[u8];
     /// Where `RequestInfoLayer` puts what it parsed.
     fn set_info_slot(&mut self, slot: RequestInfoSlot);
 }
@@ -130,8 +130,8 @@ impl RecordedRequest for Request<Body> {
         self.extensions().get()
     }
 
-    fn path(&self) -> &str {
-        self.uri().path()
+    fn path(&self) -> &[u8] {
+        self.uri().path().as_bytes()
     }
 
     fn set_info_slot(&mut self, slot: RequestInfoSlot) {
@@ -154,8 +154,8 @@ impl RecordedRequest for RawRequest {
         self.extensions().get()
     }
 
-    fn path(&self) -> &str {
-        self.uri().path()
+    fn path(&self) -> &[u8] {
+        self.path_bytes()
     }
 
     fn set_info_slot(&mut self, slot: RequestInfoSlot) {
@@ -768,9 +768,9 @@ mod tests {
     #[test]
     fn rows_borrow_the_openai_routes_paths_and_copy_the_rest() {
         for route in ["/v1/chat/completions", "/v1/embeddings"] {
-            assert!(matches!(row_path(route), Cow::Borrowed(p) if p == route));
+            assert!(matches!(row_path(route.as_bytes()), Cow::Borrowed(p) if p == route));
         }
-        assert!(matches!(row_path("/v1/other"), Cow::Owned(p) if p == "/v1/other"));
+        assert!(matches!(row_path(b"/v1/other"), Cow::Owned(p) if p == "/v1/other"));
     }
 
     #[test]
