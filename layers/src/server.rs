@@ -114,7 +114,9 @@ const BODY_MIN_BYTES_PER_SECOND: u64 = 1024;
 /// that neither a silent client nor a trickle holds the connection.
 #[derive(Debug, Clone, Copy)]
 struct BodyPace {
-    started: Instant,
+    /// When the body was first waited for. Most bodies come with their head and are never
+    /// waited for, and a clock read costs some 50 instructions.
+    started: Option<Instant>,
     timeout: Duration,
     received: usize,
     /// The client waits for `100 Continue`, not yet sent.
@@ -124,16 +126,18 @@ struct BodyPace {
 impl BodyPace {
     fn new(timeout: Duration, expects_continue: bool) -> Self {
         Self {
-            started: Instant::now(),
+            started: None,
             timeout,
             received: 0,
             expects_continue,
         }
     }
 
-    fn deadline(&self) -> Instant {
+    fn deadline(&mut self) -> Instant {
+        let now = Instant::now();
+        let started = *self.started.get_or_insert(now);
         let earned = Duration::from_secs(self.received as u64 / BODY_MIN_BYTES_PER_SECOND);
-        (Instant::now() + self.timeout).min(self.started + self.timeout + earned)
+        (now + self.timeout).min(started + self.timeout + earned)
     }
 }
 
