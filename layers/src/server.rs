@@ -100,6 +100,34 @@ impl Default for ServerConfig {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// Resolves once shutdown is signalled (or its sender is gone). `signal` is polled the first
+    /// time, which leaves the connection's task registered with the channel, and after that
+    /// only once the channel has changed: an idle connection waits for its next request with
+    /// this future among others, and a poll of `watch::Receiver::wait_for` cost some 120
+    /// instructions a request. Polled by one task only (the connection's), whose waker the
+    /// first poll left with the channel.
+    struct Stop<F> {
+        #[pin]
+        signal: F,
+        registered: bool,
+        changes: watch::Receiver<bool>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Stop<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if *this.registered && !this.changes.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        *this.registered = true;
+        this.signal.poll(cx)
+    }
+}
+
 /// Most headers in a request head.
 const MAX_HEADERS: usize = 100;
 
@@ -391,9 +419,13 @@ async fn serve<R, S>(
         timer: None,
     };
     let stopping = shutdown.clone();
-    let mut stop = pin!(async move {
-        let mut shutdown = shutdown;
-        let _ = shutdown.wait_for(|stop| *stop).await;
+    let mut stop = pin!(Stop {
+        signal: async move {
+            let mut shutdown = shutdown;
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        },
+        registered: false,
+        changes: stopping.clone(),
     });
     loop {
         let incoming = match connection.next_request(stop.as_mut()).await {
@@ -2002,6 +2034,32 @@ mod tests {
         assert!(rest.ends_with("GET /  "), "answered, then closed: {rest}");
     }
 
+    /// The shutdown signal is polled only once it changed, after a first poll that registers
+    /// the connection: a connection that waited idle several times before must still see it.
+    async fn a_connection_idle_after_several_requests_closes_at_shutdown(mode: Mode) {
+        let (addr, stop) = serve(mode, ServerConfig::default(), echo).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut answer = vec![0u8; 256];
+            let n = client.read(&mut answer).await.unwrap();
+            assert!(
+                answer[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                &answer[..n]
+            );
+            // Idle long enough for the server to wait for the next request.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let started = std::time::Instant::now();
+        stop.send(true).unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut client))
+            .await
+            .expect("closed at shutdown, long before the 10 s header timeout");
+        assert_eq!(rest, "", "nothing more was sent");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
     /// Feeds `wire` to a dechunker `step` bytes at a time.
     fn dechunk(
         wire: &[u8],
@@ -2265,5 +2323,6 @@ mod tests {
         a_refused_client_still_sending_reads_the_refusal_not_a_reset,
         a_body_that_stops_or_trickles_is_cut_off,
         idle_connections_close_at_the_header_timeout_and_at_shutdown,
+        a_connection_idle_after_several_requests_closes_at_shutdown,
     );
 }
