@@ -958,8 +958,8 @@ impl Outgoing {
                 .iter()
                 .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes(), None))
         };
-        copy_lines(&mut head, &[], lines, &to);
-        Self::finish(head, method, headers.contains_key("idempotency-key"), to)
+        let idempotency_key = copy_lines(&mut head, &[], lines, &to);
+        Self::finish(head, method, idempotency_key, to)
     }
 
     /// [`Outgoing::new`] for a [`RawRequest`]: its header lines copied as the client wrote
@@ -972,13 +972,8 @@ impl Outgoing {
         let mut head = request_line(method, request.path_and_query_bytes(), &to, room);
         let (message, _) = request.message_and_lines();
         let lines = || request.message_and_lines().1;
-        copy_lines(&mut head, message, lines, &to);
-        Self::finish(
-            head,
-            method,
-            request.header("idempotency-key").is_some(),
-            to,
-        )
+        let idempotency_key = copy_lines(&mut head, message, lines, &to);
+        Self::finish(head, method, idempotency_key, to)
     }
 
     /// Adds the replacing headers to `head` and says what the exchange needs to know.
@@ -1028,8 +1023,14 @@ pub(crate) type HeaderLine<'a> = (&'a [u8], &'a [u8], Option<Range<usize>>);
 /// Appends the request's header lines (from `lines`, names in any case) the node gets: all
 /// but the ones never sent as given, the ones `to` replaces, and the ones a `connection` value
 /// names (RFC 9110 7.6.1: for this hop only). Lines that stand next to each other in `source`,
-/// the request's bytes, go out in one copy.
-fn copy_lines<'a, I>(head: &mut Vec<u8>, source: &[u8], lines: impl Fn() -> I, to: &Forward<'_>)
+/// the request's bytes, go out in one copy. Says whether the request has an `idempotency-key`
+/// (found on the way: a lookup of its own was a second pass over the headers).
+fn copy_lines<'a, I>(
+    head: &mut Vec<u8>,
+    source: &[u8],
+    lines: impl Fn() -> I,
+    to: &Forward<'_>,
+) -> bool
 where
     I: Iterator<Item = HeaderLine<'a>>,
 {
@@ -1039,11 +1040,14 @@ where
             head.extend_from_slice(source.get(run).unwrap_or_default());
         }
     };
-    // Copies the lines `dropped` does not name; says whether `connection` names any.
+    // Copies the lines `dropped` does not name; says whether `connection` names any, and
+    // whether there is an `idempotency-key`.
     let copy = |head: &mut Vec<u8>, dropped: &[&[u8]]| {
-        let mut options = false;
+        let (mut options, mut idempotency_key) = (false, false);
         let mut run: Option<Range<usize>> = None;
         for (name, value, as_it_came) in lines() {
+            idempotency_key |= name.len() == IDEMPOTENCY_KEY.len()
+                && name.eq_ignore_ascii_case(IDEMPOTENCY_KEY.as_bytes());
             if !sent_as_given_raw(name) {
                 options |= is_connection(name) && connection_options(value).next().is_some();
                 continue;
@@ -1066,9 +1070,10 @@ where
             }
         }
         flush(head, run);
-        options
+        (options, idempotency_key)
     };
-    if copy(head, &[]) {
+    let (options, idempotency_key) = copy(head, &[]);
+    if options {
         // Rare: written again without the headers `connection` names.
         head.truncate(start);
         let dropped: Vec<&[u8]> = lines()
@@ -1077,7 +1082,12 @@ where
             .collect();
         copy(head, &dropped);
     }
+    idempotency_key
 }
+
+/// Makes a request that is not idempotent by its method safe to send twice (see
+/// [`Outgoing::repeatable`]).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 fn is_connection(name: &[u8]) -> bool {
     name.eq_ignore_ascii_case(b"connection")
@@ -2302,6 +2312,42 @@ mod tests {
             "the POST went out once"
         );
         assert_eq!(node.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_post_with_an_idempotency_key_is_sent_again_on_a_new_connection() {
+        for raw in [false, true] {
+            let (node, client) = node_and_client(|c, n| match (c, n) {
+                (0, 0) => Reply::Send(HELLO),
+                (0, _) => Reply::Close,
+                _ => Reply::Send(HELLO),
+            })
+            .await;
+            assert_eq!(fetch_text(&client, &node).await, "hello");
+            let answer = if raw {
+                let wire = b"POST /v1/chat/completions HTTP/1.1\r\nIdempotency-KEY: k1\r\n\
+                    Content-Length: 2\r\n\r\n{}";
+                let (request, _) = crate::server::read_raw_request_from(wire, &Default::default())
+                    .unwrap()
+                    .unwrap();
+                let authority: Authority = node.authority.parse().unwrap();
+                let answer = client
+                    .request_raw_to(&request, Forward::plain(&authority))
+                    .await
+                    .unwrap();
+                raw_text(answer).await
+            } else {
+                let post = Request::post(node.url("/v1/chat/completions"))
+                    .header("idempotency-key", "k1")
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap();
+                text(client.request(post).await.unwrap()).await.unwrap()
+            };
+            assert_eq!(answer, "hello", "raw: {raw}");
+            let sent = node.requests.lock().unwrap().len();
+            assert_eq!(sent, 3, "raw: {raw}: the POST went out twice");
+            assert_eq!(node.connections(), 2, "raw: {raw}");
+        }
     }
 
     #[tokio::test]
