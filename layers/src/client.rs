@@ -2269,15 +2269,20 @@ mod tests {
         assert_eq!(text(response).await.unwrap(), "ok");
     }
 
-    #[tokio::test]
-    async fn a_reused_connection_closed_by_the_node_is_retried_on_a_new_one() {
-        // The first connection takes one request, then closes when the second arrives.
-        let (node, client) = node_and_client(|c, n| match (c, n) {
+    /// A node whose first connection takes one request, then closes when the second arrives;
+    /// its later connections answer every request.
+    async fn node_dropping_its_first_connection() -> (ScriptedNode, HttpClient) {
+        node_and_client(|c, n| match (c, n) {
             (0, 0) => Reply::Send(HELLO),
             (0, _) => Reply::Close,
             _ => Reply::Send(HELLO),
         })
-        .await;
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_closed_by_the_node_is_retried_on_a_new_one() {
+        let (node, client) = node_dropping_its_first_connection().await;
         for _ in 0..2 {
             assert_eq!(fetch_text(&client, &node).await, "hello");
         }
@@ -2291,12 +2296,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_post_the_node_may_have_read_is_not_sent_again() {
-        let (node, client) = node_and_client(|c, n| match (c, n) {
-            (0, 0) => Reply::Send(HELLO),
-            (0, _) => Reply::Close,
-            _ => Reply::Send(HELLO),
-        })
-        .await;
+        let (node, client) = node_dropping_its_first_connection().await;
         assert_eq!(fetch_text(&client, &node).await, "hello");
         let post = Request::post(node.url("/v1/chat/completions"))
             .body(Full::new(Bytes::from_static(b"{}")))
@@ -2317,12 +2317,7 @@ mod tests {
     #[tokio::test]
     async fn a_post_with_an_idempotency_key_is_sent_again_on_a_new_connection() {
         for raw in [false, true] {
-            let (node, client) = node_and_client(|c, n| match (c, n) {
-                (0, 0) => Reply::Send(HELLO),
-                (0, _) => Reply::Close,
-                _ => Reply::Send(HELLO),
-            })
-            .await;
+            let (node, client) = node_dropping_its_first_connection().await;
             assert_eq!(fetch_text(&client, &node).await, "hello");
             let answer = if raw {
                 let wire = b"POST /v1/chat/completions HTTP/1.1\r\nIdempotency-KEY: k1\r\n\
@@ -2629,13 +2624,8 @@ mod tests {
     async fn bodies_on_either_side_of_the_inline_limit_arrive_whole_after_their_head() {
         let (node, client) = node_and_client(|_, _| Reply::Send(HELLO)).await;
         let sizes = [0, 1, INLINE_BODY - 1, INLINE_BODY, INLINE_BODY + 1, 200_000];
-        for size in sizes {
-            let body = "b".repeat(size);
-            let request = Request::post(node.url("/v1/chat"))
-                .body(Full::new(Bytes::from(body.clone())))
-                .unwrap();
-            let response = client.request(request).await.unwrap();
-            assert_eq!(text(response).await.unwrap(), "hello");
+        // The last request the node read: its head, then exactly `body`.
+        let sent_whole = |size: usize, body: &str| {
             let sent = node.requests.lock().unwrap().last().cloned().unwrap();
             // Nothing of an earlier request (a body sent twice) runs into this one.
             assert!(
@@ -2648,6 +2638,15 @@ mod tests {
                 "{size} bytes: {:?}",
                 &sent[..200.min(sent.len())]
             );
+        };
+        for size in sizes {
+            let body = "b".repeat(size);
+            let request = Request::post(node.url("/v1/chat"))
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            assert_eq!(text(response).await.unwrap(), "hello");
+            sent_whole(size, &body);
         }
         // The same over the raw path, whose body follows its head in the request's bytes.
         let authority: Authority = node.authority.parse().unwrap();
@@ -2667,17 +2666,7 @@ mod tests {
                 .unwrap();
             let answer = raw.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(answer, "hello");
-            let sent = node.requests.lock().unwrap().last().cloned().unwrap();
-            assert!(
-                sent.starts_with("POST /v1/chat HTTP/1.1\r\n"),
-                "{size} bytes"
-            );
-            let expected_end = format!("\r\ncontent-length: {size}\r\n\r\n{body}");
-            assert!(
-                sent.ends_with(&expected_end),
-                "{size} bytes: {:?}",
-                &sent[..200.min(sent.len())]
-            );
+            sent_whole(size, &body);
         }
         assert_eq!(node.requests.lock().unwrap().len(), 2 * sizes.len());
         assert_eq!(node.connections(), 1, "the connection was kept");
