@@ -48,10 +48,10 @@ pub struct RawRequest {
 
 /// What a [`RawRequest`] holds.
 ///
-/// Nothing on the proxy's path slices `message`: its first slice makes it shared, an
-/// allocation of its own, and every slice a count to keep. So the target and a body that
-/// follows the head are ranges, and the `Uri` and the body's `Bytes` are made only for whoever
-/// asks for them.
+/// The proxy's path slices `message` only for a target that is not a plain path or a body over
+/// 4 KiB: its first slice makes it shared, an allocation of its own, and every slice a count
+/// to keep. So the target and a body that follows the head are ranges, and the `Uri` and the
+/// body's `Bytes` are made only for whoever asks for them.
 struct Parts {
     /// The head's bytes, followed by the body's when it came with a `content-length`.
     message: Bytes,
@@ -106,8 +106,9 @@ impl Target {
                 end
             }
         };
-        // The parser's limit on a head keeps these within `u32`; a target past it is not
-        // plain, so its ranges are not read.
+        // Within `u32`: the target comes before the headers, whose ranges the parser refuses
+        // past it (and heads are bounded by `max_header_bytes`). Were one not, a plain
+        // target's path would read as empty: never a panic.
         let at = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
         Ok(Self {
             start: at(start),

@@ -106,12 +106,29 @@ pin_project_lite::pin_project! {
     /// only once the channel has changed: an idle connection waits for its next request with
     /// this future among others, and a poll of `watch::Receiver::wait_for` cost some 120
     /// instructions a request. Polled by one task only (the connection's), whose waker the
-    /// first poll left with the channel.
+    /// first poll left with the channel: see [`stop_signal`].
     struct Stop<F> {
         #[pin]
         signal: F,
         registered: bool,
         changes: watch::Receiver<bool>,
+    }
+}
+
+/// The [`Stop`] for `shutdown`.
+fn stop_signal(shutdown: watch::Receiver<bool>) -> Stop<impl Future<Output = ()>> {
+    let changes = shutdown.clone();
+    Stop {
+        // Unconstrained: with the task's budget spent, `wait_for` returns `Pending` without
+        // registering the task, and a `Stop` that counts that first poll as registered would
+        // sleep through the shutdown (a connection whose first wait comes after a burst of
+        // pipelined requests).
+        signal: tokio::task::unconstrained(async move {
+            let mut shutdown = shutdown;
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        }),
+        registered: false,
+        changes,
     }
 }
 
@@ -419,14 +436,7 @@ async fn serve<R, S>(
         timer: None,
     };
     let stopping = shutdown.clone();
-    let mut stop = pin!(Stop {
-        signal: async move {
-            let mut shutdown = shutdown;
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        },
-        registered: false,
-        changes: stopping.clone(),
-    });
+    let mut stop = pin!(stop_signal(shutdown));
     loop {
         let incoming = match connection.next_request(stop.as_mut()).await {
             Ok(Some(incoming)) => incoming,
@@ -509,8 +519,8 @@ pub fn read_raw_request_from(
 
 /// Reads `bytes` as [`read_request_from`] and [`read_raw_request_from`] do and says how the
 /// two differ, if they do: in the answer, the bytes taken, or the request (method, target,
-/// version, headers, body, and whether the raw one converts). For the fuzz target and its
-/// saved inputs.
+/// the raw one's path and path-and-query as read without a `Uri`, version, headers, body, and
+/// whether the raw one converts). For the fuzz target and its saved inputs.
 #[doc(hidden)]
 pub fn compare_readings(bytes: &[u8], config: &ServerConfig) -> Result<(), String> {
     let body_of = |body: &RequestBody| match &body.state {
@@ -525,11 +535,19 @@ pub fn compare_readings(bytes: &[u8], config: &ServerConfig) -> Result<(), Strin
         (Ok(None), Ok(None)) => Ok(()),
         (Err(http), Err(raw)) if http.to_string() == raw.to_string() => Ok(()),
         (Ok(Some((http, http_used))), Ok(Some((raw, raw_used)))) => {
+            // Read before `into_http`, which makes the `Uri` they would then read.
+            let target = match http.uri().path_and_query().map(|pq| pq.as_str()) {
+                Some(target) if !target.is_empty() => target,
+                _ => "/",
+            };
+            let same_target = raw.path_bytes() == http.uri().path().as_bytes()
+                && raw.path_and_query_bytes() == target.as_bytes();
             let raw_body = raw.body().cloned();
             let converted = raw
                 .into_http()
                 .map_err(|e| format!("the raw request does not convert: {e}"))?;
             let same = http_used == raw_used
+                && same_target
                 && http.method() == converted.method()
                 && http.uri() == converted.uri()
                 && http.version() == converted.version()
@@ -2058,6 +2076,40 @@ mod tests {
             .expect("closed at shutdown, long before the 10 s header timeout");
         assert_eq!(rest, "", "nothing more was sent");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn shutdown_reaches_a_wait_first_polled_with_the_task_budget_spent() {
+        let (send, shutdown) = watch::channel(false);
+        let mut stop = pin!(stop_signal(shutdown));
+        let (fill, mut items) = tokio::sync::mpsc::channel(1024);
+        for i in 0..1024 {
+            fill.try_send(i).unwrap();
+        }
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = send.send(true);
+            // Kept: a sender gone would end the wait by itself.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let started = std::time::Instant::now();
+        let mut spent = false;
+        let waited = poll_fn(|cx| {
+            if !spent {
+                // Receives until tokio's budget for this poll runs out, then polls the signal
+                // for the first time.
+                while items.poll_recv(cx).is_ready() {}
+                spent = true;
+            }
+            stop.as_mut().poll(cx)
+        });
+        // The timeout's own wake-up would find the signal changed: the time tells.
+        let _ = tokio::time::timeout(Duration::from_secs(3), waited).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "woken by the shutdown after {:?}",
+            started.elapsed()
+        );
     }
 
     /// Feeds `wire` to a dechunker `step` bytes at a time.
