@@ -2403,16 +2403,44 @@ mod tests {
         );
     }
 
-    /// `chattr +i`: writes fail with EPERM even through descriptors already open, root
-    /// included (see the end-to-end test of a read-only database).
-    fn set_immutable(dir: &tempfile::TempDir, on: bool) {
-        for file in ["h.db", "h.db-wal"].map(|name| dir.path().join(name)) {
-            let status = std::process::Command::new("chattr")
-                .arg(if on { "+i" } else { "-i" })
-                .arg(&file)
-                .status()
-                .expect("chattr (e2fsprogs) is installed by scripts/setup.sh");
-            assert!(status.success(), "chattr on {} failed", file.display());
+    /// `chattr +i` on the database and its WAL: writes fail with EPERM even through
+    /// descriptors already open, root included (see the end-to-end test of a read-only
+    /// database). Not on the `-shm` file: SQLite maps it into memory, where a write fault is a
+    /// SIGBUS, and with it writable SQLite can still open the database, read-only. Taken off
+    /// when dropped, so that a failing test leaves no file that cannot be deleted.
+    struct Immutable(Vec<std::path::PathBuf>);
+
+    impl Immutable {
+        fn set(dir: &tempfile::TempDir) -> Self {
+            let files = ["h.db", "h.db-wal"].map(|name| dir.path().join(name));
+            let mut guard = Self(Vec::new());
+            for file in files.into_iter().filter(|f| f.exists()) {
+                let status = std::process::Command::new("chattr")
+                    .arg("+i")
+                    .arg(&file)
+                    .status()
+                    .expect("chattr (e2fsprogs) is installed by scripts/setup.sh");
+                assert!(
+                    status.success(),
+                    "chattr on {} failed: this test needs root and a filesystem with the \
+                     immutable attribute (ext4, xfs, btrfs; not tmpfs)",
+                    file.display()
+                );
+                guard.0.push(file);
+            }
+            assert_eq!(guard.0.len(), 2, "the database and its WAL are there");
+            guard
+        }
+    }
+
+    impl Drop for Immutable {
+        fn drop(&mut self) {
+            for file in &self.0 {
+                let _ = std::process::Command::new("chattr")
+                    .arg("-i")
+                    .arg(file)
+                    .status();
+            }
         }
     }
 
@@ -2426,13 +2454,13 @@ mod tests {
             .execute(history.pool().unwrap())
             .await
             .unwrap();
-        set_immutable(&dir, true);
+        let immutable = Immutable::set(&dir);
         // A batch fails and closes its connection; the prune opens one while the file
         // refuses writes, which SQLite opens read-only.
         write_all(&history, &[record(2)]).await;
-        assert_eq!(history.dropped(), 1);
         let pruned = history.prune_names().await;
-        set_immutable(&dir, false);
+        drop(immutable);
+        assert_eq!(history.dropped(), 1, "the batch in the fault failed");
         assert_eq!(pruned, 0, "the prune failed");
         assert_eq!(names(&history).await.len(), 3, "no name was deleted");
         write_all(&history, &[record(3)]).await;
