@@ -948,11 +948,7 @@ impl Outgoing {
     /// The head of a request with `method`, `uri`'s path and query and `headers`, sent as `to`
     /// says.
     fn new(method: &Method, uri: &http::Uri, headers: &HeaderMap, to: Forward<'_>) -> Self {
-        let target = match uri.path_and_query().map(|pq| pq.as_str()) {
-            Some(target) if !target.is_empty() => target.as_bytes(),
-            _ => b"/",
-        };
-        let mut head = request_line(method, target, &to, 256);
+        let mut head = request_line(method, origin_form(uri).as_bytes(), &to, 256);
         let lines = || {
             headers
                 .iter()
@@ -970,9 +966,8 @@ impl Outgoing {
         let body = request.body_slice().map_or(0, <[u8]>::len);
         let room = request.head_len() + if body <= INLINE_BODY { body } else { 0 } + 128;
         let mut head = request_line(method, request.path_and_query_bytes(), &to, room);
-        let (message, _) = request.message_and_lines();
-        let lines = || request.message_and_lines().1;
-        let idempotency_key = copy_lines(&mut head, message, lines, &to);
+        let lines = || request.header_lines();
+        let idempotency_key = copy_lines(&mut head, request.message(), lines, &to);
         Self::finish(head, method, idempotency_key, to)
     }
 
@@ -1103,6 +1098,14 @@ fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
                 && !t.eq_ignore_ascii_case(b"close")
                 && !t.eq_ignore_ascii_case(b"keep-alive")
         })
+}
+
+/// `uri`'s path and query as a request line's target: `/` for a `uri` without a path.
+pub(crate) fn origin_form(uri: &http::Uri) -> &str {
+    match uri.path_and_query().map(|pq| pq.as_str()) {
+        Some(target) if !target.is_empty() => target,
+        _ => "/",
+    }
 }
 
 /// The request line and `host`, for `target` (path and query) sent as `to` says.

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Extensions, Method, Request, Uri, Version};
 
-use crate::client::HeaderLine;
+use crate::client::{HeaderLine, origin_form};
 use crate::error::{ErrorFormat, RouterError};
 use crate::pool::SelectedNode;
 use crate::proxy::UpstreamRequestId;
@@ -96,7 +96,7 @@ pub(crate) struct Target {
 impl Target {
     /// The target at `start..end` of `message`; `Err` when `http` does not take it as a `Uri`.
     pub(crate) fn parse(message: &Bytes, start: usize, end: usize) -> Result<Self, ()> {
-        let target = &message[start..end];
+        let target = message.get(start..end).ok_or(())?;
         let uri = OnceLock::new();
         let path_end = match plain_path_end(target) {
             Some(path_end) => start + path_end,
@@ -253,10 +253,7 @@ impl RawRequest {
     pub fn path_and_query_bytes(&self) -> &[u8] {
         match self.plain(self.parts.target.end) {
             Some(target) => target,
-            None => match self.uri().path_and_query().map(|pq| pq.as_str()) {
-                Some(target) if !target.is_empty() => target.as_bytes(),
-                _ => b"/",
-            },
+            None => origin_form(self.uri()).as_bytes(),
         }
     }
 
@@ -283,12 +280,19 @@ impl RawRequest {
             })
     }
 
-    /// The request's bytes, and its header lines in them: each line's name, value, and the
-    /// range of the whole line (its CR LF included) when it ends right after its value.
-    pub(crate) fn message_and_lines(&self) -> (&[u8], impl Iterator<Item = HeaderLine<'_>> + '_) {
-        let message = &self.parts.message[..];
-        let lines = self.parts.headers.iter().map(
-            move |&(name_start, name_end, value_start, value_end)| {
+    /// The request's bytes as they came.
+    pub(crate) fn message(&self) -> &[u8] {
+        &self.parts.message
+    }
+
+    /// The header lines in [`message`](Self::message): each line's name, value, and the range
+    /// of the whole line (its CR LF included) when it ends right after its value.
+    pub(crate) fn header_lines(&self) -> impl Iterator<Item = HeaderLine<'_>> + '_ {
+        let message = self.message();
+        self.parts
+            .headers
+            .iter()
+            .map(move |&(name_start, name_end, value_start, value_end)| {
                 let (name_start, value_end) = (name_start as usize, value_end as usize);
                 let line_end = value_end + 2;
                 let whole = message.get(value_end..line_end) == Some(&b"\r\n"[..]);
@@ -301,9 +305,7 @@ impl RawRequest {
                         .unwrap_or_default(),
                     whole.then_some(name_start..line_end),
                 )
-            },
-        );
-        (message, lines)
+            })
     }
 
     /// The value of the first header called `name`, case aside (as `HeaderMap::get`).

@@ -536,12 +536,8 @@ pub fn compare_readings(bytes: &[u8], config: &ServerConfig) -> Result<(), Strin
         (Err(http), Err(raw)) if http.to_string() == raw.to_string() => Ok(()),
         (Ok(Some((http, http_used))), Ok(Some((raw, raw_used)))) => {
             // Read before `into_http`, which makes the `Uri` they would then read.
-            let target = match http.uri().path_and_query().map(|pq| pq.as_str()) {
-                Some(target) if !target.is_empty() => target,
-                _ => "/",
-            };
             let same_target = raw.path_bytes() == http.uri().path().as_bytes()
-                && raw.path_and_query_bytes() == target.as_bytes();
+                && raw.path_and_query_bytes() == crate::client::origin_form(http.uri()).as_bytes();
             let raw_body = raw.body().cloned();
             let converted = raw
                 .into_http()
