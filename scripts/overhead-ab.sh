@@ -4,7 +4,8 @@
 #   scripts/overhead-ab.sh [ROUNDS] [SECONDS]     defaults: 6 rounds of 8 s per target
 #
 # Each round runs nginx (as the shared bench configures it), the router (default stack, history
-# on, log level warn), the router with its history off, the floor proxy
+# on, log level warn), the same router built with profile-guided optimization
+# (scripts/build-pgo.sh), the router with its history off, the floor proxy
 # (router/examples/floor_proxy.rs), the raw-head experiment (router/examples/raw_head_proxy.rs:
 # the pump plus HTTP over the bytes as they came, no `http` types), the same with the router's
 # own work per request (RAW_HEAD_WORK: JSON probe, node pool, metrics, SQLite history) and the
@@ -23,6 +24,9 @@
 # predicted ratio beside the measured one, and so the CPU a request may cost the router for it
 # to match nginx: nginx's own. Each round starts the router on an empty history database, so
 # the history's cost is that of writing to a small table.
+#
+# The PGO build is made first (about 15 minutes), unless PGO_BIN names one already built from
+# this commit.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -45,6 +49,11 @@ trap cleanup EXIT
 
 cargo build --release -q -p llm-router --bin llm-router --example floor_proxy \
   --example raw_head_proxy --example byte_pump
+if [ -z "${PGO_BIN:-}" ]; then
+  scripts/build-pgo.sh
+  PGO_BIN=target/pgo/release/llm-router
+fi
+[ -x "$PGO_BIN" ] || { echo "not an executable: $PGO_BIN" >&2; exit 1; }
 
 mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
 cat > "$work/nginx.conf" <<EOF
@@ -72,6 +81,7 @@ http {
 }
 EOF
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+cp "$work/router.toml" "$work/router-pgo.toml"
 printf '[history]\nenabled = false\n' > "$work/router-nohistory.toml"
 
 # measure_example NAME EXAMPLE [VAR=VALUE...]: starts router/examples/EXAMPLE on the port, with
@@ -94,9 +104,11 @@ for round in $(seq "$rounds"); do
   kill "$(cat "$work/nginx.pid")"
   wait_port_free
 
-  for variant in router router-nohistory; do
+  for variant in router router-pgo router-nohistory; do
     rm -f "$work"/history.db*
-    LLM_ROUTER_LOG=warn target/release/llm-router --config "$work/$variant.toml" \
+    binary=target/release/llm-router
+    [ "$variant" = router-pgo ] && binary=$PGO_BIN
+    LLM_ROUTER_LOG=warn "$binary" --config "$work/$variant.toml" \
       --listen "127.0.0.1:$port" --upstream "$nodes" --max-concurrency 256 >"$work/router.log" 2>&1 &
     pid=$!
     wait_ready || { cat "$work/router.log" >&2; exit 1; }
@@ -120,12 +132,13 @@ python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
-names = ["nginx", "router", "router-nohistory", "floor", "raw-head", "raw-work", "pump"]
+names = ["nginx", "router", "router-pgo", "router-nohistory", "floor", "raw-head", "raw-work", "pump"]
 rounds = [rows[i:i + len(names)] for i in range(0, len(rows), len(names))]
-print(f"# Overhead in alternation: nginx, router, router without history, floor, raw head (without and with the router's work), pump (commit {sys.argv[4]})\n")
+print(f"# Overhead in alternation: nginx, router (plain and PGO builds), router without history, floor, raw head (without and with the router's work), pump (commit {sys.argv[4]})\n")
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
-print("bench's two mock nodes. CPU is the target's own user and system time per request. The floor is")
+print("bench's two mock nodes. CPU is the target's own user and system time per request. router-pgo is")
+print("the router built by scripts/build-pgo.sh (profile-guided, trained on this repo's sim nodes). The floor is")
 print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
 print("raw-head does the same HTTP over the bytes as they came, without `http`'s types")
 print("(router/examples/raw_head_proxy.rs), raw-work the same with the router's own work per request")
@@ -171,7 +184,7 @@ for k, name in enumerate(names):
     measured = st.median(r[k][1] / r[0][1] for r in rounds)
     print(f"| {name} | {cpu[name]:.1f} | {(rest + cpu['nginx']) / (rest + cpu[name]):.2f} | {measured:.2f} |")
 print(f"\nTo match nginx the router may spend what nginx does: {cpu['nginx']:.1f} µs a request, against its")
-print(f"{cpu['router']:.1f} now ({cpu['router-nohistory']:.1f} with the history off: history on minus off,")
+print(f"{cpu['router']:.1f} now ({cpu['router-pgo']:.1f} built with PGO; {cpu['router-nohistory']:.1f} with the history off: history on minus off,")
 print(f"{cpu['router'] - cpu['router-nohistory']:.1f} µs, a difference of medians of runs that vary by about 2 µs). The pump,")
 print(f"which parses nothing, spends {cpu['pump']:.1f}; the floor {cpu['floor']:.1f} and the raw-head experiment")
 print(f"{cpu['raw-head']:.1f}, so forwarding heads as bytes instead of `http`'s types would save about")
