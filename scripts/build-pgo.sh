@@ -9,11 +9,14 @@
 # closed loops of plain and streamed chat completions with the default stack and the history on,
 # then a few of each other route and of the errors a client can cause. It never touches the
 # shared bench's mock nodes, so the profile is not fitted to the benchmark's one request.
-# Takes two release builds (about 15 minutes on two cores). Needs the toolchain's llvm-tools
+# Takes two release builds (about 11 minutes on two cores). Needs the toolchain's llvm-tools
 # component for llvm-profdata, which it adds with rustup when missing.
 #
 # target/release/llm-router stays the plain build: the PGO build has its own target directory,
-# since the compiler flags it needs would make cargo rebuild the plain one.
+# since the compiler flags it needs would make cargo rebuild the plain one. Both builds name the
+# host as `--target`, so that the flags reach the router's crates and not the build scripts and
+# proc macros that run while it is built (rustc's book on PGO); the binary is then copied to
+# target/pgo/release/llm-router.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -39,8 +42,8 @@ trap cleanup EXIT
 
 log "building the sim nodes, the load driver and the instrumented router"
 cargo build --release -q -p llm-loadtest --bin llm-sim-node --bin llm-loadtest
-RUSTFLAGS="-Cprofile-generate=$work/profiles" \
-  cargo build --release -q --target-dir target/pgo-generate -p llm-router --bin llm-router
+RUSTFLAGS="-Cprofile-generate=$work/profiles" cargo build --release -q --target "$host" \
+  --target-dir target/pgo-generate -p llm-router --bin llm-router
 
 # Ports chosen by the OS: bind port 0, read what it gave, let go.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -61,20 +64,22 @@ done
 port=$(free_port)
 router=http://127.0.0.1:$port
 printf '[history]\npath = "%s/history.db"\n' "$work" >"$work/router.toml"
-LLM_ROUTER_LOG=warn target/pgo-generate/release/llm-router --config "$work/router.toml" \
+LLM_ROUTER_LOG=warn "target/pgo-generate/$host/release/llm-router" --config "$work/router.toml" \
   --listen "127.0.0.1:$port" --upstream "$(IFS=,; echo "${nodes[*]}")" --max-concurrency 256 \
   >"$work/router.log" 2>&1 &
 router_pid=$!
-wait_up "$router/v1/models"
+pids+=("$router_pid")
+wait_up "$router/v1/models" || { cat "$work/router.log" >&2; exit 1; }
 
 log "training: closed loops of plain and streamed chat completions"
 # load NAME ARGS...: one llm-loadtest run; a load that was not answered whole means the profile
 # would be of error paths, so it stops the build.
 load() {
   local name=$1; shift
+  local failed=no
   target/release/llm-loadtest --out "$work/reports" run --url "$router" --name "$name" "$@" \
-    >"$work/$name.log" 2>&1
-  python3 - "$work/reports/$name.json" <<'PY' || { log "training load $name failed"; exit 1; }
+    >"$work/$name.log" 2>&1 || failed=yes
+  [ "$failed" = no ] && python3 - "$work/reports/$name.json" <<'PY' || failed=yes
 import json, sys
 def results(node):
     if isinstance(node, dict):
@@ -88,6 +93,11 @@ def results(node):
 found = list(results(json.load(open(sys.argv[1]))))
 sys.exit(0 if found and all(r["requests"] > 0 and r["succeeded"] == r["requests"] for r in found) else 1)
 PY
+  if [ "$failed" = yes ]; then
+    log "training load $name failed"
+    cat "$work/$name.log" "$work/router.log" >&2
+    exit 1
+  fi
 }
 load plain --connections 64 --duration 10
 load streamed --connections 64 --duration 5 --stream
@@ -107,6 +117,8 @@ wait "$router_pid" || { log "the instrumented router did not stop cleanly"; cat 
 
 "$profdata" merge -o "$work/merged.profdata" "$work/profiles"
 log "building the router with the profile"
-RUSTFLAGS="-Cprofile-use=$work/merged.profdata" \
-  cargo build --release -q --target-dir target/pgo -p llm-router --bin llm-router
+RUSTFLAGS="-Cprofile-use=$work/merged.profdata" cargo build --release -q --target "$host" \
+  --target-dir target/pgo -p llm-router --bin llm-router
+mkdir -p target/pgo/release
+cp "target/pgo/$host/release/llm-router" target/pgo/release/llm-router
 log "done: target/pgo/release/llm-router"
