@@ -132,14 +132,22 @@ fn stop_signal(shutdown: watch::Receiver<bool>) -> Stop<impl Future<Output = ()>
     }
 }
 
+impl<F> Stop<F> {
+    /// Whether shutdown may have been signalled (the channel changed, or its sender is gone):
+    /// checked without a poll, as before keeping a connection open for another request.
+    fn signalled(&self) -> bool {
+        self.changes.has_changed().unwrap_or(true)
+    }
+}
+
 impl<F: Future<Output = ()>> Future for Stop<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        if *this.registered && !this.changes.has_changed().unwrap_or(true) {
+        if self.registered && !self.signalled() {
             return Poll::Pending;
         }
+        let this = self.project();
         *this.registered = true;
         this.signal.poll(cx)
     }
@@ -435,7 +443,6 @@ async fn serve<R, S>(
         config,
         timer: None,
     };
-    let stopping = shutdown.clone();
     let mut stop = pin!(stop_signal(shutdown));
     loop {
         let incoming = match connection.next_request(stop.as_mut()).await {
@@ -467,7 +474,7 @@ async fn serve<R, S>(
             Some(Err(never)) => match never {},
             None => return,
         };
-        let close = !keep_alive || body_left || stopping.has_changed().unwrap_or(true);
+        let close = !keep_alive || body_left || stop.signalled();
         let reusable = connection
             .write_answer(answer, version, head_only, close)
             .await;
