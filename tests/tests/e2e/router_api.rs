@@ -514,12 +514,24 @@ async fn a_registered_node_is_ejected_when_it_dies_and_comes_back() {
             .is_some_and(|n| n.is_eligible())
     };
     // Concurrent, so load spreads (sequential requests at equal load go to one node by design),
-    // and 4 at a time on 8 slots, below admission's reject threshold.
+    // and 4 at a time on 8 slots, below admission's reject threshold. A few bursts at most: on
+    // a starved machine one burst's requests can come one after another (seen once in CI's
+    // command run beside a profiling build).
     let burst = |n| {
         futures_util::future::join_all((0..n).map(|_| post(&client, &url, chat_body("m", false))))
     };
-    assert!(burst(4).await.iter().all(|r| r.status == 200));
-    assert!(flaky.stats().requests() > 0, "both nodes serve");
+    let serves_in_a_burst = async |node: &SimNode| {
+        let before = node.stats().requests();
+        for _ in 0..5 {
+            let statuses: Vec<u16> = burst(4).await.iter().map(|r| r.status.as_u16()).collect();
+            assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+            if node.stats().requests() > before {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(serves_in_a_burst(&flaky).await, "both nodes serve");
 
     flaky.stop().await;
     assert!(
@@ -541,9 +553,7 @@ async fn a_registered_node_is_ejected_when_it_dies_and_comes_back() {
         eventually(Duration::from_secs(10), || node_healthy("flaky")).await,
         "the node comes back"
     );
-    let statuses: Vec<u16> = burst(4).await.iter().map(|r| r.status.as_u16()).collect();
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    assert!(back.stats().requests() > 0, "and serves again");
+    assert!(serves_in_a_burst(&back).await, "and serves again");
     // A node token is not an admin token.
     let as_admin = send(
         &client,
