@@ -259,12 +259,12 @@ impl<B> Shared<B> {
             // Nothing that names the node is even parsed.
             keep_answer_header: forwardable_response_header,
         };
-        // Two clocks: the deadline on tokio's, which a test may pause, and the time to first
-        // byte on the real one.
-        let deadline = tokio::time::Instant::now() + self.config.first_byte_timeout;
+        // One clock read for both: tokio's, so that a test may pause the deadline. (The time
+        // to first byte then counts from that paused instant.)
+        let sent_at = tokio::time::Instant::now();
         Sent {
-            future: request.send_to(&self.client, to, deadline),
-            sent_at: Instant::now(),
+            future: request.send_to(&self.client, to, sent_at + self.config.first_byte_timeout),
+            sent_at: sent_at.into_std(),
         }
     }
 
