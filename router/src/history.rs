@@ -68,9 +68,9 @@ pub struct RequestRecord {
     /// allocate none for it.
     pub path: Cow<'static, str>,
     /// The requested model.
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     /// The node that served it.
-    pub node_id: Option<String>,
+    pub node_id: Option<Arc<str>>,
     /// The HTTP status the client got.
     pub status: u16,
     /// Whether the client asked for a stream.
@@ -1070,10 +1070,10 @@ impl BatchKeys {
             ] {
                 let Some(key) = key else { continue };
                 // Looked up before it is copied: most rows repeat a key already seen.
-                match spans.get_mut(key.as_str()) {
+                match spans.get_mut(&**key) {
                     Some(span) => span.add(position, row.ts_ms),
                     None => {
-                        spans.insert(key.clone(), KeySpan::new(position, row.ts_ms));
+                        spans.insert(String::from(&**key), KeySpan::new(position, row.ts_ms));
                     }
                 }
             }
@@ -1236,8 +1236,8 @@ impl LogRow {
                 ts_ms: row.try_get("ts_ms")?,
                 request_id: row.try_get("request_id")?,
                 path: Cow::Owned(row.try_get("path")?),
-                model: row.try_get("model")?,
-                node_id: row.try_get("node_id")?,
+                model: row.try_get::<Option<String>, _>("model")?.map(Arc::from),
+                node_id: row.try_get::<Option<String>, _>("node_id")?.map(Arc::from),
                 status: u16::try_from(status).unwrap_or(0),
                 stream: row.try_get("stream")?,
                 latency_ms: row.try_get("latency_ms")?,
@@ -1418,13 +1418,18 @@ mod tests {
         }
     }
 
+    /// A name as the view reads it back.
+    fn text(name: &Option<Arc<str>>) -> Option<String> {
+        name.as_deref().map(String::from)
+    }
+
     fn record(i: usize) -> RequestRecord {
         RequestRecord {
             ts_ms: 1_700_000_000_000 + i as i64,
             request_id: format!("req-{i}"),
             path: "/v1/chat/completions".into(),
             model: Some(if i.is_multiple_of(2) { "even" } else { "odd" }.into()),
-            node_id: Some(format!("n{}", i % 3)),
+            node_id: Some(format!("n{}", i % 3).into()),
             status: if i % 10 == 9 { 502 } else { 200 },
             stream: i.is_multiple_of(4),
             latency_ms: (i + 1) as f64,
@@ -1633,7 +1638,7 @@ mod tests {
             limit: Some(7),
             ..LogQuery::default()
         };
-        let is = |field: &Option<String>, want: &str| field.as_deref() == Some(want);
+        let is = |field: &Option<Arc<str>>, want: &str| field.as_deref() == Some(want);
         assert_eq!(
             all_pages(&history, page(Some("rare"), None, None)).await,
             expect(&|r| is(&r.model, "rare"))
@@ -2196,7 +2201,7 @@ mod tests {
                 .unwrap();
         let written: Vec<_> = rows
             .iter()
-            .map(|r| (r.path.to_string(), r.model.clone(), r.node_id.clone()))
+            .map(|r| (r.path.to_string(), text(&r.model), text(&r.node_id)))
             .collect();
         assert_eq!(by_view, written);
 
@@ -2373,7 +2378,7 @@ mod tests {
         let written: Vec<_> = fresh
             .iter()
             .chain(&again)
-            .map(|r| (r.model.clone(), r.node_id.clone(), r.path.to_string()))
+            .map(|r| (text(&r.model), text(&r.node_id), r.path.to_string()))
             .collect();
         assert_eq!(by_view, written);
     }
@@ -2481,7 +2486,7 @@ mod tests {
             .enumerate()
             .map(|(i, model)| {
                 let mut r = record(i);
-                r.model = Some(format!("model-{model}"));
+                r.model = Some(format!("model-{model}").into());
                 r
             })
             .collect();

@@ -171,7 +171,7 @@ pub trait RecordedAnswer: Send + 'static {
     /// The status code.
     fn status(&self) -> u16;
     /// The node that served it, if one did.
-    fn served_by(&self) -> Option<&str>;
+    fn served_by(&self) -> Option<&Arc<str>>;
     /// Tells the client the request's id (`x-request-id`), in place of any the node sent.
     fn set_request_id(&mut self, id: &str);
     /// Where a stream that breaks after it started is reported, when the body cannot say.
@@ -187,8 +187,8 @@ impl RecordedAnswer for Response<Body> {
         self.status().as_u16()
     }
 
-    fn served_by(&self) -> Option<&str> {
-        self.extensions().get::<ServedBy>().map(|s| &*s.0)
+    fn served_by(&self) -> Option<&Arc<str>> {
+        self.extensions().get::<ServedBy>().map(|s| &s.0)
     }
 
     fn set_request_id(&mut self, id: &str) {
@@ -213,8 +213,8 @@ impl RecordedAnswer for RawResponse<ProxyBody> {
         self.status().as_u16()
     }
 
-    fn served_by(&self) -> Option<&str> {
-        RawResponse::served_by(self).map(|s| &**s)
+    fn served_by(&self) -> Option<&Arc<str>> {
+        RawResponse::served_by(self)
     }
 
     fn set_request_id(&mut self, id: &str) {
@@ -384,14 +384,16 @@ where
             return Poll::Ready(Ok(response.watch(Pending::unwatched())));
         };
         let ttfb = start.started.elapsed();
-        let node_id = response.served_by().map(String::from);
+        // The pool's own name, shared: a copy would be allocated here and freed on the
+        // history's thread, which glibc's allocator serves by its slow path.
+        let node_id = response.served_by().cloned();
         let status = response.status();
         let span = this.span.clone();
         if let Some(model) = start.info.get().and_then(|i| i.model.as_deref()) {
             span.record("model", model);
         }
         if let Some(node) = &node_id {
-            span.record("node", node.as_str());
+            span.record("node", &**node);
         }
         span.record("status", status);
         response.set_request_id(&start.request_id);
@@ -429,7 +431,8 @@ impl RowStart {
             ts_ms: self.ts_ms,
             request_id: self.request_id,
             path: self.path,
-            model: info.and_then(|i| i.model.as_deref().map(str::to_owned)),
+            // Shared, not copied (as the node's name above).
+            model: info.and_then(|i| i.model.clone()),
             node_id: None,
             status,
             stream: info.is_some_and(|i| i.stream),
