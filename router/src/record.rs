@@ -450,8 +450,13 @@ impl RowStart {
 
 impl Recorder {
     /// Counts a finished request in the metrics and queues its row.
-    fn finish(&self, record: RequestRecord, latency: Duration, ttfb: Option<Duration>) {
+    fn finish(&self, mut record: RequestRecord, latency: Duration, ttfb: Option<Duration>) {
         let label = model_label(&self.pool, record.model.as_deref());
+        if record.model.as_deref() == Some(&*label) {
+            // A model the pool knows: the row takes the pool's name, and the request's own is
+            // freed here, on the thread that made it, not on the history's.
+            record.model = Some(label.clone());
+        }
         self.metrics.observe(label, record.status, latency, ttfb);
         self.history.record(record);
     }
