@@ -45,7 +45,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -53,7 +53,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use crate::client::{
@@ -259,12 +259,12 @@ impl<B> Shared<B> {
             // Nothing that names the node is even parsed.
             keep_answer_header: forwardable_response_header,
         };
-        // One clock read for both: tokio's, so that a test may pause the deadline. (The time
-        // to first byte then counts from that paused instant.)
-        let sent_at = tokio::time::Instant::now();
+        // One clock read for the deadline and the time to first byte, both on tokio's clock
+        // (a test may pause it).
+        let sent_at = Instant::now();
         Sent {
             future: request.send_to(&self.client, to, sent_at + self.config.first_byte_timeout),
-            sent_at: sent_at.into_std(),
+            sent_at,
         }
     }
 
@@ -920,7 +920,7 @@ impl Body for ProxyBody {
             Poll::Pending => {
                 // The idle gap counts from the first poll that has to wait after a frame (or,
                 // before any frame, from the first such poll after the head).
-                let deadline = || tokio::time::Instant::now() + upstream.idle_timeout;
+                let deadline = || Instant::now() + upstream.idle_timeout;
                 match &mut upstream.idle {
                     None => upstream.idle = Some(Box::pin(tokio::time::sleep_until(deadline()))),
                     Some(idle) if upstream.idle_stale => idle.as_mut().reset(deadline()),
