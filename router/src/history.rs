@@ -1419,7 +1419,7 @@ mod tests {
     }
 
     /// A name as the view reads it back.
-    fn text(name: &Option<Arc<str>>) -> Option<String> {
+    fn name_text(name: &Option<Arc<str>>) -> Option<String> {
         name.as_deref().map(String::from)
     }
 
@@ -2201,7 +2201,13 @@ mod tests {
                 .unwrap();
         let written: Vec<_> = rows
             .iter()
-            .map(|r| (r.path.to_string(), text(&r.model), text(&r.node_id)))
+            .map(|r| {
+                (
+                    r.path.to_string(),
+                    name_text(&r.model),
+                    name_text(&r.node_id),
+                )
+            })
             .collect();
         assert_eq!(by_view, written);
 
@@ -2378,7 +2384,13 @@ mod tests {
         let written: Vec<_> = fresh
             .iter()
             .chain(&again)
-            .map(|r| (text(&r.model), text(&r.node_id), r.path.to_string()))
+            .map(|r| {
+                (
+                    name_text(&r.model),
+                    name_text(&r.node_id),
+                    r.path.to_string(),
+                )
+            })
             .collect();
         assert_eq!(by_view, written);
     }

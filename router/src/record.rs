@@ -431,7 +431,7 @@ impl RowStart {
             ts_ms: self.ts_ms,
             request_id: self.request_id,
             path: self.path,
-            // Shared, not copied (as the node's name above).
+            // Shared, not copied: a copy would be freed on the history's thread.
             model: info.and_then(|i| i.model.clone()),
             node_id: None,
             status,
@@ -453,8 +453,9 @@ impl Recorder {
     fn finish(&self, mut record: RequestRecord, latency: Duration, ttfb: Option<Duration>) {
         let label = model_label(&self.pool, record.model.as_deref());
         if record.model.as_deref() == Some(&*label) {
-            // A model the pool knows: the row takes the pool's name, and the request's own is
-            // freed here, on the thread that made it, not on the history's.
+            // A model named as its metrics label (one the pool knows): the row takes the
+            // label's `Arc`, so that the request's own is dropped on a connection worker, not
+            // freed on the history's thread.
             record.model = Some(label.clone());
         }
         self.metrics.observe(label, record.status, latency, ttfb);
