@@ -2,8 +2,9 @@
 //!
 //! The request path never waits on the database. [`History::record`] puts the row on a bounded
 //! queue without awaiting; a background writer takes the rows off it and inserts them in
-//! batches, one transaction per batch. When the queue is full, or a batch's transaction fails (database
-//! locked, read-only, disk full), the rows are counted in [`History::dropped`] and a warning is
+//! batches, one transaction per batch. When the queue is full, or a batch's transaction fails
+//! (database locked, read-only, disk full), the rows are counted in [`History::dropped`] and a
+//! warning is
 //! logged (at most one per 10 s); the writer keeps going and writing resumes by itself when the
 //! fault clears. A short busy timeout keeps a locked database from holding the writer up for
 //! long.
@@ -13,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,14 +131,14 @@ struct Counters {
 /// the writer takes them all at once by swapping the list for an empty one. (tokio's bounded
 /// channel cost about 370 instructions a row between sender and writer, a fresh block every
 /// 55 rows or so among them.)
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Queue {
     waiting: Mutex<Waiting>,
     /// Wakes the writer when the queue stops being empty, and when it closes.
     ready: Notify,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Waiting {
     messages: Vec<Message>,
     /// Rows queued or taken by the writer and not yet written or dropped: the queue's bound
@@ -144,6 +146,18 @@ struct Waiting {
     rows: usize,
     /// The history is gone: the writer writes what is left and ends.
     closed: bool,
+}
+
+impl fmt::Debug for Queue {
+    // The counts, not the rows: those hold API key ids.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let waiting = self.lock();
+        f.debug_struct("Queue")
+            .field("messages", &waiting.messages.len())
+            .field("rows", &waiting.rows)
+            .field("closed", &waiting.closed)
+            .finish()
+    }
 }
 
 impl Queue {
@@ -210,12 +224,39 @@ impl Queue {
     /// `n` rows taken by the writer were written or dropped: room for as many more.
     fn rows_done(&self, n: usize) {
         let mut waiting = self.lock();
+        debug_assert!(waiting.rows >= n, "{} rows done of {}", n, waiting.rows);
         waiting.rows = waiting.rows.saturating_sub(n);
     }
 
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
+    }
+
+    /// Closes the queue and empties it: the rows left are counted as dropped, and the requests
+    /// left get no answer (their senders are dropped), so nothing waits on a writer that is gone.
+    fn close_and_clear(&self, counters: &Counters) {
+        let left = {
+            let mut waiting = self.lock();
+            waiting.closed = true;
+            waiting.rows = 0;
+            std::mem::take(&mut waiting.messages)
+        };
+        let rows = left.iter().filter(|m| matches!(m, Message::Row(_))).count();
+        counters.dropped.fetch_add(rows as u64, Ordering::Relaxed);
+        self.ready.notify_one();
+    }
+}
+
+/// Held by the writer: however it ends (a panic too), its queue is closed and emptied.
+struct CloseOnExit {
+    queue: Arc<Queue>,
+    counters: Arc<Counters>,
+}
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.queue.close_and_clear(&self.counters);
     }
 }
 
@@ -373,7 +414,7 @@ impl History {
     }
 
     /// Sends the writer `message`, which it answers after the rows queued before it, and waits
-    /// for the answer: `None` without a writer, or if it is gone.
+    /// for the answer: `None` without a writer, or once it has ended (it closes the queue).
     async fn ask<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> Message) -> Option<T> {
         let queue = self.inner.queue.as_ref()?;
         let (done, answer) = oneshot::channel();
@@ -723,12 +764,13 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 /// `batch_size` rows, on a connection of its own.
 ///
 /// It waits on the queue only while the queue is empty, and sleeps out the interval once a row
-/// has come, then takes all that came: only the first row of a round wakes it, so a busy router
-/// pays no cross-thread wake-up per request (there were about 0.6 futex calls and 0.3 eventfd writes per request
-/// when it woke for each row). Under steady load it sleeps out the interval between batches
-/// too, unless a batch fills: taking at once whatever came in while the last batch was written
-/// made small transactions, each writing its B-tree pages again (one `pwrite` per request at
-/// 37,000 requests a second; 0.37 with a sleep per round). A flush request skips the sleep.
+/// has come, then takes all that came: only the first row of a round wakes it, so a busy
+/// router pays no cross-thread wake-up per request (there were about 0.6 futex calls and 0.3
+/// eventfd writes per request when it woke for each row). Under steady load it sleeps out the
+/// interval between batches too: taking at once whatever came in while the last batch was
+/// written made small transactions, each writing its B-tree pages again (one `pwrite` per
+/// request at 37,000 requests a second; 0.37 with a sleep per round). A flush request skips
+/// the sleep.
 ///
 /// A failed batch or name prune closes the connection and the next batch opens a fresh one:
 /// after a fault SQLite can leave a connection holding a lock, or opened read-only (it falls
@@ -741,6 +783,10 @@ async fn writer(
     batch_size: usize,
     flush_interval: Duration,
 ) {
+    let _close_on_exit = CloseOnExit {
+        queue: queue.clone(),
+        counters: counters.clone(),
+    };
     let mut batch = Batch {
         options,
         queue: queue.clone(),
@@ -762,6 +808,7 @@ async fn writer(
             }
             queue.take_now(&mut rest);
         }
+        let round = first.len() + rest.len();
         for message in first.drain(..).chain(rest.drain(..)) {
             match message {
                 Message::Row(row) => {
@@ -781,17 +828,21 @@ async fn writer(
             }
         }
         batch.write().await;
-        // The lists keep their room for the next round, but not a burst's.
+        // Both lists go back to the senders empty, with room for a round like this one, made
+        // here rather than by pushes under the lock, and not much more: a burst's room is let
+        // go once the rounds are small again. (A message is about 200 bytes.)
+        let room = round.max(LEAST_ROOM);
         for list in [&mut first, &mut rest] {
-            if list.capacity() > MOST_MESSAGES_KEPT {
-                *list = Vec::new();
+            if list.capacity() > 2 * room {
+                list.shrink_to(room);
             }
+            list.reserve(room);
         }
     }
 }
 
-/// Most messages' room the writer's lists keep between rounds (a message is about 200 bytes).
-const MOST_MESSAGES_KEPT: usize = 16 * 1024;
+/// The least room the writer's lists keep between rounds, in messages.
+const LEAST_ROOM: usize = 256;
 
 /// The writer's pending rows and its connection.
 struct Batch {
@@ -2681,6 +2732,32 @@ mod tests {
         assert!(queue.take(&mut rest).await, "what came before the close");
         assert_eq!(rest.iter().map(row_id).collect::<Vec<_>>(), ["req-3"]);
         assert!(!queue.take(&mut Vec::new()).await, "then the writer ends");
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_ends_leaves_no_one_waiting() {
+        let queue = Arc::new(Queue::default());
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.take(&mut Vec::new()).await }
+        });
+        tokio::task::yield_now().await;
+        queue.close();
+        let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a close wakes the writer")
+            .unwrap();
+        assert!(!taken, "closed and empty: the writer ends");
+
+        let queue = Queue::default();
+        let counters = Counters::default();
+        let (done, answer) = oneshot::channel::<()>();
+        assert!(queue.push_row(record(0), 10));
+        assert!(queue.push_request(Message::Flush(done)));
+        queue.close_and_clear(&counters);
+        assert!(answer.await.is_err(), "the flush is not left waiting");
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
+        assert!(!queue.push_row(record(1), 10));
     }
 
     #[tokio::test]
