@@ -4,10 +4,9 @@
 //! queue without awaiting; a background writer takes the rows off it and inserts them in
 //! batches, one transaction per batch. When the queue is full, or a batch's transaction fails
 //! (database locked, read-only, disk full), the rows are counted in [`History::dropped`] and a
-//! warning is
-//! logged (at most one per 10 s); the writer keeps going and writing resumes by itself when the
-//! fault clears. A short busy timeout keeps a locked database from holding the writer up for
-//! long.
+//! warning is logged (at most one per 10 s); the writer keeps going and writing resumes by
+//! itself when the fault clears. A short busy timeout keeps a locked database from holding the
+//! writer up for long.
 //!
 //! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
 //! connection pool; SQLite's WAL mode lets them run beside the writer.
@@ -131,11 +130,12 @@ struct Counters {
 /// the writer takes them all at once by swapping the list for an empty one. (tokio's bounded
 /// channel cost about 370 instructions a row between sender and writer, a fresh block every
 /// 55 rows or so among them.)
-#[derive(Default)]
 struct Queue {
     waiting: Mutex<Waiting>,
     /// Wakes the writer when the queue stops being empty, and when it closes.
     ready: Notify,
+    /// Most rows queued or being written.
+    capacity: usize,
 }
 
 #[derive(Default)]
@@ -155,21 +155,30 @@ impl fmt::Debug for Queue {
         f.debug_struct("Queue")
             .field("messages", &waiting.messages.len())
             .field("rows", &waiting.rows)
+            .field("capacity", &self.capacity)
             .field("closed", &waiting.closed)
             .finish()
     }
 }
 
 impl Queue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            waiting: Mutex::default(),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Waiting> {
         // Nothing panics while it is held; a poisoned lock still holds whole messages.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a row unless `capacity` rows are waiting; false if it was not queued.
-    fn push_row(&self, row: RequestRecord, capacity: usize) -> bool {
+    /// Queues a row unless the queue is full; false if it was not queued.
+    fn push_row(&self, row: RequestRecord) -> bool {
         let mut waiting = self.lock();
-        if waiting.closed || waiting.rows >= capacity {
+        if waiting.closed || waiting.rows >= self.capacity {
             return false;
         }
         waiting.rows += 1;
@@ -264,8 +273,6 @@ impl Drop for CloseOnExit {
 struct Inner {
     pool: Option<SqlitePool>,
     queue: Option<Arc<Queue>>,
-    /// Most rows queued or being written.
-    capacity: usize,
     /// Cuts the writer's interval short for a flush: rows do not wake it, a flush must.
     flush_now: Arc<Notify>,
     counters: Arc<Counters>,
@@ -314,13 +321,12 @@ impl History {
             .run(&pool)
             .await
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue::new(config.queue_capacity));
         let counters = Arc::new(Counters::default());
         let flush_now = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             pool: Some(pool.clone()),
             queue: Some(queue.clone()),
-            capacity: config.queue_capacity.max(1),
             flush_now: flush_now.clone(),
             counters: counters.clone(),
             closed: AtomicBool::new(false),
@@ -370,7 +376,6 @@ impl History {
             inner: Arc::new(Inner {
                 pool: None,
                 queue: None,
-                capacity: 0,
                 flush_now: Arc::default(),
                 counters: Arc::default(),
                 closed: AtomicBool::new(false),
@@ -383,9 +388,7 @@ impl History {
     /// Queues a row. Never blocks and never awaits; a full queue counts a drop.
     pub fn record(&self, record: RequestRecord) {
         let sent = match &self.inner.queue {
-            Some(queue) if !self.inner.closed.load(Ordering::Relaxed) => {
-                queue.push_row(record, self.inner.capacity)
-            }
+            Some(queue) if !self.inner.closed.load(Ordering::Relaxed) => queue.push_row(record),
             _ => false,
         };
         if !sent && self.inner.counts_drops {
@@ -2706,28 +2709,25 @@ mod tests {
 
     #[tokio::test]
     async fn the_queue_keeps_order_counts_rows_until_written_and_closes() {
-        let queue = Queue::default();
+        let queue = Queue::new(2);
         let row_id = |m: &Message| match m {
             Message::Row(r) => r.request_id.clone(),
             Message::Flush(_) => "flush".to_owned(),
             Message::PruneNames(_) => "prune".to_owned(),
         };
-        assert!(queue.push_row(record(0), 2));
+        assert!(queue.push_row(record(0)));
         assert!(queue.push_request(Message::Flush(oneshot::channel().0)));
-        assert!(queue.push_row(record(1), 2));
-        assert!(!queue.push_row(record(2), 2), "two rows at most");
+        assert!(queue.push_row(record(1)));
+        assert!(!queue.push_row(record(2)), "two rows at most");
         let mut taken = Vec::new();
         assert!(queue.take(&mut taken).await);
         let order: Vec<_> = taken.iter().map(row_id).collect();
         assert_eq!(order, ["req-0", "flush", "req-1"]);
-        assert!(
-            !queue.push_row(record(3), 2),
-            "taken rows count until written"
-        );
+        assert!(!queue.push_row(record(3)), "taken rows count until written");
         queue.rows_done(2);
-        assert!(queue.push_row(record(3), 2));
+        assert!(queue.push_row(record(3)));
         queue.close();
-        assert!(!queue.push_row(record(4), 2), "closed");
+        assert!(!queue.push_row(record(4)), "closed");
         let mut rest = Vec::new();
         assert!(queue.take(&mut rest).await, "what came before the close");
         assert_eq!(rest.iter().map(row_id).collect::<Vec<_>>(), ["req-3"]);
@@ -2736,7 +2736,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_writer_that_ends_leaves_no_one_waiting() {
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue::new(10));
         let waiting = tokio::spawn({
             let queue = queue.clone();
             async move { queue.take(&mut Vec::new()).await }
@@ -2749,15 +2749,15 @@ mod tests {
             .unwrap();
         assert!(!taken, "closed and empty: the writer ends");
 
-        let queue = Queue::default();
+        let queue = Queue::new(10);
         let counters = Counters::default();
         let (done, answer) = oneshot::channel::<()>();
-        assert!(queue.push_row(record(0), 10));
+        assert!(queue.push_row(record(0)));
         assert!(queue.push_request(Message::Flush(done)));
         queue.close_and_clear(&counters);
         assert!(answer.await.is_err(), "the flush is not left waiting");
         assert_eq!(counters.dropped.load(Ordering::Relaxed), 1);
-        assert!(!queue.push_row(record(1), 10));
+        assert!(!queue.push_row(record(1)));
     }
 
     #[tokio::test]
@@ -2775,7 +2775,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_writer_wakes_for_the_first_row() {
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue::new(10));
         let waiting = tokio::spawn({
             let queue = queue.clone();
             async move {
@@ -2785,7 +2785,7 @@ mod tests {
             }
         });
         tokio::task::yield_now().await;
-        assert!(queue.push_row(record(0), 10));
+        assert!(queue.push_row(record(0)));
         let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken")
