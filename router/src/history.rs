@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::TryStreamExt;
+use futures_util::{FutureExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{
@@ -146,6 +146,8 @@ struct Waiting {
     rows: usize,
     /// The history is gone: the writer writes what is left and ends.
     closed: bool,
+    /// The history is shutting down: rows are refused, requests still go to the writer.
+    refusing_rows: bool,
 }
 
 impl fmt::Debug for Queue {
@@ -157,6 +159,7 @@ impl fmt::Debug for Queue {
             .field("rows", &waiting.rows)
             .field("capacity", &self.capacity)
             .field("closed", &waiting.closed)
+            .field("refusing_rows", &waiting.refusing_rows)
             .finish()
     }
 }
@@ -178,7 +181,7 @@ impl Queue {
     /// Queues a row unless the queue is full; false if it was not queued.
     fn push_row(&self, row: RequestRecord) -> bool {
         let mut waiting = self.lock();
-        if waiting.closed || waiting.rows >= self.capacity {
+        if waiting.closed || waiting.refusing_rows || waiting.rows >= self.capacity {
             return false;
         }
         waiting.rows += 1;
@@ -237,6 +240,11 @@ impl Queue {
         waiting.rows = waiting.rows.saturating_sub(n);
     }
 
+    /// From now on rows are refused; a flush after this leaves none queued.
+    fn refuse_rows(&self) {
+        self.lock().refusing_rows = true;
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
@@ -276,7 +284,6 @@ struct Inner {
     /// Cuts the writer's interval short for a flush: rows do not wake it, a flush must.
     flush_now: Arc<Notify>,
     counters: Arc<Counters>,
-    closed: AtomicBool,
     retention: Option<Duration>,
     /// Whether a row that cannot be kept counts as dropped: not when the history is turned off.
     counts_drops: bool,
@@ -329,7 +336,6 @@ impl History {
             queue: Some(queue.clone()),
             flush_now: flush_now.clone(),
             counters: counters.clone(),
-            closed: AtomicBool::new(false),
             retention: config.retention,
             counts_drops: true,
         });
@@ -378,7 +384,6 @@ impl History {
                 queue: None,
                 flush_now: Arc::default(),
                 counters: Arc::default(),
-                closed: AtomicBool::new(false),
                 retention: None,
                 counts_drops,
             }),
@@ -388,7 +393,7 @@ impl History {
     /// Queues a row. Never blocks and never awaits; a full queue counts a drop.
     pub fn record(&self, record: RequestRecord) {
         let sent = match &self.inner.queue {
-            Some(queue) if !self.inner.closed.load(Ordering::Relaxed) => queue.push_row(record),
+            Some(queue) => queue.push_row(record),
             _ => false,
         };
         if !sent && self.inner.counts_drops {
@@ -421,17 +426,22 @@ impl History {
     async fn ask<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> Message) -> Option<T> {
         let queue = self.inner.queue.as_ref()?;
         let (done, answer) = oneshot::channel();
+        // Before the push: the writer clears this wake-up once it has taken the request, so it
+        // must not come after.
+        self.inner.flush_now.notify_one();
         if !queue.push_request(message(done)) {
             return None;
         }
-        self.inner.flush_now.notify_one();
         answer.await.ok()
     }
 
-    /// Flushes (within `timeout`), then refuses new rows (they count as dropped).
+    /// Refuses new rows (they count as dropped), then flushes the rows before them (within
+    /// `timeout`). In that order, so that no row is queued behind the flush and left unwritten.
     pub async fn shutdown(&self, timeout: Duration) {
+        if let Some(queue) = &self.inner.queue {
+            queue.refuse_rows();
+        }
         let _ = tokio::time::timeout(timeout, self.flush()).await;
-        self.inner.closed.store(true, Ordering::Relaxed);
     }
 
     fn pool(&self) -> Result<&SqlitePool, HistoryError> {
@@ -811,6 +821,9 @@ async fn writer(
             }
             queue.take_now(&mut rest);
         }
+        // Every flush asked so far is in hand; a wake-up it left (it came while the writer
+        // waited for rows, or wrote) would cut the next round's interval short.
+        let _ = flush_now.notified().now_or_never();
         let round = first.len() + rest.len();
         for message in first.drain(..).chain(rest.drain(..)) {
             match message {
@@ -2853,6 +2866,56 @@ mod tests {
             .await
             .expect("answered");
         assert_eq!(history.written(), 1999);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_recorded_during_shutdown_is_written_or_counted_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 20_000).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recorder = std::thread::spawn({
+            let (history, stop) = (history.clone(), stop.clone());
+            move || {
+                let mut sent = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    history.record(record(sent));
+                    sent += 1;
+                }
+                sent as u64
+            }
+        });
+        while history.written() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        history.shutdown(Duration::from_secs(10)).await;
+        // Only what the shutdown left behind is counted here: nothing flushes after it.
+        let (written, dropped) = (history.written(), history.dropped());
+        stop.store(true, Ordering::Relaxed);
+        let sent = recorder.join().unwrap();
+        assert_eq!(
+            written + history.dropped(),
+            sent,
+            "every row is written or counted once the shutdown returns ({written} written, {dropped} dropped then)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_to_an_idle_writer_does_not_cut_the_next_interval_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: None,
+            flush_interval: Duration::from_secs(60),
+            ..HistoryConfig::default()
+        })
+        .await
+        .unwrap();
+        history.flush().await;
+        history.record(record(1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(history.written(), 0, "the row waits out the interval");
+        history.flush().await;
+        assert_eq!(history.written(), 1);
     }
 
     #[tokio::test]
