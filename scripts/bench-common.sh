@@ -70,3 +70,33 @@ print(name, round(out["summary"]["requestsPerSec"]), round((u1 - u0) * us, 2), r
 PY
   tail -1 "$work/rows"
 }
+
+# nginx as the shared bench configures it (no access log, kept-alive upstream connections),
+# listening on the port, with its files in the scratch directory: $work/nginx.conf.
+write_nginx_conf() {
+  mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
+  cat > "$work/nginx.conf" <<EOF
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid $work/nginx.pid;
+error_log $work/nginx.error.log warn;
+events { worker_connections 16384; multi_accept on; }
+http {
+    access_log off; server_tokens off;
+    keepalive_requests 1000000; keepalive_timeout 120s;
+    client_body_temp_path $work/client_body; proxy_temp_path $work/proxy;
+    fastcgi_temp_path $work/fastcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
+    upstream mock_nodes {
+        server 127.0.0.1:18001 max_fails=0; server 127.0.0.1:18002 max_fails=0;
+        keepalive 256; keepalive_requests 1000000; keepalive_timeout 120s;
+    }
+    server {
+        listen 127.0.0.1:$port reuseport backlog=4096;
+        location / {
+            proxy_pass http://mock_nodes; proxy_http_version 1.1; proxy_set_header Connection "";
+            proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 3600s;
+        }
+    }
+}
+EOF
+}

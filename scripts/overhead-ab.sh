@@ -55,31 +55,7 @@ if [ -z "${PGO_BIN:-}" ]; then
 fi
 [ -x "$PGO_BIN" ] || { echo "not an executable: $PGO_BIN" >&2; exit 1; }
 
-mkdir -p "$work"/{client_body,proxy,fastcgi,uwsgi,scgi}
-cat > "$work/nginx.conf" <<EOF
-worker_processes auto;
-worker_rlimit_nofile 65536;
-pid $work/nginx.pid;
-error_log $work/nginx.error.log warn;
-events { worker_connections 16384; multi_accept on; }
-http {
-    access_log off; server_tokens off;
-    keepalive_requests 1000000; keepalive_timeout 120s;
-    client_body_temp_path $work/client_body; proxy_temp_path $work/proxy;
-    fastcgi_temp_path $work/fastcgi; uwsgi_temp_path $work/uwsgi; scgi_temp_path $work/scgi;
-    upstream mock_nodes {
-        server 127.0.0.1:18001 max_fails=0; server 127.0.0.1:18002 max_fails=0;
-        keepalive 256; keepalive_requests 1000000; keepalive_timeout 120s;
-    }
-    server {
-        listen 127.0.0.1:$port reuseport backlog=4096;
-        location / {
-            proxy_pass http://mock_nodes; proxy_http_version 1.1; proxy_set_header Connection "";
-            proxy_buffering off; proxy_request_buffering off; proxy_read_timeout 3600s;
-        }
-    }
-}
-EOF
+write_nginx_conf
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
 cp "$work/router.toml" "$work/router-pgo.toml"
 printf '[history]\nenabled = false\n' > "$work/router-nohistory.toml"
