@@ -16,8 +16,9 @@
 #
 # The router is target/release/llm-router (built here), or PGO_BIN if set (scripts/build-pgo.sh
 # makes one in target/pgo/release/llm-router), with the default stack, its history on in a
-# scratch database emptied before each round, log level warn and 256 slots a node, in front of
-# the shared bench's two mock nodes on 127.0.0.1:18200.
+# scratch database emptied before each round (HISTORY=off turns it off, to see what the history
+# costs the tail), log level warn and 256 slots a node, in front of the shared bench's two mock
+# nodes on 127.0.0.1:18200.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes if they are
 # not up, and stops them again if it started them. Writes
@@ -48,7 +49,12 @@ else
 fi
 [ -x "$router" ] || { echo "not an executable: $router" >&2; exit 1; }
 write_nginx_conf
-printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+if [ "${HISTORY:-on}" = off ]; then
+  printf '[history]\nenabled = false\n' > "$work/router.toml"
+  build="$build, history off"
+else
+  printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
+fi
 
 # fixed_rate ROUND NAME: the warm-up closed loop, then the fixed-rate loop; appends
 # "round name p50 p95 p99 p99.9" (ms) to $work/rows.
@@ -98,7 +104,7 @@ for round in $(seq "$rounds"); do
   fi
 done
 
-report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD).md
+report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD)${HISTORY:+-history-$HISTORY}.md
 python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" "$build" "$(uname -r)" > "$report" <<'PY'
 import statistics as st, sys
 rows, rounds, seconds, commit, build, kernel = sys.argv[1:7]
