@@ -134,6 +134,10 @@ struct Queue {
     waiting: Mutex<Waiting>,
     /// Wakes the writer when the queue stops being empty, and when it closes.
     ready: Notify,
+    /// Cuts the writer's interval short for a flush or a prune: rows do not wake it, these
+    /// must. Set and cleared under the lock, with the push and the take, so that a request the
+    /// writer has not taken always leaves it set, and one it has taken never does.
+    asked: Notify,
     /// Most rows queued or being written.
     capacity: usize,
 }
@@ -169,6 +173,7 @@ impl Queue {
         Self {
             waiting: Mutex::default(),
             ready: Notify::new(),
+            asked: Notify::new(),
             capacity: capacity.max(1),
         }
     }
@@ -189,12 +194,14 @@ impl Queue {
         true
     }
 
-    /// Queues a request to the writer, past the bound (there are few); false once closed.
+    /// Queues a request to the writer, past the bound (there are few), and cuts its interval
+    /// short; false once closed.
     fn push_request(&self, message: Message) -> bool {
         let waiting = self.lock();
         if waiting.closed {
             return false;
         }
+        self.asked.notify_one();
         self.push_locked(waiting, message);
         true
     }
@@ -217,6 +224,7 @@ impl Queue {
                 let mut waiting = self.lock();
                 if !waiting.messages.is_empty() {
                     std::mem::swap(&mut waiting.messages, taken);
+                    self.clear_asked();
                     return true;
                 }
                 if waiting.closed {
@@ -230,7 +238,20 @@ impl Queue {
 
     /// Swaps whatever is queued into `taken` (empty), without waiting.
     fn take_now(&self, taken: &mut Vec<Message>) {
-        std::mem::swap(&mut self.lock().messages, taken);
+        let mut waiting = self.lock();
+        std::mem::swap(&mut waiting.messages, taken);
+        self.clear_asked();
+    }
+
+    /// Every request asked so far has been taken (the lock is held): a wake-up one left would
+    /// cut the next round's interval short.
+    fn clear_asked(&self) {
+        let _ = self.asked.notified().now_or_never();
+    }
+
+    /// Until a flush or a prune is queued (or one was queued and not yet taken).
+    async fn asked(&self) {
+        self.asked.notified().await;
     }
 
     /// `n` rows taken by the writer were written or dropped: room for as many more.
@@ -281,8 +302,6 @@ impl Drop for CloseOnExit {
 struct Inner {
     pool: Option<SqlitePool>,
     queue: Option<Arc<Queue>>,
-    /// Cuts the writer's interval short for a flush: rows do not wake it, a flush must.
-    flush_now: Arc<Notify>,
     counters: Arc<Counters>,
     retention: Option<Duration>,
     /// Whether a row that cannot be kept counts as dropped: not when the history is turned off.
@@ -330,11 +349,9 @@ impl History {
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
         let queue = Arc::new(Queue::new(config.queue_capacity));
         let counters = Arc::new(Counters::default());
-        let flush_now = Arc::new(Notify::new());
         let inner = Arc::new(Inner {
             pool: Some(pool.clone()),
             queue: Some(queue.clone()),
-            flush_now: flush_now.clone(),
             counters: counters.clone(),
             retention: config.retention,
             counts_drops: true,
@@ -342,7 +359,6 @@ impl History {
         tokio::spawn(writer(
             options,
             queue,
-            flush_now,
             counters,
             config.batch_size.max(1),
             config.flush_interval,
@@ -382,7 +398,6 @@ impl History {
             inner: Arc::new(Inner {
                 pool: None,
                 queue: None,
-                flush_now: Arc::default(),
                 counters: Arc::default(),
                 retention: None,
                 counts_drops,
@@ -426,9 +441,6 @@ impl History {
     async fn ask<T>(&self, message: impl FnOnce(oneshot::Sender<T>) -> Message) -> Option<T> {
         let queue = self.inner.queue.as_ref()?;
         let (done, answer) = oneshot::channel();
-        // Before the push: the writer clears this wake-up once it has taken the request, so it
-        // must not come after.
-        self.inner.flush_now.notify_one();
         if !queue.push_request(message(done)) {
             return None;
         }
@@ -791,7 +803,6 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 async fn writer(
     options: SqliteConnectOptions,
     queue: Arc<Queue>,
-    flush_now: Arc<Notify>,
     counters: Arc<Counters>,
     batch_size: usize,
     flush_interval: Duration,
@@ -817,13 +828,10 @@ async fn writer(
         if !asked {
             tokio::select! {
                 () = tokio::time::sleep(flush_interval) => {}
-                () = flush_now.notified() => {}
+                () = queue.asked() => {}
             }
             queue.take_now(&mut rest);
         }
-        // Every flush asked so far is in hand; a wake-up it left (it came while the writer
-        // waited for rows, or wrote) would cut the next round's interval short.
-        let _ = flush_now.notified().now_or_never();
         let round = first.len() + rest.len();
         for message in first.drain(..).chain(rest.drain(..)) {
             match message {
@@ -2839,17 +2847,21 @@ mod tests {
         assert_eq!(history.written(), 1);
     }
 
-    #[tokio::test]
-    async fn a_flush_does_not_wait_out_the_flush_interval() {
-        let dir = tempfile::tempdir().unwrap();
-        let history = History::open(HistoryConfig {
+    async fn open_with_a_minute_interval(dir: &tempfile::TempDir) -> History {
+        History::open(HistoryConfig {
             path: dir.path().join("h.db"),
             retention: None,
             flush_interval: Duration::from_secs(60),
             ..HistoryConfig::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_flush_does_not_wait_out_the_flush_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open_with_a_minute_interval(&dir).await;
         // The first row starts the writer's 60 s interval; the flush comes in the middle of it.
         history.record(record(1));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2871,7 +2883,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_row_recorded_during_shutdown_is_written_or_counted_as_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let history = open(&dir, 20_000).await;
+        let history = open(&dir, 2_000).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let recorder = std::thread::spawn({
             let (history, stop) = (history.clone(), stop.clone());
@@ -2884,10 +2896,14 @@ mod tests {
                 sent as u64
             }
         });
-        while history.written() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        history.shutdown(Duration::from_secs(10)).await;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while history.written() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the writer writes while rows come");
+        history.shutdown(Duration::from_secs(30)).await;
         // Only what the shutdown left behind is counted here: nothing flushes after it.
         let (written, dropped) = (history.written(), history.dropped());
         stop.store(true, Ordering::Relaxed);
@@ -2902,14 +2918,7 @@ mod tests {
     #[tokio::test]
     async fn a_flush_to_an_idle_writer_does_not_cut_the_next_interval_short() {
         let dir = tempfile::tempdir().unwrap();
-        let history = History::open(HistoryConfig {
-            path: dir.path().join("h.db"),
-            retention: None,
-            flush_interval: Duration::from_secs(60),
-            ..HistoryConfig::default()
-        })
-        .await
-        .unwrap();
+        let history = open_with_a_minute_interval(&dir).await;
         history.flush().await;
         history.record(record(1));
         tokio::time::sleep(Duration::from_millis(300)).await;
