@@ -1,6 +1,6 @@
-# Sourced by overhead-ab.sh, ab-pairs.sh and instructions.sh (not run on its own): oha, the shared
-# bench's mock nodes, the request they send, a scratch directory, and the closed loop that
-# measures a target. Needs `port` set first (and `seconds` for `measure`).
+# Sourced by overhead-ab.sh, fixed-rate-ab.sh, ab-pairs.sh and instructions.sh (not run on its
+# own): oha, the shared bench's mock nodes, the request they send, a scratch directory, and the
+# closed loop that measures a target. Needs `port` set first (and `seconds` for `measure`).
 shared=../shared/bench
 oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 [ -x "$oha" ] || { echo "needs oha: run $shared/setup.sh" >&2; exit 1; }
@@ -69,6 +69,15 @@ us = 1e6 / tck / max(n, 1)
 print(name, round(out["summary"]["requestsPerSec"]), round((u1 - u0) * us, 2), round((s1 - s0) * us, 2))
 PY
   tail -1 "$work/rows"
+}
+
+# Stops what a script started: the target, nginx if it runs from the scratch directory, the mock
+# nodes if this script started them; removes the scratch directory. For `trap stop_all EXIT`.
+stop_all() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  stop_mocks
+  rm -rf "$work"
 }
 
 # nginx as the shared bench configures it (no access log, kept-alive upstream connections),

@@ -17,8 +17,9 @@
 # The router is target/release/llm-router (built here), or PGO_BIN if set (scripts/build-pgo.sh
 # makes one in target/pgo/release/llm-router), with the default stack, its history on in a
 # scratch database emptied before each round (HISTORY=off turns it off, to see what the history
-# costs the tail), log level warn and 256 slots a node, in front of the shared bench's two mock
-# nodes on 127.0.0.1:18200.
+# costs the tail), log level warn and 256 slots a node, on 127.0.0.1:18200 in front of the
+# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary is not checked against the
+# checkout: the report names both.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes if they are
 # not up, and stops them again if it started them. Writes
@@ -28,20 +29,15 @@ cd "$(dirname "$0")/.."
 rounds=${1:-8}
 seconds=${2:-10}
 port=18200
+case "${HISTORY:-on}" in on | off) ;; *) echo "HISTORY must be on or off" >&2; exit 2 ;; esac
 command -v nginx >/dev/null || { echo "needs nginx: run ../shared/bench/setup.sh" >&2; exit 1; }
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  stop_mocks
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap stop_all EXIT
 
 if [ -n "${PGO_BIN:-}" ]; then
   router=$(realpath "$PGO_BIN")
-  build="PGO build ($PGO_BIN)"
+  build="PGO build ($PGO_BIN, not checked against the checkout)"
 else
   cargo build --release -q -p llm-router --bin llm-router
   router=$PWD/target/release/llm-router
@@ -104,15 +100,16 @@ for round in $(seq "$rounds"); do
   fi
 done
 
-report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD)${HISTORY:+-history-$HISTORY}.md
-python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" "$build" "$(uname -r)" > "$report" <<'PY'
+checkout=$(git describe --always --dirty)
+report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$checkout${HISTORY:+-history-$HISTORY}.md
+python3 - "$work/rows" "$rounds" "$seconds" "$checkout" "$build" "$(uname -r)" > "$report" <<'PY'
 import statistics as st, sys
 rows, rounds, seconds, commit, build, kernel = sys.argv[1:7]
 by_round = {}
 for line in open(rows):
     r, name, *ms = line.split()
     by_round.setdefault(int(r), {})[name] = [float(x) for x in ms]
-print(f"# Fixed-rate latency in alternation: nginx and the router (commit {commit})\n")
+print(f"# Fixed-rate latency in alternation: nginx and the router (checkout {commit})\n")
 print(f"`scripts/fixed-rate-ab.sh {rounds} {seconds}`, the router's {build}, kernel {kernel}, 2 cores:")
 print(f"{rounds} rounds; in each, each target is warmed by a {seconds} s closed loop of 64 connections, then")
 print(f"offered 1,000 requests a second over 64 connections for {seconds} s (oha, latency correction).")

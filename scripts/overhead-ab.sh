@@ -39,13 +39,7 @@ port=18200
 command -v nginx >/dev/null || { echo "needs nginx: run ../shared/bench/setup.sh" >&2; exit 1; }
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
-cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  stop_mocks
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap stop_all EXIT
 
 cargo build --release -q -p llm-router --bin llm-router --example floor_proxy \
   --example raw_head_proxy --example byte_pump
