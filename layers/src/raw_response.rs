@@ -138,15 +138,19 @@ impl<B> RawResponse<B> {
         self.remove_lines(name.as_str().as_bytes());
     }
 
-    /// Removes the lines called `name` (lower case), case aside.
+    /// Removes the lines called `name` (lower case), case aside. A line is called `name` when it
+    /// starts with it and its colon (or its end) comes right after: a line's name runs to its
+    /// first colon, and `name`, a header name, has none. Only the line ends are searched for, so
+    /// a scan over lines of other names costs one `memchr` each.
     fn remove_lines(&mut self, name: &[u8]) {
         let mut at = 0;
-        let line_at = |lines_from: &[u8]| {
-            lines(lines_from)
-                .next()
-                .map(|(found, _, end)| (found.eq_ignore_ascii_case(name), end))
-        };
-        while let Some((named, end)) = line_at(&self.lines[at..]) {
+        while at < self.lines.len() {
+            let rest = &self.lines[at..];
+            let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
+            let named = matches!(rest.get(name.len()), None | Some(b':' | b'\r' | b'\n'))
+                && rest
+                    .get(..name.len())
+                    .is_some_and(|start| start.eq_ignore_ascii_case(name));
             if named {
                 self.lines.drain(at..at + end);
             } else {
@@ -507,6 +511,19 @@ mod tests {
         answer.remove_header(&HeaderName::from_static("x-request-id"));
         assert!(answer.header_lines().is_empty());
         assert_eq!(answer.headers().count(), 0);
+    }
+
+    #[test]
+    fn a_removed_name_takes_only_lines_of_exactly_that_name() {
+        let mut answer = answer();
+        answer
+            .lines
+            .extend_from_slice(b"X-Tagged: 3\r\nx-tag:4\nx-ta: 5\r\nX-Tag: 6\r\nx-tag");
+        answer.remove_header(&HeaderName::from_static("x-tag"));
+        assert_eq!(
+            answer.header_lines(),
+            &b"Content-Type: application/json\r\nX-Request-Id: from-node\r\nopenai-model: m\r\nX-Tagged: 3\r\nx-ta: 5\r\n"[..]
+        );
     }
 
     #[test]
