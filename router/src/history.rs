@@ -266,8 +266,13 @@ impl Queue {
         self.lock().refusing_rows = true;
     }
 
+    /// The writer writes what is queued, at once (a sleeping writer is woken as a flush would
+    /// wake it), and ends.
     fn close(&self) {
-        self.lock().closed = true;
+        let mut waiting = self.lock();
+        waiting.closed = true;
+        self.asked.notify_one();
+        drop(waiting);
         self.ready.notify_one();
     }
 
@@ -2856,6 +2861,33 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_dropped_history_writes_what_it_queued_without_waiting_out_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open_with_a_minute_interval(&dir).await;
+        history.record(record(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        history.record(record(2));
+        drop(history);
+        let url = format!("sqlite://{}", dir.path().join("h.db").display());
+        let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let rows = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+                    .fetch_one(&mut reader)
+                    .await
+                    .unwrap();
+                if rows == 2 {
+                    return rows;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("written at once, not after the 60 s interval");
+        assert_eq!(rows, 2);
     }
 
     #[tokio::test]
