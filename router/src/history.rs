@@ -9,7 +9,8 @@
 //! writer up for long.
 //!
 //! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
-//! connection pool; SQLite's WAL mode lets them run beside the writer.
+//! connection pool; SQLite's WAL mode lets them run beside the writer. Only the writer writes:
+//! retention too is its work, in chunks between batches (see [`History::apply_retention`]).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -117,7 +118,33 @@ enum Message {
     /// Deletes the names no row names any more, once the rows before it are written; answers
     /// how many.
     PruneNames(oneshot::Sender<u64>),
+    /// Deletes one chunk of the rows past retention, once the rows before it are written.
+    Expire(ExpireChunk, oneshot::Sender<Result<Expired, sqlx::Error>>),
 }
+
+/// Where a retention pass stands: the next chunk it asks the writer to delete.
+#[derive(Debug, Clone, Copy)]
+struct ExpireChunk {
+    /// Rows older than this (unix ms) go.
+    cutoff: i64,
+    /// The chunk starts at the first row above this id.
+    after: i64,
+    /// The last row of the last batch whose rows are all older than the cutoff, found by the
+    /// first chunk; no row above it goes in this pass.
+    bound: Option<i64>,
+}
+
+/// What one chunk deleted, and the next chunk unless the pass is done.
+#[derive(Debug)]
+struct Expired {
+    deleted: u64,
+    next: Option<ExpireChunk>,
+}
+
+/// Most row ids one retention chunk spans: rows wait in the queue while a chunk is deleted.
+/// A million rows in one DELETE took about 0.35 s in a debug build, past a 100-row queue's
+/// room at a row a millisecond; 10,000 take a few milliseconds.
+const EXPIRE_CHUNK_IDS: i64 = 10_000;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -465,36 +492,43 @@ impl History {
         self.inner.pool.as_ref().ok_or(HistoryError::Unavailable)
     }
 
-    /// Deletes rows older than the retention period.
+    /// Deletes rows older than the retention period, and then the names no row left names.
+    ///
+    /// The writer deletes them, a chunk of [`EXPIRE_CHUNK_IDS`] ids at a time, each chunk
+    /// asked for behind the rows queued meanwhile: batches go in between chunks. (One DELETE
+    /// on a pool connection beside the writer held SQLite's write lock for the whole pass, 1.7
+    /// s for a million rows in a debug build, and the writer's batches failed once it held it
+    /// past their busy timeout; a pool connection opened during a fault also stayed
+    /// read-only.)
     pub(crate) async fn apply_retention(&self) -> Result<u64, HistoryError> {
         let Some(retention) = self.inner.retention else {
             return Ok(0);
         };
-        let cutoff = now_ms() - retention.as_millis() as i64;
-        let pool = self.pool()?;
-        let result = sqlx::query(DELETE_EXPIRED)
-            .bind(cutoff)
-            .execute(pool)
-            .await?;
-        if result.rows_affected() > 0 {
-            // Ranges wholly below the oldest row left point at nothing any more. They start
-            // below it too, which `request_keys_first` finds without reading the whole table.
-            sqlx::query(DELETE_STALE_KEYS)
-                .bind(
-                    sqlx::query_scalar::<_, Option<i64>>("SELECT min(id) FROM requests")
-                        .fetch_one(pool)
-                        .await?
-                        .unwrap_or(i64::MAX),
-                )
-                .execute(pool)
-                .await?;
+        let mut chunk = ExpireChunk {
+            cutoff: now_ms() - retention.as_millis() as i64,
+            after: i64::MIN,
+            bound: None,
+        };
+        let mut deleted = 0;
+        loop {
+            let expired = self
+                .ask(|done| Message::Expire(chunk, done))
+                .await
+                .ok_or(HistoryError::Unavailable)??;
+            deleted += expired.deleted;
+            match expired.next {
+                Some(next) => chunk = next,
+                None => break,
+            }
+        }
+        if deleted > 0 {
             let names = self.prune_names().await;
             tracing::debug!(
                 names,
                 "history retention deleted names no row names any more"
             );
         }
-        Ok(result.rows_affected())
+        Ok(deleted)
     }
 
     /// Has the writer delete the names no row names any more, after the rows queued before,
@@ -603,14 +637,18 @@ impl History {
     }
 }
 
-/// Deletes the rows older than the cutoff (bound: unix ms) up to the last batch whose rows all
-/// are, found by its range (`request_keys_ts`), so that the rows are read by id and not
-/// all of them. A batch that also holds newer rows keeps its old ones until the next pass
-/// after its newest has expired: a batch's rows arrived within its flush interval and the
-/// longest request before it. Rows older than the cutoff below that id go too, and rows
-/// newer than it stay: a long request's row can be older than the rows of earlier batches.
-const DELETE_EXPIRED: &str = "DELETE FROM requests WHERE ts_ms < ?1 AND id <= \
-     (SELECT coalesce(max(last_id), 0) FROM request_keys WHERE kind = 'batch' AND max_ts < ?1)";
+/// The last row of the last batch whose rows are all older than the cutoff (bound: unix ms),
+/// found by its range (`request_keys_ts`), so that expired rows are read by id and not all of
+/// them. A batch that also holds newer rows keeps its old ones until the next pass after its
+/// newest has expired: a batch's rows arrived within its flush interval and the longest
+/// request before it.
+const EXPIRED_BOUND: &str = "SELECT coalesce(max(last_id), 0) FROM request_keys \
+     WHERE kind = 'batch' AND max_ts < ?1";
+
+/// Deletes the rows older than the cutoff (?1) among ids ?2 to ?3. Rows newer than it stay: a
+/// long request's row can be older than the rows of earlier batches.
+const DELETE_EXPIRED_CHUNK: &str =
+    "DELETE FROM requests WHERE id >= ?2 AND id <= ?3 AND ts_ms < ?1";
 
 /// Deletes the key ranges below the oldest row left (bound: its id).
 const DELETE_STALE_KEYS: &str = "DELETE FROM request_keys WHERE first_id < ?1 AND last_id < ?1";
@@ -854,6 +892,10 @@ async fn writer(
                     batch.write().await;
                     let _ = done.send(batch.prune_names().await);
                 }
+                Message::Expire(chunk, done) => {
+                    batch.write().await;
+                    let _ = done.send(batch.expire(chunk).await);
+                }
             }
         }
         batch.write().await;
@@ -936,12 +978,77 @@ impl Batch {
         }
     }
 
+    /// Deletes `chunk`'s expired rows. A failure closes the connection, as a failed batch does;
+    /// the next retention pass starts over.
+    async fn expire(&mut self, chunk: ExpireChunk) -> Result<Expired, sqlx::Error> {
+        let expired = match open_connection(&mut self.connection, &self.options).await {
+            Ok(conn) => expire_chunk(conn, chunk).await,
+            Err(error) => Err(error),
+        };
+        if expired.is_err() {
+            self.close_connection().await;
+        }
+        expired
+    }
+
     /// Closes the connection after a failure, so that the next batch opens a fresh one.
     async fn close_connection(&mut self) {
         if let Some(broken) = self.connection.take() {
             let _ = broken.close().await;
         }
     }
+}
+
+/// Deletes the expired rows among the next [`EXPIRE_CHUNK_IDS`] ids from the first row after
+/// `chunk.after`, up to its bound; past the bound, the key ranges below the oldest row left.
+async fn expire_chunk(
+    conn: &mut SqliteConnection,
+    chunk: ExpireChunk,
+) -> Result<Expired, sqlx::Error> {
+    let bound = match chunk.bound {
+        Some(bound) => bound,
+        None => {
+            sqlx::query_scalar(EXPIRED_BOUND)
+                .bind(chunk.cutoff)
+                .fetch_one(&mut *conn)
+                .await?
+        }
+    };
+    let first: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM requests WHERE id > ?")
+        .bind(chunk.after)
+        .fetch_one(&mut *conn)
+        .await?;
+    let Some(first) = first.filter(|&first| first <= bound) else {
+        // Ranges wholly below the oldest row left point at nothing any more. They start below
+        // it too, which `request_keys_first` finds without reading the whole table.
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM requests")
+            .fetch_one(&mut *conn)
+            .await?;
+        sqlx::query(DELETE_STALE_KEYS)
+            .bind(oldest.unwrap_or(i64::MAX))
+            .execute(&mut *conn)
+            .await?;
+        return Ok(Expired {
+            deleted: 0,
+            next: None,
+        });
+    };
+    let last = bound.min(first.saturating_add(EXPIRE_CHUNK_IDS - 1));
+    let deleted = sqlx::query(DELETE_EXPIRED_CHUNK)
+        .bind(chunk.cutoff)
+        .bind(first)
+        .bind(last)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(Expired {
+        deleted,
+        next: Some(ExpireChunk {
+            after: last,
+            bound: Some(bound),
+            ..chunk
+        }),
+    })
 }
 
 /// Marks the names of `keys` as named by rows up to `last_id`, within `tx`; false when a key
@@ -1957,14 +2064,15 @@ mod tests {
             by_window.starts_with("SEARCH k USING INDEX request_keys_ts (kind=? AND max_ts>?)"),
             "{by_window}"
         );
-        let expiry = plan_of(DELETE_EXPIRED.to_owned()).await;
+        let expiry = plan_of(EXPIRED_BOUND.to_owned()).await;
         assert!(
             expiry.contains("request_keys_ts (kind=? AND max_ts<?)"),
             "{expiry}"
         );
+        let chunk = plan_of(DELETE_EXPIRED_CHUNK.to_owned()).await;
         assert!(
-            expiry.contains("SEARCH requests USING INTEGER PRIMARY KEY (rowid<?)"),
-            "{expiry}"
+            chunk.contains("SEARCH requests USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"),
+            "{chunk}"
         );
         let window = LogQuery {
             since: Some(1),
@@ -2675,6 +2783,89 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retention_that_failed_in_a_fault_deletes_once_the_fault_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 100).await;
+        write_all(&history, &[record(1), record(2)]).await;
+        history.shutdown(Duration::from_secs(5)).await;
+        drop(history);
+        // Opened while the file refuses writes, which SQLite opens read-only.
+        let immutable = Immutable::set(&dir);
+        let history = open_keeping_an_hour(&dir).await;
+        let failed = history.apply_retention().await;
+        assert!(failed.is_err(), "{failed:?}");
+        drop(immutable);
+        assert_eq!(
+            history.apply_retention().await.unwrap(),
+            2,
+            "the next pass deletes the rows past retention"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_of_a_million_rows_drops_no_row_written_meanwhile() {
+        const EXPIRED: i64 = 1_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        // Room for 100 rows: about 100 ms of them here, far less than the pass takes.
+        let history = History::open(HistoryConfig {
+            path: dir.path().join("h.db"),
+            retention: Some(Duration::from_secs(3600)),
+            flush_interval: Duration::from_millis(10),
+            queue_capacity: 100,
+            ..HistoryConfig::default()
+        })
+        .await
+        .unwrap();
+        let pool = history.pool().unwrap();
+        // Rows of 2023 and the batch range that retention finds them by.
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             INSERT INTO requests \
+             (ts_ms, request_id, path, status, stream, latency_ms, client_disconnected) \
+             SELECT 1700000000000 + i, 'old', '', 200, 0, 1.0, 0 FROM n",
+        )
+        .bind(EXPIRED)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
+             VALUES ('batch', '', 1, ?1, 1700000000001, 1700000000000 + ?1)",
+        )
+        .bind(EXPIRED)
+        .execute(pool)
+        .await
+        .unwrap();
+        let retention = tokio::spawn({
+            let history = history.clone();
+            async move { history.apply_retention().await }
+        });
+        // New rows keep coming while the pass runs, as they would in a router.
+        let mut recorded = 0;
+        while !retention.is_finished() {
+            history.record(RequestRecord {
+                ts_ms: now_ms(),
+                ..record(recorded)
+            });
+            recorded += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(retention.await.unwrap().unwrap(), EXPIRED as u64);
+        history.flush().await;
+        assert!(recorded > 100, "the pass took {recorded} ms or more");
+        assert_eq!(history.dropped(), 0, "of {recorded} rows");
+        assert_eq!(history.written(), recorded as u64);
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            left, recorded as i64,
+            "only the rows written meanwhile are left"
+        );
+    }
+
+    #[tokio::test]
     async fn more_names_than_the_writer_remembers_read_back_right() {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 10_000).await;
@@ -2740,6 +2931,7 @@ mod tests {
             Message::Row(r) => r.request_id.clone(),
             Message::Flush(_) => "flush".to_owned(),
             Message::PruneNames(_) => "prune".to_owned(),
+            Message::Expire(..) => "expire".to_owned(),
         };
         assert!(queue.push_row(record(0)));
         assert!(queue.push_request(Message::Flush(oneshot::channel().0)));
