@@ -1222,7 +1222,12 @@ impl NodePool {
         )
     }
 
-    /// Takes a free slot on the least-loaded node eligible for `model`, if any is free.
+    /// Takes a free slot on the node eligible for `model` that is expected to answer first (its
+    /// load over its capacity, weighed by its measured time to first byte), if any is free.
+    ///
+    /// The same rule as [`CachedSelectLayer`](crate::cached_select::CachedSelectLayer)'s, so
+    /// that a selection after this one keeps the slot rather than taking another and giving
+    /// this one back.
     pub fn try_acquire_free(&self, model: Option<&str>) -> Option<LoadGuard> {
         self.try_acquire_free_in(&self.snapshot(), model)
     }
@@ -1239,7 +1244,8 @@ impl NodePool {
         };
         // Two tries: a node picked as free can fill up before we take it.
         for _ in 0..2 {
-            let node = least_loaded(nodes, SlotBound::WithinCapacity, None)?;
+            let measured = nodes.iter().map(|n| (n, Speed::of(n)));
+            let node = quickest(measured, SlotBound::WithinCapacity, None)?;
             if let Some(guard) = self.acquire(node, SlotBound::WithinCapacity) {
                 return Some(guard);
             }
@@ -1411,6 +1417,32 @@ mod tests {
             Enqueued::UnknownModel
         ));
         assert_eq!(pool.waiting(), 0, "the ones turned away are not counted");
+    }
+
+    #[test]
+    fn a_free_slot_is_taken_on_the_node_expected_to_answer_first() {
+        let pool =
+            NodePool::from_specs([spec("slow", &["m"], 4), spec("fast", &["m"], 4)]).unwrap();
+        let snapshot = pool.snapshot();
+        let [slow, fast] = [0, 1].map(|i| snapshot.nodes()[i].clone());
+        slow.state().record_ttfb(Duration::from_millis(200));
+        fast.state().record_ttfb(Duration::from_millis(20));
+        let id = |g: &LoadGuard| g.node().unwrap().id().to_owned();
+        let held: Vec<_> = (0..4)
+            .map(|_| pool.try_acquire_free(Some("m")).unwrap())
+            .collect();
+        // The fast node, until its load outweighs ten times the speed: a full node of four
+        // slots expects 2 × 20 ms, still less than an idle slow one's 200.
+        assert!(
+            held.iter().all(|g| id(g) == "fast"),
+            "{:?}",
+            held.iter().map(id).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            id(&pool.try_acquire_free(Some("m")).unwrap()),
+            "slow",
+            "the fast one is full"
+        );
     }
 
     #[test]

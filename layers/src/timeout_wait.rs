@@ -2,7 +2,8 @@
 //!
 //! Use it when nodes must never be sent more than their `max_concurrency` requests: with this
 //! layer on, they are not. A request for which some eligible node has a free slot takes it at
-//! once. Otherwise it joins a FIFO line of at most `max_waiters` requests and waits at most
+//! once, on the node expected to answer first (as [`NodePool::try_acquire_free`] picks).
+//! Otherwise it joins a FIFO line of at most `max_waiters` requests and waits at most
 //! `wait_timeout`. A slot given back goes straight to the oldest waiter that can use it, so the
 //! line is served in order and no wake-up is lost.
 //!
