@@ -1225,9 +1225,11 @@ impl NodePool {
     /// Takes a free slot on the node eligible for `model` that is expected to answer first (its
     /// load over its capacity, weighed by its measured time to first byte), if any is free.
     ///
-    /// The same rule as [`CachedSelectLayer`](crate::cached_select::CachedSelectLayer)'s, so
-    /// that a selection after this one keeps the slot rather than taking another and giving
-    /// this one back.
+    /// The rule [`CachedSelectLayer`](crate::cached_select::CachedSelectLayer) applies (here
+    /// over every eligible node, with their speeds as of now rather than its cached ranking's),
+    /// so that a selection after this one mostly keeps the slot rather than taking another and
+    /// giving this one back. A node not measured yet counts as quickest, so new nodes get
+    /// tried.
     pub fn try_acquire_free(&self, model: Option<&str>) -> Option<LoadGuard> {
         self.try_acquire_free_in(&self.snapshot(), model)
     }
@@ -1432,7 +1434,7 @@ mod tests {
             .map(|_| pool.try_acquire_free(Some("m")).unwrap())
             .collect();
         // The fast node, until its load outweighs ten times the speed: a full node of four
-        // slots expects 2 × 20 ms, still less than an idle slow one's 200.
+        // slots expects 2 × 20 ms, still less than the 250 (5/4 × 200) of an idle slow one.
         assert!(
             held.iter().all(|g| id(g) == "fast"),
             "{:?}",
