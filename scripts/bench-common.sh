@@ -21,6 +21,21 @@ work=$(mktemp -d)
 # The target being measured, for the caller's cleanup.
 pid=
 
+# built_from_checkout BINARY: the commit a router binary names in `--version` (router/build.rs),
+# when it is this checkout's HEAD; otherwise says which it is and fails, so that a report named
+# after this commit does not measure another. A build with uncommitted changes passes, named
+# as such (the report names the checkout with --dirty too).
+built_from_checkout() {
+  local version head
+  version=$("$1" --version 2>/dev/null || true)
+  head=$(git rev-parse --short=12 HEAD)
+  case "$version" in
+    *"(commit $head)"* | *"(commit $head, modified)"*) echo "${version#* }" ;;
+    *"(commit "*) echo "$1 is $version, not of this checkout ($head)" >&2; return 1 ;;
+    *) echo "$1 does not say its commit (${version:-no --version}): built before router/build.rs" >&2; return 1 ;;
+  esac
+}
+
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.
 cpu_ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
 

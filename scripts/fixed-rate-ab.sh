@@ -18,8 +18,8 @@
 # makes one in target/pgo/release/llm-router), with the default stack, its history on in a
 # scratch database emptied before each round (HISTORY=off turns it off, to see what the history
 # costs the tail), log level warn and 256 slots a node, on 127.0.0.1:18200 in front of the
-# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary is not checked against the
-# checkout: the report names both.
+# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must name this checkout's
+# commit in its `--version` (router/build.rs); the report names both.
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes if they are
 # not up, and stops them again if it started them. Writes
@@ -37,7 +37,8 @@ trap stop_all EXIT
 
 if [ -n "${PGO_BIN:-}" ]; then
   router=$(realpath "$PGO_BIN")
-  build="PGO build ($PGO_BIN, not checked against the checkout)"
+  built=$(built_from_checkout "$router")
+  build="PGO build ($PGO_BIN, $built)"
 else
   cargo build --release -q -p llm-router --bin llm-router
   router=$PWD/target/release/llm-router

@@ -26,7 +26,7 @@
 # the history's cost is that of writing to a small table.
 #
 # The PGO build is made first (about 15 minutes), unless PGO_BIN names one already built from
-# this commit.
+# this commit (its `--version` must say so).
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -48,6 +48,7 @@ if [ -z "${PGO_BIN:-}" ]; then
   PGO_BIN=target/pgo/release/llm-router
 fi
 [ -x "$PGO_BIN" ] || { echo "not an executable: $PGO_BIN" >&2; exit 1; }
+built_from_checkout "$PGO_BIN" >/dev/null
 
 write_nginx_conf
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"

@@ -11,9 +11,18 @@ use router::config::{Config, ConfigOverrides, LogFormat};
 use router::server::{StartOptions, start};
 use tokio::net::TcpListener;
 
+/// The version with the commit the binary was built from (see build.rs): benchmark scripts
+/// check it against the checkout their report is named after.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LLM_ROUTER_COMMIT"),
+    ")"
+);
+
 /// An OpenAI-compatible router for LLM inference nodes.
 #[derive(Debug, Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(version = VERSION, about, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -28,6 +28,32 @@ async fn wait_healthy(port: u16) {
     panic!("the router did not start listening on {port}");
 }
 
+#[test]
+fn version_names_the_commit_the_binary_was_built_from() {
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-router"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let version = String::from_utf8(out.stdout).unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let expected = match head {
+        // With ", modified" after it in a tree with uncommitted changes.
+        Some(head) => format!("llm-router {} (commit {head}", env!("CARGO_PKG_VERSION")),
+        None => format!("llm-router {} (commit unknown)", env!("CARGO_PKG_VERSION")),
+    };
+    assert!(
+        version.starts_with(&expected),
+        "{version:?}, expected {expected:?}"
+    );
+}
+
 /// The router binary running with a config file, its output lines (stdout and stderr) collected
 /// as they come. Killed when dropped.
 struct RouterChild {
