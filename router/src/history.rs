@@ -2825,25 +2825,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         history.flush().await;
         let pool = history.pool().unwrap();
-        // Rows of 2023 and the batch range that retention finds them by.
-        sqlx::query(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
-             INSERT INTO requests \
-             (ts_ms, request_id, path, status, stream, latency_ms, client_disconnected) \
-             SELECT 1700000000000 + i, 'old', '', 200, 0, 1.0, 0 FROM n",
-        )
-        .bind(EXPIRED)
-        .execute(pool)
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
-             VALUES ('batch', '', 1, ?1, 1700000000001, 1700000000000 + ?1)",
-        )
-        .bind(EXPIRED)
-        .execute(pool)
-        .await
-        .unwrap();
+        insert_expired(pool, &[(1, EXPIRED)]).await;
         let retention = tokio::spawn({
             let history = history.clone();
             async move { history.apply_retention().await }
@@ -2873,13 +2855,10 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn retention_chunks_span_at_most_their_ids_and_skip_gaps() {
-        let dir = tempfile::tempdir().unwrap();
-        let history = open(&dir, 16).await;
-        let pool = history.pool().unwrap();
-        // Expired rows at ids 1-25,000 and 1,000,001-1,000,005; a batch range covers them all.
-        for (first, last) in [(1, 25_000), (1_000_001, 1_000_005)] {
+    /// Rows of 2023 (expired for any retention) at the ids of `ranges`, in order, and one
+    /// batch range over them all, which retention finds them by.
+    async fn insert_expired(pool: &SqlitePool, ranges: &[(i64, i64)]) {
+        for &(first, last) in ranges {
             sqlx::query(
                 "WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
                  INSERT INTO requests \
@@ -2892,13 +2871,25 @@ mod tests {
             .await
             .unwrap();
         }
+        let (first, last) = (ranges[0].0, ranges[ranges.len() - 1].1);
         sqlx::query(
             "INSERT INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
-             VALUES ('batch', '', 1, 1000005, 1700000000001, 1700001000005)",
+             VALUES ('batch', '', ?1, ?2, 1700000000000 + ?1, 1700000000000 + ?2)",
         )
+        .bind(first)
+        .bind(last)
         .execute(pool)
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_chunks_span_at_most_their_ids_and_skip_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = open(&dir, 16).await;
+        let pool = history.pool().unwrap();
+        // Expired rows at ids 1-25,000 and a million further on.
+        insert_expired(pool, &[(1, 25_000), (1_000_001, 1_000_005)]).await;
         let mut conn = pool.acquire().await.unwrap();
         let mut chunk = ExpireChunk {
             cutoff: now_ms(),
