@@ -21,6 +21,10 @@
 # shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must name this checkout's
 # commit in its `--version` (router/build.rs); the report names both.
 #
+# TWICE=1 runs each target twice in a row in each round (a fresh start each time), to see
+# whether a loop reads worse for coming second: the report then also gives each target's second
+# p99 minus its first, and compares the first loops.
+#
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes if they are
 # not up, and stops them again if it started them. Writes
 # loadtest/results/fixed-rate-ab-DATE-COMMIT.md.
@@ -30,6 +34,7 @@ rounds=${1:-8}
 seconds=${2:-10}
 port=18200
 case "${HISTORY:-on}" in on | off) ;; *) echo "HISTORY must be on or off" >&2; exit 2 ;; esac
+case "${TWICE:-0}" in 0 | 1) ;; *) echo "TWICE must be 0 or 1" >&2; exit 2 ;; esac
 command -v nginx >/dev/null || { echo "needs nginx: run ../shared/bench/setup.sh" >&2; exit 1; }
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
@@ -72,10 +77,11 @@ PY
   tail -1 "$work/rows"
 }
 
+# run_nginx ROUND [NAME], run_router ROUND [NAME]: one start, loop and stop of the target.
 run_nginx() {
   nginx -p "$work" -c "$work/nginx.conf"
   wait_ready
-  fixed_rate "$1" nginx
+  fixed_rate "$1" "${2:-nginx}"
   kill "$(cat "$work/nginx.pid")"
   wait_port_free
 }
@@ -86,26 +92,38 @@ run_router() {
     --upstream "$nodes" --max-concurrency 256 >"$work/router.log" 2>&1 &
   pid=$!
   wait_ready || { cat "$work/router.log" >&2; exit 1; }
-  fixed_rate "$1" router
+  fixed_rate "$1" "${2:-router}"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   wait_port_free
+}
+
+# nginx_turn ROUND, router_turn ROUND: the target's loop, and with TWICE=1 its second one.
+nginx_turn() {
+  run_nginx "$1"
+  if [ "${TWICE:-0}" = 1 ]; then run_nginx "$1" nginx-again; fi
+}
+router_turn() {
+  run_router "$1"
+  if [ "${TWICE:-0}" = 1 ]; then run_router "$1" router-again; fi
 }
 
 wait_port_free
 for round in $(seq "$rounds"); do
   echo "round $round of $rounds"
   if [ $((round % 2)) -eq 1 ]; then
-    run_nginx "$round"; run_router "$round"
+    nginx_turn "$round"; router_turn "$round"
   else
-    run_router "$round"; run_nginx "$round"
+    router_turn "$round"; nginx_turn "$round"
   fi
 done
 
 checkout=$(git describe --always --dirty)
-report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$checkout${HISTORY:+-history-$HISTORY}.md
-python3 - "$work/rows" "$rounds" "$seconds" "$checkout" "$build" "$(uname -r)" > "$report" <<'PY'
+twice=
+if [ "${TWICE:-0}" = 1 ]; then twice=-twice; fi
+report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$checkout${HISTORY:+-history-$HISTORY}$twice.md
+python3 - "$work/rows" "$rounds" "$seconds" "$checkout" "$build" "$(uname -r)" "$twice" > "$report" <<'PY'
 import statistics as st, sys
-rows, rounds, seconds, commit, build, kernel = sys.argv[1:7]
+rows, rounds, seconds, commit, build, kernel, twice = sys.argv[1:8]
 by_round = {}
 for line in open(rows):
     r, name, *ms = line.split()
@@ -114,7 +132,7 @@ print(f"# Fixed-rate latency in alternation: nginx and the router (checkout {com
 print(f"`scripts/fixed-rate-ab.sh {rounds} {seconds}`, the router's {build}, kernel {kernel}, 2 cores:")
 print(f"{rounds} rounds; in each, each target is warmed by a {seconds} s closed loop of 64 connections, then")
 print(f"offered 1,000 requests a second over 64 connections for {seconds} s (oha, latency correction).")
-print("Odd rounds run nginx first, even rounds the router. Latency in ms.\n")
+print("Odd rounds run nginx first, even rounds the router." + (" Each target runs twice in a row (`TWICE=1`): the\nfirst loops are compared here, the second ones below." if twice else "") + " Latency in ms.\n")
 print("| round | nginx p50 / p95 / p99 / p99.9 | router p50 / p95 / p99 / p99.9 | router p99 − nginx p99 |")
 print("|---:|---:|---:|---:|")
 diffs = []
@@ -131,6 +149,22 @@ within = sum(d <= 0.2 for d in diffs)
 print(f"\nMedian of the router's p99 minus nginx's, round by round: {st.median(diffs):+.2f} ms; the router")
 print(f"was within 0.2 ms of nginx's p99 or better in {within} of {len(diffs)} rounds. The spread of nginx's")
 print(f"own p99 over the rounds: {min(by_round[r]['nginx'][2] for r in by_round):.2f}-{max(by_round[r]['nginx'][2] for r in by_round):.2f} ms.")
+if twice:
+    print("\nEach target's second loop against its first (p99, ms):\n")
+    print("| round | nginx first / second | second − first | router first / second | second − first |")
+    print("|---:|---:|---:|---:|---:|")
+    again = {"nginx": [], "router": []}
+    for r in sorted(by_round):
+        cells = []
+        for name in ("nginx", "router"):
+            first, second = by_round[r][name][2], by_round[r][f"{name}-again"][2]
+            again[name].append(second - first)
+            cells += [f"{first:.2f} / {second:.2f}", f"{second - first:+.2f}"]
+        print(f"| {r} | " + " | ".join(cells) + " |")
+    for name, d in again.items():
+        worse = sum(x > 0 for x in d)
+        print(f"\n{name}: median second − first {st.median(d):+.2f} ms; the second loop read worse in {worse} of {len(d)} rounds.", end="")
+    print()
 PY
 cat "$report"
 echo "written: $report"
