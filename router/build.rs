@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::Command;
 
 /// What the binaries are built from, relative to the workspace: a change to one of them runs
-/// this script again, and makes the build `modified` until it is committed.
+/// this script again, and makes the build `modified` until it is committed. (The benchmark
+/// scripts' `router_sources`, in scripts/bench-common.sh, lists the same.)
 const SOURCES: [&str; 8] = [
     "Cargo.toml",
     "Cargo.lock",

@@ -21,19 +21,35 @@ work=$(mktemp -d)
 # The target being measured, for the caller's cleanup.
 pid=
 
+# The files the router's binaries are built from (SOURCES in router/build.rs).
+router_sources=(Cargo.toml Cargo.lock layers/Cargo.toml layers/src router/Cargo.toml router/build.rs
+  router/migrations router/src)
+
 # built_from_checkout BINARY: the commit a router binary names in `--version` (router/build.rs),
-# when it is this checkout's HEAD; otherwise says which it is and fails, so that a report named
-# after this commit does not measure another. A build with uncommitted changes passes, named
-# as such (the report names the checkout with --dirty too).
+# when its sources are this checkout's: its commit is HEAD, or no commit between them changed
+# the router's sources (`git diff`). Otherwise says which it is and fails, so that a report
+# named after this commit does not measure another build. A build of HEAD with uncommitted
+# changes passes, named as such (the report names the checkout with --dirty too); one of
+# another commit does not.
 built_from_checkout() {
-  local version head
+  local version head built
   version=$("$1" --version 2>/dev/null || true)
   head=$(git rev-parse --short=12 HEAD)
   case "$version" in
-    *"(commit $head)"* | *"(commit $head, modified)"*) echo "${version#* }" ;;
-    *"(commit "*) echo "$1 is $version, not of this checkout ($head)" >&2; return 1 ;;
+    *"(commit "*) ;;
     *) echo "$1 does not say its commit (${version:-no --version}): built before router/build.rs" >&2; return 1 ;;
   esac
+  built=${version##*(commit }
+  built=${built%%[,)]*}
+  if [ "$built" = "$head" ]; then
+    echo "${version#* }"
+  elif [[ "$version" != *", modified)"* ]] && git cat-file -e "$built^{commit}" 2>/dev/null &&
+    git diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
+    echo "${version#* }, the sources of $head"
+  else
+    echo "$1 is $version, not built from this checkout's sources ($head)" >&2
+    return 1
+  fi
 }
 
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.

@@ -18,8 +18,8 @@
 # makes one in target/pgo/release/llm-router), with the default stack, its history on in a
 # scratch database emptied before each round (HISTORY=off turns it off, to see what the history
 # costs the tail), log level warn and 256 slots a node, on 127.0.0.1:18200 in front of the
-# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must name this checkout's
-# commit in its `--version` (router/build.rs); the report names both.
+# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must be built from this
+# checkout's sources, which its `--version` tells (router/build.rs); the report names both.
 #
 # TWICE=1 runs each target twice in a row in each round (a fresh start each time), to see
 # whether a loop reads worse for coming second: the report then also gives each target's second

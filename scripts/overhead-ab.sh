@@ -26,7 +26,7 @@
 # the history's cost is that of writing to a small table.
 #
 # The PGO build is made first (about 15 minutes), unless PGO_BIN names one already built from
-# this commit (its `--version` must say so).
+# this checkout's sources (its `--version` must say so).
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
