@@ -10,7 +10,7 @@
 //!
 //! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
 //! connection pool; SQLite's WAL mode lets them run beside the writer. Only the writer writes:
-//! retention too is its work, in chunks between batches (see [`History::apply_retention`]).
+//! retention too is its work, in chunks between batches.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -35,9 +35,9 @@ use tokio::sync::{Notify, oneshot};
 pub struct HistoryConfig {
     /// The SQLite file; created if missing.
     pub path: PathBuf,
-    /// Rows older than this are deleted every minute, up to the last batch whose rows all are
-    /// (a row written with newer ones can wait for them), with the names no row left names;
-    /// `None` keeps all.
+    /// Rows older than this are deleted every minute (the first time a minute after opening),
+    /// up to the last batch whose rows all are (a row written with newer ones can wait for
+    /// them), with the names no row left names; `None` keeps all.
     pub retention: Option<Duration>,
     /// Most rows per transaction.
     pub batch_size: usize,
@@ -400,7 +400,11 @@ impl History {
         if config.retention.is_some() {
             let weak = Arc::downgrade(&history.inner);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                // The first pass a period after opening, not at once: a test (or a caller) that
+                // runs a pass of its own does not race one it did not ask for.
+                let period = Duration::from_secs(60);
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
@@ -2607,25 +2611,24 @@ mod tests {
             .unwrap()
     }
 
-    /// A history that keeps rows for an hour, once its start-up retention pass has run (before
-    /// there is anything to delete).
-    async fn open_keeping_an_hour(dir: &tempfile::TempDir) -> History {
-        let history = History::open(HistoryConfig {
+    /// A history that keeps rows for an hour, with room for `capacity` queued rows. Its first
+    /// pass of its own is a minute away: the tests run theirs.
+    async fn open_keeping_an_hour(dir: &tempfile::TempDir, capacity: usize) -> History {
+        History::open(HistoryConfig {
             path: dir.path().join("h.db"),
             retention: Some(Duration::from_secs(3600)),
             flush_interval: Duration::from_millis(10),
+            queue_capacity: capacity,
             ..HistoryConfig::default()
         })
         .await
-        .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        history
+        .unwrap()
     }
 
     #[tokio::test]
     async fn retention_deletes_the_names_of_deleted_rows_and_keys_start_over() {
         let dir = tempfile::tempdir().unwrap();
-        let history = open_keeping_an_hour(&dir).await;
+        let history = open_keeping_an_hour(&dir, 10_000).await;
         let named = |i: usize, model: &str, node: &str, path: &str, ts_ms: i64| {
             let mut r = record(i);
             r.model = Some(model.into());
@@ -2794,7 +2797,7 @@ mod tests {
         drop(history);
         // Opened while the file refuses writes, which SQLite opens read-only.
         let immutable = Immutable::set(&dir);
-        let history = open_keeping_an_hour(&dir).await;
+        let history = open_keeping_an_hour(&dir, 10_000).await;
         let failed = history.apply_retention().await;
         assert!(failed.is_err(), "{failed:?}");
         drop(immutable);
@@ -2812,18 +2815,7 @@ mod tests {
         // Room for 1,000 rows (a second of them here), so that a slow disk's checkpoint does
         // not overflow it; the old DELETE beside the writer failed its batches whatever the
         // room. `retention_chunks_span_at_most_their_ids_and_skip_gaps` checks the chunking.
-        let history = History::open(HistoryConfig {
-            path: dir.path().join("h.db"),
-            retention: Some(Duration::from_secs(3600)),
-            flush_interval: Duration::from_millis(10),
-            queue_capacity: 1000,
-            ..HistoryConfig::default()
-        })
-        .await
-        .unwrap();
-        // The start-up pass, over an empty table, is over before the old rows go in.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        history.flush().await;
+        let history = open_keeping_an_hour(&dir, 1000).await;
         let pool = history.pool().unwrap();
         insert_expired(pool, &[(1, EXPIRED)]).await;
         let retention = tokio::spawn({
@@ -3202,7 +3194,7 @@ mod tests {
     #[tokio::test]
     async fn retention_deletes_old_rows_only() {
         let dir = tempfile::tempdir().unwrap();
-        let history = open_keeping_an_hour(&dir).await;
+        let history = open_keeping_an_hour(&dir, 10_000).await;
         let mut fresh = record(1);
         fresh.ts_ms = now_ms();
         // Three batches: 2023 (older than an hour), now, 2023 again (a long request's row).
