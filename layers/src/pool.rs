@@ -1246,7 +1246,11 @@ impl NodePool {
         };
         // Two tries: a node picked as free can fill up before we take it.
         for _ in 0..2 {
-            let measured = nodes.iter().map(|n| (n, Speed::of(n)));
+            // Speeds are read only for nodes with room: a full one is passed over anyway.
+            let measured = nodes
+                .iter()
+                .filter(|n| n.state().in_flight() < n.max_concurrency().max(1))
+                .map(|n| (n, Speed::of(n)));
             let node = quickest(measured, SlotBound::WithinCapacity, None)?;
             if let Some(guard) = self.acquire(node, SlotBound::WithinCapacity) {
                 return Some(guard);
