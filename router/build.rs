@@ -1,30 +1,22 @@
 //! Records the commit the binaries are built from, for `--version`: `LLM_ROUTER_COMMIT` is the
-//! commit's short hash, with `, modified` when the files that go into the binaries differ from
-//! it, or `unknown` outside a git checkout (a source archive, say).
+//! commit's short hash, with `, modified` when the files they are built from
+//! (build-sources.txt) differ from it or `git status` cannot tell, or `unknown` outside a git
+//! checkout of this workspace (a source archive, say).
 //!
-//! Benchmark scripts read it to refuse a binary built from another commit than the one their
-//! report is named after.
+//! Benchmark scripts read it to refuse a binary built from other sources than the checkout
+//! their report is named after. Since the hash changes with HEAD, a commit makes cargo build
+//! the router package again, docs-only commits too.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// What the binaries are built from, relative to the workspace: a change to one of them runs
-/// this script again, and makes the build `modified` until it is committed. (The benchmark
-/// scripts' `router_sources`, in scripts/bench-common.sh, lists the same.)
-const SOURCES: [&str; 8] = [
-    "Cargo.toml",
-    "Cargo.lock",
-    "layers/Cargo.toml",
-    "layers/src",
-    "router/Cargo.toml",
-    "router/build.rs",
-    "router/migrations",
-    "router/src",
-];
 
 fn main() {
     let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
     let workspace = Path::new(&manifest).join("..");
+    let sources: Vec<&str> = include_str!("build-sources.txt")
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
     let git = |args: &[&str]| -> Option<String> {
         // No optional locks: `status` would otherwise refresh the index file as it reads it.
         let out = Command::new("git")
@@ -37,39 +29,43 @@ fn main() {
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     };
-    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
+    // Only a checkout whose top is this workspace: a copy inside another repository (vendored,
+    // or cargo's package directory) would otherwise take that repository's HEAD.
+    let ours = git(&["rev-parse", "--show-toplevel"])
+        .and_then(|top| std::fs::canonicalize(top).ok())
+        .zip(std::fs::canonicalize(&workspace).ok())
+        .is_some_and(|(top, workspace)| top == workspace);
+    let head = ours
+        .then(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .flatten();
+    let commit = match &head {
         Some(hash) => {
-            let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
-            status.extend(SOURCES);
-            let modified = git(&status).is_some_and(|changes| !changes.is_empty());
-            if modified {
-                format!("{hash}, modified")
-            } else {
-                hash
+            let mut status = vec!["status", "--porcelain", "--untracked-files=all", "--"];
+            status.extend(&sources);
+            match git(&status) {
+                Some(changes) if changes.is_empty() => hash.clone(),
+                _ => format!("{hash}, modified"),
             }
         }
         None => "unknown".to_owned(),
     };
     println!("cargo:rustc-env=LLM_ROUTER_COMMIT={commit}");
 
-    // Run again when HEAD moves (a commit, a checkout, a reset: the reflog grows with each) and
-    // when the sources change. Only files that exist: cargo takes a missing one as changed, and
-    // would build the router again every time.
-    if let Some(git_dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        let git_dir = Path::new(&git_dir);
-        let mut watched = vec![git_dir.join("HEAD"), git_dir.join("logs/HEAD")];
-        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            watched.push(git_dir.join(branch));
-        }
-        watched.push(git_dir.join("packed-refs"));
-        for file in watched.iter().filter(|file| file.exists()) {
-            println!("cargo:rerun-if-changed={}", file.display());
+    // Run again when HEAD moves (a commit, a checkout, a reset) and when the sources change.
+    // Only paths that exist: cargo takes a missing one as changed, and would build the router
+    // again every time.
+    let mut watched: Vec<PathBuf> = sources.iter().map(|s| workspace.join(s)).collect();
+    if head.is_some() {
+        let mut refs = vec!["HEAD".to_owned(), "logs/HEAD".to_owned()];
+        refs.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+        for name in refs {
+            // `--git-path`: in a linked worktree HEAD is the worktree's, refs the repository's.
+            if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+                watched.push(workspace.join(path));
+            }
         }
     }
-    for source in SOURCES {
-        println!(
-            "cargo:rerun-if-changed={}",
-            workspace.join(source).display()
-        );
+    for path in watched.iter().filter(|path| path.exists()) {
+        println!("cargo:rerun-if-changed={}", path.display());
     }
 }

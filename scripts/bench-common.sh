@@ -21,35 +21,45 @@ work=$(mktemp -d)
 # The target being measured, for the caller's cleanup.
 pid=
 
-# The files the router's binaries are built from (SOURCES in router/build.rs).
-router_sources=(Cargo.toml Cargo.lock layers/Cargo.toml layers/src router/Cargo.toml router/build.rs
-  router/migrations router/src)
+# The files the router's binaries are built from (router/build-sources.txt, which
+# router/build.rs reads too).
+mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[0]}")/../router/build-sources.txt")
 
 # built_from_checkout BINARY: the commit a router binary names in `--version` (router/build.rs),
-# when its sources are this checkout's: its commit is HEAD, or no commit between them changed
-# the router's sources (`git diff`). Otherwise says which it is and fails, so that a report
-# named after this commit does not measure another build. A build of HEAD with uncommitted
-# changes passes, named as such (the report names the checkout with --dirty too); one of
-# another commit does not.
+# when it was built from the sources of this checkout: of HEAD with the tree as it is now
+# (uncommitted changes to the sources included, if the binary says it had some), or of an
+# earlier commit no commit since has changed the sources of, with none uncommitted now.
+# Otherwise says why not and fails, so that a report named after this checkout does not
+# measure another build. (It cannot tell a PGO build from a plain one, nor two different
+# uncommitted changes apart.)
 built_from_checkout() {
-  local version head built
+  local version head built tree=clean
+  [ -x "$1" ] || { echo "not an executable: $1" >&2; return 1; }
   version=$("$1" --version 2>/dev/null || true)
   head=$(git rev-parse --short=12 HEAD)
   case "$version" in
     *"(commit "*) ;;
     *) echo "$1 does not say its commit (${version:-no --version}): built before router/build.rs" >&2; return 1 ;;
   esac
-  built=${version##*(commit }
+  built=${version##*"(commit "}
   built=${built%%[,)]*}
-  if [ "$built" = "$head" ]; then
-    echo "${version#* }"
-  elif [[ "$version" != *", modified)"* ]] && git cat-file -e "$built^{commit}" 2>/dev/null &&
-    git diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
-    echo "${version#* }, the sources of $head"
-  else
-    echo "$1 is $version, not built from this checkout's sources ($head)" >&2
-    return 1
+  if [ -n "$(git status --porcelain --untracked-files=all -- "${router_sources[@]}")" ]; then
+    tree=modified
   fi
+  case "$version,$tree" in
+    *", modified)",modified) [ "$built" = "$head" ] && { echo "${version#* }"; return 0; } ;;
+    *", modified)",clean) ;;
+    *,modified) ;;
+    *)
+      if [ "$built" = "$head" ]; then
+        echo "${version#* }"; return 0
+      elif git cat-file -e "$built^{commit}" 2>/dev/null && git diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
+        echo "${version#* }, the sources of $head"; return 0
+      fi
+      ;;
+  esac
+  echo "$1 is $version, not built from this checkout's sources ($head, $tree)" >&2
+  return 1
 }
 
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.

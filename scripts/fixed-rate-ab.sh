@@ -42,7 +42,7 @@ trap stop_all EXIT
 
 if [ -n "${PGO_BIN:-}" ]; then
   router=$(realpath "$PGO_BIN")
-  built=$(built_from_checkout "$router")
+  built=$(built_from_checkout "$router") || exit 1
   build="PGO build ($PGO_BIN, $built)"
 else
   cargo build --release -q -p llm-router --bin llm-router
@@ -149,6 +149,10 @@ within = sum(d <= 0.2 for d in diffs)
 print(f"\nMedian of the router's p99 minus nginx's, round by round: {st.median(diffs):+.2f} ms; the router")
 print(f"was within 0.2 ms of nginx's p99 or better in {within} of {len(diffs)} rounds. The spread of nginx's")
 print(f"own p99 over the rounds: {min(by_round[r]['nginx'][2] for r in by_round):.2f}-{max(by_round[r]['nginx'][2] for r in by_round):.2f} ms.")
+by_first = {first: [d for r, d in zip(sorted(by_round), diffs) if r % 2 == parity] for first, parity in (("nginx", 1), ("router", 0))}
+if all(by_first.values()):
+    print(f"By who went first: {st.median(by_first['nginx']):+.2f} ms (median) in the rounds nginx went first,")
+    print(f"{st.median(by_first['router']):+.2f} in those the router went first.")
 if twice:
     print("\nEach target's second loop against its first (p99, ms):\n")
     print("| round | nginx first / second | second − first | router first / second | second − first |")

@@ -48,7 +48,7 @@ if [ -z "${PGO_BIN:-}" ]; then
   PGO_BIN=target/pgo/release/llm-router
 fi
 [ -x "$PGO_BIN" ] || { echo "not an executable: $PGO_BIN" >&2; exit 1; }
-built_from_checkout "$PGO_BIN" >/dev/null
+pgo_built=$(built_from_checkout "$PGO_BIN") || exit 1
 
 write_nginx_conf
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
@@ -98,8 +98,9 @@ for round in $(seq "$rounds"); do
   measure_example pump byte_pump
 done
 
-report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD).md
-python3 - "$work/rows" "$rounds" "$seconds" "$(git rev-parse --short HEAD)" > "$report" <<'PY'
+checkout=$(git describe --always --dirty)
+report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d)-$checkout.md
+python3 - "$work/rows" "$rounds" "$seconds" "$checkout" "$pgo_built" > "$report" <<'PY'
 import statistics as st, sys
 rows = [l.split() for l in open(sys.argv[1])]
 rows = [(r[0], int(r[1]), float(r[2]), float(r[3])) for r in rows]
@@ -109,7 +110,7 @@ print(f"# Overhead in alternation: nginx, router (plain and PGO builds), router 
 print(f"`scripts/overhead-ab.sh {sys.argv[2]} {sys.argv[3]}`: {sys.argv[2]} rounds; in each, one {sys.argv[3]} s closed loop")
 print("of 64 connections (oha, after 2 s of warm-up) per target, on 127.0.0.1 in front of the shared")
 print("bench's two mock nodes. CPU is the target's own user and system time per request. router-pgo is")
-print("the router built by scripts/build-pgo.sh (profile-guided, trained on this repo's sim nodes). The floor is")
+print(f"the router built by scripts/build-pgo.sh (profile-guided, trained on this repo's sim nodes; {sys.argv[5]}). The floor is")
 print("the router's HTTP stack without its layers, history and metrics (router/examples/floor_proxy.rs);")
 print("raw-head does the same HTTP over the bytes as they came, without `http`'s types")
 print("(router/examples/raw_head_proxy.rs), raw-work the same with the router's own work per request")
