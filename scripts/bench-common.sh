@@ -24,6 +24,7 @@ pid=
 # The files the router's binaries are built from (router/build-sources.txt, which
 # router/build.rs reads too).
 mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[0]}")/../router/build-sources.txt")
+((${#router_sources[@]})) || { echo "no sources listed in router/build-sources.txt" >&2; exit 1; }
 
 # built_from_checkout BINARY: the commit a router binary names in `--version` (router/build.rs),
 # when it was built from the sources of this checkout: of HEAD with the tree as it is now
@@ -33,19 +34,21 @@ mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[
 # measure another build. (It cannot tell a PGO build from a plain one, nor two different
 # uncommitted changes apart.)
 built_from_checkout() {
-  local version head built tree=clean
+  local version head built changes top tree=clean
   [ -x "$1" ] || { echo "not an executable: $1" >&2; return 1; }
   version=$("$1" --version 2>/dev/null || true)
-  head=$(git rev-parse --short=12 HEAD)
+  # The list's paths are the top level's: git runs there, wherever the caller is.
+  top=$(git rev-parse --show-toplevel) || return 1
+  head=$(git -C "$top" rev-parse --short=12 HEAD) || return 1
   case "$version" in
     *"(commit "*) ;;
     *) echo "$1 does not say its commit (${version:-no --version}): built before router/build.rs" >&2; return 1 ;;
   esac
   built=${version##*"(commit "}
   built=${built%%[,)]*}
-  if [ -n "$(git status --porcelain --untracked-files=all -- "${router_sources[@]}")" ]; then
-    tree=modified
-  fi
+  changes=$(git -C "$top" status --porcelain --untracked-files=all -- "${router_sources[@]}") ||
+    { echo "git status failed" >&2; return 1; }
+  if [ -n "$changes" ]; then tree=modified; fi
   case "$version,$tree" in
     *", modified)",modified) [ "$built" = "$head" ] && { echo "${version#* }"; return 0; } ;;
     *", modified)",clean) ;;
@@ -53,7 +56,8 @@ built_from_checkout() {
     *)
       if [ "$built" = "$head" ]; then
         echo "${version#* }"; return 0
-      elif git cat-file -e "$built^{commit}" 2>/dev/null && git diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
+      elif git -C "$top" cat-file -e "$built^{commit}" 2>/dev/null &&
+        git -C "$top" diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
         echo "${version#* }, the sources of $head"; return 0
       fi
       ;;

@@ -47,7 +47,8 @@ if [ -n "${PGO_BIN:-}" ]; then
 else
   cargo build --release -q -p llm-router --bin llm-router
   router=$PWD/target/release/llm-router
-  build="plain release build"
+  built=$(built_from_checkout "$router") || exit 1
+  build="plain release build ($built)"
 fi
 [ -x "$router" ] || { echo "not an executable: $router" >&2; exit 1; }
 write_nginx_conf

@@ -47,7 +47,6 @@ if [ -z "${PGO_BIN:-}" ]; then
   scripts/build-pgo.sh
   PGO_BIN=target/pgo/release/llm-router
 fi
-[ -x "$PGO_BIN" ] || { echo "not an executable: $PGO_BIN" >&2; exit 1; }
 pgo_built=$(built_from_checkout "$PGO_BIN") || exit 1
 
 write_nginx_conf

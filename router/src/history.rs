@@ -35,9 +35,10 @@ use tokio::sync::{Notify, oneshot};
 pub struct HistoryConfig {
     /// The SQLite file; created if missing.
     pub path: PathBuf,
-    /// Rows older than this are deleted every minute (the first time a minute after opening),
-    /// up to the last batch whose rows all are (a row written with newer ones can wait for
-    /// them), with the names no row left names; `None` keeps all.
+    /// Rows older than this are deleted every minute (the first time a minute after opening,
+    /// so a process restarted more often than that never deletes any), up to the last batch
+    /// whose rows all are (a row written with newer ones can wait for them), with the names no
+    /// row left names; `None` keeps all.
     pub retention: Option<Duration>,
     /// Most rows per transaction.
     pub batch_size: usize,
@@ -405,6 +406,9 @@ impl History {
                 let period = Duration::from_secs(60);
                 let mut tick =
                     tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                // A pass longer than the period (a large backlog) is followed by one pass, not
+                // by one for each tick it missed.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
@@ -1742,7 +1746,7 @@ mod tests {
     }
 
     /// Without a retention period: the rows here carry 2023 timestamps, and the retention task
-    /// (whose first pass runs at once) would delete them while the test reads.
+    /// (whose first pass runs a minute after opening) would delete them while a slow test reads.
     async fn open(dir: &tempfile::TempDir, capacity: usize) -> History {
         History::open(HistoryConfig {
             path: dir.path().join("h.db"),
