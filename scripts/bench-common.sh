@@ -34,7 +34,7 @@ mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[
 # measure another build. (It cannot tell a PGO build from a plain one, nor two different
 # uncommitted changes apart.)
 built_from_checkout() {
-  local version head built changes top tree=clean
+  local version head built changes top binary=clean tree=clean
   [ -x "$1" ] || { echo "not an executable: $1" >&2; return 1; }
   version=$("$1" --version 2>/dev/null || true)
   # The list's paths are the top level's: git runs there, wherever the caller is.
@@ -49,21 +49,17 @@ built_from_checkout() {
   changes=$(git -C "$top" status --porcelain --untracked-files=all -- "${router_sources[@]}") ||
     { echo "git status failed" >&2; return 1; }
   if [ -n "$changes" ]; then tree=modified; fi
-  case "$version,$tree" in
-    *", modified)",modified) [ "$built" = "$head" ] && { echo "${version#* }"; return 0; } ;;
-    *", modified)",clean) ;;
-    *,modified) ;;
-    *)
-      if [ "$built" = "$head" ]; then
-        echo "${version#* }"; return 0
-      elif git -C "$top" cat-file -e "$built^{commit}" 2>/dev/null &&
-        git -C "$top" diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
-        echo "${version#* }, the sources of $head"; return 0
-      fi
-      ;;
-  esac
-  echo "$1 is $version, not built from this checkout's sources ($head, $tree)" >&2
-  return 1
+  case "$version" in *", modified)") binary=modified ;; esac
+  # Uncommitted changes on both sides or on neither; an earlier commit only without any.
+  if [ "$binary" = "$tree" ] && [ "$built" = "$head" ]; then
+    echo "${version#* }"
+  elif [ "$binary,$tree" = clean,clean ] && git -C "$top" cat-file -e "$built^{commit}" 2>/dev/null &&
+    git -C "$top" diff --quiet "$built" HEAD -- "${router_sources[@]}"; then
+    echo "${version#* }, the sources of $head"
+  else
+    echo "$1 is $version, not built from this checkout's sources ($head, $tree)" >&2
+    return 1
+  fi
 }
 
 # Sum of utime and stime (clock ticks) over the given processes and all their threads.

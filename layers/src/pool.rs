@@ -1249,7 +1249,7 @@ impl NodePool {
             // Speeds are read only for nodes with room: a full one is passed over anyway.
             let measured = nodes
                 .iter()
-                .filter(|n| n.state().in_flight() < n.max_concurrency().max(1))
+                .filter(|n| n.has_free_slot())
                 .map(|n| (n, Speed::of(n)));
             let node = quickest(measured, SlotBound::WithinCapacity, None)?;
             if let Some(guard) = self.acquire(node, SlotBound::WithinCapacity) {

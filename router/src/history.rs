@@ -163,8 +163,9 @@ struct Queue {
     /// Wakes the writer when the queue stops being empty, and when it closes.
     ready: Notify,
     /// Cuts the writer's interval short for a flush, a prune or a retention chunk: rows do not
-    /// wake it, these must. Set and cleared under the lock, with the push and the take, so that a request the
-    /// writer has not taken always leaves it set, and one it has taken never does.
+    /// wake it, these must. Set and cleared under the lock, with the push and the take, so
+    /// that a request the writer has not taken always leaves it set, and one it has taken
+    /// never does.
     asked: Notify,
     /// Most rows queued or being written.
     capacity: usize,
@@ -857,10 +858,8 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 /// retention chunk skips the sleep (so a retention pass writes small batches between its
 /// chunks while it lasts).
 ///
-/// A failed batch, name prune or retention chunk closes the connection and the next batch
-/// opens a fresh one:
-/// after a fault SQLite can leave a connection holding a lock, or opened read-only (it falls
-/// back to that when the file refuses writes), and neither heals when the fault clears.
+/// A failed batch, name prune or retention chunk closes the connection, and the next one opens
+/// a fresh one ([`WriterConnection`]).
 async fn writer(
     options: SqliteConnectOptions,
     queue: Arc<Queue>,
@@ -873,11 +872,13 @@ async fn writer(
         counters: counters.clone(),
     };
     let mut batch = Batch {
-        options,
+        db: WriterConnection {
+            options,
+            connection: None,
+        },
         queue: queue.clone(),
         counters,
         warnings: WarnLimiter::default(),
-        connection: None,
         names: NameKeys::default(),
         rows: Vec::with_capacity(batch_size.min(4096)),
     };
@@ -936,11 +937,10 @@ const LEAST_ROOM: usize = 256;
 
 /// The writer's pending rows and its connection.
 struct Batch {
-    options: SqliteConnectOptions,
+    db: WriterConnection,
     queue: Arc<Queue>,
     counters: Arc<Counters>,
     warnings: WarnLimiter,
-    connection: Option<SqliteConnection>,
     names: NameKeys,
     rows: Vec<RequestRecord>,
 }
@@ -954,16 +954,16 @@ impl Batch {
         }
         let n = self.rows.len() as u64;
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        let outcome = match open_connection(&mut self.connection, &self.options).await {
-            Ok(conn) => insert(conn, &mut self.names, &mut self.rows).await,
-            Err(error) => Err(error),
-        };
+        let (names, rows) = (&mut self.names, &mut self.rows);
+        let outcome = self
+            .db
+            .run(async |conn| insert(conn, names, rows).await)
+            .await;
         match outcome {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
             }
             Err(error) => {
-                self.close_connection().await;
                 self.counters.dropped.fetch_add(n, Ordering::Relaxed);
                 self.warnings.warn(n, &error);
                 // Looked up again from the table: whatever failed may have been about them.
@@ -979,42 +979,56 @@ impl Batch {
     /// can be given to another name). A failure is logged and closes the connection, as a
     /// failed batch does; the names wait for the next retention pass that deletes rows.
     async fn prune_names(&mut self) -> u64 {
-        let pruned = match open_connection(&mut self.connection, &self.options).await {
-            Ok(conn) => sqlx::query(DELETE_UNNAMED)
-                .execute(conn)
-                .await
-                .map(|done| done.rows_affected()),
-            Err(error) => Err(error),
-        };
+        let pruned = self
+            .db
+            .run(async |conn| sqlx::query(DELETE_UNNAMED).execute(conn).await)
+            .await
+            .map(|done| done.rows_affected());
         self.names.forget();
         match pruned {
             Ok(pruned) => pruned,
             Err(error) => {
-                self.close_connection().await;
                 tracing::warn!(%error, "history names could not be pruned");
                 0
             }
         }
     }
 
-    /// Deletes `chunk`'s expired rows. A failure closes the connection, as a failed batch does;
-    /// the next retention pass starts over.
+    /// Deletes `chunk`'s expired rows. After a failure the next retention pass starts over.
     async fn expire(&mut self, chunk: ExpireChunk) -> Result<Expired, sqlx::Error> {
-        let expired = match open_connection(&mut self.connection, &self.options).await {
-            Ok(conn) => expire_chunk(conn, chunk).await,
-            Err(error) => Err(error),
-        };
-        if expired.is_err() {
-            self.close_connection().await;
-        }
-        expired
+        self.db
+            .run(async |conn| expire_chunk(conn, chunk).await)
+            .await
     }
+}
 
-    /// Closes the connection after a failure, so that the next batch opens a fresh one.
-    async fn close_connection(&mut self) {
-        if let Some(broken) = self.connection.take() {
+/// The writer's connection: opened when first needed, and closed after any failure, so that
+/// the next use opens a fresh one. After a fault SQLite can leave a connection holding a lock,
+/// or opened read-only (it falls back to that when the file refuses writes), and neither heals
+/// when the fault clears.
+struct WriterConnection {
+    options: SqliteConnectOptions,
+    connection: Option<SqliteConnection>,
+}
+
+impl WriterConnection {
+    /// Runs `work` on the connection, opening it first if need be; closes it if either fails.
+    async fn run<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let conn = match self.connection.take() {
+            Some(conn) => conn,
+            None => SqliteConnection::connect_with(&self.options).await?,
+        };
+        let conn = self.connection.insert(conn);
+        let done = work(conn).await;
+        if done.is_err()
+            && let Some(broken) = self.connection.take()
+        {
             let _ = broken.close().await;
         }
+        done
     }
 }
 
@@ -1083,18 +1097,6 @@ async fn mark_names(
         }
     }
     Ok(true)
-}
-
-/// The writer's connection, opened again after a failure closed it.
-async fn open_connection<'c>(
-    connection: &'c mut Option<SqliteConnection>,
-    options: &SqliteConnectOptions,
-) -> Result<&'c mut SqliteConnection, sqlx::Error> {
-    let conn = match connection.take() {
-        Some(conn) => conn,
-        None => SqliteConnection::connect_with(options).await?,
-    };
-    Ok(connection.insert(conn))
 }
 
 /// Deletes the names no row names any more: the last row of the newest batch that used them
