@@ -615,6 +615,17 @@ pub(crate) fn quickest<'a>(
     best.map(|(node, _)| node)
 }
 
+/// The node with room among `nodes` expected to answer first, by the speeds measured so far
+/// ([`quickest`] with [`Speed::of`] and [`SlotBound::WithinCapacity`]). Speeds are read only
+/// for nodes with room: a full one is passed over anyway.
+fn quickest_free(nodes: &[Arc<Node>]) -> Option<&Arc<Node>> {
+    let measured = nodes
+        .iter()
+        .filter(|n| n.has_free_slot())
+        .map(|n| (n, Speed::of(n)));
+    quickest(measured, SlotBound::WithinCapacity, None)
+}
+
 /// A request's claim on one slot of one node. Dropping it gives the slot back.
 ///
 /// Moving the guard into the response body keeps the node's in-flight count up until the body
@@ -865,7 +876,8 @@ impl Shared {
                     continue;
                 }
             };
-            let Some(node) = least_loaded(eligible, SlotBound::WithinCapacity, None) else {
+            // The rule a request that finds a free slot at once is given (`try_acquire_free`).
+            let Some(node) = quickest_free(eligible) else {
                 full.push(key);
                 continue;
             };
@@ -1246,12 +1258,7 @@ impl NodePool {
         };
         // Two tries: a node picked as free can fill up before we take it.
         for _ in 0..2 {
-            // Speeds are read only for nodes with room: a full one is passed over anyway.
-            let measured = nodes
-                .iter()
-                .filter(|n| n.has_free_slot())
-                .map(|n| (n, Speed::of(n)));
-            let node = quickest(measured, SlotBound::WithinCapacity, None)?;
+            let node = quickest_free(nodes)?;
             if let Some(guard) = self.acquire(node, SlotBound::WithinCapacity) {
                 return Some(guard);
             }
@@ -1449,6 +1456,41 @@ mod tests {
             "slow",
             "the fast one is full"
         );
+    }
+
+    #[test]
+    fn a_waiter_given_a_slot_when_capacity_grows_gets_the_quickest_node() {
+        let down = |id, max| NodeSpec {
+            healthy: false,
+            ..spec(id, &["m"], max)
+        };
+        let pool =
+            NodePool::from_specs([spec("busy", &["m"], 1), down("slow", 4), down("fast", 4)])
+                .unwrap();
+        let snapshot = pool.snapshot();
+        snapshot.nodes()[1]
+            .state()
+            .record_ttfb(Duration::from_millis(200));
+        snapshot.nodes()[2]
+            .state()
+            .record_ttfb(Duration::from_millis(20));
+        let _busy = pool.try_acquire_free(Some("m")).unwrap();
+        let Enqueued::Waiting(mut entry) = pool.enqueue(Some("m"), 10) else {
+            panic!("the only healthy slot is taken: the request waits");
+        };
+        // Both come back in one change, so one pick decides between them; each keeps its
+        // measured speed.
+        pool.set_nodes([
+            spec("busy", &["m"], 1),
+            spec("slow", &["m"], 4),
+            spec("fast", &["m"], 4),
+        ])
+        .unwrap();
+        let guard = entry
+            .rx
+            .try_recv()
+            .expect("capacity grew: the waiter has a slot");
+        assert_eq!(guard.node().unwrap().id(), "fast");
     }
 
     #[test]
