@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The shared bench, nginx against the router, run many times in alternating order.
+#
+#   scripts/shared-bench-series.sh BINARY [RUNS]     default: 8 runs
+#
+# Each run is one `../shared/bench/run.sh nginx ours` (odd runs) or `run.sh ours nginx` (even
+# runs), with the bench's own defaults: per target a start, a 5 s warm-up, then three repeats of
+# a 10 s closed loop of 64 connections and a 10 s fixed 1,000 req/s. One run's median of three
+# moves by a quarter on this project's 2-core machine (the same binary's CPU a request moves
+# that much between 10 s loops), so a single run cannot tell two targets within that apart;
+# this reports the distribution over runs instead:
+#   - closed loop: each run's ratio of the medians (what one run.sh reports), and each
+#     repeat's ratio to the other target's repeat of the same number in the same run;
+#   - fixed rate: the router's p99 less nginx's, by run and by repeat, and how many are
+#     within 0.2 ms;
+#   - both split by which target went first, and each target's CPU time a request.
+#
+# BINARY must be built from this checkout's sources (its `--version` names the commit; see
+# built_from_checkout in scripts/bench-common.sh): a PGO build from scripts/build-pgo.sh, or
+# target/release/llm-router. It runs as the shared bench's README says, log level warn, with
+# its history in the bench folder's llm-router.db, removed before each run.
+#
+# Needs nginx and oha (../shared/bench/setup.sh). Writes
+# loadtest/results/shared-bench-series-DATE-COMMIT.md; the bench's own JSON files stay in
+# ../shared/bench/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+binary=${1:?usage: scripts/shared-bench-series.sh BINARY [RUNS]}
+runs=${2:-8}
+port=18200 # bench-common.sh wants one; the shared bench picks its own ports.
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
+trap stop_all EXIT
+built=$(built_from_checkout "$binary") || exit 1
+binary=$(realpath "$binary")
+mkdir -p "$work/runs"
+
+for run in $(seq "$runs"); do
+  order=(nginx ours)
+  if [ $((run % 2)) -eq 0 ]; then order=(ours nginx); fi
+  echo "run $run of $runs: ${order[*]}"
+  rm -f "$shared"/llm-router.db*
+  before=$(ls "$shared/results")
+  (cd "$shared" && OURS_VERSION="$built" \
+    OURS_CMD="env LLM_ROUTER_LOG=warn $binary --listen 127.0.0.1:{PORT} --upstream {NODES} --max-concurrency 256" \
+    ./run.sh "${order[@]}" >"$work/run-$run.log" 2>&1) || { tail -20 "$work/run-$run.log" >&2; exit 1; }
+  # The two results this run wrote (the bench names them DATE-TARGET.json).
+  for target in nginx ours; do
+    file=$(comm -13 <(echo "$before") <(ls "$shared/results") | grep -- "-$target\.json$" || true)
+    [ "$(wc -l <<<"$file")" = 1 ] && [ -n "$file" ] || { echo "run $run: no single $target result" >&2; exit 1; }
+    cp "$shared/results/$file" "$work/runs/$run-$target.json"
+  done
+done
+rm -f "$shared"/llm-router.db*
+
+checkout=$(git describe --always --dirty)
+report=loadtest/results/shared-bench-series-$(date -u +%Y-%m-%d)-$checkout.md
+python3 - "$work/runs" "$runs" "$checkout" "$built" "$(uname -r)" > "$report" <<'PY'
+import json, statistics as st, sys
+folder, runs, checkout, built, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
+def load(run, target):
+    r = json.load(open(f"{folder}/{run}-{target}.json"))
+    if r.get("status") != "ok":
+        sys.exit(f"run {run}: {target} failed: {r.get('error')}")
+    return r
+
+def p99_each(r):
+    raw = r["raw"]["fixed"]
+    raw = raw if isinstance(raw, list) else [raw]
+    return [o["latencyPercentiles"]["p99"] * 1000 for o in raw]
+
+def quartiles(xs):
+    q = st.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return f"{q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}, range {min(xs):.2f}-{max(xs):.2f})"
+
+rows, by_order = [], {"nginx": [], "ours": []}
+repeat_ratios, repeat_diffs = [], []
+for run in range(1, runs + 1):
+    n, o = load(run, "nginx"), load(run, "ours")
+    first = "nginx" if run % 2 else "ours"
+    ratio = o["closed"]["rps_2xx"] / n["closed"]["rps_2xx"]
+    diff = o["fixed"]["latency_ms"]["p99"] - n["fixed"]["latency_ms"]["p99"]
+    rr = [a / b for a, b in zip(o["closed"]["rps_2xx_each"], n["closed"]["rps_2xx_each"])]
+    dd = [a - b for a, b in zip(p99_each(o), p99_each(n))]
+    repeat_ratios += rr
+    repeat_diffs += dd
+    by_order[first].append((ratio, diff))
+    rows.append((run, first, n, o, ratio, rr, diff, dd))
+
+print(f"# The shared bench in a series: nginx against the router (checkout {checkout})\n")
+print(f"`scripts/shared-bench-series.sh BINARY {runs}`, the router {built}, kernel {kernel}, 2 cores.")
+print(f"{runs} runs of `../shared/bench/run.sh`, odd ones `nginx ours`, even ones `ours nginx`, each with")
+print("the bench's defaults (5 s warm-up, three repeats of a 10 s closed loop of 64 connections and")
+print("a 10 s fixed 1,000 req/s). Throughput in requests a second (2xx), latency in ms, CPU in µs of")
+print("the target's own user and system time a request (closed loop, median of the repeats).\n")
+print("| run | first | nginx req/s (repeats) | router req/s (repeats) | ratio of medians | nginx / router CPU | nginx p99 | router p99 | router − nginx p99 |")
+print("|---:|---|---|---|---:|---:|---:|---:|---:|")
+for run, first, n, o, ratio, rr, diff, dd in rows:
+    each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in r['closed']['rps_2xx_each'])})"
+    cpu = lambda r: r["closed"].get("proxy_cpu_us_per_req") or float("nan")
+    print(f"| {run} | {'router' if first == 'ours' else first} | {each(n)} | {each(o)} | {ratio:.2f} | "
+          f"{cpu(n):.1f} / {cpu(o):.1f} | {n['fixed']['latency_ms']['p99']:.2f} | "
+          f"{o['fixed']['latency_ms']['p99']:.2f} | {diff:+.2f} |")
+
+ratios = [r[4] for r in rows]
+diffs = [r[6] for r in rows]
+within = lambda xs: sum(x <= 0.2 for x in xs)
+print("\n## Closed-loop throughput, router over nginx\n")
+print(f"- Ratio of each run's medians (what one run reports): median {quartiles(ratios)}; "
+      f"{sum(x >= 1 for x in ratios)} of {len(ratios)} runs at 1.00 or more.")
+print(f"- Each repeat against nginx's same repeat: median {quartiles(repeat_ratios)}; "
+      f"{sum(x >= 1 for x in repeat_ratios)} of {len(repeat_ratios)} at 1.00 or more.")
+pooled = {t: [x for r in rows for x in r[i]["closed"]["rps_2xx_each"]] for t, i in (("nginx", 2), ("ours", 3))}
+print(f"- All repeats pooled: nginx median {st.median(pooled['nginx']):,.0f}, router {st.median(pooled['ours']):,.0f} "
+      f"req/s, a ratio of {st.median(pooled['ours']) / st.median(pooled['nginx']):.2f}.")
+cpu_n = [r[2]["closed"].get("proxy_cpu_us_per_req") for r in rows]
+cpu_o = [r[3]["closed"].get("proxy_cpu_us_per_req") for r in rows]
+if all(cpu_n) and all(cpu_o):
+    print(f"- CPU a request, median over runs: nginx {st.median(cpu_n):.1f} µs, router {st.median(cpu_o):.1f} µs.")
+for first, label in (("nginx", "nginx first"), ("ours", "router first")):
+    xs = [r for r, _ in by_order[first]]
+    if xs:
+        print(f"- Runs with {label}: median ratio {st.median(xs):.2f} over {len(xs)}.")
+print("\n## Fixed-rate p99, router less nginx (target: within 0.2 ms)\n")
+print(f"- By run (medians of three): median {quartiles(diffs)} ms; {within(diffs)} of {len(diffs)} runs "
+      "within 0.2 ms or better.")
+print(f"- By repeat: median {quartiles(repeat_diffs)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} within "
+      "0.2 ms or better.")
+for first, label in (("nginx", "nginx first"), ("ours", "router first")):
+    xs = [d for _, d in by_order[first]]
+    if xs:
+        print(f"- Runs with {label}: median {st.median(xs):+.2f} ms over {len(xs)}.")
+rss = [r[3].get("peak_rss_kb") for r in rows]
+if all(rss):
+    print(f"\nRouter peak RSS: {min(rss) / 1024:.1f}-{max(rss) / 1024:.1f} MiB over the runs.")
+PY
+cat "$report"
+echo "wrote $report"
