@@ -70,9 +70,10 @@ def p99_each(r):
     raw = raw if isinstance(raw, list) else [raw]
     return [o["latencyPercentiles"]["p99"] * 1000 for o in raw]
 
-def quartiles(xs):
+def quartiles(xs, signed=False):
     q = st.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return f"{q[1]:.2f} (quartiles {q[0]:.2f}-{q[2]:.2f}, range {min(xs):.2f}-{max(xs):.2f})"
+    f = (lambda x: f"{x:+.2f}") if signed else (lambda x: f"{x:.2f}")
+    return f"{f(q[1])} (quartiles {f(q[0])} to {f(q[2])}, range {f(min(xs))} to {f(max(xs))})"
 
 rows, by_order = [], {"nginx": [], "ours": []}
 repeat_ratios, repeat_diffs = [], []
@@ -123,9 +124,9 @@ for first, label in (("nginx", "nginx first"), ("ours", "router first")):
     if xs:
         print(f"- Runs with {label}: median ratio {st.median(xs):.2f} over {len(xs)}.")
 print("\n## Fixed-rate p99, router less nginx (target: within 0.2 ms)\n")
-print(f"- By run (medians of three): median {quartiles(diffs)} ms; {within(diffs)} of {len(diffs)} runs "
+print(f"- By run (medians of three): median {quartiles(diffs, True)} ms; {within(diffs)} of {len(diffs)} runs "
       "within 0.2 ms or better.")
-print(f"- By repeat: median {quartiles(repeat_diffs)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} within "
+print(f"- By repeat: median {quartiles(repeat_diffs, True)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} within "
       "0.2 ms or better.")
 for first, label in (("nginx", "nginx first"), ("ours", "router first")):
     xs = [d for _, d in by_order[first]]
