@@ -1,6 +1,7 @@
-# Sourced by overhead-ab.sh, fixed-rate-ab.sh, ab-pairs.sh and instructions.sh (not run on its
-# own): oha, the shared bench's mock nodes, the request they send, a scratch directory, and the
-# closed loop that measures a target. Needs `port` set first (and `seconds` for `measure`).
+# Sourced by overhead-ab.sh, fixed-rate-ab.sh, ab-pairs.sh, instructions.sh and
+# shared-bench-series.sh (not run on its own): oha, the shared bench's mock nodes, the request
+# they send, a scratch directory, and the closed loop that measures a target. Needs `port` set
+# first (and `seconds` for `measure`).
 shared=../shared/bench
 oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
 [ -x "$oha" ] || { echo "needs oha: run $shared/setup.sh" >&2; exit 1; }

@@ -4,36 +4,39 @@
 #   scripts/shared-bench-series.sh BINARY [RUNS]     default: 8 runs
 #
 # Each run is one `../shared/bench/run.sh nginx ours` (odd runs) or `run.sh ours nginx` (even
-# runs), with the bench's own defaults: per target a start, a 5 s warm-up, then three repeats of
-# a 10 s closed loop of 64 connections and a 10 s fixed 1,000 req/s. One run's median of three
+# runs): per target a start, a warm-up, then repeats of a closed loop and a fixed rate, by the
+# bench's defaults (5 s, three of 10 s with 64 connections, 1,000 req/s; its DURATION, CONNS,
+# RATE, WARMUP and REPEAT variables pass through, and the report says what ran). One run's median of three
 # moves by a quarter on this project's 2-core machine (the same binary's CPU a request moves
 # that much between 10 s loops), so a single run cannot tell two targets within that apart;
 # this reports the distribution over runs instead:
-#   - closed loop: each run's ratio of the medians (what one run.sh reports), and each
-#     repeat's ratio to the other target's repeat of the same number in the same run;
-#   - fixed rate: the router's p99 less nginx's, by run and by repeat, and how many are
-#     within 0.2 ms;
+#   - closed loop: the ratio of the two targets' medians in each run, and each repeat's ratio
+#     to the other target's repeat of the same number in the same run;
+#   - fixed rate: the router's p99 less nginx's, by run and by repeat, and how many are at most
+#     0.2 ms slower;
 #   - both split by which target went first, and each target's CPU time a request.
 #
 # BINARY must be built from this checkout's sources (its `--version` names the commit; see
 # built_from_checkout in scripts/bench-common.sh): a PGO build from scripts/build-pgo.sh, or
-# target/release/llm-router. It runs as the shared bench's README says, log level warn, with
-# its history in the bench folder's llm-router.db, removed before each run.
+# target/release/llm-router. It runs with the command line of README.md's performance section
+# (log level warn), its history in the bench folder's llm-router.db, removed before each run.
 #
 # Needs nginx and oha (../shared/bench/setup.sh). Writes
 # loadtest/results/shared-bench-series-DATE-COMMIT.md; the bench's own JSON files stay in
 # ../shared/bench/results.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-binary=${1:?usage: scripts/shared-bench-series.sh BINARY [RUNS]}
+usage="usage: scripts/shared-bench-series.sh BINARY [RUNS]"
+binary=$(realpath -e "${1:?$usage}") || exit 1 # before the cd: relative to the caller
 runs=${2:-8}
+[[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "RUNS must be a whole number above 0; $usage" >&2; exit 1; }
+cd "$(dirname "$0")/.."
 port=18200 # bench-common.sh wants one; the shared bench picks its own ports.
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
 trap stop_all EXIT
 built=$(built_from_checkout "$binary") || exit 1
-binary=$(realpath "$binary")
 mkdir -p "$work/runs"
+ours_cmd="env LLM_ROUTER_LOG=warn $(printf %q "$binary") --listen 127.0.0.1:{PORT} --upstream {NODES} --max-concurrency 256"
 
 for run in $(seq "$runs"); do
   order=(nginx ours)
@@ -41,13 +44,15 @@ for run in $(seq "$runs"); do
   echo "run $run of $runs: ${order[*]}"
   rm -f "$shared"/llm-router.db*
   before=$(ls "$shared/results")
-  (cd "$shared" && OURS_VERSION="$built" \
-    OURS_CMD="env LLM_ROUTER_LOG=warn $binary --listen 127.0.0.1:{PORT} --upstream {NODES} --max-concurrency 256" \
-    ./run.sh "${order[@]}" >"$work/run-$run.log" 2>&1) || { tail -20 "$work/run-$run.log" >&2; exit 1; }
-  # The two results this run wrote (the bench names them DATE-TARGET.json).
+  (cd "$shared" && OURS_VERSION="$built" OURS_CMD="$ours_cmd" ./run.sh "${order[@]}" \
+    >"$work/run-$run.log" 2>&1) || { tail -20 "$work/run-$run.log" >&2; exit 1; }
+  # The two results this run wrote (the bench names them DATE-TARGET.json). The bench goes on
+  # past a target that failed, with "status": "failed" in its file: stop at the first.
   for target in nginx ours; do
     file=$(comm -13 <(echo "$before") <(ls "$shared/results") | grep -- "-$target\.json$" || true)
     [ "$(wc -l <<<"$file")" = 1 ] && [ -n "$file" ] || { echo "run $run: no single $target result" >&2; exit 1; }
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r.get("status") == "ok" or sys.exit("%s: %s: %s" % (sys.argv[1], r.get("status"), r.get("error")))' \
+      "$shared/results/$file" || { tail -20 "$work/run-$run.log" >&2; exit 1; }
     cp "$shared/results/$file" "$work/runs/$run-$target.json"
   done
 done
@@ -55,7 +60,7 @@ rm -f "$shared"/llm-router.db*
 
 checkout=$(git describe --always --dirty)
 report=loadtest/results/shared-bench-series-$(date -u +%Y-%m-%d)-$checkout.md
-python3 - "$work/runs" "$runs" "$checkout" "$built" "$(uname -r)" > "$report" <<'PY'
+python3 - "$work/runs" "$runs" "$checkout" "$built" "$(uname -r)" > "$work/report.md" <<'PY'
 import json, statistics as st, sys
 folder, runs, checkout, built, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
@@ -64,6 +69,9 @@ def load(run, target):
     if r.get("status") != "ok":
         sys.exit(f"run {run}: {target} failed: {r.get('error')}")
     return r
+
+def rps_each(r):
+    return r["closed"].get("rps_2xx_each", [r["closed"]["rps_2xx"]])
 
 def p99_each(r):
     raw = r["raw"]["fixed"]
@@ -82,23 +90,25 @@ for run in range(1, runs + 1):
     first = "nginx" if run % 2 else "ours"
     ratio = o["closed"]["rps_2xx"] / n["closed"]["rps_2xx"]
     diff = o["fixed"]["latency_ms"]["p99"] - n["fixed"]["latency_ms"]["p99"]
-    rr = [a / b for a, b in zip(o["closed"]["rps_2xx_each"], n["closed"]["rps_2xx_each"])]
+    rr = [a / b for a, b in zip(rps_each(o), rps_each(n))]
     dd = [a - b for a, b in zip(p99_each(o), p99_each(n))]
     repeat_ratios += rr
     repeat_diffs += dd
     by_order[first].append((ratio, diff))
     rows.append((run, first, n, o, ratio, rr, diff, dd))
 
+p = rows[0][3]["params"]
 print(f"# The shared bench in a series: nginx against the router (checkout {checkout})\n")
 print(f"`scripts/shared-bench-series.sh BINARY {runs}`, the router {built}, kernel {kernel}, 2 cores.")
-print(f"{runs} runs of `../shared/bench/run.sh`, odd ones `nginx ours`, even ones `ours nginx`, each with")
-print("the bench's defaults (5 s warm-up, three repeats of a 10 s closed loop of 64 connections and")
-print("a 10 s fixed 1,000 req/s). Throughput in requests a second (2xx), latency in ms, CPU in µs of")
+print(f"{runs} runs of `../shared/bench/run.sh`, odd ones `nginx ours`, even ones `ours nginx`. Per target")
+print(f"a {p['warmup_s']} s warm-up, then {p['repeat']} repeats of a {p['duration_s']} s closed loop of "
+      f"{p['connections']} connections and")
+print(f"a {p['duration_s']} s fixed {p['rate']:,} req/s. Throughput in requests a second (2xx), latency in ms, CPU in µs of")
 print("the target's own user and system time a request (closed loop, median of the repeats).\n")
 print("| run | first | nginx req/s (repeats) | router req/s (repeats) | ratio of medians | nginx / router CPU | nginx p99 | router p99 | router − nginx p99 |")
 print("|---:|---|---|---|---:|---:|---:|---:|---:|")
 for run, first, n, o, ratio, rr, diff, dd in rows:
-    each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in r['closed']['rps_2xx_each'])})"
+    each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in rps_each(r))})"
     cpu = lambda r: r["closed"].get("proxy_cpu_us_per_req") or float("nan")
     print(f"| {run} | {'router' if first == 'ours' else first} | {each(n)} | {each(o)} | {ratio:.2f} | "
           f"{cpu(n):.1f} / {cpu(o):.1f} | {n['fixed']['latency_ms']['p99']:.2f} | "
@@ -106,13 +116,15 @@ for run, first, n, o, ratio, rr, diff, dd in rows:
 
 ratios = [r[4] for r in rows]
 diffs = [r[6] for r in rows]
-within = lambda xs: sum(x <= 0.2 for x in xs)
+# Counted as printed, to two decimals.
+within = lambda xs: sum(round(x, 2) <= 0.2 for x in xs)
+at_least_one = lambda xs: sum(round(x, 2) >= 1 for x in xs)
 print("\n## Closed-loop throughput, router over nginx\n")
 print(f"- Ratio of each run's medians (what one run reports): median {quartiles(ratios)}; "
-      f"{sum(x >= 1 for x in ratios)} of {len(ratios)} runs at 1.00 or more.")
+      f"{at_least_one(ratios)} of {len(ratios)} runs at 1.00 or more.")
 print(f"- Each repeat against nginx's same repeat: median {quartiles(repeat_ratios)}; "
-      f"{sum(x >= 1 for x in repeat_ratios)} of {len(repeat_ratios)} at 1.00 or more.")
-pooled = {t: [x for r in rows for x in r[i]["closed"]["rps_2xx_each"]] for t, i in (("nginx", 2), ("ours", 3))}
+      f"{at_least_one(repeat_ratios)} of {len(repeat_ratios)} at 1.00 or more.")
+pooled = {t: [x for r in rows for x in rps_each(r[i])] for t, i in (("nginx", 2), ("ours", 3))}
 print(f"- All repeats pooled: nginx median {st.median(pooled['nginx']):,.0f}, router {st.median(pooled['ours']):,.0f} "
       f"req/s, a ratio of {st.median(pooled['ours']) / st.median(pooled['nginx']):.2f}.")
 cpu_n = [r[2]["closed"].get("proxy_cpu_us_per_req") for r in rows]
@@ -124,17 +136,18 @@ for first, label in (("nginx", "nginx first"), ("ours", "router first")):
     if xs:
         print(f"- Runs with {label}: median ratio {st.median(xs):.2f} over {len(xs)}.")
 print("\n## Fixed-rate p99, router less nginx (target: within 0.2 ms)\n")
-print(f"- By run (medians of three): median {quartiles(diffs, True)} ms; {within(diffs)} of {len(diffs)} runs "
-      "within 0.2 ms or better.")
-print(f"- By repeat: median {quartiles(repeat_diffs, True)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} within "
-      "0.2 ms or better.")
+print(f"- By run (medians of the repeats): median {quartiles(diffs, True)} ms; {within(diffs)} of {len(diffs)} runs "
+      "at most 0.2 ms slower.")
+print(f"- By repeat: median {quartiles(repeat_diffs, True)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} at most "
+      "0.2 ms slower.")
 for first, label in (("nginx", "nginx first"), ("ours", "router first")):
     xs = [d for _, d in by_order[first]]
     if xs:
         print(f"- Runs with {label}: median {st.median(xs):+.2f} ms over {len(xs)}.")
 rss = [r[3].get("peak_rss_kb") for r in rows]
 if all(rss):
-    print(f"\nRouter peak RSS: {min(rss) / 1024:.1f}-{max(rss) / 1024:.1f} MiB over the runs.")
+    print(f"\nRouter peak RSS: {min(rss) / 1024:.1f} to {max(rss) / 1024:.1f} MiB over the runs.")
 PY
+mv "$work/report.md" "$report"
 cat "$report"
 echo "wrote $report"
