@@ -14,7 +14,8 @@
 #     to the other target's repeat of the same number in the same run;
 #   - fixed rate: the router's p99 less nginx's, by run and by repeat, and how many are at most
 #     0.2 ms slower;
-#   - both split by which target went first, and each target's CPU time a request.
+#   - both split by which target went first, and each target's CPU time a request;
+#   - the share of the machine's time the hypervisor took over each run (steal, /proc/stat).
 #
 # BINARY must be built from this checkout's sources (its `--version` names the commit; see
 # built_from_checkout in scripts/bench-common.sh): a PGO build from scripts/build-pgo.sh, or
@@ -44,8 +45,10 @@ for run in $(seq "$runs"); do
   echo "run $run of $runs: ${order[*]}"
   rm -f "$shared"/llm-router.db*
   before=$(ls "$shared/results")
+  head -1 /proc/stat > "$work/runs/$run-cpu"
   (cd "$shared" && OURS_VERSION="$built" OURS_CMD="$ours_cmd" ./run.sh "${order[@]}" \
     >"$work/run-$run.log" 2>&1) || { tail -20 "$work/run-$run.log" >&2; exit 1; }
+  head -1 /proc/stat >> "$work/runs/$run-cpu"
   # The two results this run wrote (the bench names them DATE-TARGET.json). The bench goes on
   # past a target that failed, with "status": "failed" in its file: stop at the first.
   for target in nginx ours; do
@@ -69,6 +72,13 @@ def load(run, target):
     if r.get("status") != "ok":
         sys.exit(f"run {run}: {target} failed: {r.get('error')}")
     return r
+
+def steal_pct(run):
+    # /proc/stat's first line before and after the run: user nice system idle iowait irq
+    # softirq steal ...
+    a, b = ([int(x) for x in line.split()[1:9]] for line in open(f"{folder}/{run}-cpu"))
+    total = sum(b) - sum(a)
+    return 100.0 * (b[7] - a[7]) / total if total else 0.0
 
 def rps_each(r):
     return r["closed"].get("rps_2xx_each", [r["closed"]["rps_2xx"]])
@@ -105,14 +115,14 @@ print(f"a {p['warmup_s']} s warm-up, then {p['repeat']} repeats of a {p['duratio
       f"{p['connections']} connections and")
 print(f"a {p['duration_s']} s fixed {p['rate']:,} req/s. Throughput in requests a second (2xx), latency in ms, CPU in µs of")
 print("the target's own user and system time a request (closed loop, median of the repeats).\n")
-print("| run | first | nginx req/s (repeats) | router req/s (repeats) | ratio of medians | nginx / router CPU | nginx p99 | router p99 | router − nginx p99 |")
-print("|---:|---|---|---|---:|---:|---:|---:|---:|")
+print("| run | first | nginx req/s (repeats) | router req/s (repeats) | ratio of medians | nginx / router CPU | nginx p99 | router p99 | router − nginx p99 | steal % |")
+print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
 for run, first, n, o, ratio, rr, diff, dd in rows:
     each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in rps_each(r))})"
     cpu = lambda r: r["closed"].get("proxy_cpu_us_per_req") or float("nan")
     print(f"| {run} | {'router' if first == 'ours' else first} | {each(n)} | {each(o)} | {ratio:.2f} | "
           f"{cpu(n):.1f} / {cpu(o):.1f} | {n['fixed']['latency_ms']['p99']:.2f} | "
-          f"{o['fixed']['latency_ms']['p99']:.2f} | {diff:+.2f} |")
+          f"{o['fixed']['latency_ms']['p99']:.2f} | {diff:+.2f} | {steal_pct(run):.1f} |")
 
 ratios = [r[4] for r in rows]
 diffs = [r[6] for r in rows]
