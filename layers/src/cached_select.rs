@@ -39,7 +39,8 @@ use crate::pool::{
 };
 use crate::routed::{Routed, RoutedResponse};
 
-/// Fleets up to this size get an exact least-loaded pick; larger ones get power of two choices.
+/// Fleets up to this size get an exact pick (every node's expected time to first byte);
+/// larger ones get power of two choices.
 pub const FULL_SCAN_LIMIT: usize = 16;
 
 /// Settings for [`CachedSelectLayer`].
@@ -233,7 +234,7 @@ impl NodeSelector {
         }
     }
 
-    /// Exact least-loaded over small fleets; the best-ranked node against one rotating other
+    /// The quickest of all nodes over small fleets; the best-ranked node against one rotating other
     /// (plus the node already held, if any) over large ones.
     fn pick<'a>(
         &self,

@@ -1479,7 +1479,7 @@ mod tests {
             panic!("the only healthy slot is taken: the request waits");
         };
         // Both come back in one change, so one pick decides between them; each keeps its
-        // measured speed.
+        // measured speed. "slow" is listed first: by load alone the tie would go to it.
         pool.set_nodes([
             spec("busy", &["m"], 1),
             spec("slow", &["m"], 4),

@@ -27,7 +27,8 @@
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
-//! - **Retries.** A request is sent once more, to another node with a free slot, when its node
+//! - **Retries.** A request is sent once more, to the least-loaded other node with a free slot
+//!   (the proxy's own rule: it does not know how a layer before it ranked the nodes), when its node
 //!   refuses the connection, fails before answering, or answers 5xx: always before any byte has
 //!   reached the client, never after. A first-byte timeout is not retried (the node may still be
 //!   working on it, and a second try would double the wait), nor is anything once the body has

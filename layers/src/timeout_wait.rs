@@ -5,8 +5,10 @@
 //! once, on the node expected to answer first (as [`NodePool::try_acquire_free`] picks).
 //! Otherwise it joins a FIFO line of at most `max_waiters` requests and waits at most
 //! `wait_timeout`. A slot given back goes straight to the oldest waiter that can use it, so the
-//! line is served in order and no wake-up is lost. When capacity grows (a node added or back
-//! up), waiters get slots by the same rule as a request that finds one free.
+//! line is served in order and no wake-up is lost. When capacity grows (a node added, back up,
+//! or given more slots), waiters get slots by the same rule as a request that finds one free;
+//! a node not measured yet counts as quickest, so up to its `max_concurrency` of them go there
+//! at once.
 //!
 //! Answers, all OpenAI-shaped JSON:
 //! - line full: 429 with `Retry-After`;
