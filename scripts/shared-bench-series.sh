@@ -6,16 +6,18 @@
 # Each run is one `../shared/bench/run.sh nginx ours` (odd runs) or `run.sh ours nginx` (even
 # runs): per target a start, a warm-up, then repeats of a closed loop and a fixed rate, by the
 # bench's defaults (5 s, three of 10 s with 64 connections, 1,000 req/s; its DURATION, CONNS,
-# RATE, WARMUP and REPEAT variables pass through, and the report says what ran). One run's median of three
-# moves by a quarter on this project's 2-core machine (the same binary's CPU a request moves
+# RATE, WARMUP and REPEAT variables pass through when given on the command line or exported,
+# and the report says what ran). One run's median of three moves by a quarter on this project's 2-core machine (the same binary's CPU a request moves
 # that much between 10 s loops), so a single run cannot tell two targets within that apart;
 # this reports the distribution over runs instead:
 #   - closed loop: the ratio of the two targets' medians in each run, and each repeat's ratio
 #     to the other target's repeat of the same number in the same run;
 #   - fixed rate: the router's p99 less nginx's, by run and by repeat, and how many are at most
 #     0.2 ms slower;
-#   - both split by which target went first, and each target's CPU time a request;
-#   - the share of the machine's time the hypervisor took over each run (steal, /proc/stat).
+#   - both split by which target went first;
+#   - each target's CPU time a request (median over runs);
+#   - the share of the whole machine's time the hypervisor took (steal, /proc/stat) over each
+#     run, both targets with their starts and warm-ups.
 #
 # BINARY must be built from this checkout's sources (its `--version` names the commit; see
 # built_from_checkout in scripts/bench-common.sh): a PGO build from scripts/build-pgo.sh, or
@@ -23,20 +25,27 @@
 # (log level warn), its history in the bench folder's llm-router.db, removed before each run.
 #
 # Needs nginx and oha (../shared/bench/setup.sh). Writes
-# loadtest/results/shared-bench-series-DATE-COMMIT.md; the bench's own JSON files stay in
-# ../shared/bench/results.
+# loadtest/results/shared-bench-series-DATE-COMMIT.md, named after the checkout as it was at
+# the start. Each run's two results and /proc/stat readings are kept in
+# ../shared/bench/results/series-TIME/, also when a run fails.
 set -euo pipefail
 usage="usage: scripts/shared-bench-series.sh BINARY [RUNS]"
 binary=$(realpath -e "${1:?$usage}") || exit 1 # before the cd: relative to the caller
 runs=${2:-8}
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "RUNS must be a whole number above 0; $usage" >&2; exit 1; }
 cd "$(dirname "$0")/.."
-port=18200 # bench-common.sh wants one; the shared bench picks its own ports.
+# For built_from_checkout, the scratch directory and stop_all (which stops the mock nodes if
+# this started them; run.sh would start them too). bench-common.sh wants a port; the shared
+# bench picks its own.
+port=18200
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
 trap stop_all EXIT
 built=$(built_from_checkout "$binary") || exit 1
-mkdir -p "$work/runs"
+checkout=$(git describe --always --dirty)
+report=loadtest/results/shared-bench-series-$(date -u +%Y-%m-%d)-$checkout.md
+kept="$shared/results/series-$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$kept"
 ours_cmd="env LLM_ROUTER_LOG=warn $(printf %q "$binary") --listen 127.0.0.1:{PORT} --upstream {NODES} --max-concurrency 256"
 
 for run in $(seq "$runs"); do
@@ -45,10 +54,10 @@ for run in $(seq "$runs"); do
   echo "run $run of $runs: ${order[*]}"
   rm -f "$shared"/llm-router.db*
   before=$(ls "$shared/results")
-  head -1 /proc/stat > "$work/runs/$run-cpu"
+  head -1 /proc/stat > "$kept/$run-cpu"
   (cd "$shared" && OURS_VERSION="$built" OURS_CMD="$ours_cmd" ./run.sh "${order[@]}" \
     >"$work/run-$run.log" 2>&1) || { tail -20 "$work/run-$run.log" >&2; exit 1; }
-  head -1 /proc/stat >> "$work/runs/$run-cpu"
+  head -1 /proc/stat >> "$kept/$run-cpu"
   # The two results this run wrote (the bench names them DATE-TARGET.json). The bench goes on
   # past a target that failed, with "status": "failed" in its file: stop at the first.
   for target in nginx ours; do
@@ -56,22 +65,18 @@ for run in $(seq "$runs"); do
     [ "$(wc -l <<<"$file")" = 1 ] && [ -n "$file" ] || { echo "run $run: no single $target result" >&2; exit 1; }
     python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r.get("status") == "ok" or sys.exit("%s: %s: %s" % (sys.argv[1], r.get("status"), r.get("error")))' \
       "$shared/results/$file" || { tail -20 "$work/run-$run.log" >&2; exit 1; }
-    cp "$shared/results/$file" "$work/runs/$run-$target.json"
+    cp "$shared/results/$file" "$kept/$run-$target.json"
   done
 done
 rm -f "$shared"/llm-router.db*
 
-checkout=$(git describe --always --dirty)
-report=loadtest/results/shared-bench-series-$(date -u +%Y-%m-%d)-$checkout.md
-python3 - "$work/runs" "$runs" "$checkout" "$built" "$(uname -r)" > "$work/report.md" <<'PY'
+python3 - "$kept" "$runs" "$checkout" "$built" "$(uname -r)" > "$work/report.md" <<'PY'
 import json, statistics as st, sys
 folder, runs, checkout, built, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
 def load(run, target):
-    r = json.load(open(f"{folder}/{run}-{target}.json"))
-    if r.get("status") != "ok":
-        sys.exit(f"run {run}: {target} failed: {r.get('error')}")
-    return r
+    # Only results with "status": "ok" were kept.
+    return json.load(open(f"{folder}/{run}-{target}.json"))
 
 def steal_pct(run):
     # /proc/stat's first line before and after the run: user nice system idle iowait irq
@@ -160,4 +165,4 @@ if all(rss):
 PY
 mv "$work/report.md" "$report"
 cat "$report"
-echo "wrote $report"
+echo "wrote $report (the runs' data: $kept)"
