@@ -51,6 +51,9 @@ else
   build="plain release build ($built)"
 fi
 [ -x "$router" ] || { echo "not an executable: $router" >&2; exit 1; }
+# The report is named after the checkout as the binaries were checked against it, so edits
+# made while this runs do not rename it.
+checkout=$(git describe --always --dirty)
 write_nginx_conf
 if [ "${HISTORY:-on}" = off ]; then
   printf '[history]\nenabled = false\n' > "$work/router.toml"
@@ -118,7 +121,6 @@ for round in $(seq "$rounds"); do
   fi
 done
 
-checkout=$(git describe --always --dirty)
 twice=
 if [ "${TWICE:-0}" = 1 ]; then twice=-twice; fi
 report=loadtest/results/fixed-rate-ab-$(date -u +%Y-%m-%d)-$checkout${HISTORY:+-history-$HISTORY}$twice.md

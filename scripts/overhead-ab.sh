@@ -48,6 +48,9 @@ if [ -z "${PGO_BIN:-}" ]; then
   PGO_BIN=target/pgo/release/llm-router
 fi
 pgo_built=$(built_from_checkout "$PGO_BIN") || exit 1
+# The report is named after the checkout as the binaries were checked against it, so edits
+# made while this runs do not rename it.
+checkout=$(git describe --always --dirty)
 
 write_nginx_conf
 printf '[history]\npath = "%s/history.db"\n' "$work" > "$work/router.toml"
@@ -97,7 +100,6 @@ for round in $(seq "$rounds"); do
   measure_example pump byte_pump
 done
 
-checkout=$(git describe --always --dirty)
 report=loadtest/results/overhead-ab-$(date -u +%Y-%m-%d)-$checkout.md
 python3 - "$work/rows" "$rounds" "$seconds" "$checkout" "$pgo_built" > "$report" <<'PY'
 import statistics as st, sys
