@@ -234,8 +234,9 @@ impl NodeSelector {
         }
     }
 
-    /// The quickest of all nodes over small fleets; the best-ranked node against one rotating other
-    /// (plus the node already held, if any) over large ones.
+    /// The quickest eligible node by the ranking's cached speeds over small fleets; the
+    /// best-ranked node against one rotating other (plus the node already held, if any) over
+    /// large ones.
     fn pick<'a>(
         &self,
         ranked: &'a Ranked,
