@@ -7,8 +7,9 @@
 # runs): per target a start, a warm-up, then repeats of a closed loop and a fixed rate, by the
 # bench's defaults (5 s, three of 10 s with 64 connections, 1,000 req/s; its DURATION, CONNS,
 # RATE, WARMUP and REPEAT variables pass through when given on the command line or exported,
-# and the report says what ran). One run's median of three moves by a quarter on this project's 2-core machine (the same binary's CPU a request moves
-# that much between 10 s loops), so a single run cannot tell two targets within that apart;
+# and the report says what ran). One run's median of three moves by a quarter on this
+# project's 2-core machine (the same binary's CPU a request moves that much between 10 s
+# loops), so a single run cannot tell two targets within that apart;
 # this reports the distribution over runs instead:
 #   - closed loop: the ratio of the two targets' medians in each run, and each repeat's ratio
 #     to the other target's repeat of the same number in the same run;
@@ -27,7 +28,8 @@
 # Needs nginx and oha (../shared/bench/setup.sh). Writes
 # loadtest/results/shared-bench-series-DATE-COMMIT.md, named after the checkout as it was at
 # the start. Each run's two results and /proc/stat readings are kept in
-# ../shared/bench/results/series-TIME/, also when a run fails.
+# ../shared/bench/results/series-TIME/ as they come, so a series that stops keeps its earlier
+# runs and the failed result.
 set -euo pipefail
 usage="usage: scripts/shared-bench-series.sh BINARY [RUNS]"
 binary=$(realpath -e "${1:?$usage}") || exit 1 # before the cd: relative to the caller
@@ -63,9 +65,9 @@ for run in $(seq "$runs"); do
   for target in nginx ours; do
     file=$(comm -13 <(echo "$before") <(ls "$shared/results") | grep -- "-$target\.json$" || true)
     [ "$(wc -l <<<"$file")" = 1 ] && [ -n "$file" ] || { echo "run $run: no single $target result" >&2; exit 1; }
-    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r.get("status") == "ok" or sys.exit("%s: %s: %s" % (sys.argv[1], r.get("status"), r.get("error")))' \
-      "$shared/results/$file" || { tail -20 "$work/run-$run.log" >&2; exit 1; }
     cp "$shared/results/$file" "$kept/$run-$target.json"
+    python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); r.get("status") == "ok" or sys.exit("%s: %s: %s" % (sys.argv[1], r.get("status"), r.get("error")))' \
+      "$kept/$run-$target.json" || { tail -20 "$work/run-$run.log" >&2; exit 1; }
   done
 done
 rm -f "$shared"/llm-router.db*
