@@ -234,9 +234,10 @@ impl NodeSelector {
         }
     }
 
-    /// The quickest eligible node by the ranking's cached speeds over small fleets; the
-    /// best-ranked node against one rotating other (plus the node already held, if any) over
-    /// large ones.
+    /// Over small fleets, the eligible node expected to answer first: the ranking's cached speed
+    /// weighed against each node's live load (full nodes skipped under
+    /// [`SlotBound::WithinCapacity`]). Over large ones, the best-ranked node against one rotating
+    /// other (plus the node already held, if any).
     fn pick<'a>(
         &self,
         ranked: &'a Ranked,
