@@ -73,7 +73,7 @@ done
 rm -f "$shared"/llm-router.db*
 
 python3 - "$kept" "$runs" "$checkout" "$built" "$(uname -r)" > "$work/report.md" <<'PY'
-import json, statistics as st, sys
+import collections, json, statistics as st, sys
 folder, runs, checkout, built, kernel = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 
 def load(run, target):
@@ -100,21 +100,24 @@ def quartiles(xs, signed=False):
     f = (lambda x: f"{x:+.2f}") if signed else (lambda x: f"{x:.2f}")
     return f"{f(q[1])} (quartiles {f(q[0])} to {f(q[2])}, range {f(min(xs))} to {f(max(xs))})"
 
-rows, by_order = [], {"nginx": [], "ours": []}
-repeat_ratios, repeat_diffs = [], []
+Run = collections.namedtuple("Run", "number first nginx ours ratio repeat_ratios diff repeat_diffs")
+rows = []
 for run in range(1, runs + 1):
     n, o = load(run, "nginx"), load(run, "ours")
-    first = "nginx" if run % 2 else "ours"
-    ratio = o["closed"]["rps_2xx"] / n["closed"]["rps_2xx"]
-    diff = o["fixed"]["latency_ms"]["p99"] - n["fixed"]["latency_ms"]["p99"]
-    rr = [a / b for a, b in zip(rps_each(o), rps_each(n))]
-    dd = [a - b for a, b in zip(p99_each(o), p99_each(n))]
-    repeat_ratios += rr
-    repeat_diffs += dd
-    by_order[first].append((ratio, diff))
-    rows.append((run, first, n, o, ratio, rr, diff, dd))
+    rows.append(Run(
+        number=run,
+        first="nginx" if run % 2 else "ours",
+        nginx=n,
+        ours=o,
+        ratio=o["closed"]["rps_2xx"] / n["closed"]["rps_2xx"],
+        repeat_ratios=[a / b for a, b in zip(rps_each(o), rps_each(n))],
+        diff=o["fixed"]["latency_ms"]["p99"] - n["fixed"]["latency_ms"]["p99"],
+        repeat_diffs=[a - b for a, b in zip(p99_each(o), p99_each(n))],
+    ))
+repeat_ratios = [x for r in rows for x in r.repeat_ratios]
+repeat_diffs = [x for r in rows for x in r.repeat_diffs]
 
-p = rows[0][3]["params"]
+p = rows[0].ours["params"]
 print(f"# The shared bench in a series: nginx against the router (checkout {checkout})\n")
 print(f"`scripts/shared-bench-series.sh BINARY {runs}`, the router {built}, kernel {kernel}, 2 cores.")
 print(f"{runs} runs of `../shared/bench/run.sh`, odd ones `nginx ours`, even ones `ours nginx`. Per target")
@@ -124,15 +127,16 @@ print(f"a {p['duration_s']} s fixed {p['rate']:,} req/s. Throughput in requests 
 print("the target's own user and system time a request (closed loop, median of the repeats).\n")
 print("| run | first | nginx req/s (repeats) | router req/s (repeats) | ratio of medians | nginx / router CPU | nginx p99 | router p99 | router − nginx p99 | steal % |")
 print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
-for run, first, n, o, ratio, rr, diff, dd in rows:
-    each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in rps_each(r))})"
-    cpu = lambda r: r["closed"].get("proxy_cpu_us_per_req") or float("nan")
-    print(f"| {run} | {'router' if first == 'ours' else first} | {each(n)} | {each(o)} | {ratio:.2f} | "
+each = lambda r: f"{r['closed']['rps_2xx']:,.0f} ({', '.join(f'{x:,.0f}' for x in rps_each(r))})"
+cpu = lambda r: r["closed"].get("proxy_cpu_us_per_req") or float("nan")
+for r in rows:
+    n, o = r.nginx, r.ours
+    print(f"| {r.number} | {'router' if r.first == 'ours' else r.first} | {each(n)} | {each(o)} | {r.ratio:.2f} | "
           f"{cpu(n):.1f} / {cpu(o):.1f} | {n['fixed']['latency_ms']['p99']:.2f} | "
-          f"{o['fixed']['latency_ms']['p99']:.2f} | {diff:+.2f} | {steal_pct(run):.1f} |")
+          f"{o['fixed']['latency_ms']['p99']:.2f} | {r.diff:+.2f} | {steal_pct(r.number):.1f} |")
 
-ratios = [r[4] for r in rows]
-diffs = [r[6] for r in rows]
+ratios = [r.ratio for r in rows]
+diffs = [r.diff for r in rows]
 # Counted as printed, to two decimals.
 within = lambda xs: sum(round(x, 2) <= 0.2 for x in xs)
 at_least_one = lambda xs: sum(round(x, 2) >= 1 for x in xs)
@@ -141,15 +145,15 @@ print(f"- Ratio of each run's medians (what one run reports): median {quartiles(
       f"{at_least_one(ratios)} of {len(ratios)} runs at 1.00 or more.")
 print(f"- Each repeat against nginx's same repeat: median {quartiles(repeat_ratios)}; "
       f"{at_least_one(repeat_ratios)} of {len(repeat_ratios)} at 1.00 or more.")
-pooled = {t: [x for r in rows for x in rps_each(r[i])] for t, i in (("nginx", 2), ("ours", 3))}
+pooled = {t: [x for r in rows for x in rps_each(getattr(r, t))] for t in ("nginx", "ours")}
 print(f"- All repeats pooled: nginx median {st.median(pooled['nginx']):,.0f}, router {st.median(pooled['ours']):,.0f} "
       f"req/s, a ratio of {st.median(pooled['ours']) / st.median(pooled['nginx']):.2f}.")
-cpu_n = [r[2]["closed"].get("proxy_cpu_us_per_req") for r in rows]
-cpu_o = [r[3]["closed"].get("proxy_cpu_us_per_req") for r in rows]
+cpu_n = [r.nginx["closed"].get("proxy_cpu_us_per_req") for r in rows]
+cpu_o = [r.ours["closed"].get("proxy_cpu_us_per_req") for r in rows]
 if all(cpu_n) and all(cpu_o):
     print(f"- CPU a request, median over runs: nginx {st.median(cpu_n):.1f} µs, router {st.median(cpu_o):.1f} µs.")
 for first, label in (("nginx", "nginx first"), ("ours", "router first")):
-    xs = [r for r, _ in by_order[first]]
+    xs = [r.ratio for r in rows if r.first == first]
     if xs:
         print(f"- Runs with {label}: median ratio {st.median(xs):.2f} over {len(xs)}.")
 print("\n## Fixed-rate p99, router less nginx (target: within 0.2 ms)\n")
@@ -158,10 +162,10 @@ print(f"- By run (medians of the repeats): median {quartiles(diffs, True)} ms; {
 print(f"- By repeat: median {quartiles(repeat_diffs, True)} ms; {within(repeat_diffs)} of {len(repeat_diffs)} at most "
       "0.2 ms slower.")
 for first, label in (("nginx", "nginx first"), ("ours", "router first")):
-    xs = [d for _, d in by_order[first]]
+    xs = [r.diff for r in rows if r.first == first]
     if xs:
         print(f"- Runs with {label}: median {st.median(xs):+.2f} ms over {len(xs)}.")
-rss = [r[3].get("peak_rss_kb") for r in rows]
+rss = [r.ours.get("peak_rss_kb") for r in rows]
 if all(rss):
     print(f"\nRouter peak RSS: {min(rss) / 1024:.1f} to {max(rss) / 1024:.1f} MiB over the runs.")
 PY
