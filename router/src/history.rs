@@ -25,9 +25,10 @@ use futures_util::{FutureExt, TryStreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Arguments, Connection, QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{Notify, oneshot};
 
 /// Settings for [`History::open`].
@@ -1161,25 +1162,17 @@ async fn insert(
     }
     let mut rows = rows.drain(..).zip(row_names);
     for size in statement_sizes(rows.len()) {
-        let mut statement = sqlx::query(insert_sql(size));
+        // Added to one list sized up front: `Query::bind` moves the whole query for each value,
+        // and the list grows by doubling.
+        let mut values = SqliteArguments::default();
+        values.reserve(size * VALUES_PER_ROW, 0);
         for (r, names) in rows.by_ref().take(size) {
-            statement = statement
-                .bind(r.ts_ms)
-                .bind(r.request_id)
-                .bind(i64::from(r.status))
-                .bind(r.stream)
-                .bind(r.latency_ms)
-                .bind(r.ttfb_ms)
-                .bind(r.prompt_tokens.map(i64::from))
-                .bind(r.completion_tokens.map(i64::from))
-                .bind(r.api_key_id)
-                .bind(r.client_disconnected)
-                .bind(r.upstream_error)
-                .bind(names.path)
-                .bind(names.model)
-                .bind(names.node);
+            add_row(&mut values, r, names).map_err(sqlx::Error::Encode)?;
         }
-        last_id = statement.execute(&mut *tx).await?.last_insert_rowid();
+        last_id = sqlx::query_with(insert_sql(size), values)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
     }
     // The transaction holds SQLite's write lock from the first INSERT to the commit, so no other
     // connection or process takes ids in between; AUTOINCREMENT hands them out in the order of
@@ -1208,6 +1201,32 @@ async fn insert(
     tx.commit().await?;
     names.keep_added();
     Ok(())
+}
+
+/// The values [`insert_sql`] binds for each row.
+const VALUES_PER_ROW: usize = 14;
+
+/// Adds one row's values to an INSERT's, in [`insert_sql`]'s column order. Only text and
+/// integers, which encode without failing; the error is the encoder's.
+fn add_row(
+    values: &mut SqliteArguments<'_>,
+    r: RequestRecord,
+    names: RowNames,
+) -> Result<(), sqlx::error::BoxDynError> {
+    values.add(r.ts_ms)?;
+    values.add(r.request_id)?;
+    values.add(i64::from(r.status))?;
+    values.add(r.stream)?;
+    values.add(r.latency_ms)?;
+    values.add(r.ttfb_ms)?;
+    values.add(r.prompt_tokens.map(i64::from))?;
+    values.add(r.completion_tokens.map(i64::from))?;
+    values.add(r.api_key_id)?;
+    values.add(r.client_disconnected)?;
+    values.add(r.upstream_error)?;
+    values.add(names.path)?;
+    values.add(names.model)?;
+    values.add(names.node)
 }
 
 /// A row's path, model and node as keys into `request_names`.
@@ -1718,7 +1737,11 @@ mod tests {
     fn insert_text_has_one_placeholder_per_value() {
         for size in [1, 2, 64, ROWS_PER_STATEMENT] {
             let sql = insert_sql(size);
-            assert_eq!(sql.matches('?').count(), size * 14, "{size} rows");
+            assert_eq!(
+                sql.matches('?').count(),
+                size * VALUES_PER_ROW,
+                "{size} rows"
+            );
             assert_eq!(sql.matches("), (").count(), size - 1, "{size} rows");
         }
     }
