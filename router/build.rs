@@ -1,7 +1,9 @@
 //! Records the commit the binaries are built from, for `--version`: `LLM_ROUTER_COMMIT` is the
 //! commit's short hash, with `, modified` when the files they are built from
 //! (build-sources.txt) differ from it or `git status` cannot tell, or `unknown` outside a git
-//! checkout of this workspace (a source archive, say).
+//! checkout of this workspace (a source archive, say). A profile-guided build adds `, PGO`
+//! (`, PGO training` for the instrumented one that records the profile), read from the
+//! compiler flags cargo passes (`-Cprofile-use`, `-Cprofile-generate`).
 //!
 //! Benchmark scripts read it to refuse a binary built from other sources than the checkout
 //! their report is named after. Since the hash changes with HEAD, a commit makes cargo build
@@ -49,6 +51,10 @@ fn main() {
         }
         None => "unknown".to_owned(),
     };
+    let commit = match profile_guided() {
+        Some(kind) => format!("{commit}, {kind}"),
+        None => commit,
+    };
     println!("cargo:rustc-env=LLM_ROUTER_COMMIT={commit}");
 
     // Run again when HEAD moves (a commit, a checkout, a reset) and when the sources change.
@@ -68,4 +74,31 @@ fn main() {
     for path in watched.iter().filter(|path| path.exists()) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
+    // And when the flags that say PGO change (cargo reads these from its own environment).
+    println!("cargo:rerun-if-env-changed=RUSTFLAGS");
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+}
+
+/// `PGO` or `PGO training` when the package is compiled with a profile (`-Cprofile-use`) or
+/// to record one (`-Cprofile-generate`); `None` for a plain build.
+fn profile_guided() -> Option<&'static str> {
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let mut args = flags.split('\x1f');
+    let mut kind = None;
+    while let Some(arg) = args.next() {
+        // `-Cname=value`, `-C name=value`, `--codegen name=value`, `--codegen=name=value`.
+        let option = match arg {
+            "-C" | "--codegen" => args.next().unwrap_or_default(),
+            _ => match arg.strip_prefix("--codegen=") {
+                Some(option) => option,
+                None => arg.strip_prefix("-C").unwrap_or_default(),
+            },
+        };
+        if option.starts_with("profile-use") {
+            kind = Some("PGO");
+        } else if option.starts_with("profile-generate") {
+            kind = Some("PGO training");
+        }
+    }
+    kind
 }

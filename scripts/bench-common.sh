@@ -27,15 +27,16 @@ pid=
 mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[0]}")/../router/build-sources.txt")
 ((${#router_sources[@]})) || { echo "no sources listed in router/build-sources.txt" >&2; exit 1; }
 
-# built_from_checkout BINARY: the commit a router binary names in `--version` (router/build.rs),
-# when it was built from the sources of this checkout: of HEAD with the tree as it is now
-# (uncommitted changes to the sources included, if the binary says it had some), or of an
-# earlier commit no commit since has changed the sources of, with none uncommitted now.
-# Otherwise says why not and fails, so that a report named after this checkout does not
-# measure another build. (It cannot tell a PGO build from a plain one, nor two different
-# uncommitted changes apart.)
+# built_from_checkout BINARY [pgo|plain]: the commit a router binary names in `--version`
+# (router/build.rs), when it was built from the sources of this checkout: of HEAD with the tree
+# as it is now (uncommitted changes to the sources included, if the binary says it had some),
+# or of an earlier commit no commit since has changed the sources of, with none uncommitted
+# now; and, when asked, as a PGO build (`, PGO` in its version) or a plain one. Otherwise says
+# why not and fails, so that a report named after this checkout does not measure another
+# build. (It cannot tell two different uncommitted changes apart.)
 built_from_checkout() {
-  local version head built changes top binary=clean tree=clean
+  local version head built changes top binary=clean tree=clean kind=plain
+  case "${2:-}" in '' | pgo | plain) ;; *) echo "built_from_checkout: pgo or plain, not $2" >&2; return 1 ;; esac
   [ -x "$1" ] || { echo "not an executable: $1" >&2; return 1; }
   version=$("$1" --version 2>/dev/null || true)
   # The list's paths are the top level's: git runs there, wherever the caller is.
@@ -50,7 +51,12 @@ built_from_checkout() {
   changes=$(git -C "$top" status --porcelain --untracked-files=all -- "${router_sources[@]}") ||
     { echo "git status failed" >&2; return 1; }
   if [ -n "$changes" ]; then tree=modified; fi
-  case "$version" in *", modified)") binary=modified ;; esac
+  case "$version" in *", modified)" | *", modified, "*) binary=modified ;; esac
+  case "$version" in *", PGO)") kind=pgo ;; *", PGO training)") kind=training ;; esac
+  if [ -n "${2:-}" ] && [ "$kind" != "$2" ]; then
+    echo "$1 is $version, not a $2 build" >&2
+    return 1
+  fi
   # Uncommitted changes on both sides or on neither; an earlier commit only without any.
   if [ "$binary" = "$tree" ] && [ "$built" = "$head" ]; then
     echo "${version#* }"

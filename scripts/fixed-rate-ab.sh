@@ -18,7 +18,7 @@
 # makes one in target/pgo/release/llm-router), with the default stack, its history on in a
 # scratch database emptied before each round (HISTORY=off turns it off, to see what the history
 # costs the tail), log level warn and 256 slots a node, on 127.0.0.1:18200 in front of the
-# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must be built from this
+# shared bench's two mock nodes (18001, 18002). A PGO_BIN binary must be a PGO build of this
 # checkout's sources, which its `--version` tells (router/build.rs); the report names both.
 #
 # TWICE=1 runs each target twice in a row in each round (a fresh start each time), to see
@@ -42,15 +42,14 @@ trap stop_all EXIT
 
 if [ -n "${PGO_BIN:-}" ]; then
   router=$(realpath "$PGO_BIN")
-  built=$(built_from_checkout "$router") || exit 1
-  build="PGO build ($PGO_BIN, $built)"
+  kind=pgo
 else
   cargo build --release -q -p llm-router --bin llm-router
   router=$PWD/target/release/llm-router
-  built=$(built_from_checkout "$router") || exit 1
-  build="plain release build ($built)"
+  kind=plain
 fi
-[ -x "$router" ] || { echo "not an executable: $router" >&2; exit 1; }
+built=$(built_from_checkout "$router" "$kind") || exit 1
+if [ "$kind" = pgo ]; then build="PGO build ($PGO_BIN, $built)"; else build="plain release build ($built)"; fi
 # The report is named after the checkout as the binaries were checked against it, so edits
 # made while this runs do not rename it.
 checkout=$(git describe --always --dirty)

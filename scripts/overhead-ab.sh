@@ -26,7 +26,7 @@
 # the history's cost is that of writing to a small table.
 #
 # The PGO build is made first (about 15 minutes), unless PGO_BIN names one already built from
-# this checkout's sources (its `--version` must say so).
+# this checkout's sources (its `--version` must say so, and that it is a PGO build).
 #
 # Needs nginx and oha (../shared/bench/setup.sh installs them). Starts the mock nodes
 # (../shared/bench/mock-nodes.sh) if they are not up, and stops them again if it started them.
@@ -47,7 +47,7 @@ if [ -z "${PGO_BIN:-}" ]; then
   scripts/build-pgo.sh
   PGO_BIN=target/pgo/release/llm-router
 fi
-pgo_built=$(built_from_checkout "$PGO_BIN") || exit 1
+pgo_built=$(built_from_checkout "$PGO_BIN" pgo) || exit 1
 # The report is named after the checkout as the binaries were checked against it, so edits
 # made while this runs do not rename it.
 checkout=$(git describe --always --dirty)
