@@ -27,8 +27,10 @@
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
-//! - **Retries.** A request is sent once more, to the least-loaded other node with a free slot
-//!   (the proxy's own rule: it does not know how a layer before it ranked the nodes), when its node
+//! - **Retries.** A request is sent once more, to another node with a free slot, picked the
+//!   way its first node was: the quickest by measured speed (time to first byte against live
+//!   load, [`CachedSelectLayer`](crate::cached_select)'s rule) when a layer chose that node,
+//!   the least-loaded when the proxy did. That happens when its node
 //!   refuses the connection, fails before answering, or answers 5xx: always before any byte has
 //!   reached the client, never after. A first-byte timeout is not retried (the node may still be
 //!   working on it, and a second try would double the wait), nor is anything once the body has
@@ -61,7 +63,9 @@ use crate::client::{
     ClientError, Forward, HttpClient, ResponseFuture as ClientFuture, UpstreamBody,
 };
 use crate::error::RouterError;
-use crate::pool::{Eligible, Node, NodePool, SelectedNode, SlotBound, least_loaded};
+use crate::pool::{
+    Eligible, Node, NodePool, SelectedNode, SlotBound, Speed, least_loaded, quickest,
+};
 use crate::raw::RawRequest;
 use crate::raw_response::RawResponse;
 use crate::retry::RetryBudget;
@@ -216,9 +220,11 @@ fn is_event_stream(answer: &NodeAnswer) -> bool {
 }
 
 impl<B> PooledProxyService<B> {
-    fn choose(&self, request: &mut impl Routed) -> Result<SelectedNode, RouterError> {
+    /// The request's node, and how a retry picks another the same way.
+    fn choose(&self, request: &mut impl Routed) -> Result<(SelectedNode, Pick), RouterError> {
         if let Some(selected) = request.remove_selected_node() {
-            return Ok(selected);
+            // CachedSelect and TimeoutWait both pick the quickest.
+            return Ok((selected, Pick::Quickest));
         }
         let model = request.model();
         let snapshot = self.shared.pool.snapshot();
@@ -226,6 +232,7 @@ impl<B> PooledProxyService<B> {
             Eligible::Nodes(nodes) => least_loaded(nodes, SlotBound::MayExceed, None)
                 .and_then(|node| self.shared.pool.acquire(node, SlotBound::MayExceed))
                 .and_then(SelectedNode::new)
+                .map(|selected| (selected, Pick::LeastLoaded))
                 .ok_or(RouterError::Internal),
             Eligible::NoneAvailable => Err(RouterError::NoNodeAvailable {
                 retry_after: crate::error::retry_delay(1, 0.0),
@@ -269,14 +276,26 @@ impl<B> Shared<B> {
         }
     }
 
-    /// A slot on a node with room for `model` that has not failed this request yet.
-    fn another_node(&self, model: Option<&str>, tried: &[Arc<str>]) -> Option<SelectedNode> {
+    /// A slot on a node with room for `model` that has not failed this request yet, picked
+    /// by `pick`.
+    fn another_node(
+        &self,
+        model: Option<&str>,
+        tried: &[Arc<str>],
+        pick: Pick,
+    ) -> Option<SelectedNode> {
         let snapshot = self.pool.snapshot();
         let Eligible::Nodes(nodes) = snapshot.eligible(model) else {
             return None;
         };
         let others = nodes.iter().filter(|n| !tried.contains(n.id_arc()));
-        let node = least_loaded(others, SlotBound::WithinCapacity, None)?;
+        let node = match pick {
+            Pick::LeastLoaded => least_loaded(others, SlotBound::WithinCapacity, None),
+            Pick::Quickest => {
+                let measured = others.map(|n| (n, Speed::of(n)));
+                quickest(measured, SlotBound::WithinCapacity, None)
+            }
+        }?;
         SelectedNode::new(self.pool.acquire(node, SlotBound::WithinCapacity)?)
     }
 }
@@ -394,10 +413,21 @@ struct Sent {
     sent_at: Instant,
 }
 
+/// How a retry picks its node: as the request's first node was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// The proxy picked it: the lowest in flight per slot (the proxy on its own is the
+    /// least-loaded baseline).
+    LeastLoaded,
+    /// A layer picked it: the lowest expected time to first byte by measured speed.
+    Quickest,
+}
+
 /// What a request needs to be sent again.
 struct Replay<R> {
     request: R,
     model: Option<Arc<str>>,
+    pick: Pick,
     retries_left: u32,
     /// Nodes that failed this request (allocated only on a failure).
     tried: Vec<Arc<str>>,
@@ -417,8 +447,8 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
-        let selected = match self.choose(&mut request) {
-            Ok(selected) => selected,
+        let (selected, pick) = match self.choose(&mut request) {
+            Ok(chosen) => chosen,
             Err(error) => return ProxyFuture::failed(error),
         };
         let shared = &self.shared;
@@ -426,6 +456,7 @@ where
         let sent = shared.send(&request, &selected);
         let replay = (shared.config.retries > 0).then(|| Replay {
             model: request.model(),
+            pick,
             request,
             retries_left: shared.config.retries,
             tried: Vec::new(),
@@ -646,7 +677,8 @@ fn retry<B, R: ProxiedRequest<B>>(
         tracing::warn!(node = failed.id(), "retry budget spent; not retrying");
         return None;
     }
-    let Some(again) = shared.another_node(replay.model.as_deref(), &replay.tried) else {
+    let Some(again) = shared.another_node(replay.model.as_deref(), &replay.tried, replay.pick)
+    else {
         shared.budget.refund();
         return None;
     };

@@ -262,6 +262,84 @@ async fn a_refused_connection_is_retried_on_another_node() {
     router.shutdown().await;
 }
 
+/// Behind the default stack a retry goes to the quickest node left by measured speed, as the
+/// request's first node was chosen, not to the least-loaded one.
+#[tokio::test]
+async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |ttft_ms| SimConfig {
+        ttft_ms,
+        ..quick_node(&["m"])
+    };
+    let doomed = SimNode::start(SimConfig {
+        inter_token_ms: 0,
+        ..node(0)
+    })
+    .await
+    .unwrap();
+    let slow = SimNode::start(node(150)).await.unwrap();
+    let fast = SimNode::start(node(20)).await.unwrap();
+    let router = start_with_history(
+        &dir.path().join("h.db"),
+        // "slow" before "fast": by load alone, between two idle nodes, it would be the pick.
+        &[
+            ("gone", &doomed, &["m"], 4),
+            ("slow", &slow, &["m"], 4),
+            ("fast", &fast, &["m"], 4),
+        ],
+        |config| {
+            config.health.failures_to_eject = 1_000;
+            config.health.interval_ms = 60_000;
+            config.proxy.retry_reserve = 100;
+            // Each pick reads the speeds measured so far.
+            config.select.ranking_ttl_ms = 1;
+        },
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let client = client();
+    // One at a time until each node has answered: an unmeasured node counts as quickest, so
+    // each gets tried, and "gone" (no wait at all) ends up the quickest of the three.
+    for _ in 0..20 {
+        if [&doomed, &slow, &fast]
+            .iter()
+            .all(|node| node.stats().requests() > 0)
+        {
+            break;
+        }
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let slow_before = slow.stats().requests();
+    let fast_before = fast.stats().requests();
+    assert!(slow_before > 0 && fast_before > 0, "both were measured");
+    doomed.stop().await;
+    for _ in 0..6 {
+        let reply = post(&client, &url, chat_body("m", false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let failures = router
+        .services
+        .state
+        .pool
+        .snapshot()
+        .node("gone")
+        .unwrap()
+        .state()
+        .consecutive_failures();
+    assert!(
+        failures >= 3,
+        "the quickest node was tried first: {failures} failures"
+    );
+    assert_eq!(
+        slow.stats().requests(),
+        slow_before,
+        "no retry went to the slow node"
+    );
+    assert_eq!(fast.stats().requests(), fast_before + 6);
+    router.shutdown().await;
+}
+
 /// When every node fails, retries stop at the budget, and the node's own error reaches the
 /// client without the node's address in it.
 #[tokio::test]
