@@ -31,7 +31,8 @@ mapfile -t router_sources < <(grep -v -e '^#' -e '^$' "$(dirname "${BASH_SOURCE[
 # (router/build.rs), when it was built from the sources of this checkout: of HEAD with the tree
 # as it is now (uncommitted changes to the sources included, if the binary says it had some),
 # or of an earlier commit no commit since has changed the sources of, with none uncommitted
-# now; and, when asked, as a PGO build (`, PGO` in its version) or a plain one. Otherwise says
+# now; and, when asked, as a PGO build (`, PGO` in its version) or a plain one, never as the
+# instrumented build that records the profile (`, PGO training`). Otherwise says
 # why not and fails, so that a report named after this checkout does not measure another
 # build. (It cannot tell two different uncommitted changes apart.)
 built_from_checkout() {
@@ -55,6 +56,9 @@ built_from_checkout() {
   case "$version" in *", PGO)") kind=pgo ;; *", PGO training)") kind=training ;; esac
   if [ -n "${2:-}" ] && [ "$kind" != "$2" ]; then
     echo "$1 is $version, not a $2 build" >&2
+    return 1
+  elif [ "$kind" = training ]; then
+    echo "$1 is $version: instrumented to record a profile, not one to measure" >&2
     return 1
   fi
   # Uncommitted changes on both sides or on neither; an earlier commit only without any.
