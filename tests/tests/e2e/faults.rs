@@ -277,8 +277,8 @@ async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
     })
     .await
     .unwrap();
-    let slow = SimNode::start(node(150)).await.unwrap();
-    let fast = SimNode::start(node(20)).await.unwrap();
+    let slow = SimNode::start(node(300)).await.unwrap();
+    let fast = SimNode::start(node(60)).await.unwrap();
     let router = start_with_history(
         &dir.path().join("h.db"),
         // "slow" before "fast": by load alone, between two idle nodes, it would be the pick.
@@ -298,21 +298,39 @@ async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
     .await;
     let url = format!("{}/v1/chat/completions", base(&router));
     let client = client();
-    // One at a time until each node has answered: an unmeasured node counts as quickest, so
-    // each gets tried, and "gone" (no wait at all) ends up the quickest of the three.
-    for _ in 0..20 {
-        if [&doomed, &slow, &fast]
-            .iter()
-            .all(|node| node.stats().requests() > 0)
-        {
+    let ttfb = |id: &str| {
+        router
+            .services
+            .state
+            .pool
+            .snapshot()
+            .node(id)
+            .unwrap()
+            .state()
+            .ttfb_ewma()
+    };
+    // One at a time until the router has measured all three as "gone" < "fast" < "slow": an
+    // unmeasured node counts as quickest, so each gets tried.
+    let ordered = || match (ttfb("gone"), ttfb("fast"), ttfb("slow")) {
+        (Some(gone), Some(fast), Some(slow)) => gone < fast && fast < slow,
+        _ => false,
+    };
+    for _ in 0..40 {
+        if ordered() {
             break;
         }
         let reply = post(&client, &url, chat_body("m", false)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
+    assert!(
+        ordered(),
+        "measured: gone {:?}, fast {:?}, slow {:?}",
+        ttfb("gone"),
+        ttfb("fast"),
+        ttfb("slow")
+    );
     let slow_before = slow.stats().requests();
     let fast_before = fast.stats().requests();
-    assert!(slow_before > 0 && fast_before > 0, "both were measured");
     doomed.stop().await;
     for _ in 0..6 {
         let reply = post(&client, &url, chat_body("m", false)).await;
@@ -327,10 +345,7 @@ async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
         .unwrap()
         .state()
         .consecutive_failures();
-    assert!(
-        failures >= 3,
-        "the quickest node was tried first: {failures} failures"
-    );
+    assert_eq!(failures, 6, "each request went to the quickest node first");
     assert_eq!(
         slow.stats().requests(),
         slow_before,
