@@ -74,9 +74,17 @@ fn main() {
     for path in watched.iter().filter(|path| path.exists()) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    // And when the flags that say PGO change (cargo reads these from its own environment).
+    // And when the flags that say PGO change: cargo compares these in its own environment.
+    // Flags from a config file (`build.rustflags`, `--config`) are not tracked this way; with
+    // `--target` a change to them can leave the label stale (scripts/build-pgo.sh uses
+    // RUSTFLAGS and a target directory of its own).
     println!("cargo:rerun-if-env-changed=RUSTFLAGS");
     println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    println!("cargo:rerun-if-env-changed=CARGO_BUILD_RUSTFLAGS");
+    if let Ok(target) = std::env::var("TARGET") {
+        let triple = target.to_uppercase().replace(['-', '.'], "_");
+        println!("cargo:rerun-if-env-changed=CARGO_TARGET_{triple}_RUSTFLAGS");
+    }
 }
 
 /// `PGO` or `PGO training` when the package is compiled with a profile (`-Cprofile-use`) or
