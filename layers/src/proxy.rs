@@ -27,11 +27,12 @@
 //! - **Timeouts.** First byte (`first_byte_timeout`, then 504) and the idle gap between chunks
 //!   (`idle_timeout`). A stream that breaks after it started ends with an OpenAI-shaped error
 //!   event when it is SSE; other bodies end with an error.
-//! - **Retries.** A request is sent once more, to another node with a free slot, picked the
-//!   way its first node was: the quickest by measured speed (time to first byte against live
-//!   load, [`CachedSelectLayer`](crate::cached_select)'s rule) when a layer chose that node,
-//!   the least-loaded when the proxy did. That happens when its node
-//!   refuses the connection, fails before answering, or answers 5xx: always before any byte has
+//! - **Retries.** A request is sent again (once by default, [`ProxyConfig::retries`]), to
+//!   another node with a free slot that it has not failed on, when its node refuses the
+//!   connection, fails before answering, or answers 5xx. The other node is picked
+//!   the way the first was: the quickest by measured speed (time to first byte against live
+//!   load, [`CachedSelectLayer`](crate::cached_select)'s rule) when a layer chose the first,
+//!   the least-loaded when the proxy did. A retry comes always before any byte has
 //!   reached the client, never after. A first-byte timeout is not retried (the node may still be
 //!   working on it, and a second try would double the wait), nor is anything once the body has
 //!   started. Retries come out of a [`RetryBudget`] (by default 10 at once, then 20% of
@@ -223,7 +224,7 @@ impl<B> PooledProxyService<B> {
     /// The request's node, and how a retry picks another the same way.
     fn choose(&self, request: &mut impl Routed) -> Result<(SelectedNode, Pick), RouterError> {
         if let Some(selected) = request.remove_selected_node() {
-            // CachedSelect and TimeoutWait both pick the quickest.
+            // A layer chose it: CachedSelect and TimeoutWait both pick the quickest.
             return Ok((selected, Pick::Quickest));
         }
         let model = request.model();

@@ -1206,8 +1206,8 @@ async fn insert(
 /// The values [`insert_sql`] binds for each row.
 const VALUES_PER_ROW: usize = 14;
 
-/// Adds one row's values to an INSERT's, in [`insert_sql`]'s column order. Only text and
-/// integers, which encode without failing; the error is the encoder's.
+/// Adds one row's values to an INSERT's, in [`insert_sql`]'s column order. Integers, floats,
+/// booleans and text, which encode without failing; the error is the encoder's.
 fn add_row(
     values: &mut SqliteArguments<'_>,
     r: RequestRecord,
