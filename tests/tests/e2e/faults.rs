@@ -12,10 +12,20 @@ fn base(router: &Running) -> String {
     format!("http://{}", router.addr)
 }
 
-fn node_state(router: &Running, id: &str) -> (usize, bool) {
+/// What `read` gives of the router's node `id`, as the pool has it now.
+fn read_node<T>(router: &Running, id: &str, read: impl FnOnce(&layers::Node) -> T) -> T {
     let snapshot = router.services.state.pool.snapshot();
-    let node = snapshot.node(id).expect("node in the pool");
-    (node.state().in_flight(), node.is_healthy())
+    read(snapshot.node(id).expect("node in the pool"))
+}
+
+fn node_state(router: &Running, id: &str) -> (usize, bool) {
+    read_node(router, id, |node| {
+        (node.state().in_flight(), node.is_healthy())
+    })
+}
+
+fn consecutive_failures(router: &Running, id: &str) -> u32 {
+    read_node(router, id, |node| node.state().consecutive_failures())
 }
 
 /// The `error` object of the last SSE event, if the stream ended with one.
@@ -244,15 +254,7 @@ async fn a_refused_connection_is_retried_on_another_node() {
         let reply = post(&client, &url, chat_body("m", false)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    let failures = router
-        .services
-        .state
-        .pool
-        .snapshot()
-        .node("gone")
-        .unwrap()
-        .state()
-        .consecutive_failures();
+    let failures = consecutive_failures(&router, "gone");
     assert!(failures >= 1, "the refusing node was tried");
     assert_eq!(good.stats().requests(), 10);
     let rows = flushed_rows(&router).await;
@@ -271,12 +273,7 @@ async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
         ttft_ms,
         ..quick_node(&["m"])
     };
-    let doomed = SimNode::start(SimConfig {
-        inter_token_ms: 0,
-        ..node(0)
-    })
-    .await
-    .unwrap();
+    let doomed = SimNode::start(node(0)).await.unwrap();
     let slow = SimNode::start(node(300)).await.unwrap();
     let fast = SimNode::start(node(60)).await.unwrap();
     let router = start_with_history(
@@ -291,67 +288,31 @@ async fn a_retry_behind_the_default_stack_goes_to_the_quickest_node_left() {
             config.health.failures_to_eject = 1_000;
             config.health.interval_ms = 60_000;
             config.proxy.retry_reserve = 100;
-            // Each pick reads the speeds measured so far.
+            // Each pick reads the nodes' speeds as they are then.
             config.select.ranking_ttl_ms = 1;
         },
     )
     .await;
+    // The speeds the pool would have measured: "gone" quickest, then "fast", then "slow". Set
+    // rather than measured, so that a stall on a busy machine cannot reorder them; a failed
+    // request records none.
+    for (id, ms) in [("gone", 1), ("fast", 60), ("slow", 300)] {
+        read_node(&router, id, |node| {
+            node.state().record_ttfb(Duration::from_millis(ms));
+        });
+    }
+    // Its port is closed before it ever served: every request meets a refused connection.
+    doomed.stop().await;
     let url = format!("{}/v1/chat/completions", base(&router));
     let client = client();
-    let ttfb = |id: &str| {
-        router
-            .services
-            .state
-            .pool
-            .snapshot()
-            .node(id)
-            .unwrap()
-            .state()
-            .ttfb_ewma()
-    };
-    // One at a time until the router has measured all three as "gone" < "fast" < "slow": an
-    // unmeasured node counts as quickest, so each gets tried.
-    let ordered = || match (ttfb("gone"), ttfb("fast"), ttfb("slow")) {
-        (Some(gone), Some(fast), Some(slow)) => gone < fast && fast < slow,
-        _ => false,
-    };
-    for _ in 0..40 {
-        if ordered() {
-            break;
-        }
-        let reply = post(&client, &url, chat_body("m", false)).await;
-        assert_eq!(reply.status, 200, "{}", reply.text());
-    }
-    assert!(
-        ordered(),
-        "measured: gone {:?}, fast {:?}, slow {:?}",
-        ttfb("gone"),
-        ttfb("fast"),
-        ttfb("slow")
-    );
-    let slow_before = slow.stats().requests();
-    let fast_before = fast.stats().requests();
-    doomed.stop().await;
     for _ in 0..6 {
         let reply = post(&client, &url, chat_body("m", false)).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
-    let failures = router
-        .services
-        .state
-        .pool
-        .snapshot()
-        .node("gone")
-        .unwrap()
-        .state()
-        .consecutive_failures();
+    let failures = consecutive_failures(&router, "gone");
     assert_eq!(failures, 6, "each request went to the quickest node first");
-    assert_eq!(
-        slow.stats().requests(),
-        slow_before,
-        "no retry went to the slow node"
-    );
-    assert_eq!(fast.stats().requests(), fast_before + 6);
+    assert_eq!(slow.stats().requests(), 0, "no retry went to the slow node");
+    assert_eq!(fast.stats().requests(), 6);
     router.shutdown().await;
 }
 
