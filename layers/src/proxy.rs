@@ -32,7 +32,7 @@
 //!   connection, fails before answering, or answers 5xx. The other node is picked
 //!   the way the first was: the quickest by measured speed (time to first byte against live
 //!   load, [`CachedSelectLayer`](crate::cached_select)'s rule) when a layer chose the first,
-//!   the least-loaded when the proxy did. A retry comes always before any byte has
+//!   the least-loaded when the proxy did. A retry always comes before any byte has
 //!   reached the client, never after. A first-byte timeout is not retried (the node may still be
 //!   working on it, and a second try would double the wait), nor is anything once the body has
 //!   started. Retries come out of a [`RetryBudget`] (by default 10 at once, then 20% of
