@@ -51,7 +51,8 @@ fn main() {
         }
         None => "unknown".to_owned(),
     };
-    let commit = match profile_guided() {
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    let commit = match profile_guided(&flags) {
         Some(kind) => format!("{commit}, {kind}"),
         None => commit,
     };
@@ -87,26 +88,5 @@ fn main() {
     }
 }
 
-/// `PGO` or `PGO training` when the package is compiled with a profile (`-Cprofile-use`) or
-/// to record one (`-Cprofile-generate`); `None` for a plain build.
-fn profile_guided() -> Option<&'static str> {
-    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    let mut args = flags.split('\x1f');
-    let mut kind = None;
-    while let Some(arg) = args.next() {
-        // `-Cname=value`, `-C name=value`, `--codegen name=value`, `--codegen=name=value`.
-        let option = match arg {
-            "-C" | "--codegen" => args.next().unwrap_or_default(),
-            _ => match arg.strip_prefix("--codegen=") {
-                Some(option) => option,
-                None => arg.strip_prefix("-C").unwrap_or_default(),
-            },
-        };
-        if option.starts_with("profile-use") {
-            kind = Some("PGO");
-        } else if option.starts_with("profile-generate") {
-            kind = Some("PGO training");
-        }
-    }
-    kind
-}
+// The flag parsing, shared with its test (router/tests/build_flags.rs).
+include!("build_flags.rs");
