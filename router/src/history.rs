@@ -11,6 +11,12 @@
 //! Queries for the admin API ([`History::logs`], [`History::stats`]) read through a
 //! connection pool; SQLite's WAL mode lets them run beside the writer. Only the writer writes:
 //! retention too is its work, in chunks between batches.
+//!
+//! The writer is a thread of its own that calls SQLite through `rusqlite`, binding each value
+//! straight into a prepared statement; sqlx (migrations, the pool, the queries) would send each
+//! batch to its connection's worker thread as a list of values to bind there, and the writer
+//! spent about 8,800 instructions a row that way against 6,100 this way
+//! (`docs/experiments/history-insert`).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -18,18 +24,16 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{FutureExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use hdrhistogram::Histogram;
+use rusqlite::{OpenFlags, params};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{Arguments, Connection, QueryBuilder, Row, Sqlite, SqlitePool};
-use tokio::sync::{Notify, oneshot};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tokio::sync::oneshot;
 
 /// Settings for [`History::open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +109,9 @@ pub enum HistoryError {
     /// A query failed.
     #[error("history database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The writer's work (a retention chunk) failed.
+    #[error("history database error: {0}")]
+    Write(#[from] rusqlite::Error),
     /// A query parameter is invalid.
     #[error("{0}")]
     BadQuery(String),
@@ -121,7 +128,10 @@ enum Message {
     /// how many.
     PruneNames(oneshot::Sender<u64>),
     /// Deletes one chunk of the rows past retention, once the rows before it are written.
-    Expire(ExpireChunk, oneshot::Sender<Result<Expired, sqlx::Error>>),
+    Expire(
+        ExpireChunk,
+        oneshot::Sender<Result<Expired, rusqlite::Error>>,
+    ),
 }
 
 /// Where a retention pass stands: the next chunk it asks the writer to delete.
@@ -161,13 +171,10 @@ struct Counters {
 /// 55 rows or so among them.)
 struct Queue {
     waiting: Mutex<Waiting>,
-    /// Wakes the writer when the queue stops being empty, and when it closes.
-    ready: Notify,
-    /// Cuts the writer's interval short for a flush, a prune or a retention chunk: rows do not
-    /// wake it, these must. Set and cleared under the lock, with the push and the take, so
-    /// that a request the writer has not taken always leaves it set, and one it has taken
-    /// never does.
-    asked: Notify,
+    /// Wakes the writer thread: for the first message when it waits for one, for a flush, a
+    /// prune or a retention chunk when it sleeps out its interval, and when the queue closes.
+    /// Rows pushed while it is busy or sleeping wake nothing.
+    wake: Condvar,
     /// Most rows queued or being written.
     capacity: usize,
 }
@@ -178,10 +185,29 @@ struct Waiting {
     /// Rows queued or taken by the writer and not yet written or dropped: the queue's bound
     /// counts both.
     rows: usize,
+    /// A flush, a prune or a retention chunk is queued and not yet taken: the writer's
+    /// interval is cut short. Set and cleared under the lock, with the push and the take, so
+    /// that a request the writer has not taken always leaves it set, and one it has taken
+    /// never does.
+    asked: bool,
+    /// What the writer is waiting for, if it waits: who pushes what wakes it.
+    writer: WriterWait,
     /// The history is gone: the writer writes what is left and ends.
     closed: bool,
     /// The history is shutting down: rows are refused, requests still go to the writer.
     refusing_rows: bool,
+}
+
+/// What the writer thread is blocked on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum WriterWait {
+    /// Nothing: it is writing, or about to look at the queue.
+    #[default]
+    Busy,
+    /// The queue is empty: the first message wakes it.
+    Message,
+    /// Sleeping out its interval: only a request or a close wakes it.
+    Request,
 }
 
 impl fmt::Debug for Queue {
@@ -202,8 +228,7 @@ impl Queue {
     fn new(capacity: usize) -> Self {
         Self {
             waiting: Mutex::default(),
-            ready: Notify::new(),
-            asked: Notify::new(),
+            wake: Condvar::new(),
             capacity: capacity.max(1),
         }
     }
@@ -220,69 +245,81 @@ impl Queue {
             return false;
         }
         waiting.rows += 1;
-        self.push_locked(waiting, Message::Row(row));
+        waiting.messages.push(Message::Row(row));
+        // Only the first of a round, and only a writer waiting for it: a busy router pays no
+        // cross-thread wake-up per request (there were about 0.6 futex calls and 0.3 eventfd
+        // writes per request when the writer woke for each row).
+        let wake = waiting.writer == WriterWait::Message;
+        if wake {
+            waiting.writer = WriterWait::Busy;
+        }
+        drop(waiting);
+        if wake {
+            self.wake.notify_one();
+        }
         true
     }
 
     /// Queues a request to the writer, past the bound (there are few), and cuts its interval
     /// short; false once closed.
     fn push_request(&self, message: Message) -> bool {
-        let waiting = self.lock();
+        let mut waiting = self.lock();
         if waiting.closed {
             return false;
         }
-        self.asked.notify_one();
-        self.push_locked(waiting, message);
+        waiting.messages.push(message);
+        waiting.asked = true;
+        let wake = waiting.writer != WriterWait::Busy;
+        waiting.writer = WriterWait::Busy;
+        drop(waiting);
+        if wake {
+            self.wake.notify_one();
+        }
         true
     }
 
-    fn push_locked(&self, mut waiting: MutexGuard<'_, Waiting>, message: Message) {
-        let first = waiting.messages.is_empty();
-        waiting.messages.push(message);
-        drop(waiting);
-        // Only the first of a round: the writer takes the rest when it wakes.
-        if first {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Waits until something is queued and swaps it into `taken` (empty), in order; false once
+    /// Blocks until something is queued and swaps it into `taken` (empty), in order; false once
     /// the queue is closed and empty.
-    async fn take(&self, taken: &mut Vec<Message>) -> bool {
+    fn take(&self, taken: &mut Vec<Message>) -> bool {
+        let mut waiting = self.lock();
         loop {
-            {
-                let mut waiting = self.lock();
-                if !waiting.messages.is_empty() {
-                    std::mem::swap(&mut waiting.messages, taken);
-                    self.clear_asked();
-                    return true;
-                }
-                if waiting.closed {
-                    return false;
-                }
+            if !waiting.messages.is_empty() {
+                std::mem::swap(&mut waiting.messages, taken);
+                waiting.asked = false;
+                waiting.writer = WriterWait::Busy;
+                return true;
             }
-            // A push after the check above leaves a permit, so this cannot miss it.
-            self.ready.notified().await;
+            if waiting.closed {
+                return false;
+            }
+            waiting.writer = WriterWait::Message;
+            waiting = self
+                .wake
+                .wait(waiting)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
-    /// Swaps whatever is queued into `taken` (empty), without waiting.
-    fn take_now(&self, taken: &mut Vec<Message>) {
+    /// Blocks for `interval`, or until a flush, a prune or a retention chunk is queued (or one
+    /// was queued and not yet taken), or the queue closes; then swaps whatever is queued into
+    /// `taken` (empty).
+    fn take_after(&self, interval: Duration, taken: &mut Vec<Message>) {
+        let deadline = Instant::now() + interval;
         let mut waiting = self.lock();
+        while !waiting.asked && !waiting.closed {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            waiting.writer = WriterWait::Request;
+            waiting = self
+                .wake
+                .wait_timeout(waiting, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
         std::mem::swap(&mut waiting.messages, taken);
-        self.clear_asked();
-    }
-
-    /// Every request asked so far has been taken (the lock is held): a wake-up one left would
-    /// cut the next round's interval short.
-    fn clear_asked(&self) {
-        let _ = self.asked.notified().now_or_never();
-    }
-
-    /// Until a flush, a prune or a retention chunk is queued (or one was queued and not yet
-    /// taken).
-    async fn asked(&self) {
-        self.asked.notified().await;
+        waiting.asked = false;
+        waiting.writer = WriterWait::Busy;
     }
 
     /// `n` rows taken by the writer were written or dropped: room for as many more.
@@ -300,11 +337,8 @@ impl Queue {
     /// The writer writes what is queued, at once (a sleeping writer is woken as a flush would
     /// wake it), and ends.
     fn close(&self) {
-        let mut waiting = self.lock();
-        waiting.closed = true;
-        self.asked.notify_one();
-        drop(waiting);
-        self.ready.notify_one();
+        self.lock().closed = true;
+        self.wake.notify_all();
     }
 
     /// Closes the queue and empties it: the rows left are counted as dropped, and the requests
@@ -318,7 +352,7 @@ impl Queue {
         };
         let rows = left.iter().filter(|m| matches!(m, Message::Row(_))).count();
         counters.dropped.fetch_add(rows as u64, Ordering::Relaxed);
-        self.ready.notify_one();
+        self.wake.notify_all();
     }
 }
 
@@ -376,7 +410,7 @@ impl History {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
         sqlx::migrate!("./migrations")
@@ -385,20 +419,25 @@ impl History {
             .map_err(|e| HistoryError::Open(format!("{}: {e}", config.path.display())))?;
         let queue = Arc::new(Queue::new(config.queue_capacity));
         let counters = Arc::new(Counters::default());
+        let db = WriterConnection {
+            path: config.path.clone(),
+            connection: None,
+        };
+        let (batch_size, flush_interval) = (config.batch_size.max(1), config.flush_interval);
+        std::thread::Builder::new()
+            .name("history-writer".into())
+            .spawn({
+                let (queue, counters) = (queue.clone(), counters.clone());
+                move || writer(db, queue, counters, batch_size, flush_interval)
+            })
+            .map_err(|e| HistoryError::Open(format!("cannot start the history writer: {e}")))?;
         let inner = Arc::new(Inner {
             pool: Some(pool.clone()),
-            queue: Some(queue.clone()),
-            counters: counters.clone(),
+            queue: Some(queue),
+            counters,
             retention: config.retention,
             counts_drops: true,
         });
-        tokio::spawn(writer(
-            options,
-            queue,
-            counters,
-            config.batch_size.max(1),
-            config.flush_interval,
-        ));
         let history = History { inner };
         if config.retention.is_some() {
             let weak = Arc::downgrade(&history.inner);
@@ -524,7 +563,7 @@ impl History {
         let passed = loop {
             let expired = match self.ask(|done| Message::Expire(chunk, done)).await {
                 Some(Ok(expired)) => expired,
-                Some(Err(error)) => break Err(HistoryError::Database(error)),
+                Some(Err(error)) => break Err(HistoryError::Write(error)),
                 None => break Err(HistoryError::Unavailable),
             };
             deleted += expired.deleted;
@@ -846,13 +885,12 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
     }
 }
 
-/// The background writer: rows are written every `flush_interval`, in transactions of at most
-/// `batch_size` rows, on a connection of its own.
+/// The background writer, on a thread of its own: rows are written every `flush_interval`, in
+/// transactions of at most `batch_size` rows, on a connection of its own.
 ///
 /// It waits on the queue only while the queue is empty, and sleeps out the interval once a row
 /// has come, then takes all that came: only the first row of a round wakes it, so a busy
-/// router pays no cross-thread wake-up per request (there were about 0.6 futex calls and 0.3
-/// eventfd writes per request when it woke for each row). Under steady load it sleeps out the
+/// router pays no cross-thread wake-up per request. Under steady load it sleeps out the
 /// interval between batches too: taking at once whatever came in while the last batch was
 /// written made small transactions, each writing its B-tree pages again (one `pwrite` per
 /// request at 37,000 requests a second; 0.37 with a sleep per round). A flush, a prune or a
@@ -861,8 +899,8 @@ fn push_window(sql: &mut QueryBuilder<'_, Sqlite>, since: Option<i64>, until: Op
 ///
 /// A failed batch, name prune or retention chunk closes the connection, and the next one opens
 /// a fresh one ([`WriterConnection`]).
-async fn writer(
-    options: SqliteConnectOptions,
+fn writer(
+    db: WriterConnection,
     queue: Arc<Queue>,
     counters: Arc<Counters>,
     batch_size: usize,
@@ -873,10 +911,7 @@ async fn writer(
         counters: counters.clone(),
     };
     let mut batch = Batch {
-        db: WriterConnection {
-            options,
-            connection: None,
-        },
+        db,
         queue: queue.clone(),
         counters,
         warnings: WarnLimiter::default(),
@@ -884,17 +919,13 @@ async fn writer(
         rows: Vec::with_capacity(batch_size.min(4096)),
     };
     let (mut first, mut rest) = (Vec::new(), Vec::new());
-    while queue.take(&mut first).await {
+    while queue.take(&mut first) {
         // The first messages of a round, then the interval's worth, unless a request (a flush,
         // a prune, a retention chunk) came: the rows before it are written and it is answered
         // at once.
         let asked = first.iter().any(|m| !matches!(m, Message::Row(_)));
         if !asked {
-            tokio::select! {
-                () = tokio::time::sleep(flush_interval) => {}
-                () = queue.asked() => {}
-            }
-            queue.take_now(&mut rest);
+            queue.take_after(flush_interval, &mut rest);
         }
         let round = first.len() + rest.len();
         for message in first.drain(..).chain(rest.drain(..)) {
@@ -902,24 +933,24 @@ async fn writer(
                 Message::Row(row) => {
                     batch.rows.push(row);
                     if batch.rows.len() >= batch_size {
-                        batch.write().await;
+                        batch.write();
                     }
                 }
                 Message::Flush(done) => {
-                    batch.write().await;
+                    batch.write();
                     let _ = done.send(());
                 }
                 Message::PruneNames(done) => {
-                    batch.write().await;
-                    let _ = done.send(batch.prune_names().await);
+                    batch.write();
+                    let _ = done.send(batch.prune_names());
                 }
                 Message::Expire(chunk, done) => {
-                    batch.write().await;
-                    let _ = done.send(batch.expire(chunk).await);
+                    batch.write();
+                    let _ = done.send(batch.expire(chunk));
                 }
             }
         }
-        batch.write().await;
+        batch.write();
         // Both lists go back to the senders empty, with room for a round like this one, made
         // here rather than by pushes under the lock, and not much more: a burst's room is let
         // go once the rounds are small again. (A message is about 200 bytes.)
@@ -949,18 +980,14 @@ struct Batch {
 impl Batch {
     /// Commits the pending rows in one transaction, or counts them as dropped; nothing to do
     /// without rows.
-    async fn write(&mut self) {
+    fn write(&mut self) {
         if self.rows.is_empty() {
             return;
         }
         let n = self.rows.len() as u64;
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        let (names, rows) = (&mut self.names, &mut self.rows);
-        let outcome = self
-            .db
-            .run(async |conn| insert(conn, names, rows).await)
-            .await;
-        match outcome {
+        let (names, rows) = (&mut self.names, &self.rows);
+        match self.db.run(|conn| insert(conn, names, rows)) {
             Ok(()) => {
                 self.counters.written.fetch_add(n, Ordering::Relaxed);
             }
@@ -971,23 +998,18 @@ impl Batch {
                 self.names.forget();
             }
         }
-        // `n`, not `rows.len()`: a batch that went in was drained by it.
-        self.queue.rows_done(n as usize);
+        self.queue.rows_done(self.rows.len());
         self.rows.clear();
     }
 
     /// Deletes the names whose rows are all gone, and forgets every key (a deleted name's key
     /// can be given to another name). A failure is logged and closes the connection, as a
     /// failed batch does; the names wait for the next retention pass that deletes rows.
-    async fn prune_names(&mut self) -> u64 {
-        let pruned = self
-            .db
-            .run(async |conn| sqlx::query(DELETE_UNNAMED).execute(conn).await)
-            .await
-            .map(|done| done.rows_affected());
+    fn prune_names(&mut self) -> u64 {
+        let pruned = self.db.run(|conn| conn.execute(DELETE_UNNAMED, []));
         self.names.forget();
         match pruned {
-            Ok(pruned) => pruned,
+            Ok(pruned) => pruned as u64,
             Err(error) => {
                 tracing::warn!(%error, "history names could not be pruned");
                 0
@@ -996,11 +1018,19 @@ impl Batch {
     }
 
     /// Deletes `chunk`'s expired rows. After a failure the next retention pass starts over.
-    async fn expire(&mut self, chunk: ExpireChunk) -> Result<Expired, sqlx::Error> {
-        self.db
-            .run(async |conn| expire_chunk(conn, chunk).await)
-            .await
+    fn expire(&mut self, chunk: ExpireChunk) -> Result<Expired, rusqlite::Error> {
+        self.db.run(|conn| expire_chunk(conn, chunk))
     }
+}
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// Another router on the file deleted names while this batch marked them, twice.
+    #[error("history names were deleted while the batch was written")]
+    NamesDeleted,
 }
 
 /// The writer's connection: opened when first needed, and closed after any failure, so that
@@ -1008,65 +1038,74 @@ impl Batch {
 /// or opened read-only (it falls back to that when the file refuses writes), and neither heals
 /// when the fault clears.
 struct WriterConnection {
-    options: SqliteConnectOptions,
-    connection: Option<SqliteConnection>,
+    path: PathBuf,
+    connection: Option<rusqlite::Connection>,
 }
+
+/// Statements the writer keeps prepared: the nine INSERT sizes and a handful of its own, with
+/// room to spare. (rusqlite keeps 16 by default.)
+const WRITER_STATEMENTS: usize = 32;
 
 impl WriterConnection {
     /// Runs `work` on the connection, opening it first if need be; closes it if either fails.
-    async fn run<T>(
+    fn run<T, E: From<rusqlite::Error>>(
         &mut self,
-        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
-    ) -> Result<T, sqlx::Error> {
+        work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
         let conn = match self.connection.take() {
             Some(conn) => conn,
-            None => SqliteConnection::connect_with(&self.options).await?,
+            None => open_writer(&self.path)?,
         };
         let conn = self.connection.insert(conn);
-        let done = work(conn).await;
-        if done.is_err()
-            && let Some(broken) = self.connection.take()
-        {
-            let _ = broken.close().await;
+        let done = work(conn);
+        if done.is_err() {
+            // Dropped, which closes it (and finalizes its statements).
+            self.connection = None;
         }
         done
     }
 }
 
+/// Opens the writer's connection as the pool opens its own: the path as a file name (not a
+/// URI), created if missing, `synchronous = NORMAL` (the WAL mode is the file's, set when
+/// the pool opened it), and a busy timeout of a second.
+fn open_writer(path: &std::path::Path) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(1))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
+    Ok(conn)
+}
+
 /// Deletes the expired rows among the next [`EXPIRE_CHUNK_IDS`] ids from the first row after
 /// `chunk.after`, up to its bound; past the bound, the key ranges below the oldest row left.
-async fn expire_chunk(
-    conn: &mut SqliteConnection,
+fn expire_chunk(
+    conn: &rusqlite::Connection,
     chunk: ExpireChunk,
-) -> Result<Expired, sqlx::Error> {
+) -> Result<Expired, rusqlite::Error> {
     let bound = match chunk.bound {
         Some(bound) => bound,
-        None => {
-            sqlx::query_scalar(EXPIRED_BOUND)
-                .bind(chunk.cutoff)
-                .fetch_one(&mut *conn)
-                .await?
-        }
+        None => conn.query_row(EXPIRED_BOUND, [chunk.cutoff], |row| row.get(0))?,
     };
-    let first: Option<i64> = sqlx::query_scalar("SELECT min(id) FROM requests WHERE id > ?")
-        .bind(chunk.after)
-        .fetch_one(&mut *conn)
-        .await?;
+    let first: Option<i64> = conn.query_row(
+        "SELECT min(id) FROM requests WHERE id > ?1",
+        [chunk.after],
+        |row| row.get(0),
+    )?;
     let Some(first) = first.filter(|&first| first <= bound) else {
-        sqlx::query(DELETE_STALE_KEYS).execute(&mut *conn).await?;
+        conn.execute(DELETE_STALE_KEYS, [])?;
         return Ok(Expired {
             deleted: 0,
             next: None,
         });
     };
     let last = bound.min(first.saturating_add(EXPIRE_CHUNK_IDS - 1));
-    let deleted = sqlx::query(DELETE_EXPIRED_CHUNK)
-        .bind(chunk.cutoff)
-        .bind(first)
-        .bind(last)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let deleted = conn.execute(DELETE_EXPIRED_CHUNK, [chunk.cutoff, first, last])? as u64;
     Ok(Expired {
         deleted,
         next: Some(ExpireChunk {
@@ -1079,21 +1118,16 @@ async fn expire_chunk(
 
 /// Marks the names of `keys` as named by rows up to `last_id`, within `tx`; false when a key
 /// does not name the name it was taken for (deleted, or deleted and given to another).
-async fn mark_names(
-    tx: &mut SqliteConnection,
+fn mark_names(
+    tx: &rusqlite::Connection,
     keys: &[(i64, String)],
     last_id: i64,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, rusqlite::Error> {
+    let mut mark = tx.prepare_cached(
+        "UPDATE request_names SET last_id = max(last_id, ?1) WHERE id = ?2 AND name = ?3",
+    )?;
     for (key, name) in keys {
-        let marked = sqlx::query(
-            "UPDATE request_names SET last_id = max(last_id, ?) WHERE id = ? AND name = ?",
-        )
-        .bind(last_id)
-        .bind(key)
-        .bind(name.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if marked.rows_affected() == 0 {
+        if mark.execute(params![last_id, key, name])? == 0 {
             return Ok(false);
         }
     }
@@ -1110,10 +1144,10 @@ const ROWS_PER_STATEMENT: usize = 256;
 
 /// Splits `n` rows into statement sizes that are powers of two, largest first.
 ///
-/// sqlx keeps each distinct statement prepared on its connection, and a multi-row INSERT is a
-/// distinct statement for every row count: batches of any size from 1 to 1,024 rows once held
-/// about 45 MiB of prepared statements. Powers of two up to [`ROWS_PER_STATEMENT`] make at
-/// most nine shapes.
+/// The writer keeps each distinct statement prepared on its connection, and a multi-row INSERT
+/// is a distinct statement for every row count: batches of any size from 1 to 1,024 rows once
+/// held about 45 MiB of prepared statements. Powers of two up to [`ROWS_PER_STATEMENT`] make
+/// at most nine shapes.
 fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         if n == 0 {
@@ -1125,54 +1159,63 @@ fn statement_sizes(mut n: usize) -> impl Iterator<Item = usize> {
     })
 }
 
-/// Writes `rows` in one transaction, emptying it, with their models' and nodes' id range in
-/// `request_keys` and their names as keys into `request_names`. The values left as text are
-/// moved into the statements' arguments, not copied.
-async fn insert(
-    conn: &mut SqliteConnection,
+/// The highest row id `requests` has handed out (AUTOINCREMENT's sequence).
+const REQUESTS_SEQUENCE: &str =
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0)";
+
+/// Adds or replaces a model's, a node's or the batch's id range.
+const INSERT_KEY_RANGE: &str = "INSERT OR REPLACE INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Writes `rows` in one transaction, with their models' and nodes' id range in `request_keys`
+/// and their names as keys into `request_names`.
+fn insert(
+    conn: &mut rusqlite::Connection,
     names: &mut NameKeys,
-    rows: &mut Vec<RequestRecord>,
-) -> Result<(), sqlx::Error> {
+    rows: &[RequestRecord],
+) -> Result<(), WriteError> {
     let keys = BatchKeys::of(rows);
     let count = rows.len() as i64;
-    let mut last_id = 0;
-    let mut tx = conn.begin().await?;
-    let mut row_names = names.of_rows(&mut tx, rows).await?;
+    let tx = conn.transaction()?;
+    let mut row_names = names.of_rows(&tx, rows)?;
     // Each name the batch uses is marked with the batch's last row id, before the rows go in:
     // retention keeps it while any of these rows is. AUTOINCREMENT hands out the ids after
     // the table's sequence (see below), so that is the sequence plus the row count.
-    let sequence: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0)",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    let sequence: i64 = tx
+        .prepare_cached(REQUESTS_SEQUENCE)?
+        .query_row([], |row| row.get(0))?;
     let mut used = names.used_keys();
-    if !mark_names(&mut tx, &used, sequence + count).await? {
+    if !mark_names(&tx, &used, sequence + count)? {
         // A key the writer held names nothing, or another name: another router on this file
         // deleted the name (and gave its key to another).
         // The names are looked up again, in this transaction.
         names.forget();
-        row_names = names.of_rows(&mut tx, rows).await?;
+        row_names = names.of_rows(&tx, rows)?;
         used = names.used_keys();
-        if !mark_names(&mut tx, &used, sequence + count).await? {
-            return Err(sqlx::Error::Protocol(
-                "history names were deleted while the batch was written".into(),
-            ));
+        if !mark_names(&tx, &used, sequence + count)? {
+            return Err(WriteError::NamesDeleted);
         }
     }
-    let mut rows = rows.drain(..).zip(row_names);
-    for size in statement_sizes(rows.len()) {
-        // Added to one list sized up front: `Query::bind` moves the whole query for each value,
-        // and the list grows by doubling.
-        let mut values = SqliteArguments::default();
-        values.reserve(size * VALUES_PER_ROW, 0);
-        for (r, names) in rows.by_ref().take(size) {
-            add_row(&mut values, r, names).map_err(sqlx::Error::Encode)?;
+    let mut rows = rows.iter().zip(row_names);
+    let mut sizes = statement_sizes(rows.len()).peekable();
+    let mut last_id = 0;
+    while let Some(size) = sizes.next() {
+        // Taken from the cache once for every statement of its size: the cache clears a
+        // statement's bindings (all 3,584 of the largest) each time it takes one back.
+        let mut statement = tx.prepare_cached(insert_sql(size))?;
+        let mut statements = 1;
+        while sizes.next_if_eq(&size).is_some() {
+            statements += 1;
         }
-        last_id = sqlx::query_with(insert_sql(size), values)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
+        for _ in 0..statements {
+            let mut first = 1;
+            for (row, names) in rows.by_ref().take(size) {
+                bind_row(&mut statement, first, row, names)?;
+                first += VALUES_PER_ROW;
+            }
+            statement.raw_execute()?;
+        }
+        last_id = tx.last_insert_rowid();
     }
     // The transaction holds SQLite's write lock from the first INSERT to the commit, so no other
     // connection or process takes ids in between; AUTOINCREMENT hands them out in the order of
@@ -1181,24 +1224,23 @@ async fn insert(
     // assumption could at worst hide rows from a filter, not lose the batch.)
     if last_id > sequence + count {
         // Not what AUTOINCREMENT does; marked again so that no name is kept too short.
-        mark_names(&mut tx, &used, last_id).await?;
+        mark_names(&tx, &used, last_id)?;
     }
     let first_id = last_id - count + 1;
-    for (kind, key, span) in keys.iter() {
-        sqlx::query(
-            "INSERT OR REPLACE INTO request_keys (kind, key, first_id, last_id, min_ts, max_ts) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(kind)
-        .bind(key)
-        .bind(first_id + span.first as i64)
-        .bind(first_id + span.last as i64)
-        .bind(span.min_ts)
-        .bind(span.max_ts)
-        .execute(&mut *tx)
-        .await?;
+    {
+        let mut add_range = tx.prepare_cached(INSERT_KEY_RANGE)?;
+        for (kind, key, span) in keys.iter() {
+            add_range.execute(params![
+                kind,
+                key,
+                first_id + span.first as i64,
+                first_id + span.last as i64,
+                span.min_ts,
+                span.max_ts
+            ])?;
+        }
     }
-    tx.commit().await?;
+    tx.commit()?;
     names.keep_added();
     Ok(())
 }
@@ -1206,27 +1248,28 @@ async fn insert(
 /// The values [`insert_sql`] binds for each row.
 const VALUES_PER_ROW: usize = 14;
 
-/// Adds one row's values to an INSERT's, in [`insert_sql`]'s column order. Integers, floats,
-/// booleans and text, which encode without failing; the error is the encoder's.
-fn add_row(
-    values: &mut SqliteArguments<'_>,
-    r: RequestRecord,
+/// Binds one row's values to an INSERT's, in [`insert_sql`]'s column order, from parameter
+/// `first` (1-based). SQLite copies the text.
+fn bind_row(
+    statement: &mut rusqlite::Statement<'_>,
+    first: usize,
+    r: &RequestRecord,
     names: RowNames,
-) -> Result<(), sqlx::error::BoxDynError> {
-    values.add(r.ts_ms)?;
-    values.add(r.request_id)?;
-    values.add(i64::from(r.status))?;
-    values.add(r.stream)?;
-    values.add(r.latency_ms)?;
-    values.add(r.ttfb_ms)?;
-    values.add(r.prompt_tokens.map(i64::from))?;
-    values.add(r.completion_tokens.map(i64::from))?;
-    values.add(r.api_key_id)?;
-    values.add(r.client_disconnected)?;
-    values.add(r.upstream_error)?;
-    values.add(names.path)?;
-    values.add(names.model)?;
-    values.add(names.node)
+) -> Result<(), rusqlite::Error> {
+    statement.raw_bind_parameter(first, r.ts_ms)?;
+    statement.raw_bind_parameter(first + 1, r.request_id.as_str())?;
+    statement.raw_bind_parameter(first + 2, r.status)?;
+    statement.raw_bind_parameter(first + 3, r.stream)?;
+    statement.raw_bind_parameter(first + 4, r.latency_ms)?;
+    statement.raw_bind_parameter(first + 5, r.ttfb_ms)?;
+    statement.raw_bind_parameter(first + 6, r.prompt_tokens)?;
+    statement.raw_bind_parameter(first + 7, r.completion_tokens)?;
+    statement.raw_bind_parameter(first + 8, r.api_key_id.as_deref())?;
+    statement.raw_bind_parameter(first + 9, r.client_disconnected)?;
+    statement.raw_bind_parameter(first + 10, r.upstream_error.as_deref())?;
+    statement.raw_bind_parameter(first + 11, names.path)?;
+    statement.raw_bind_parameter(first + 12, names.model)?;
+    statement.raw_bind_parameter(first + 13, names.node)
 }
 
 /// A row's path, model and node as keys into `request_names`.
@@ -1267,24 +1310,24 @@ const MOST_NAMES_KNOWN: usize = 4096;
 impl NameKeys {
     /// The keys of `rows`' names, in order. A name met for the first time is looked up in
     /// `request_names` within `tx`, and added there if missing.
-    async fn of_rows(
+    fn of_rows(
         &mut self,
-        tx: &mut SqliteConnection,
+        tx: &rusqlite::Connection,
         rows: &[RequestRecord],
-    ) -> Result<Vec<RowNames>, sqlx::Error> {
+    ) -> Result<Vec<RowNames>, rusqlite::Error> {
         // Left from a batch that failed after adding names: their keys may not exist.
         self.added.clear();
         self.recent.clear();
         self.used.clear();
         let mut keys = Vec::with_capacity(rows.len());
         for row in rows {
-            let path = self.key(tx, &row.path).await?;
+            let path = self.key(tx, &row.path)?;
             let model = match &row.model {
-                Some(model) => Some(self.key(tx, model).await?),
+                Some(model) => Some(self.key(tx, model)?),
                 None => None,
             };
             let node = match &row.node_id {
-                Some(node) => Some(self.key(tx, node).await?),
+                Some(node) => Some(self.key(tx, node)?),
                 None => None,
             };
             keys.push(RowNames { path, model, node });
@@ -1292,13 +1335,13 @@ impl NameKeys {
         Ok(keys)
     }
 
-    async fn key(&mut self, tx: &mut SqliteConnection, name: &str) -> Result<i64, sqlx::Error> {
+    fn key(&mut self, tx: &rusqlite::Connection, name: &str) -> Result<i64, rusqlite::Error> {
         if let Some((_, key)) = self.recent.iter().find(|(recent, _)| recent == name) {
             return Ok(*key);
         }
         let key = match self.known.get(name).or_else(|| self.added.get(name)) {
             Some(&key) => key,
-            None => self.look_up(tx, name).await?,
+            None => self.look_up(tx, name)?,
         };
         if self.recent.len() < MOST_RECENT_NAMES {
             self.recent.push((name.to_owned(), key));
@@ -1308,15 +1351,12 @@ impl NameKeys {
     }
 
     /// A name's key from `request_names`, added there if missing.
-    async fn look_up(&mut self, tx: &mut SqliteConnection, name: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query("INSERT OR IGNORE INTO request_names (name) VALUES (?)")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        let key = sqlx::query_scalar("SELECT id FROM request_names WHERE name = ?")
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await?;
+    fn look_up(&mut self, tx: &rusqlite::Connection, name: &str) -> Result<i64, rusqlite::Error> {
+        tx.prepare_cached("INSERT OR IGNORE INTO request_names (name) VALUES (?1)")?
+            .execute([name])?;
+        let key = tx
+            .prepare_cached("SELECT id FROM request_names WHERE name = ?1")?
+            .query_row([name], |row| row.get(0))?;
         self.added.insert(name.to_owned(), key);
         Ok(key)
     }
@@ -1463,7 +1503,7 @@ struct WarnLimiter {
 }
 
 impl WarnLimiter {
-    fn warn(&mut self, rows: u64, error: &sqlx::Error) {
+    fn warn(&mut self, rows: u64, error: &dyn fmt::Display) {
         self.pending += rows;
         if self
             .last
@@ -2823,6 +2863,20 @@ mod tests {
         let history = open(&dir, 100).await;
         write_all(&history, &[record(1), record(2)]).await;
         history.shutdown(Duration::from_secs(5)).await;
+        // Holds the WAL: the last connection to close deletes it, and the writer thread closes
+        // its own some time after the history is dropped.
+        // (A connection holds it once it has read.)
+        let mut keeper = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("h.db").display()
+        ))
+        .await
+        .unwrap();
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+            .fetch_one(&mut keeper)
+            .await
+            .unwrap();
+        assert_eq!(rows, 2);
         drop(history);
         // Opened while the file refuses writes, which SQLite opens read-only.
         let immutable = Immutable::set(&dir);
@@ -2835,6 +2889,7 @@ mod tests {
             2,
             "the next pass deletes the rows past retention"
         );
+        drop(keeper);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2911,7 +2966,7 @@ mod tests {
         let pool = history.pool().unwrap();
         // Expired rows at ids 1-25,000 and a million further on.
         insert_expired(pool, &[(1, 25_000), (1_000_001, 1_000_005)]).await;
-        let mut conn = pool.acquire().await.unwrap();
+        let conn = open_writer(&dir.path().join("h.db")).unwrap();
         let mut chunk = ExpireChunk {
             cutoff: now_ms(),
             after: i64::MIN,
@@ -2919,7 +2974,7 @@ mod tests {
         };
         let mut deleted = Vec::new();
         loop {
-            let expired = expire_chunk(&mut conn, chunk).await.unwrap();
+            let expired = expire_chunk(&conn, chunk).unwrap();
             deleted.push(expired.deleted);
             match expired.next {
                 Some(next) => chunk = next,
@@ -2928,7 +2983,7 @@ mod tests {
         }
         assert_eq!(deleted, [10_000, 10_000, 5_000, 5, 0]);
         let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM request_keys")
-            .fetch_one(&mut *conn)
+            .fetch_one(pool)
             .await
             .unwrap();
         assert_eq!(keys, 0, "the range below the oldest row left is gone");
@@ -2993,8 +3048,8 @@ mod tests {
         assert_eq!(empty.latency_ms.p50, None);
     }
 
-    #[tokio::test]
-    async fn the_queue_keeps_order_counts_rows_until_written_and_closes() {
+    #[test]
+    fn the_queue_keeps_order_counts_rows_until_written_and_closes() {
         let queue = Queue::new(2);
         let row_id = |m: &Message| match m {
             Message::Row(r) => r.request_id.clone(),
@@ -3007,7 +3062,7 @@ mod tests {
         assert!(queue.push_row(record(1)));
         assert!(!queue.push_row(record(2)), "two rows at most");
         let mut taken = Vec::new();
-        assert!(queue.take(&mut taken).await);
+        assert!(queue.take(&mut taken));
         let order: Vec<_> = taken.iter().map(row_id).collect();
         assert_eq!(order, ["req-0", "flush", "req-1"]);
         assert!(!queue.push_row(record(3)), "taken rows count until written");
@@ -3016,24 +3071,24 @@ mod tests {
         queue.close();
         assert!(!queue.push_row(record(4)), "closed");
         let mut rest = Vec::new();
-        assert!(queue.take(&mut rest).await, "what came before the close");
+        assert!(queue.take(&mut rest), "what came before the close");
         assert_eq!(rest.iter().map(row_id).collect::<Vec<_>>(), ["req-3"]);
-        assert!(!queue.take(&mut Vec::new()).await, "then the writer ends");
+        assert!(!queue.take(&mut Vec::new()), "then the writer ends");
     }
 
     #[tokio::test]
     async fn a_writer_that_ends_leaves_no_one_waiting() {
         let queue = Arc::new(Queue::new(10));
-        let waiting = tokio::spawn({
+        let (ended, waiting) = std::sync::mpsc::channel();
+        std::thread::spawn({
             let queue = queue.clone();
-            async move { queue.take(&mut Vec::new()).await }
+            move || ended.send(queue.take(&mut Vec::new()))
         });
-        tokio::task::yield_now().await;
+        wait_until_the_writer_waits(&queue, WriterWait::Message);
         queue.close();
-        let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("a close wakes the writer")
-            .unwrap();
+        let taken = waiting
+            .recv_timeout(Duration::from_secs(5))
+            .expect("a close wakes the writer");
         assert!(!taken, "closed and empty: the writer ends");
 
         let queue = Queue::new(10);
@@ -3060,24 +3115,63 @@ mod tests {
         assert_eq!((history.written(), history.dropped()), (20, 0));
     }
 
-    #[tokio::test]
-    async fn a_waiting_writer_wakes_for_the_first_row() {
+    /// Until the writer thread blocks on the queue for `what`.
+    fn wait_until_the_writer_waits(queue: &Queue, what: WriterWait) {
+        let started = Instant::now();
+        while queue.lock().writer != what {
+            assert!(started.elapsed() < Duration::from_secs(5), "never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_waiting_writer_wakes_for_the_first_row() {
         let queue = Arc::new(Queue::new(10));
-        let waiting = tokio::spawn({
+        let (taken, waiting) = std::sync::mpsc::channel();
+        std::thread::spawn({
             let queue = queue.clone();
-            async move {
-                let mut taken = Vec::new();
-                queue.take(&mut taken).await;
-                taken.len()
+            move || {
+                let mut messages = Vec::new();
+                queue.take(&mut messages);
+                taken.send(messages.len())
             }
         });
-        tokio::task::yield_now().await;
+        wait_until_the_writer_waits(&queue, WriterWait::Message);
         assert!(queue.push_row(record(0)));
-        let taken = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken")
-            .unwrap();
+        let taken = waiting.recv_timeout(Duration::from_secs(5)).expect("woken");
         assert_eq!(taken, 1);
+    }
+
+    #[test]
+    fn a_sleeping_writer_wakes_for_a_request_or_a_close_not_for_rows() {
+        for close in [false, true] {
+            let queue = Arc::new(Queue::new(10));
+            let (slept, waiting) = std::sync::mpsc::channel();
+            std::thread::spawn({
+                let queue = queue.clone();
+                move || {
+                    let started = Instant::now();
+                    let mut messages = Vec::new();
+                    queue.take_after(Duration::from_secs(60), &mut messages);
+                    slept.send((started.elapsed(), messages.len()))
+                }
+            });
+            wait_until_the_writer_waits(&queue, WriterWait::Request);
+            assert!(queue.push_row(record(0)));
+            assert!(
+                waiting.recv_timeout(Duration::from_millis(200)).is_err(),
+                "a row does not cut the interval short"
+            );
+            if close {
+                queue.close();
+            } else {
+                assert!(queue.push_request(Message::Flush(oneshot::channel().0)));
+            }
+            let (slept, taken) = waiting.recv_timeout(Duration::from_secs(5)).expect("woken");
+            assert!(slept < Duration::from_secs(30), "{slept:?}");
+            assert_eq!(taken, if close { 1 } else { 2 });
+            assert!(!queue.lock().asked, "what was asked is taken");
+        }
     }
 
     #[tokio::test]
@@ -3085,7 +3179,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let history = open(&dir, 4).await;
         let url = format!("sqlite://{}", dir.path().join("h.db").display());
-        let mut locker = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut locker = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         sqlx::query("BEGIN EXCLUSIVE")
             .execute(&mut locker)
             .await
@@ -3133,7 +3229,9 @@ mod tests {
         history.record(record(2));
         drop(history);
         let url = format!("sqlite://{}", dir.path().join("h.db").display());
-        let mut reader = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let mut reader = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
         let rows = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
                 let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
