@@ -14,7 +14,8 @@
 # Runs the profiling build (`cargo build --profile profiling`) under valgrind with one connection
 # worker and the history on (in a temporary directory), in front of the shared bench's mock
 # nodes, and prints instructions per request: in all, on the request path (the connection
-# worker), on SQLite's thread, and in the history writer task; then the router's own functions
+# worker), on sqlx's SQLite thread (the history writer's before e57c602, 0 since) and in the
+# history writer (a task before e57c602, its own thread since); then the router's own functions
 # with the most inclusive instructions. Compare two commits by running it on each: the request
 # path's count repeats within 1%, SQLite's moves by up to a third with where its checkpoints fall.
 # With INSTRUCTIONS_KEEP=DIR the callgrind file is copied there (for callgrind_annotate, or to
@@ -128,7 +129,8 @@ parts = [
     ("request path", cost(r"PROGRAM TOTALS") if sys.argv[4] in ("byte_pump", "raw_head_proxy")
         else cost(r"listen\.rs:router::listen::spawn_worker::" + "::".join([closure] * 3) + "$")),
     ("SQLite thread", cost(r"ConnectionWorker::establish::" + closure + "::" + closure + "$")),
-    ("history writer", cost(r"history\.rs:router::history::writer::" + closure + "$")),
+    # The writer's thread since e57c602, the writer task's future before.
+    ("history writer", cost(r"history\.rs:router::history::writer(::" + closure + ")?$")),
 ]
 print(f"commit {sys.argv[3]}, {sys.argv[4]}: {n} requests, instructions per request")
 for name, value in parts:
@@ -139,7 +141,7 @@ for l in lines:
     m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+?\.rs):(.*)", l)
     if not m or not m[2].startswith(("router/src", "layers/src")):
         continue
-    if "spawn_worker" in m[3] or "ResponseFuture" in m[3] or "Oneshot" in m[3] or "writer::" in m[3]:
+    if re.search(r"spawn_worker|ResponseFuture|Oneshot|writer|Batch::|__rust_begin_short_backtrace", m[3]):
         continue
     print(f"    {int(m[1].replace(',', '')) / n:8,.0f}  {(m[2] + ':' + m[3])[:120]}")
     seen += 1
