@@ -245,18 +245,12 @@ impl Queue {
             return false;
         }
         waiting.rows += 1;
-        waiting.messages.push(Message::Row(row));
         // Only the first of a round, and only a writer waiting for it: a busy router pays no
         // cross-thread wake-up per request (there were about 0.6 futex calls and 0.3 eventfd
         // writes per request when the writer woke for each row).
-        let wake = waiting.writer == WriterWait::Message;
-        if wake {
-            waiting.writer = WriterWait::Busy;
-        }
-        drop(waiting);
-        if wake {
-            self.wake.notify_one();
-        }
+        self.push_locked(waiting, Message::Row(row), |writer| {
+            writer == WriterWait::Message
+        });
         true
     }
 
@@ -267,15 +261,27 @@ impl Queue {
         if waiting.closed {
             return false;
         }
-        waiting.messages.push(message);
         waiting.asked = true;
-        let wake = waiting.writer != WriterWait::Busy;
-        waiting.writer = WriterWait::Busy;
+        self.push_locked(waiting, message, |writer| writer != WriterWait::Busy);
+        true
+    }
+
+    /// Queues `message` and wakes the writer if what it waits for `wakes` it.
+    fn push_locked(
+        &self,
+        mut waiting: MutexGuard<'_, Waiting>,
+        message: Message,
+        wakes: impl FnOnce(WriterWait) -> bool,
+    ) {
+        waiting.messages.push(message);
+        let wake = wakes(waiting.writer);
+        if wake {
+            waiting.writer = WriterWait::Busy;
+        }
         drop(waiting);
         if wake {
             self.wake.notify_one();
         }
-        true
     }
 
     /// Blocks until something is queued and swaps it into `taken` (empty), in order; false once
@@ -284,9 +290,7 @@ impl Queue {
         let mut waiting = self.lock();
         loop {
             if !waiting.messages.is_empty() {
-                std::mem::swap(&mut waiting.messages, taken);
-                waiting.asked = false;
-                waiting.writer = WriterWait::Busy;
+                Self::take_locked(&mut waiting, taken);
                 return true;
             }
             if waiting.closed {
@@ -325,6 +329,12 @@ impl Queue {
                     .unwrap_or_else(PoisonError::into_inner),
             };
         }
+        Self::take_locked(&mut waiting, taken);
+    }
+
+    /// Swaps what is queued into `taken` (empty): every request asked so far is taken, and the
+    /// writer is busy with them.
+    fn take_locked(waiting: &mut Waiting, taken: &mut Vec<Message>) {
         std::mem::swap(&mut waiting.messages, taken);
         waiting.asked = false;
         waiting.writer = WriterWait::Busy;
@@ -2874,10 +2884,9 @@ mod tests {
         let history = open(&dir, 100).await;
         write_all(&history, &[record(1), record(2)]).await;
         history.shutdown(Duration::from_secs(5)).await;
-        // Holds the WAL: the last connection to close deletes it, and the writer thread closes
-        // its own soon after the history is dropped. (The writer task this test was written
-        // for did not run again before the `chattr` on a single-threaded runtime.)
-        // (A connection holds it once it has read.)
+        // Holds the WAL, which the last connection to close deletes: the writer thread closes
+        // its own soon after the history is dropped (the writer task this test was written for
+        // did not run again before the `chattr`), and a connection holds it once it has read.
         let mut keeper = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
             "sqlite://{}",
             dir.path().join("h.db").display()
